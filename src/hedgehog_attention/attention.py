@@ -82,9 +82,7 @@ class LinearAttention(nn.Module):
             self.feature_map_name = feature_map.name
         else:
             self.feature_map_name = feature_map
-            self.feature_map_q = build_feature_map(
-                feature_map, num_heads=num_heads, head_dim=head_dim, **kwargs
-            )
+            self.feature_map_q = build_feature_map(feature_map, num_heads=num_heads, head_dim=head_dim, **kwargs)
             if tie_qk:
                 self.feature_map_k = self.feature_map_q
             else:
@@ -118,14 +116,10 @@ class LinearAttention(nn.Module):
     ) -> torch.Tensor:
         """Normalized linear weights ``[B, H, T, T]`` (quadratic: for analysis and distillation)."""
         fq, fk = self.features(q, k, positions)
-        return linear_attention_weights(
-            fq, fk, causal=self.causal, attention_mask=attention_mask, eps=self.eps
-        )
+        return linear_attention_weights(fq, fk, causal=self.causal, attention_mask=attention_mask, eps=self.eps)
 
     def _fused_hedgehog(self) -> bool:
-        return isinstance(self.feature_map_q, HedgehogFeatureMap) and isinstance(
-            self.feature_map_k, HedgehogFeatureMap
-        )
+        return isinstance(self.feature_map_q, HedgehogFeatureMap) and isinstance(self.feature_map_k, HedgehogFeatureMap)
 
     # ------------------------------------------------------------------ forward
     def forward(

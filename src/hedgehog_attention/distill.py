@@ -102,9 +102,7 @@ def attention_output_mse(
 ) -> torch.Tensor:
     """Mean squared error between attention outputs ``[B, T, H, Dv]`` over valid tokens (LoLCATs' loss)."""
     if o_student.shape != o_teacher.shape:
-        raise ValueError(
-            f"shape mismatch: student {tuple(o_student.shape)} vs teacher {tuple(o_teacher.shape)}"
-        )
+        raise ValueError(f"shape mismatch: student {tuple(o_student.shape)} vs teacher {tuple(o_teacher.shape)}")
     diff = (o_student.float() - o_teacher.detach().float()).pow(2)
     if attention_mask is None:
         return diff.mean()

@@ -215,7 +215,8 @@ class Taylor2FeatureMap(FeatureMap):
     """2nd-order Taylor expansion of ``exp(q.k / sqrt(D))`` (the paper's Fig. 6/7 comparison).
 
     ``phi(x) = [1, x / D^(1/4), vec(x x^T) / (sqrt(2) * sqrt(D))]`` so that
-    ``phi(q).phi(k) = 1 + s + s^2 / 2`` with ``s = q.k / sqrt(D)``; always positive.
+    ``phi(q).phi(k) = 1 + s + s^2 / 2 >= 1/2`` with ``s = q.k / sqrt(D)``: the features themselves
+    can be negative, but every kernel value (and so every normalizer) is positive.
     feature_dim = 1 + D + D^2.
     """
 

@@ -49,9 +49,7 @@ def _ranks(x: torch.Tensor) -> torch.Tensor:
     return x.argsort(-1).argsort(-1).double()
 
 
-def monotonicity(
-    dots: torch.Tensor, weights: torch.Tensor, visible: torch.Tensor, min_keys: int = 3
-) -> torch.Tensor:
+def monotonicity(dots: torch.Tensor, weights: torch.Tensor, visible: torch.Tensor, min_keys: int = 3) -> torch.Tensor:
     """Spearman rank correlation between ``q.k`` and the attention weight, per query, averaged per head.
 
     Args:
@@ -98,9 +96,7 @@ def attention_fidelity(
     w = linear_attention_weights(fq, fk, causal=causal, attention_mask=attention_mask, eps=0.0)
     w = torch.nan_to_num(w, nan=0.0)
     hk = k.shape[2]
-    dots = torch.einsum("bikgd,bjkd->bkgij", q.double().view(b, t, hk, h // hk, d), k.double()).reshape(
-        b, h, t, t
-    )
+    dots = torch.einsum("bikgd,bjkd->bkgij", q.double().view(b, t, hk, h // hk, d), k.double()).reshape(b, h, t, t)
     vis = visibility_mask(b, t, causal=causal, attention_mask=attention_mask, device=q.device)
     ce = cross_entropy(p, w)
     ent_p = attention_entropy(p)

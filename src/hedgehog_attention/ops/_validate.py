@@ -32,27 +32,21 @@ def check_linear_attention_inputs(
         if t.dim() != 4:
             raise ValueError(f"{name} must have shape [B, T, H, D] (4 dims), got shape {_shape(t)}")
         if not t.is_floating_point():
-            raise TypeError(
-                f"{name} must be floating point (float16/bfloat16/float32/float64), got {t.dtype}"
-            )
+            raise TypeError(f"{name} must be floating point (float16/bfloat16/float32/float64), got {t.dtype}")
         if t.device != fq.device:
             raise ValueError(f"all inputs must be on one device: fq is on {fq.device}, {name} on {t.device}")
     b, t_len, h, f = fq.shape
     if t_len < 1 or b < 1:
         raise ValueError(f"expected at least one batch row and one token, got fq of shape {_shape(fq)}")
     if fk.shape[:2] != (b, t_len) or v.shape[:2] != (b, t_len):
-        raise ValueError(
-            f"fq, fk, v must agree on [B, T]: got fq {_shape(fq)}, fk {_shape(fk)}, v {_shape(v)}"
-        )
+        raise ValueError(f"fq, fk, v must agree on [B, T]: got fq {_shape(fq)}, fk {_shape(fk)}, v {_shape(v)}")
     if fk.shape[3] != f:
         raise ValueError(f"fq and fk must have the same feature dim F: got fq F={f}, fk F={fk.shape[3]}")
     hk = fk.shape[2]
     if v.shape[2] != hk:
         raise ValueError(f"fk and v must have the same number of KV heads: got fk {hk}, v {v.shape[2]}")
     if h % hk != 0:
-        raise ValueError(
-            f"query heads H={h} must be a multiple of KV heads Hk={hk} (grouped-query attention)"
-        )
+        raise ValueError(f"query heads H={h} must be a multiple of KV heads Hk={hk} (grouped-query attention)")
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     if attention_mask is not None and cu_seqlens is not None:

@@ -62,9 +62,7 @@ def linear_attention_scores(
     hk = fk.shape[2]
     cd = _compute_dtype(fq, fk)
     a = torch.einsum("bikgf,bjkf->bkgij", _group(fq.to(cd), hk), fk.to(cd)).reshape(b, h, t, t)
-    vis = visibility_mask(
-        b, t, causal=causal, attention_mask=attention_mask, cu_seqlens=cu_seqlens, device=fq.device
-    )
+    vis = visibility_mask(b, t, causal=causal, attention_mask=attention_mask, cu_seqlens=cu_seqlens, device=fq.device)
     return a.masked_fill(~vis[:, None], 0.0)
 
 
@@ -166,9 +164,9 @@ def softmax_attention_weights(
     cd = _compute_dtype(q, k)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     s = torch.einsum("bikgd,bjkd->bkgij", _group(q.to(cd), hk), k.to(cd)).reshape(b, h, t, t) * scale
-    vis = visibility_mask(
-        b, t, causal=causal, attention_mask=attention_mask, cu_seqlens=cu_seqlens, device=q.device
-    )[:, None]
+    vis = visibility_mask(b, t, causal=causal, attention_mask=attention_mask, cu_seqlens=cu_seqlens, device=q.device)[
+        :, None
+    ]
     s = s.masked_fill(~vis, float("-inf"))
     w = torch.softmax(s, dim=-1)
     return torch.nan_to_num(w, nan=0.0)  # fully masked rows (padded queries) -> 0

@@ -1,0 +1,179 @@
+"""LinearAttention module, Eq. 3 distillation loss, metrics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hedgehog_attention import (
+    LinearAttention,
+    attention_distillation_loss,
+    attention_fidelity,
+    attention_output_mse,
+    fit_attention_to_softmax,
+    linear_attention_weights,
+    softmax_attention_weights,
+)
+from hedgehog_attention.metrics import attention_entropy, monotonicity
+from hedgehog_attention.ops import visibility_mask
+
+
+def eq3_direct(q, k, fq, fk, causal, mask=None):
+    """Independent loop-based Eq. 3: per (b, h, i), -sum_j p_ij log w_ij over visible j; mean."""
+    b, t, h, d = q.shape
+    g = h // k.shape[2]
+    total, count = 0.0, 0
+    for bi in range(b):
+        for hi in range(h):
+            for i in range(t):
+                if mask is not None and not mask[bi, i]:
+                    continue
+                js = [j for j in range(t) if (not causal or j <= i) and (mask is None or mask[bi, j])]
+                if not js:
+                    continue
+                s = torch.stack([q[bi, i, hi] @ k[bi, j, hi // g] / math.sqrt(d) for j in js])
+                p = torch.softmax(s, 0)
+                a = torch.stack([fq[bi, i, hi] @ fk[bi, j, hi // g] for j in js])
+                w = a / a.sum()
+                total = total - (p * torch.log(w)).sum()
+                count += 1
+    return total / count
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("chunk", [3, 256])
+def test_distillation_loss_equals_direct_eq3(causal, chunk):
+    q = torch.randn(2, 9, 4, 5, dtype=torch.float64)
+    k = torch.randn(2, 9, 2, 5, dtype=torch.float64)
+    att = LinearAttention(4, 5, num_kv_heads=2, causal=causal).double()
+    fq, fk = att.features(q, k)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, :3] = False
+    got = attention_distillation_loss(q, k, fq, fk, causal=causal, attention_mask=mask, query_chunk_size=chunk)
+    torch.testing.assert_close(got, eq3_direct(q, k, fq, fk, causal, mask))
+
+
+def test_chunked_loss_gradients_match_unchunked():
+    q, k = torch.randn(2, 2, 40, 2, 8, dtype=torch.float64).unbind(0)
+    att = LinearAttention(2, 8, causal=True).double()
+    grads = []
+    for chunk in (7, 1000):  # 7 -> checkpointed chunks, 1000 -> single chunk
+        att.zero_grad()
+        fq, fk = att.features(q, k)
+        attention_distillation_loss(q, k, fq, fk, causal=True, query_chunk_size=chunk).backward()
+        grads.append([p.grad.clone() for p in att.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_distillation_beats_elu_and_lowers_kl():
+    """A few hundred Adam steps on random q,k lower Eq. 3 and the KL; Hedgehog ends closer than 1+ELU."""
+    torch.manual_seed(1)
+    from hedgehog_attention.demo import make_synthetic_qk
+
+    h, d, t = 2, 16, 64
+    data = make_synthetic_qk(21, 4, t, h, d, seed=1)
+    train, (held_q, held_k) = data[:-1], data[-1]
+    hh = LinearAttention(h, d, feature_map="hedgehog", causal=True)
+    before = attention_fidelity(held_q, held_k, *hh.features(held_q, held_k), causal=True)
+    hist = fit_attention_to_softmax(hh, train, steps=300, lr=1e-2, eval_qk=(held_q, held_k), eval_every=100)
+    after = attention_fidelity(held_q, held_k, *hh.features(held_q, held_k), causal=True)
+    elu = LinearAttention(h, d, feature_map="elu", causal=True)
+    elu_fid = attention_fidelity(held_q, held_k, *elu.features(held_q, held_k), causal=True)
+    assert hist.eval_loss[-1] < hist.eval_loss[0] - 0.1
+    assert after["kl"].mean() < before["kl"].mean() - 0.1
+    assert after["kl"].mean() < elu_fid["kl"].mean()
+    assert after["entropy_linear"].mean() < before["entropy_linear"].mean()
+
+
+def test_linear_attention_module_decode_equals_full_forward_gqa():
+    att = LinearAttention(6, 8, num_kv_heads=2, feature_map="hedgehog", causal=True).double()
+    q = torch.randn(2, 30, 6, 8, dtype=torch.float64)
+    k, v = torch.randn(2, 2, 30, 2, 8, dtype=torch.float64).unbind(0)
+    full = att(q, k, v).o
+    out = att(q[:, :20], k[:, :20], v[:, :20], use_cache=True)
+    outs, state = [out.o], out.state
+    for t in range(20, 30):
+        step = att(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], state=state, use_cache=True)
+        outs.append(step.o)
+        state = step.state
+    torch.testing.assert_close(torch.cat(outs, 1), full)
+    assert state.S.shape == (2, 2, 16, 8)  # per KV head: K/V never repeated
+
+
+def test_module_weights_match_reference_and_gradients_reach_map_parameters():
+    att = LinearAttention(2, 4, feature_map="hedgehog", causal=False).double()
+    q, k, v = torch.randn(3, 1, 10, 2, 4, dtype=torch.float64).unbind(0)
+    out = att(q, k, v, output_attentions=True)
+    fq, fk = att.features(q, k)
+    torch.testing.assert_close(out.weights, linear_attention_weights(fq, fk, causal=False))
+    out.o.square().sum().backward()
+    assert att.feature_map_q.weight.grad.abs().sum() > 0 and att.feature_map_k.bias.grad.abs().sum() > 0
+
+
+def test_module_chunked_and_reference_backends_agree_with_map_gradients():
+    torch.manual_seed(3)
+    grads = {}
+    for backend in ("reference", "chunked", "recurrent"):
+        torch.manual_seed(3)
+        att = LinearAttention(4, 8, num_kv_heads=2, feature_map="hedgehog", causal=True, backend=backend).double()
+        with torch.no_grad():
+            for p in att.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        torch.manual_seed(4)
+        q = torch.randn(2, 37, 4, 8, dtype=torch.float64)
+        k, v = torch.randn(2, 2, 37, 2, 8, dtype=torch.float64).unbind(0)
+        mask = torch.ones(2, 37, dtype=torch.bool)
+        mask[0, :5] = False
+        att(q, k, v, attention_mask=mask).o.sin().sum().backward()
+        grads[backend] = [p.grad for p in att.parameters()]
+    for backend in ("chunked", "recurrent"):
+        for a, b in zip(grads[backend], grads["reference"]):
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_tie_qk_shares_parameters_and_rejects_gqa():
+    att = LinearAttention(2, 4, tie_qk=True)
+    assert att.feature_map_q is att.feature_map_k
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        LinearAttention(4, 4, num_kv_heads=2, tie_qk=True)
+
+
+def test_entropy_and_monotonicity_known_values():
+    t = 6
+    uniform = torch.full((1, 1, t, t), 1.0 / t)
+    torch.testing.assert_close(attention_entropy(uniform), torch.tensor([math.log(t)], dtype=torch.float64))
+    onehot = torch.eye(t).view(1, 1, t, t)
+    assert attention_entropy(onehot).item() == pytest.approx(0.0, abs=1e-9)
+    dots = torch.randn(1, 1, t, t)
+    vis = visibility_mask(1, t, causal=False)
+    assert monotonicity(dots, torch.softmax(dots, -1), vis).item() == pytest.approx(1.0)
+    assert monotonicity(dots, torch.softmax(-dots, -1), vis).item() == pytest.approx(-1.0)
+
+
+def test_softmax_weights_are_their_own_best_fit():
+    q, k = torch.randn(2, 1, 12, 2, 4, dtype=torch.float64).unbind(0)
+    p = softmax_attention_weights(q, k, causal=True)
+    fid = attention_fidelity(q, k, torch.rand(1, 12, 2, 6), torch.rand(1, 12, 2, 6), causal=True)
+    assert (fid["kl"] > 0).all() and torch.allclose(fid["monotonicity_softmax"], torch.ones(2, dtype=torch.float64))
+    assert torch.allclose(p.sum(-1), torch.ones_like(p.sum(-1)))
+
+
+def test_output_mse_masks_padding():
+    a, b = torch.zeros(1, 4, 1, 2), torch.ones(1, 4, 1, 2)
+    mask = torch.tensor([[1, 1, 0, 0]])
+    b2 = b.clone()
+    b2[:, 2:] = 100
+    assert attention_output_mse(a, b2, mask).item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        attention_output_mse(a, b[:, :3])
+
+
+def test_distillation_loss_rejects_mismatched_shapes():
+    q = torch.randn(1, 5, 2, 4)
+    att = LinearAttention(2, 4)
+    fq, fk = att.features(q, q)
+    with pytest.raises(ValueError, match="matching B,T,H"):
+        attention_distillation_loss(q, q[:, :4], fq, fk, causal=True)

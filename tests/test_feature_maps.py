@@ -1,0 +1,142 @@
+"""Each feature map against its paper formula on hand-checked values; registry; stability."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hedgehog_attention import available_feature_maps, build_feature_map
+from hedgehog_attention.feature_maps import HedgehogFeatureMap
+
+
+def x_1x1x1(values):
+    return torch.tensor(values, dtype=torch.float64).view(1, 1, 1, -1)
+
+
+def test_registry_lists_all_paper_maps_and_rejects_unknown():
+    names = set(available_feature_maps())
+    assert {"hedgehog", "elu", "relu", "performer", "cosformer", "exp_t", "taylor2", "t2r"} <= names
+    with pytest.raises(ValueError, match="valid names: .*hedgehog"):
+        build_feature_map("softplus-magic", num_heads=1, head_dim=2)
+    with pytest.raises(TypeError, match="exp_t"):
+        build_feature_map("exp_t", num_heads=1, head_dim=2, activation="softmax")
+
+
+def test_hedgehog_identity_init_softmax_values():
+    fm = build_feature_map("hedgehog", num_heads=1, head_dim=2).double()
+    out = fm(x_1x1x1([0.0, math.log(3.0)])).flatten()
+    # softmax([0, ln 3]) = [1/4, 3/4]; softmax([0, -ln 3]) = [3/4, 1/4]
+    torch.testing.assert_close(out, torch.tensor([0.25, 0.75, 0.75, 0.25], dtype=torch.float64))
+    assert fm.feature_dim == 4 and fm.weight.shape == (1, 2, 2) and fm.bias.shape == (1, 2)
+
+
+def test_hedgehog_exp_variant_is_eq5():
+    fm = HedgehogFeatureMap(1, 2, activation="exp").double()
+    with torch.no_grad():
+        fm.weight.copy_(torch.tensor([[[1.0, 2.0], [0.0, -1.0]]]))
+        fm.bias.copy_(torch.tensor([[0.5, -0.5]]))
+    x = x_1x1x1([1.0, 2.0])
+    z = torch.tensor([1.0 * 1 + 2.0 * 0 + 0.5, 1.0 * 2 + 2.0 * -1 - 0.5], dtype=torch.float64)  # [1.5, -0.5]
+    expect = torch.cat([z.exp(), (-z).exp()])
+    torch.testing.assert_close(fm(x).flatten().double(), expect)
+
+
+def test_hedgehog_per_head_parameters_and_rectangular_identity():
+    fm = HedgehogFeatureMap(3, 8, feature_dim=4)
+    assert fm.weight.shape == (3, 8, 4) and fm.feature_dim == 8
+    torch.testing.assert_close(fm.weight[2], torch.eye(8, 4))
+    fm2 = HedgehogFeatureMap(3, 8, negation=False)
+    assert fm2.feature_dim == 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_hedgehog_softmax_finite_in_half_at_1e4(dtype):
+    fm = build_feature_map("hedgehog", num_heads=2, head_dim=4)
+    x = torch.tensor([1e4, -1e4, 3.0, 0.0]).repeat(1, 3, 2, 1).to(dtype)
+    out = fm(x)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float().sum(-1), torch.full((1, 3, 2), 2.0), rtol=1e-2, atol=1e-2)
+
+
+def test_hedgehog_exp_variant_finite_for_half_inputs():
+    fm = HedgehogFeatureMap(1, 2, activation="exp")
+    out = fm(torch.tensor([1e4, -1e4]).view(1, 1, 1, 2).half())
+    assert torch.isfinite(out).all() and out.dtype == torch.float32
+
+
+def test_elu_relu_exp_values():
+    x = x_1x1x1([-1.0, 0.0, 2.0])
+    torch.testing.assert_close(
+        build_feature_map("elu", num_heads=1, head_dim=3)(x).flatten(),
+        torch.tensor([math.exp(-1.0), 1.0, 3.0], dtype=torch.float64),
+    )
+    torch.testing.assert_close(
+        build_feature_map("relu", num_heads=1, head_dim=3)(x).flatten(), torch.tensor([0.0, 0.0, 2.0]).double()
+    )
+    e2 = build_feature_map("exp_t", num_heads=1, head_dim=3, temperature=2.0)(x).flatten()
+    torch.testing.assert_close(e2.double(), torch.tensor([math.exp(-2), 1.0, math.exp(4)], dtype=torch.float64))
+
+
+def test_taylor2_dot_product_is_second_order_expansion():
+    d = 6
+    fm = build_feature_map("taylor2", num_heads=1, head_dim=d)
+    assert fm.feature_dim == 1 + d + d * d
+    q, k = torch.randn(2, 1, 1, 1, d, dtype=torch.float64).unbind(0)
+    s = (q * k).sum() / math.sqrt(d)
+    torch.testing.assert_close((fm(q) * fm(k)).sum(), 1 + s + s * s / 2)
+
+
+def test_performer_estimates_softmax_kernel():
+    d, m = 8, 4096
+    fm = build_feature_map("performer", num_heads=1, head_dim=d, num_features=m, seed=0).double()
+    q, k = (0.5 * torch.randn(2, 1, 1, 1, d, dtype=torch.float64)).unbind(0)
+    est = (fm(q) * fm(k)).sum()
+    exact = torch.exp((q * k).sum() / math.sqrt(d))
+    assert abs(est.item() / exact.item() - 1) < 0.1
+    assert (fm(torch.randn(1, 5, 1, d)) > 0).all()
+    before = fm.projection.clone()
+    fm.redraw()
+    assert not torch.equal(before, fm.projection)
+
+
+def test_cosformer_reweighting_by_position():
+    fm = build_feature_map("cosformer", num_heads=1, head_dim=2, max_length=10)
+    x = torch.tensor([[1.0, -1.0], [2.0, 3.0]]).view(1, 2, 1, 2)
+    out = fm(x, torch.tensor([[0, 5]]))
+    a = math.pi * 5 / 20
+    expect_pos1 = torch.tensor([2 * math.cos(a), 3 * math.cos(a), 2 * math.sin(a), 3 * math.sin(a)])
+    torch.testing.assert_close(out[0, 0, 0], torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    torch.testing.assert_close(out[0, 1, 0], expect_pos1)
+    # q_i.k_j reproduces relu(q).relu(k) cos(pi (i - j) / 2M)
+    with pytest.raises(ValueError, match="max_length"):
+        fm(x, torch.tensor([[0, 10]]))
+
+
+def test_t2r_is_relu_mlp():
+    fm = build_feature_map("t2r", num_heads=2, head_dim=3)
+    x = torch.randn(1, 4, 2, 3)
+    expect = torch.relu(torch.einsum("bthd,hdf->bthf", x, fm.weight) + fm.bias)
+    torch.testing.assert_close(fm(x), expect)
+    assert fm.trainable and not build_feature_map("elu", num_heads=1, head_dim=2).trainable
+
+
+@pytest.mark.parametrize("name", ["hedgehog", "elu", "relu", "performer", "cosformer", "exp_t", "taylor2", "t2r"])
+def test_every_map_nonnegative_and_shaped(name):
+    fm = build_feature_map(name, num_heads=3, head_dim=8)
+    out = fm(torch.randn(2, 11, 3, 8) * 3)
+    assert out.shape == (2, 11, 3, fm.feature_dim)
+    assert torch.isfinite(out).all()
+    if name == "taylor2":  # features can be negative; every kernel value 1 + s + s^2/2 is >= 1/2
+        assert (torch.einsum("bthf,bshf->bhts", out, out) >= 0.5 - 1e-4).all()
+    else:
+        assert (out >= 0).all()
+
+
+def test_feature_map_rejects_wrong_shape():
+    fm = build_feature_map("hedgehog", num_heads=2, head_dim=4)
+    with pytest.raises(ValueError, match="H=2, D=4"):
+        fm(torch.randn(1, 3, 2, 5))
+    with pytest.raises(TypeError, match="floating"):
+        fm(torch.ones(1, 3, 2, 4, dtype=torch.long))
