@@ -253,3 +253,34 @@ def test_state_reorder_for_beam_search():
     st = LinearAttentionState.zeros(3, 2, 4, 5)
     st.S[1] += 1
     assert st.index_select(torch.tensor([1, 1, 0])).S[:2].eq(1).all()
+
+
+# --------------------------------------------------------------------------- property-based
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    b=st.integers(1, 3),
+    t=st.integers(1, 80),
+    hk=st.integers(1, 3),
+    group=st.integers(1, 3),
+    f=st.integers(1, 12),
+    dv=st.integers(1, 9),
+    causal=st.booleans(),
+    chunk=st.sampled_from([1, 5, 16, 64]),
+    pad=st.integers(0, 79),
+)
+def test_chunked_equals_reference_on_random_shapes(b, t, hk, group, f, dv, causal, chunk, pad):
+    fq, fk, v = make_inputs(b, t, hk * group, hk, f, dv, requires_grad=False)
+    mask = torch.ones(b, t, dtype=torch.bool)
+    mask[-1, : min(pad, t - 1)] = False
+    o_ref, s_ref = linear_attention(
+        fq, fk, v, causal=causal, attention_mask=mask, output_final_state=True, backend="reference"
+    )
+    o, s = linear_attention(
+        fq, fk, v, causal=causal, attention_mask=mask, output_final_state=True, backend="chunked", chunk_size=chunk
+    )
+    torch.testing.assert_close(o, o_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(s.S, s_ref.S, rtol=1e-10, atol=1e-10)

