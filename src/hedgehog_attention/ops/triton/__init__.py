@@ -1,0 +1,376 @@
+"""Fused Triton kernels for Hedgehog linear attention (backend ``"triton"``).
+
+Public entry points (all follow ``docs/architecture.md``: ``[B, T, H, D]`` layout, ``(o, final_state)``
+returns, fp32 state ``(S [N, Hk, F', Dv], z [N, Hk, F'])``, the one masking rule):
+
+* :func:`linear_attention_triton` -- chunked linear attention on precomputed features (the
+  generic path, any feature map).
+* :func:`fused_hedgehog_attention` -- the Hedgehog map (``softmax``/``exp``, negation) fused in
+  the kernel: raw ``q, k`` plus per-head ``W [H, D, F]``, ``b [H, F]``; ``phi(q)``, ``phi(k)`` never
+  reach global memory; the backward recomputes them and returns dq, dk, dv, dW, db.
+* :func:`fused_hedgehog_decode_step` -- one token per sequence, state updated in place.
+
+Both attention functions go through ``torch.library.custom_op`` ops with registered autograd
+(``hedgehog_attention::triton_la_fwd`` / ``triton_la_bwd``), so ``torch.compile`` traces them
+as opaque calls. Design, byte/FLOP counts and measured speed: ``docs/kernels.md``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+__all__ = [
+    "fused_hedgehog_attention",
+    "fused_hedgehog_decode_step",
+    "is_available",
+    "linear_attention_triton",
+]
+
+_ACTIVATIONS = ("softmax", "exp")
+
+
+def is_available() -> bool:
+    """True when triton imports and there is a CUDA device or ``TRITON_INTERPRET=1`` is set."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _lm():
+    from . import _launch as L
+
+    return L
+
+
+Tensor = torch.Tensor
+
+
+def _fake_plan(cu: Tensor, hk: int, max_len: int) -> int:
+    return _lm()._plan(None, cu.shape[0] - 1, hk, max_len)[2]
+
+
+def _ft(q: Tensor, wq: Tensor | None, negation: bool, fused: bool) -> int:
+    if fused:
+        return wq.shape[2] * (2 if negation else 1)
+    return q.shape[-1]
+
+
+@torch.library.custom_op("hedgehog_attention::triton_la_fwd", mutates_args=())
+def _la_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    wq: Tensor | None,
+    bq: Tensor | None,
+    wk: Tensor | None,
+    bk: Tensor | None,
+    mask: Tensor | None,
+    cu: Tensor,
+    s0: Tensor | None,
+    z0: Tensor | None,
+    activation: str,
+    negation: bool,
+    causal: bool,
+    eps: float,
+    fused: bool,
+    max_len: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    out = _lm().fwd(
+        q, k, v, wq, bq, wk, bk, mask, cu, s0, z0,
+        activation=activation, negation=negation, causal=causal, eps=eps, fused=fused, max_len=max_len,
+    )  # fmt: skip
+    return out[:6]
+
+
+@_la_fwd.register_fake
+def _(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, activation, negation, causal, eps, fused, max_len):
+    B, T, H, _ = q.shape
+    HK, DV = k.shape[2], v.shape[3]
+    N = cu.shape[0] - 1
+    FT = _ft(q, wq, negation, fused)
+    ns = _fake_plan(cu, HK, max_len)
+    f32 = torch.float32
+    return (
+        q.new_empty(B, T, H, DV, dtype=v.dtype),
+        q.new_empty(B * T, H, dtype=f32),
+        q.new_empty(N, HK, ns, FT, DV, dtype=f32),
+        q.new_empty(N, HK, ns, FT, dtype=f32),
+        q.new_empty(N, HK, FT, DV, dtype=f32),
+        q.new_empty(N, HK, FT, dtype=f32),
+    )
+
+
+@torch.library.custom_op("hedgehog_attention::triton_la_bwd", mutates_args=())
+def _la_bwd(
+    do: Tensor,
+    ds_fin: Tensor | None,
+    dz_fin: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    wq: Tensor | None,
+    bq: Tensor | None,
+    wk: Tensor | None,
+    bk: Tensor | None,
+    mask: Tensor | None,
+    cu: Tensor,
+    o: Tensor,
+    den: Tensor,
+    s_in: Tensor,
+    z_in: Tensor,
+    activation: str,
+    negation: bool,
+    causal: bool,
+    fused: bool,
+    max_len: int,
+    need_ds0: bool,
+) -> list[Tensor]:
+    grads = _lm().bwd(
+        do, ds_fin, dz_fin, q, k, v, wq, bq, wk, bk, mask, cu, o, den, s_in, z_in,
+        activation=activation, negation=negation, causal=causal, fused=fused, max_len=max_len,
+        need_ds0=need_ds0,
+    )  # fmt: skip
+    # custom ops cannot return None: absent gradients travel as empty tensors
+    return [g if g is not None else q.new_empty(0) for g in grads]
+
+
+@_la_bwd.register_fake
+def _(do, ds_fin, dz_fin, q, k, v, wq, bq, wk, bk, mask, cu, o, den, s_in, z_in, activation, negation, causal,
+      fused, max_len, need_ds0):  # fmt: skip
+    N, HK = cu.shape[0] - 1, k.shape[2]
+    FT, DV = s_in.shape[3], v.shape[3]
+
+    def like(t):
+        return torch.empty_like(t) if (fused and t is not None) else q.new_empty(0)
+
+    return [
+        torch.empty_like(q),
+        torch.empty_like(k),
+        torch.empty_like(v),
+        like(wq),
+        like(bq),
+        like(wk),
+        like(bk),
+        q.new_empty(N, HK, FT, DV, dtype=torch.float32) if need_ds0 else q.new_empty(0),
+        q.new_empty(N, HK, FT, dtype=torch.float32) if need_ds0 else q.new_empty(0),
+    ]
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, activation, negation, causal, eps, fused, max_len = inputs
+    o, den, s_in, z_in, _, _ = output
+    ctx.save_for_backward(q, k, v, wq, bq, wk, bk, mask, cu, o, den, s_in, z_in)
+    ctx.args = (activation, negation, causal, fused, max_len)
+    ctx.need_ds0 = s0 is not None and (ctx.needs_input_grad[9] or ctx.needs_input_grad[10])
+    ctx.mark_non_differentiable(den, s_in, z_in)
+
+
+def _backward(ctx, do, _dden, _ds_in, _dz_in, ds_fin, dz_fin):
+    q, k, v, wq, bq, wk, bk, mask, cu, o, den, s_in, z_in = ctx.saved_tensors
+    activation, negation, causal, fused, max_len = ctx.args
+    if do is None:
+        do = torch.zeros_like(o)
+    g = _la_bwd(
+        do, ds_fin, dz_fin, q, k, v, wq, bq, wk, bk, mask, cu, o, den, s_in, z_in,
+        activation, negation, causal, fused, max_len, ctx.need_ds0,
+    )  # fmt: skip
+    dq, dk, dv, dwq, dbq, dwk, dbk, ds0, dz0 = (x if x.numel() or x.dim() != 1 else None for x in g)
+    if not fused:
+        dwq = dbq = dwk = dbk = None
+    if bq is None:
+        dbq = None
+    if bk is None:
+        dbk = None
+    if not ctx.need_ds0:
+        ds0 = dz0 = None
+    return dq, dk, dv, dwq, dbq, dwk, dbk, None, None, ds0, dz0, None, None, None, None, None, None
+
+
+_la_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_common(q, k, v, attention_mask, cu_seqlens, initial_state):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"expected q, k, v of shape [B, T, H, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    B, T, H, _ = q.shape
+    if k.shape[:2] != (B, T) or v.shape[:3] != k.shape[:3]:
+        raise ValueError(
+            f"q, k, v must share B, T (and k, v the KV heads); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    HK = k.shape[2]
+    if H % HK != 0:
+        raise ValueError(f"query heads must be a multiple of KV heads; got H={H}, Hk={HK}")
+    if attention_mask is not None and cu_seqlens is not None:
+        raise ValueError("attention_mask and cu_seqlens are mutually exclusive; pass one of them")
+    dev = q.device
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"cu_seqlens needs B == 1 (sequences packed along T); got B={B}")
+        cu = cu_seqlens.to(device=dev, dtype=torch.int32).contiguous()
+        max_len = int((cu[1:] - cu[:-1]).max().item()) if cu.numel() > 1 else 0
+    else:
+        cu = (torch.arange(B + 1, device=dev, dtype=torch.int32) * T).contiguous()
+        max_len = T
+    mask = None
+    if attention_mask is not None:
+        if attention_mask.shape != (B, T):
+            raise ValueError(f"attention_mask must be [B, T] = {(B, T)}; got {tuple(attention_mask.shape)}")
+        mask = attention_mask.to(device=dev, dtype=torch.float32).reshape(B * T).contiguous()
+    s0 = z0 = None
+    if initial_state is not None:
+        s0, z0 = initial_state
+        s0 = s0.to(torch.float32).contiguous()
+        z0 = z0.to(torch.float32).contiguous()
+    return cu, max_len, mask, s0, z0
+
+
+def linear_attention_triton(
+    fq: Tensor,
+    fk: Tensor,
+    v: Tensor,
+    *,
+    causal: bool,
+    attention_mask: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    initial_state: tuple[Tensor, Tensor] | None = None,
+    output_final_state: bool = False,
+    eps: float = 1e-6,
+) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """Chunked linear attention on precomputed non-negative features (generic Triton path).
+
+    Args:
+        fq: query features ``[B, T, H, F]``.
+        fk: key features ``[B, T, Hk, F]``, ``H % Hk == 0``.
+        v: values ``[B, T, Hk, Dv]``; ``o`` has ``v.dtype``. Half-precision ``v`` makes the
+            matrix products bf16/fp16 with fp32 accumulation; fp32 ``v`` keeps them in fp32.
+        causal: causal (decoder) or bidirectional (encoder) attention.
+        attention_mask: ``[B, T]`` bool/0-1, True = real token (padded keys leave numerator
+            and normalizer; outputs at padded queries are 0).
+        cu_seqlens: ``[N + 1]`` cumulative lengths of packed sequences (``B == 1``).
+        initial_state: ``(S [N, Hk, F, Dv], z [N, Hk, F])`` fp32, added before the first token.
+        output_final_state: also return ``(S, z)`` after the last token of each sequence.
+        eps: added to the normalizer.
+
+    Returns:
+        ``(o [B, T, H, Dv], final_state or None)``.
+    """
+    cu, max_len, mask, s0, z0 = _check_common(fq, fk, v, attention_mask, cu_seqlens, initial_state)
+    o, _, _, _, s_fin, z_fin = _la_fwd(
+        fq.contiguous(), fk.contiguous(), v.contiguous(), None, None, None, None, mask, cu, s0, z0,
+        "softmax", False, bool(causal), float(eps), False, max_len,
+    )  # fmt: skip
+    return o, ((s_fin, z_fin) if output_final_state else None)
+
+
+def fused_hedgehog_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_weight: Tensor,
+    q_bias: Tensor | None,
+    k_weight: Tensor,
+    k_bias: Tensor | None,
+    *,
+    activation: str = "softmax",
+    negation: bool = True,
+    causal: bool = True,
+    attention_mask: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    initial_state: tuple[Tensor, Tensor] | None = None,
+    output_final_state: bool = False,
+    eps: float = 1e-6,
+) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """Linear attention with the Hedgehog feature map computed inside the kernel.
+
+    ``phi(x) = [act(x W_h + b_h), act(-(x W_h + b_h))]`` (second half only with ``negation``),
+    ``act`` = softmax over ``F`` (Eq. 4) or ``exp`` of the pre-activation clamped to [-30, 30]
+    (Eq. 5), computed in fp32.
+
+    Args:
+        q: ``[B, T, H, D]``; k: ``[B, T, Hk, D]``; v: ``[B, T, Hk, Dv]`` (same dtype as q, k).
+        q_weight: ``[H, D, F]``; q_bias: ``[H, F]`` or None; k_weight: ``[Hk, D, F]``;
+            k_bias: ``[Hk, F]`` or None. Weights may be fp32 with half inputs.
+        Other arguments as :func:`linear_attention_triton`; the state has ``F' = 2F`` rows
+        with negation, ``F`` without.
+
+    Returns:
+        ``(o [B, T, H, Dv], final_state or None)``; differentiable w.r.t. q, k, v, weights,
+        biases (and the initial state).
+    """
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {_ACTIVATIONS}; got {activation!r}")
+    cu, max_len, mask, s0, z0 = _check_common(q, k, v, attention_mask, cu_seqlens, initial_state)
+    H, D = q.shape[2], q.shape[3]
+    HK = k.shape[2]
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q_weight.dim() != 3 or q_weight.shape[:2] != (H, D):
+        raise ValueError(f"q_weight must be [H, D, F] = [{H}, {D}, F]; got {tuple(q_weight.shape)}")
+    F = q_weight.shape[2]
+    if tuple(k_weight.shape) != (HK, D, F):
+        raise ValueError(f"k_weight must be [Hk, D, F] = {(HK, D, F)}; got {tuple(k_weight.shape)}")
+    if q_bias is not None and tuple(q_bias.shape) != (H, F):
+        raise ValueError(f"q_bias must be [H, F] = {(H, F)}; got {tuple(q_bias.shape)}")
+    if k_bias is not None and tuple(k_bias.shape) != (HK, F):
+        raise ValueError(f"k_bias must be [Hk, F] = {(HK, F)}; got {tuple(k_bias.shape)}")
+    o, _, _, _, s_fin, z_fin = _la_fwd(
+        q.contiguous(), k.contiguous(), v.contiguous(),
+        q_weight.contiguous(), None if q_bias is None else q_bias.contiguous(),
+        k_weight.contiguous(), None if k_bias is None else k_bias.contiguous(),
+        mask, cu, s0, z0, activation, bool(negation), bool(causal), float(eps), True, max_len,
+    )  # fmt: skip
+    return o, ((s_fin, z_fin) if output_final_state else None)
+
+
+def fused_hedgehog_decode_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_weight: Tensor,
+    q_bias: Tensor | None,
+    k_weight: Tensor,
+    k_bias: Tensor | None,
+    state: tuple[Tensor, Tensor],
+    *,
+    activation: str = "softmax",
+    negation: bool = True,
+    eps: float = 1e-6,
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """One decode step for a batch: add token ``k, v`` to the state, then read it with ``q``.
+
+    Args:
+        q: ``[B, H, D]``; k: ``[B, Hk, D]``; v: ``[B, Hk, Dv]``.
+        state: ``(S [B, Hk, F', Dv], z [B, Hk, F'])`` fp32 contiguous. **Updated in place** and
+            returned (the same tensor objects), so a CUDA graph can replay the step.
+
+    Returns:
+        ``(o [B, H, Dv], (S, z))``. Inference only: no autograd graph is recorded (the outputs do
+        not require grad); use the chunked op for training.
+    """
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {_ACTIVATIONS}; got {activation!r}")
+    S, z = state
+    B, H, D = q.shape
+    HK, F = k.shape[1], q_weight.shape[2]
+    FT = 2 * F if negation else F
+    if S.dtype != torch.float32 or z.dtype != torch.float32 or not S.is_contiguous() or not z.is_contiguous():
+        raise ValueError("state (S, z) must be contiguous float32 tensors (it is updated in place)")
+    if tuple(S.shape) != (B, HK, FT, v.shape[-1]) or tuple(z.shape) != (B, HK, FT):
+        raise ValueError(
+            f"state must be S [B, Hk, F', Dv] = {(B, HK, FT, v.shape[-1])}, z [B, Hk, F'] = {(B, HK, FT)}; "
+            f"got {tuple(S.shape)}, {tuple(z.shape)}"
+        )
+    with torch.no_grad():
+        o = _lm().decode(
+            q.contiguous(), k.contiguous(), v.contiguous(), q_weight.contiguous(),
+            None if q_bias is None else q_bias.contiguous(), k_weight.contiguous(),
+            None if k_bias is None else k_bias.contiguous(), S, z,
+            activation=activation, negation=bool(negation), eps=float(eps),
+        )  # fmt: skip
+    return o, (S, z)

@@ -1,0 +1,300 @@
+"""Triton kernels (backend "triton") against the float64 quadratic reference.
+
+Without CUDA the kernels run under ``TRITON_INTERPRET=1`` on tiny shapes with 16-token chunks
+(many chunks and several segments per sequence); with CUDA the same checks run at real sizes
+(``D`` 64/128, thousands of tokens, bf16/fp16/fp32). Every kernel-written buffer is poisoned
+with NaN first. Compared: outputs, final state and the gradients of q, k, v, W, b (and the
+initial state) under random upstream gradients.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:  # must precede the first triton import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+from hedgehog_attention.ops.reference import linear_attention_reference  # noqa: E402
+from hedgehog_attention.ops.triton import (  # noqa: E402
+    _launch,
+    fused_hedgehog_attention,
+    fused_hedgehog_decode_step,
+    is_available,
+    linear_attention_triton,
+)
+
+pytestmark = pytest.mark.skipif(not is_available(), reason="triton needs CUDA or TRITON_INTERPRET=1")
+DEV = "cuda" if CUDA else "cpu"
+EXP_CLAMP = 30.0
+
+
+@pytest.fixture(autouse=True)
+def _config():
+    saved = dict(_launch.CONFIG)
+    _launch.CONFIG["poison"] = True
+    if not CUDA:
+        _launch.CONFIG["chunk"] = 16
+    yield
+    _launch.CONFIG.clear()
+    _launch.CONFIG.update(saved)
+
+
+def hedgehog_map(x, w, b, activation, negation):
+    """Eq. 4 / Eq. 5 in the dtype of ``x`` (the test's float64 oracle of the feature map)."""
+    z = torch.einsum("bthd,hdf->bthf", x, w.to(x.dtype))
+    if b is not None:
+        z = z + b.to(x.dtype)
+    halves = (z, -z) if negation else (z,)
+    if activation == "softmax":
+        return torch.cat([torch.softmax(h, -1) for h in halves], -1)
+    return torch.cat([torch.exp(h.clamp(-EXP_CLAMP, EXP_CLAMP)) for h in halves], -1)
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _tol(dtype):
+    # fp32: ieee products on GPU and numpy in the interpreter; half: judged against torch below
+    return {torch.float32: 2e-5}.get(dtype)
+
+
+def _inputs(B, T, H, HK, D, F, DV, dtype, bias, wscale=0.3):
+    g = torch.Generator(device="cpu").manual_seed(1234 + T * 7 + H + D)
+
+    def r(*s, scale=1.0):
+        return (torch.randn(*s, generator=g) * scale).to(DEV)
+
+    q, k, v = r(B, T, H, D).to(dtype), r(B, T, HK, D).to(dtype), r(B, T, HK, DV).to(dtype)
+    wq, wk = r(H, D, F, scale=wscale), r(HK, D, F, scale=wscale)
+    bq = r(H, F, scale=0.5) if bias else None
+    bk = r(HK, F, scale=0.5) if bias else None
+    return q, k, v, wq, bq, wk, bk
+
+
+def _mask_or_cu(kind, B, T):
+    if kind == "mask":
+        m = torch.ones(B, T, dtype=torch.bool)
+        m[0, : T // 3] = False  # left padding
+        if B > 1:
+            m[1, T - T // 4 :] = False  # right padding
+        return m.to(DEV), None
+    if kind == "cu":
+        cuts = sorted({0, T, T // 3, T // 3 + 1, (2 * T) // 3} | ({T - 1} if T > 3 else set()))
+        return None, torch.tensor(cuts, dtype=torch.int32, device=DEV)
+    return None, None
+
+
+def _run_fused(args, *, activation, negation, causal, mask, cu, init, dtype):
+    """Kernel and float64 oracle on the same inputs; returns (kernel, oracle, torch_lowp) results."""
+    q, k, v, wq, bq, wk, bk = args
+    leaves = [x for x in (q, k, v, wq, bq, wk, bk)]
+    kw = dict(causal=causal, attention_mask=mask, cu_seqlens=cu, output_final_state=True)
+
+    def grads(o, st, leaves_, do, dS, dz):
+        loss = (o.double() * do).sum() + (st[0].double() * dS).sum() + (st[1].double() * dz).sum()
+        ins = [x for x in leaves_ if x is not None]
+        return torch.autograd.grad(loss, ins, allow_unused=False)
+
+    # kernel
+    kl = [None if x is None else x.detach().clone().requires_grad_() for x in leaves]
+    ki = None if init is None else tuple(x.detach().clone().requires_grad_() for x in init)
+    o, st = fused_hedgehog_attention(*kl, activation=activation, negation=negation, initial_state=ki, **kw)
+    gen = torch.Generator(device="cpu").manual_seed(7)
+    do = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(DEV)
+    dS = torch.randn(st[0].shape, generator=gen, dtype=torch.float64).to(DEV)
+    dz = torch.randn(st[1].shape, generator=gen, dtype=torch.float64).to(DEV)
+    kg = grads(o, st, kl + (list(ki) if ki else []), do, dS, dz)
+
+    def oracle(cd, feat_dtype):
+        rl = [None if x is None else x.detach().to(cd).requires_grad_() for x in leaves]
+        ri = None if init is None else tuple(x.detach().to(torch.float64).requires_grad_() for x in init)
+        fq = hedgehog_map(
+            rl[0].double(), rl[3].double(), None if rl[4] is None else rl[4].double(), activation, negation
+        )
+        fk = hedgehog_map(
+            rl[1].double(), rl[5].double(), None if rl[6] is None else rl[6].double(), activation, negation
+        )
+        vv = rl[2].double()
+        if feat_dtype is not None:  # the same math with features and values rounded like torch would
+            fq, fk, vv = fq.to(feat_dtype).double(), fk.to(feat_dtype).double(), vv.to(feat_dtype).double()
+        ro, rst = linear_attention_reference(fq, fk, vv, initial_state=ri, **kw)
+        if feat_dtype is not None:
+            ro = ro.to(feat_dtype)
+        rg = grads(ro, tuple(rst), rl + (list(ri) if ri else []), do, dS, dz)
+        if feat_dtype is not None:
+            rg = [g.to(feat_dtype) if i < 3 else g for i, g in enumerate(rg)]
+        return ro, rst, rg
+
+    ref = oracle(torch.float64, None)
+    low = oracle(dtype, dtype) if dtype != torch.float32 else None
+    return (o, st, kg), ref, low
+
+
+def _check(kern, ref, low, dtype, names):
+    o, st, kg = kern
+    ro, rst, rg = ref
+    pairs = [("o", o, ro), ("S", st[0], rst[0]), ("z", st[1], rst[1])] + list(zip(names, kg, rg))
+    base = None
+    if low is not None:
+        lo, lst, lg = low
+        base = [rel(lo, ro), rel(lst[0], rst[0]), rel(lst[1], rst[1])] + [rel(a, b) for a, b in zip(lg, rg)]
+    for i, (name, a, b) in enumerate(pairs):
+        assert not torch.isnan(a).any(), f"{name}: NaN (unwritten or invalid)"
+        err = rel(a, b)
+        if base is None:
+            tol = _tol(dtype)
+        else:  # at most ~2x the error of the same math in torch at that precision (+ a floor)
+            tol = 2.0 * base[i] + 2e-3
+        assert err <= tol, f"{name}: rel err {err:.3e} > tol {tol:.3e}"
+
+
+_NAMES = ["q", "k", "v", "Wq", "bq", "Wk", "bk"]
+
+if CUDA:
+    _CASES = [
+        # (B, T, H, HK, D, F, causal, act, neg, bias, kind, init, dtype)
+        (2, 1000, 4, 4, 64, 64, True, "softmax", True, True, "none", False, torch.bfloat16),
+        (1, 4097, 4, 2, 64, 64, True, "softmax", True, True, "cu", True, torch.bfloat16),
+        (2, 777, 4, 4, 128, 128, True, "exp", True, True, "mask", False, torch.float16),
+        (2, 1000, 2, 2, 64, 64, False, "softmax", True, True, "mask", False, torch.bfloat16),
+        (2, 513, 2, 1, 128, 128, True, "softmax", True, False, "none", True, torch.float32),
+        (2, 300, 2, 2, 64, 64, False, "exp", False, True, "cu", False, torch.float32),
+    ]
+else:
+    _CASES = [
+        (2, 97, 2, 2, 16, 16, True, "softmax", True, True, "none", False, torch.float32),
+        (1, 1, 1, 1, 16, 16, True, "softmax", True, True, "none", True, torch.float32),
+        (2, 7, 2, 2, 16, 16, True, "exp", True, True, "none", False, torch.float32),
+        (2, 63, 2, 2, 16, 16, False, "softmax", True, True, "none", False, torch.float32),
+        (2, 40, 4, 2, 16, 16, True, "softmax", True, True, "mask", False, torch.float32),
+        (2, 40, 4, 2, 16, 16, False, "exp", True, True, "mask", True, torch.float32),
+        (1, 97, 2, 1, 16, 16, True, "softmax", True, True, "cu", True, torch.float32),
+        (1, 63, 2, 2, 16, 16, False, "softmax", True, True, "cu", True, torch.float32),
+        (2, 33, 3, 3, 24, 20, True, "softmax", False, False, "none", True, torch.float32),
+        (2, 33, 2, 2, 24, 20, True, "exp", False, True, "mask", False, torch.float32),
+    ]
+
+
+def _id(c):
+    B, T, H, HK, D, F, causal, act, neg, bias, kind, init, dtype = c
+    return (
+        f"B{B}-T{T}-H{H}-Hk{HK}-D{D}-F{F}-{'causal' if causal else 'bidir'}-{act}"
+        f"{'-neg' if neg else ''}{'' if bias else '-nobias'}-{kind}{'-init' if init else ''}-{str(dtype)[6:]}"
+    )
+
+
+@pytest.mark.parametrize("case", _CASES, ids=_id)
+def test_fused_matches_reference(case):
+    B, T, H, HK, D, F, causal, act, neg, bias, kind, init, dtype = case
+    args = _inputs(B, T, H, HK, D, F, D, dtype, bias)
+    mask, cu = _mask_or_cu(kind, B, T)
+    N = B if cu is None else cu.numel() - 1
+    FT = 2 * F if neg else F
+    st0 = None
+    if init:
+        g = torch.Generator(device="cpu").manual_seed(3)
+        st0 = ((torch.rand(N, HK, FT, D, generator=g) * 0.5).to(DEV), (torch.rand(N, HK, FT, generator=g)).to(DEV))
+    kern, ref, low = _run_fused(
+        args, activation=act, negation=neg, causal=causal, mask=mask, cu=cu, init=st0, dtype=dtype
+    )
+    names = [n for n, x in zip(_NAMES, args) if x is not None] + (["S0", "z0"] if init else [])
+    _check(kern, ref, low, dtype, names)
+    if mask is not None:  # padded queries give exactly 0
+        assert (kern[0][~mask] == 0).all()
+
+
+@pytest.mark.parametrize("min_programs", [1, 10_000], ids=["one-segment", "many-segments"])
+def test_segment_split_is_invisible(min_programs):
+    """The number of segments per sequence changes the schedule, not the result."""
+    _launch.CONFIG["min_programs"] = min_programs
+    B, T, H, D = (2, 2000, 2, 64) if CUDA else (2, 50, 2, 16)
+    args = _inputs(B, T, H, H, D, D, D, torch.float32, True)
+    st0 = (torch.rand(B, H, 2 * D, D, device=DEV), torch.rand(B, H, 2 * D, device=DEV))
+    kern, ref, low = _run_fused(
+        args, activation="softmax", negation=True, causal=True, mask=None, cu=None, init=st0, dtype=torch.float32
+    )
+    _check(kern, ref, low, torch.float32, _NAMES + ["S0", "z0"])
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+@pytest.mark.parametrize("kind", ["none", "mask", "cu"])
+def test_generic_features_path(causal, kind):
+    """Precomputed features (any map) through ``linear_attention_triton``, with GQA."""
+    B, T, H, HK, F, DV = (2, 1500, 4, 2, 96, 64) if CUDA else (2, 45, 4, 2, 12, 8)
+    if kind == "cu":
+        B = 1
+    g = torch.Generator(device="cpu").manual_seed(11)
+    fq = torch.rand(B, T, H, F, generator=g).to(DEV).requires_grad_()
+    fk = torch.rand(B, T, HK, F, generator=g).to(DEV).requires_grad_()
+    v = torch.randn(B, T, HK, DV, generator=g).to(DEV).requires_grad_()
+    mask, cu = _mask_or_cu(kind, B, T)
+    kw = dict(causal=causal, attention_mask=mask, cu_seqlens=cu, output_final_state=True)
+    o, st = linear_attention_triton(fq, fk, v, **kw)
+    do = torch.randn(o.shape, generator=g).to(DEV)
+    dS = torch.randn(st[0].shape, generator=g).to(DEV)
+    kg = torch.autograd.grad((o * do).sum() + (st[0] * dS).sum(), [fq, fk, v])
+    rin = [x.detach().double().requires_grad_() for x in (fq, fk, v)]
+    ro, rst = linear_attention_reference(*rin, **kw)
+    rg = torch.autograd.grad((ro * do.double()).sum() + (rst[0] * dS.double()).sum(), rin)
+    for name, a, b in [("o", o, ro), ("S", st[0], rst[0]), ("z", st[1], rst[1])] + list(zip(["fq", "fk", "v"], kg, rg)):
+        assert not torch.isnan(a).any(), name
+        assert rel(a, b) <= 2e-5, f"{name}: {rel(a, b):.3e}"
+
+
+def test_generic_accepts_bf16_values():
+    """Half-precision values: products in bf16 with fp32 accumulation, within bf16 error."""
+    if not CUDA:
+        pytest.skip("bf16 dots are exercised on the GPU")
+    B, T, H, F = 2, 2048, 4, 64
+    fq = torch.rand(B, T, H, F, device=DEV).bfloat16()
+    fk = torch.rand(B, T, H, F, device=DEV).bfloat16()
+    v = torch.randn(B, T, H, F, device=DEV).bfloat16()
+    o, _ = linear_attention_triton(fq, fk, v, causal=True)
+    ro, _ = linear_attention_reference(fq.double(), fk.double(), v.double(), causal=True)
+    lo, _ = linear_attention_reference(fq, fk, v, causal=True)
+    assert rel(o, ro) <= 2 * rel(lo, ro) + 2e-3
+
+
+@pytest.mark.parametrize("act", ["softmax", "exp"])
+def test_decode_steps_continue_prefill(act):
+    """Prefill with the chunked kernel, then decode steps in place == one full causal pass."""
+    B, T, P, H, HK, D = (4, 70, 64, 4, 2, 64) if CUDA else (2, 12, 9, 2, 1, 16)
+    q, k, v, wq, bq, wk, bk = _inputs(B, T, H, HK, D, D, D, torch.float32, True)
+    kw = dict(activation=act, negation=True)
+    full, _ = fused_hedgehog_attention(q, k, v, wq, bq, wk, bk, causal=True, **kw)
+    pre, st = fused_hedgehog_attention(
+        q[:, :P], k[:, :P], v[:, :P], wq, bq, wk, bk, causal=True, output_final_state=True, **kw
+    )
+    S, z = st[0].clone(), st[1].clone()
+    outs = []
+    for t in range(P, T):
+        o, (S2, z2) = fused_hedgehog_decode_step(q[:, t], k[:, t], v[:, t], wq, bq, wk, bk, (S, z), eps=1e-6, **kw)
+        assert S2 is S and z2 is z  # updated in place
+        outs.append(o)
+    dec = torch.stack(outs, 1)
+    assert not torch.isnan(dec).any()
+    assert rel(pre, full[:, :P]) <= 2e-5
+    assert rel(dec, full[:, P:]) <= 2e-5
+
+
+def test_rejects_bad_arguments():
+    q, k, v, wq, bq, wk, bk = _inputs(1, 8, 2, 2, 16, 16, 16, torch.float32, True)
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        fused_hedgehog_attention(
+            q, k, v, wq, bq, wk, bk,
+            attention_mask=torch.ones(1, 8, dtype=torch.bool, device=DEV),
+            cu_seqlens=torch.tensor([0, 8], device=DEV),
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="activation"):
+        fused_hedgehog_attention(q, k, v, wq, bq, wk, bk, activation="relu")
+    with pytest.raises(ValueError, match="k_weight"):
+        fused_hedgehog_attention(q, k, v, wq, bq, wk[:, :, :8], bk)
