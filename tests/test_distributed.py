@@ -1,0 +1,159 @@
+"""2-process tests of the training engine on CPU (gloo), launched through torchrun.
+
+This file is also the worker script: ``torchrun ... tests/test_distributed.py worker --modes ...``.
+Two launches serve every test (process start-up dominates the cost):
+
+1. ``ddp,fsdp,kill``: an uninterrupted DDP run, the same with FSDP2, then a DDP run with checkpoints
+   that rank 0 hard-kills (``os._exit``) right after step 5 -- torchrun tears the other rank down.
+2. ``resume``: the killed run resumed from its newest checkpoint (step 4).
+
+Each run is compared with one in-process run of the same global batch (1 process x accumulation 2),
+in float64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+STEPS, KILL_AT, CKPT_EVERY = 8, 5, 2
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cfg(**kw):
+    from test_train import make_config
+
+    return make_config(max_steps=STEPS, micro_batch_size=4, **kw)
+
+
+# --------------------------------------------------------------------------------------------------
+# worker (runs under torchrun)
+# --------------------------------------------------------------------------------------------------
+
+
+def _worker(modes: list[str], out_dir: Path) -> None:
+    from test_train import Points, TinyNet, TrainerCallback, loss_fn
+
+    from hedgehog_attention.train import Trainer, cleanup_distributed, init_distributed
+
+    torch.set_num_threads(1)
+    info = init_distributed()
+    assert info.world_size == 2, info
+
+    class HardKill(TrainerCallback):
+        def on_step_end(self, trainer, step, loss):
+            if step == KILL_AT and info.rank == 0:
+                os._exit(17)  # no cleanup, no flush: like SIGKILL
+
+    for mode in modes:
+        ckdir = str(out_dir / "ckpt")
+        if mode in ("ddp", "fsdp"):
+            cfg = _cfg(strategy=mode)
+        else:  # kill / resume
+            cfg = _cfg(strategy="ddp", checkpoint_every=CKPT_EVERY, checkpoint_dir=ckdir, resume=mode == "resume")
+        model = TinyNet()
+        trainer = Trainer(model, loss_fn, Points(40), Points(10, seed=2), cfg,
+                          callbacks=[HardKill()] if mode == "kill" else [])  # fmt: skip
+        res = trainer.fit()
+        params = {}
+        for name, p in model.named_parameters():
+            t = p.detach()
+            if hasattr(t, "full_tensor"):  # FSDP2 DTensor shard -> full (collective)
+                t = t.full_tensor()
+            params[name] = t.tolist()
+        if info.rank == 0:
+            rec = {"losses": res.losses, "history": res.history, "params": params,
+                   "resumed_from": res.resumed_from, "best": res.best_eval_loss}  # fmt: skip
+            (out_dir / f"{mode}.json").write_text(json.dumps(rec))
+    cleanup_distributed()
+
+
+# --------------------------------------------------------------------------------------------------
+# launcher + tests
+# --------------------------------------------------------------------------------------------------
+
+
+def _launch(modes: str, out_dir: Path, timeout: float = 60) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+        "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "--monitor_interval=0.1",
+        str(Path(__file__).resolve()), "worker", "--modes", modes, "--out", str(out_dir),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=HERE)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("dist")
+    first = _launch("ddp,fsdp,kill", out)
+    assert first.returncode != 0, "the kill run should have made torchrun fail"
+    assert (out / "ddp.json").exists() and (out / "fsdp.json").exists(), first.stdout + first.stderr
+    assert not (out / "kill.json").exists(), "the killed run finished?"
+    second = _launch("resume", out)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-5000:]
+    recs = {m: json.loads((out / f"{m}.json").read_text()) for m in ("ddp", "fsdp", "resume")}
+    recs["ckpts"] = sorted(p.name for p in (out / "ckpt").glob("ckpt-*.pt"))
+    return recs
+
+
+@pytest.fixture(scope="module")
+def single():
+    """The reference: one process, accumulation 2 -> the same global batch of 8."""
+    from test_train import Points, TinyNet, loss_fn
+
+    from hedgehog_attention.train import Trainer
+
+    model = TinyNet()
+    res = Trainer(model, loss_fn, Points(40), Points(10, seed=2), _cfg(grad_accum_steps=2)).fit()
+    return res, {n: p.detach() for n, p in model.named_parameters()}
+
+
+def _close(a, b, tol=1e-10):
+    torch.testing.assert_close(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64),
+                               rtol=tol, atol=tol)  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one_process_same_global_batch(runs, single, mode):
+    res, params = single
+    rec = runs[mode]
+    assert len(rec["losses"]) == STEPS
+    _close(rec["losses"], res.losses)
+    _close([r["eval_loss"] or 0.0 for r in rec["history"]], [r["eval_loss"] or 0.0 for r in res.history])
+    assert [r["tokens"] for r in rec["history"]] == [r["tokens"] for r in res.history]
+    for name, p in params.items():
+        _close(rec["params"][name], p)
+
+
+def test_two_process_kill_then_resume_matches_uninterrupted(runs):
+    rec, ref = runs["resume"], runs["ddp"]
+    assert rec["resumed_from"] == 4  # killed after step 5; the newest checkpoint is step 4
+    assert runs["ckpts"][-1] == f"ckpt-{STEPS:08d}.pt"
+    _close(rec["losses"], ref["losses"], tol=1e-12)
+    for name, p in ref["params"].items():
+        _close(rec["params"][name], p, tol=1e-12)
+    assert rec["best"] == pytest.approx(ref["best"], rel=1e-12)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("role", choices=["worker"])
+    ap.add_argument("--modes", required=True)
+    ap.add_argument("--out", required=True, type=Path)
+    a = ap.parse_args()
+    _worker(a.modes.split(","), a.out)

@@ -1,0 +1,281 @@
+"""Single-process tests of the training engine (train.py, checkpoint.py).
+
+The distributed ones (2 processes, gloo, torchrun) are in test_distributed.py and reuse the tiny
+problem defined here: a residual MLP "student" (in a ModuleList, so FSDP wraps each block) regressing
+a frozen linear "teacher", in float64 so trajectories compare to ~1e-12.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from hedgehog_attention import checkpoint as ckpt
+from hedgehog_attention.train import GlobalBatchSampler, LRSchedule, TrainConfig, Trainer, TrainerCallback
+
+D = 6
+
+
+class Points(Dataset):
+    def __init__(self, n: int, seed: int = 1) -> None:
+        self.x = torch.randn(n, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.x[i]
+
+
+class TinyNet(nn.Module):
+    def __init__(self, dropout: float = 0.0, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.teacher = nn.Linear(D, D).double()
+        self.blocks = nn.ModuleList([nn.Linear(D, D).double() for _ in range(2)])
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5)
+        self.teacher.requires_grad_(False)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for b in self.blocks:  # (B, D)
+            h = h + self.drop(torch.tanh(b(h)))
+        with torch.no_grad():
+            t = self.teacher(x)
+        return ((h - t) ** 2).mean()
+
+
+def loss_fn(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    return model(batch)
+
+
+def make_config(**kw) -> TrainConfig:
+    base = dict(max_steps=10, lr=1e-1, micro_batch_size=4, log_every=1, eval_every=5, progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def run(cfg: TrainConfig, *, dropout: float = 0.0, callbacks=(), n_train: int = 40, eval_data=True):
+    model = TinyNet(dropout=dropout)
+    trainer = Trainer(model, loss_fn, Points(n_train), Points(10, seed=2) if eval_data else None, cfg,
+                      callbacks=callbacks)  # fmt: skip
+    return trainer.fit(), model
+
+
+def trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+class StopAt(TrainerCallback):
+    """Simulates a crash right after step k (after any checkpoint of that step)."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def on_step_end(self, trainer, step, loss):
+        if step == self.k:
+            raise KeyboardInterrupt(f"simulated kill at step {step}")
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def test_accumulation_equals_bigger_micro_batch():
+    a, _ = run(make_config(micro_batch_size=8, grad_accum_steps=1))
+    b, _ = run(make_config(micro_batch_size=4, grad_accum_steps=2))
+    c, _ = run(make_config(micro_batch_size=2, grad_accum_steps=4))
+    assert len(a.losses) == 10
+    torch.testing.assert_close(torch.tensor(b.losses), torch.tensor(a.losses), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.tensor(c.losses), torch.tensor(a.losses), rtol=1e-12, atol=1e-12)
+    evals = [r["eval_loss"] for r in a.history if r["eval_loss"] is not None]
+    assert evals[-1] < evals[0]  # it learns
+
+
+def test_frozen_params_untouched_and_not_in_optimizer():
+    model = TinyNet()
+    before = model.teacher.weight.detach().clone()
+    tr = Trainer(model, loss_fn, Points(40), None, make_config(max_steps=3))
+    opt_ids = {id(p) for g in tr.optimizer.param_groups for p in g["params"]}
+    assert id(model.teacher.weight) not in opt_ids and len(opt_ids) == 4
+    tr.fit()
+    torch.testing.assert_close(model.teacher.weight, before, rtol=0, atol=0)
+
+
+def test_params_subset_freezes_the_rest():
+    model = TinyNet()
+    tr = Trainer(model, loss_fn, Points(40), None, make_config(max_steps=2), params=model.blocks[0].parameters())
+    assert tr.trainable_names == ["blocks.0.weight", "blocks.0.bias"]
+    assert not model.blocks[1].weight.requires_grad
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2], ids=["nodrop", "dropout-rng"])
+def test_resume_after_kill_matches_uninterrupted(tmp_path: Path, dropout: float):
+    # 40 samples / global batch 8 = 5 steps per epoch, so the run crosses epochs; the kill at step 7
+    # falls mid-epoch, after the checkpoint of step 6.
+    full, m_full = run(make_config(max_steps=12, checkpoint_every=3, checkpoint_dir=str(tmp_path / "a"),
+                                   grad_accum_steps=2), dropout=dropout)  # fmt: skip
+    cfg = make_config(max_steps=12, checkpoint_every=3, checkpoint_dir=str(tmp_path / "b"), grad_accum_steps=2)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, dropout=dropout, callbacks=[StopAt(7)])
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "b")] == ["ckpt-00000003.pt", "ckpt-00000006.pt"]
+    torch.manual_seed(1234)  # a different global RNG before resuming must not matter
+    resumed, m_res = run(make_config(max_steps=12, checkpoint_every=3, checkpoint_dir=str(tmp_path / "b"),
+                                     grad_accum_steps=2, resume=True), dropout=dropout)  # fmt: skip
+    assert resumed.resumed_from == 6 and resumed.steps_done == 12
+    assert resumed.losses == full.losses  # bit-exact
+    for name, p in trainable(m_full).items():
+        torch.testing.assert_close(trainable(m_res)[name], p, rtol=0, atol=0)
+    assert [r["step"] for r in resumed.history] == [r["step"] for r in full.history]
+    assert resumed.best_eval_loss == full.best_eval_loss
+
+
+def test_resume_without_checkpoint_starts_fresh(tmp_path: Path):
+    res, _ = run(make_config(max_steps=2, checkpoint_dir=str(tmp_path), resume=True))
+    assert res.resumed_from is None and res.steps_done == 2
+
+
+def test_resume_of_finished_run_is_a_noop(tmp_path: Path):
+    cfg = make_config(max_steps=4, checkpoint_every=2, checkpoint_dir=str(tmp_path))
+    first, _ = run(cfg)
+    again, _ = run(make_config(max_steps=4, checkpoint_every=2, checkpoint_dir=str(tmp_path), resume=True))
+    assert again.resumed_from == 4 and again.losses == first.losses
+
+
+def test_corrupted_checkpoint_is_skipped_with_warning(tmp_path: Path):
+    d = tmp_path / "ck"
+    run(make_config(max_steps=6, checkpoint_every=2, checkpoint_dir=str(d), keep_last=3))
+    files = ckpt.list_checkpoints(d)
+    assert [p.name for p in files] == ["ckpt-00000002.pt", "ckpt-00000004.pt", "ckpt-00000006.pt"]
+    data = files[-1].read_bytes()
+    files[-1].write_bytes(data[: len(data) // 2])  # truncated
+    (d / ".ckpt-00000008.pt.999.tmp").write_bytes(b"partial write")  # a crash mid-save
+    with pytest.warns(RuntimeWarning, match=r"skipping corrupted or unreadable checkpoint .*ckpt-00000006\.pt"):
+        res, _ = run(make_config(max_steps=6, checkpoint_every=2, checkpoint_dir=str(d), resume=True))
+    assert res.resumed_from == 4 and res.steps_done == 6
+
+
+def test_checkpoint_is_weights_only_and_trainable_only(tmp_path: Path):
+    run(make_config(max_steps=2, checkpoint_every=2, checkpoint_dir=str(tmp_path)))
+    state = ckpt.load_checkpoint(tmp_path / "ckpt-00000002.pt")  # weights_only=True inside
+    assert set(state["model"]) == {"blocks.0.weight", "blocks.0.bias", "blocks.1.weight", "blocks.1.bias"}
+    assert state["meta"]["step"] == 2 and state["meta"]["config"]["max_steps"] == 2
+    assert (tmp_path / "ckpt-00000002.json").exists()
+    run(make_config(max_steps=2, checkpoint_every=2, checkpoint_dir=str(tmp_path / "f"), full_state_dict=True))
+    assert "teacher.weight" in ckpt.load_checkpoint(tmp_path / "f" / "ckpt-00000002.pt")["model"]
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path: Path):
+    target = tmp_path / "x.bin"
+    target.write_bytes(b"old")
+
+    def boom(f):
+        f.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.atomic_write_bytes(target, boom)
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["x.bin"]
+
+
+def test_nonfinite_loss_raises_with_step():
+    class NaNAt3(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(()))
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return self.w * x.sum() * (float("nan") if self.calls == 3 else 0.0)
+
+    model = NaNAt3()
+    tr = Trainer(model, loss_fn, Points(40), None, make_config(max_steps=5))
+    with pytest.raises(FloatingPointError, match="at step 3"):
+        tr.fit()
+    assert model.w.item() == 1.0  # NaN never reached the weights
+
+
+def test_early_stopping_and_best_eval():
+    # lr 0 is not allowed, so use a tiny lr: the eval loss barely moves, patience 1 stops at the 2nd eval
+    # whenever it does not improve; with a huge lr it diverges and stops early.
+    res, _ = run(make_config(max_steps=100, lr=5.0, max_grad_norm=None, eval_every=2, early_stopping_patience=2))
+    assert res.stopped_early and res.steps_done < 100
+    evals = [r["eval_loss"] for r in res.history if r["eval_loss"] is not None]
+    assert res.best_eval_loss == min(evals)
+
+
+def test_history_rows():
+    res, _ = run(make_config(max_steps=10, log_every=4, eval_every=5))
+    assert [r["step"] for r in res.history] == [4, 5, 8, 10]
+    assert [r["eval_loss"] is not None for r in res.history] == [False, True, False, True]
+    assert res.history[-1]["tokens"] == 10 * 4 * D  # B*T of the 2-D batch tensor, per step
+    assert all(set(r) >= {"step", "train_loss", "eval_loss", "lr", "tokens", "time"} for r in res.history)
+
+
+def test_lr_schedules():
+    cos = LRSchedule(make_config(max_steps=10, lr=1.0, scheduler="cosine", warmup_steps=2, min_lr_ratio=0.1))
+    assert cos.lr(0) == pytest.approx(0.5) and cos.lr(1) == pytest.approx(1.0)
+    assert cos.lr(2) == pytest.approx(1.0) and cos.lr(10) == pytest.approx(0.1)
+    assert cos.lr(6) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    pl = LRSchedule(make_config(lr=1.0, scheduler="plateau", plateau_patience=1, plateau_factor=0.5))
+    for v in (1.0, 0.5, 0.6, 0.6):
+        pl.observe(v)
+    assert pl.lr(5) == pytest.approx(0.5)
+    pl2 = LRSchedule(make_config(lr=1.0, scheduler="plateau"))
+    pl2.load_state_dict(pl.state_dict())
+    assert pl2.lr(5) == pl.lr(5)
+
+
+def test_sampler_split_is_independent_of_world_and_accum():
+    def step_samples(world, accum, micro, step):
+        out = []
+        for r in range(world):
+            s = GlobalBatchSampler(50, micro=micro, accum=accum, world=world, rank=r, seed=3, epoch=1)
+            mbs = list(s)
+            out += [i for mb in mbs[step * accum : (step + 1) * accum] for i in mb]
+        return sorted(out)
+
+    for step in range(3):
+        ref = step_samples(1, 1, 8, step)
+        assert step_samples(2, 1, 4, step) == ref and step_samples(2, 2, 2, step) == ref
+        assert step_samples(1, 4, 2, step) == ref
+    resumed = GlobalBatchSampler(50, micro=4, accum=2, world=1, rank=0, seed=3, epoch=1, start_step=2)
+    full = GlobalBatchSampler(50, micro=4, accum=2, world=1, rank=0, seed=3, epoch=1)
+    assert list(resumed) == list(full)[4:] and len(resumed) == 2 * (6 - 2)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        TrainConfig(max_steps=1, checkpoint_every=5)
+    with pytest.raises(ValueError, match="scheduler must be one of"):
+        TrainConfig(max_steps=1, scheduler="linear")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown keys"):
+        TrainConfig.from_dict({"max_steps": 1, "lr_rate": 1.0})
+    cfg = make_config()
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        Trainer(TinyNet(), loss_fn, Points(5), None, make_config(micro_batch_size=8))
+    with pytest.raises(RuntimeError, match="needs a process group"):
+        Trainer(TinyNet(), loss_fn, Points(40), None, make_config(strategy="ddp"))
+
+
+def test_bad_loss_return_type():
+    tr = Trainer(TinyNet(), lambda m, b: m(b).reshape(1), Points(40), None, make_config(max_steps=1))
+    with pytest.raises(TypeError, match="scalar tensor"):
+        tr.fit()
+
+
+def test_progress_bar_smoke():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res, _ = run(make_config(max_steps=2, progress=True))
+    assert res.steps_done == 2
