@@ -1,0 +1,461 @@
+"""``hedgehog linearize``: convert a real pretrained model to linear attention and report fidelity.
+
+Default (no arguments): all-MiniLM-L6-v2 on the offline public-domain corpus. For each method
+(Hedgehog distilled with Eq. 3, Hedgehog untrained = identity init, 1+ELU, T2R distilled with
+Eq. 3 = "T2R-HH") it swaps every attention layer, distills when the map has parameters, then
+measures per layer the softmax-vs-linear CE/KL, entropy, monotonicity, and the end-to-end
+agreement with the original on held-out text; writes report.{json,md,png} and the converted
+Hedgehog model into ``--output-dir`` (default ``runs/linearize-<model>``).
+
+    hedgehog linearize                                   # MiniLM, ~5 min on 2 CPU cores
+    hedgehog linearize --model smollm2 --steps 30        # SmolLM2-135M (GGUF, dequantized)
+    hedgehog linearize --model smollm2 --device cuda --dtype bf16 --steps 1000 --train-blocks 4096
+    hedgehog linearize --model path/to/hf-folder --text my_texts/ --finetune
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .base import linearize, linearized_modules, unlinearize
+from .config import DistillConfig, FinetuneConfig, LinearizeConfig
+from .data import make_batches, passages, text_blocks, tokenize_passages
+from .distill import TeacherCapture, capture_qkv, distill, evaluate_fidelity
+from .report import summarize_layers, write_report
+from .serialization import save_linearized
+
+log = logging.getLogger("hedgehog.linearize")
+
+DEFAULT_METHODS = ("hedgehog", "hedgehog-untrained", "elu", "t2r-hh")
+
+# Per-model defaults, measured to fit the budgets in the docstring (see docs/linearize.md).
+PRESETS: dict[str, dict[str, int]] = {
+    "encoder": dict(
+        seq_len=128,
+        train_blocks=96,
+        eval_blocks=8,
+        test_blocks=8,
+        test_items=128,
+        steps=150,
+        batch_size=4,
+        eval_every=25,
+    ),
+    "decoder": dict(
+        seq_len=128, train_blocks=32, eval_blocks=4, test_blocks=8, test_items=8, steps=30, batch_size=2, eval_every=10
+    ),
+}
+
+
+def _method(name: str) -> tuple[str, bool]:
+    """Method name -> (feature map, distilled?). ``X`` distills X when it has parameters;
+    ``X-untrained`` keeps its initialization; ``t2r-hh`` is T2R trained with Eq. 3."""
+    from ..feature_maps import available_feature_maps
+
+    base, untrained = (name[: -len("-untrained")], True) if name.endswith("-untrained") else (name, False)
+    base = {"t2r-hh": "t2r"}.get(base, base)
+    if base not in available_feature_maps():
+        raise SystemExit(
+            f"unknown method {name!r}: expected a feature map ({', '.join(available_feature_maps())}), "
+            "optionally with '-untrained', or 't2r-hh'"
+        )
+    return base, not untrained
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hedgehog linearize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model", default="minilm", help="minilm (default), smollm2, or a local HF model folder")
+    p.add_argument("--output-dir", default=None, help="default runs/linearize-<model>")
+    p.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help="comma-separated: hedgehog, hedgehog-untrained, elu, t2r-hh, or any feature map name",
+    )
+    p.add_argument(
+        "--text", nargs="*", default=None, help="text files/folders to use instead of the offline public-domain corpus"
+    )
+    p.add_argument("--hf-dataset", default=None, help="HF datasets name (needs a network), e.g. wikitext")
+    p.add_argument("--hf-config", default=None, help="HF datasets config, e.g. wikitext-103-raw-v1")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per distillation block")
+    p.add_argument("--train-blocks", type=int, default=None, help="distillation blocks (train documents)")
+    p.add_argument("--eval-blocks", type=int, default=None, help="early-stopping blocks (validation documents)")
+    p.add_argument("--test-blocks", type=int, default=None, help="attention-metric blocks (test documents)")
+    p.add_argument(
+        "--test-items",
+        type=int,
+        default=None,
+        help="end-to-end items from test documents: passages (encoder) or blocks (decoder)",
+    )
+    p.add_argument("--steps", "--max-steps", dest="steps", type=int, default=None, help="max distillation steps")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=1e-2, help="AdamW lr (App. C.2: 1e-2)")
+    p.add_argument("--eval-every", type=int, default=None)
+    p.add_argument("--patience", type=int, default=3, help="early stopping: evaluations without improvement")
+    p.add_argument("--output-mse", type=float, default=0.0, help="weight of the attention-output MSE term")
+    p.add_argument("--capture", choices=("cached", "online"), default="cached")
+    p.add_argument("--keep-softmax", default="", help="comma-separated layer indices left as softmax")
+    p.add_argument("--finetune", action="store_true", help="add a finetuning stage to the Hedgehog model")
+    p.add_argument("--finetune-method", choices=("lora", "full"), default="lora")
+    p.add_argument("--finetune-steps", type=int, default=100)
+    p.add_argument("--finetune-lr", type=float, default=None, help="default 1e-4 (lora) / 2e-5 (full)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-save", action="store_true", help="do not save the converted model")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+# ------------------------------------------------------------------------------------- loading
+def _load(model: str, device: str, dtype: torch.dtype) -> tuple[Any, Any, str]:
+    from .. import models_zoo
+
+    if model == "minilm":
+        m, tok = models_zoo.load_minilm(dtype=dtype, device=device)
+        return m, tok, "all-MiniLM-L6-v2"
+    if model == "smollm2":
+        m, tok = models_zoo.load_smollm2(dtype=dtype, device=device)
+        return m, tok, "SmolLM2-135M-Instruct"
+    path = Path(model)
+    if not path.is_dir():
+        raise SystemExit(f"--model {model!r}: expected minilm, smollm2 or a local HF model folder")
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    archs = json.loads((path / "config.json").read_text()).get("architectures") or []
+    cls = (
+        AutoModelForCausalLM
+        if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs)
+        else AutoModel
+    )
+    m, tok = models_zoo.load_local_hf_model(path, model_class=cls, dtype=dtype, device=device)
+    if tok is None:
+        raise SystemExit(f"{path} has no tokenizer files; the job needs one to read text")
+    return m.eval(), tok, path.name
+
+
+def _documents(args) -> tuple[dict[str, list], str]:
+    from ..tasks import corpora
+
+    if args.text:
+        docs, source = corpora.load_text_files(args.text), f"text files {args.text}"
+    elif args.hf_dataset:
+        docs = corpora.load_hf_dataset(args.hf_dataset, config=args.hf_config, split="train")
+        source = f"HF dataset {args.hf_dataset}"
+    else:
+        docs, source = corpora.load_public_domain_corpus(), "offline public-domain corpus (Austen, KJV, Moby Dick)"
+    split = corpora.split_documents(docs)
+    if len(docs) < 3 or not all(split.values()):
+        # Too few documents for a document-level split: cut each document into thirds by position.
+        split = {"train": [], "validation": [], "test": []}
+        for d in docs:
+            n = len(d.text)
+            split["train"].append(corpora.Document(d.name + "#train", d.text[: int(n * 0.8)]))
+            split["validation"].append(corpora.Document(d.name + "#val", d.text[int(n * 0.8) : int(n * 0.9)]))
+            split["test"].append(corpora.Document(d.name + "#test", d.text[int(n * 0.9) :]))
+        source += " (split by position within documents: too few documents)"
+    return split, source
+
+
+# ------------------------------------------------------------------------------------- end to end
+def _mean_pool(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.to(h.dtype).unsqueeze(-1)
+    e = (h * m).sum(1) / m.sum(1).clamp_min(1)
+    return torch.nn.functional.normalize(e.float(), dim=-1)
+
+
+@torch.no_grad()
+def end_to_end(model, batches, decoder: bool) -> dict[str, float]:
+    """Agreement of the converted model with its original on held-out batches (same forward pass
+    count for both: the original is the teacher inside each converted layer)."""
+    dev = next(model.parameters()).device
+    if not decoder:
+        cos = []
+        for b in batches:
+            b = {k: v.to(dev) for k, v in b.items()}
+            with TeacherCapture(model):
+                ref = _mean_pool(model(**b).last_hidden_state, b["attention_mask"])
+            got = _mean_pool(model(**b).last_hidden_state, b["attention_mask"])
+            cos.append((ref * got).sum(-1).cpu())
+        c = torch.cat(cos)
+        return {
+            "embedding_cosine_mean": float(c.mean()),
+            "embedding_cosine_min": float(c.min()),
+            "embedding_cosine_p10": float(c.quantile(0.1)),
+        }
+    agree = kl = nll_ref = nll_got = 0.0
+    n = 0
+    for b in batches:
+        b = {k: v.to(dev) for k, v in b.items() if k != "labels"}
+        with TeacherCapture(model):
+            ref = model(**b, use_cache=False).logits[:, :-1].float().log_softmax(-1)
+        got = model(**b, use_cache=False).logits[:, :-1].float().log_softmax(-1)
+        tgt = b["input_ids"][:, 1:]
+        agree += float((ref.argmax(-1) == got.argmax(-1)).float().sum())
+        kl += float((ref.exp() * (ref - got)).sum(-1).sum())
+        nll_ref += float(-ref.gather(-1, tgt[..., None]).sum())
+        nll_got += float(-got.gather(-1, tgt[..., None]).sum())
+        n += tgt.numel()
+    return {
+        "next_token_agreement": agree / n,
+        "logits_kl": kl / n,
+        "ppl_original": math.exp(nll_ref / n),
+        "ppl_converted": math.exp(nll_got / n),
+    }
+
+
+# ------------------------------------------------------------------------------------- main
+def run(args) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    specs = {m: _method(m) for m in methods}
+    model_key = Path(args.model).name if Path(args.model).is_dir() else args.model
+    out_dir = Path(args.output_dir or f"runs/linearize-{model_key}")
+    progress = not args.quiet
+
+    print(f"[linearize] loading {args.model} ...", flush=True)
+    model, tok, display = _load(args.model, args.device, dtype)
+    decoder = hasattr(model, "generate")  # *ForCausalLM / *LMHeadModel; encoders have no generate()
+    preset = dict(PRESETS["decoder" if decoder else "encoder"])
+    for k in preset:
+        if getattr(args, k, None) is not None:
+            preset[k] = getattr(args, k)
+    if getattr(tok, "pad_token_id", None) is None:
+        tok.pad_token = tok.eos_token
+
+    print("[linearize] reading text ...", flush=True)
+    split, source = _documents(args)
+    seq = preset["seq_len"]
+    train = text_blocks(split["train"], tok, seq, preset["train_blocks"], seed=args.seed)
+    val = text_blocks(split["validation"], tok, seq, preset["eval_blocks"], seed=args.seed + 1)
+    test = text_blocks(split["test"], tok, seq, preset["test_blocks"], seed=args.seed + 2)
+    bs = preset["batch_size"]
+    train_b, val_b, test_b = make_batches(train, bs), make_batches(val, bs), make_batches(test, bs)
+    if decoder:
+        e2e_b = make_batches(text_blocks(split["test"], tok, seq, preset["test_items"], seed=args.seed + 3), bs)
+        n_items = sum(len(b["input_ids"]) for b in e2e_b)
+    else:
+        texts = passages(split["test"], preset["test_items"], seed=args.seed)
+        e2e_b = tokenize_passages(texts, tok, batch_size=16, max_length=seq)
+        n_items = len(texts)
+
+    keep = [int(x) for x in args.keep_softmax.split(",") if x.strip()]
+    dcfg = DistillConfig(
+        steps=preset["steps"],
+        lr=args.lr,
+        batch_size=bs,
+        eval_every=preset["eval_every"],
+        patience=args.patience,
+        output_mse_weight=args.output_mse,
+        capture=args.capture,
+        seed=args.seed,
+    )
+    report: dict[str, Any] = {
+        "schema": "hedgehog-linearize-report/1",
+        "model": display,
+        "model_arg": args.model,
+        "device": args.device,
+        "dtype": args.dtype,
+        "threads": torch.get_num_threads(),
+        "seed": args.seed,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "data": {
+            "source": source,
+            "seq_len": seq,
+            "train_blocks": len(train),
+            "eval_blocks": len(val),
+            "test_blocks": len(test),
+            "test_items": n_items,
+            "documents": {k: len(v) for k, v in split.items()},
+        },
+        "distill_config": dict(dcfg.__dict__),
+        "primary_end_to_end": "next_token_agreement" if decoder else "embedding_cosine_mean",
+        "methods": {},
+    }
+    records: dict[str, Any] = {}
+    for name in methods:
+        fmap, distilled = specs[name]
+        t0 = time.perf_counter()
+        print(
+            f"[linearize] method {name}: feature map {fmap}{' + Eq. 3 distillation' if distilled else ''}", flush=True
+        )
+        conv = linearize(model, LinearizeConfig(feature_map=fmap, keep_softmax_layers=keep))
+        if not records:
+            report.update(architecture=conv.architecture, num_layers=len(conv.converted) + len(conv.kept_softmax))
+            first = linearized_modules(model)[0][1].attn
+            report.update(
+                num_heads=first.num_heads,
+                num_kv_heads=first.num_kv_heads,
+                head_dim=first.head_dim,
+                converted=conv.converted,
+                kept_softmax=conv.kept_softmax,
+            )
+            print("[linearize] capturing teacher q, k ...", flush=True)
+            rv = args.output_mse > 0
+            if args.capture == "cached":
+                records["train"] = capture_qkv(model, train_b, record_v=rv)
+                records["eval"] = capture_qkv(model, val_b, record_v=rv)
+            records["test"] = capture_qkv(model, test_b)
+        res = None
+        if distilled and any(p.requires_grad for _, m in linearized_modules(model) for p in m.attn.parameters()):
+            res = distill(
+                model,
+                train_b,
+                val_b,
+                dcfg,
+                progress=progress,
+                desc=f"distill {name}",
+                train_records=records.get("train"),
+                eval_records=records.get("eval"),
+            )
+        fid = evaluate_fidelity(model, test_b, records=records["test"])
+        layers = [{"layer": i, "name": n, **fid[n]} for i, n in enumerate(conv.converted)]
+        e2e = end_to_end(model, e2e_b, decoder)
+        entry = {
+            "feature_map": fmap,
+            "distilled": res is not None,
+            "trainable_parameters": conv.trainable_parameters,
+            "distill": None
+            if res is None
+            else {
+                "steps_run": res.steps_run,
+                "best_step": res.best_step,
+                "best_eval_loss": res.best_eval_loss,
+                "stopped_early": res.stopped_early,
+                "seconds": res.seconds,
+                "eval_steps": res.eval_steps,
+                "eval_loss": res.eval_loss,
+            },
+            "layers": layers,
+            "mean": summarize_layers(layers),
+            "end_to_end": e2e,
+            "seconds": time.perf_counter() - t0,
+        }
+        report["methods"][name] = entry
+        m = entry["mean"]
+        print(
+            f"[linearize]   CE {m['ce']:.4f}  KL {m['kl']:.4f}  entropy {m['entropy_linear']:.3f} "
+            f"(softmax {m['entropy_softmax']:.3f})  monotonicity {m['monotonicity_linear']:.3f}  "
+            + "  ".join(f"{k} {v:.4f}" for k, v in e2e.items())
+            + f"  [{entry['seconds']:.0f} s]",
+            flush=True,
+        )
+        if name == methods[0] or name == "hedgehog":
+            if args.finetune:
+                model = _finetune(model, tok, args, report, decoder, split, train, test, seq)
+            if not args.no_save and name == "hedgehog":
+                path = save_linearized(model, out_dir / "model", tokenizer=tok)
+                report["saved_model"] = str(path)
+        unlinearize(model)
+    report["runtime_seconds"] = time.perf_counter() - t_start
+    paths = write_report(report, out_dir)
+    print(f"[linearize] report: {paths['md']}  {paths['json']}  {paths['png']}", flush=True)
+    return report
+
+
+def _finetune(model, tok, args, report, decoder, split, train, test, seq):
+    lr = args.finetune_lr or (1e-4 if args.finetune_method == "lora" else 2e-5)
+    print(f"[linearize] finetuning ({args.finetune_method}, {args.finetune_steps} steps) ...", flush=True)
+    from .finetune import finetune
+
+    if decoder:
+        cfg = FinetuneConfig(
+            method=args.finetune_method, task="lm", steps=args.finetune_steps, lr=lr, batch_size=2, seed=args.seed
+        )
+        model, res = finetune(
+            model, make_batches(train, 2, labels=True), make_batches(test, 2, labels=True), cfg, progress=not args.quiet
+        )
+        report["finetune"] = {"task": "next-token on train blocks; eval on test blocks", **res.to_dict()}
+        report["finetune"]["eval_ppl_before"] = math.exp(res.eval_loss_before)
+        report["finetune"]["eval_ppl_after"] = math.exp(res.eval_loss_after)
+        return model
+    report["finetune"] = finetune_classification(model, tok, args, lr, seq)
+    return model
+
+
+def finetune_classification(encoder, tok, args, lr, seq) -> dict[str, Any]:
+    """Fine-food sentiment (offline): a classification head on the converted encoder, finetuned
+    with the task loss, next to the softmax original finetuned with the same budget."""
+    import copy
+
+    from transformers import AutoModelForSequenceClassification
+
+    from ..tasks.corpora import load_fine_food
+    from .finetune import finetune
+
+    train_rows, test_rows = load_fine_food()
+
+    def batches(rows, n):
+        out = []
+        for i in range(0, min(len(rows), n), 16):
+            chunk = rows[i : i + 16]
+            enc = tok([r[0] for r in chunk], padding=True, truncation=True, max_length=seq, return_tensors="pt")
+            out.append(
+                {
+                    "input_ids": enc["input_ids"],
+                    "attention_mask": enc["attention_mask"],
+                    "token_type_ids": torch.zeros_like(enc["input_ids"]),
+                    "labels": torch.tensor([int(r[1]) for r in chunk]),
+                }
+            )
+        return out
+
+    train_b = batches(train_rows, 16 * args.finetune_steps)
+    test_b = batches(test_rows, 1000)
+    results = {"task": "fine-food sentiment (r-cran-modeldata), 2 classes", "test_examples": min(len(test_rows), 1000)}
+    for which in ("hedgehog", "softmax"):
+        cls = AutoModelForSequenceClassification.from_config(encoder.config, num_labels=2)
+        base = copy.deepcopy(encoder)
+        if which == "softmax":
+            unlinearize(base)
+        cls.bert = base
+        cls.to(next(encoder.parameters()).device)
+        cfg = FinetuneConfig(
+            method=args.finetune_method,
+            task="classification",
+            steps=args.finetune_steps,
+            lr=lr,
+            batch_size=16,
+            seed=args.seed,
+        )
+        _, res = finetune(cls, train_b, test_b, cfg, progress=not args.quiet)
+        results[which] = {
+            "accuracy_before": res.eval_accuracy_before,
+            "accuracy_after": res.eval_accuracy_after,
+            "loss_after": res.eval_loss_after,
+            "seconds": res.seconds,
+            "trainable_parameters": res.trainable_parameters,
+        }
+        print(f"[linearize]   {which}: test accuracy {res.eval_accuracy_after:.4f}", flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        run(args)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"hedgehog linearize: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

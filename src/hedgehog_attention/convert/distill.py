@@ -1,0 +1,392 @@
+"""Attention transfer for converted models: teacher capture, all-layer Eq. 3 training, fidelity.
+
+The teacher is the frozen original inside each converted layer. :class:`TeacherCapture` is the one
+explicit way to reach it: inside ``with TeacherCapture(model, ...)`` every converted layer
+
+1. computes its ``q, k`` (after RoPE for Llama) and ``v`` with the original projections,
+2. hands them to the collector (which records them and/or computes the layer's Eq. 3 loss), and
+3. returns the ORIGINAL softmax output, so the residual stream, and hence every later layer's
+   input, equals the original model's (LoLCATs' layer-local training on teacher hidden states).
+
+Outside the block the layers run linear attention. No flags are flipped from anywhere else.
+
+Two training modes (:class:`~hedgehog_attention.convert.config.DistillConfig.capture`):
+``cached`` records every layer's ``q, k`` on the training text once and then trains the maps on
+those tensors (no model forward per step: the fast path on CPUs); ``online`` runs the frozen
+model in capture mode every step and backpropagates the per-layer losses (bounded memory).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..distill import attention_distillation_loss, attention_output_mse
+from ..metrics import attention_fidelity
+from ..ops import softmax_attention_reference
+from .base import LinearizedAttention, feature_map_parameters, linearized_modules
+from .config import DistillConfig
+
+__all__ = [
+    "DistillResult",
+    "TeacherCapture",
+    "capture_qkv",
+    "distill",
+    "layer_losses",
+    "evaluate_fidelity",
+]
+
+log = logging.getLogger(__name__)
+
+Batch = Mapping[str, torch.Tensor]
+
+
+@dataclass
+class LayerRecord:
+    """One layer's captured tensors for one batch: ``q [B,T,H,D]``, ``k``/``v [B,T,Hk,D]``, mask ``[B,T]``."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor | None
+    mask: torch.Tensor | None
+
+
+class TeacherCapture:
+    """Run a converted model as its original (softmax) self, observing each converted layer.
+
+    Args:
+        model: a model with :class:`LinearizedAttention` layers.
+        record: keep each layer's ``q, k`` (and ``v`` when ``record_v``) per forward in
+            ``self.records[name]`` (detached, on ``record_device`` if given).
+        compute_loss: compute each layer's Eq. 3 loss (with gradients into its feature maps) into
+            ``self.losses[name]``; ``output_mse_weight > 0`` adds LoLCATs' output MSE.
+        query_chunk_size: queries per chunk of the Eq. 3 loss.
+
+    With neither ``record`` nor ``compute_loss`` it is simply "teacher mode": the model's outputs
+    are the original model's.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        record: bool = False,
+        record_v: bool = False,
+        record_device: torch.device | str | None = None,
+        compute_loss: bool = False,
+        output_mse_weight: float = 0.0,
+        query_chunk_size: int = 256,
+    ) -> None:
+        self.layers = linearized_modules(model)
+        if not self.layers:
+            raise ValueError("TeacherCapture needs a linearized model (no LinearizedAttention layer found)")
+        self.record, self.record_v, self.record_device = record, record_v, record_device
+        self.compute_loss, self.output_mse_weight = compute_loss, output_mse_weight
+        self.query_chunk_size = query_chunk_size
+        self.records: dict[str, list[LayerRecord]] = {n: [] for n, _ in self.layers}
+        self.losses: dict[str, torch.Tensor] = {}
+
+    def __enter__(self) -> TeacherCapture:
+        busy = [n for n, m in self.layers if m._collector is not None]
+        if busy:
+            raise RuntimeError(f"layers {busy} are already being captured (nested TeacherCapture)")
+        for _, m in self.layers:
+            m._collector = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for _, m in self.layers:
+            m._collector = None
+
+    def observe(
+        self,
+        layer: LinearizedAttention,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> None:
+        q, k, v = q.detach(), k.detach(), v.detach()
+        if self.record:
+            dev = self.record_device
+            self.records[layer.name].append(
+                LayerRecord(
+                    q.to(dev) if dev else q,
+                    k.to(dev) if dev else k,
+                    (v.to(dev) if dev else v) if self.record_v else None,
+                    None if mask is None else (mask.to(dev) if dev else mask),
+                )
+            )
+        if self.compute_loss:
+            with torch.enable_grad():
+                self.losses[layer.name] = layer_losses(
+                    layer, q, k, v, mask, self.output_mse_weight, self.query_chunk_size
+                )
+
+
+def layer_losses(
+    layer: LinearizedAttention,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    output_mse_weight: float = 0.0,
+    query_chunk_size: int = 256,
+) -> torch.Tensor:
+    """Eq. 3 of one layer (plus ``output_mse_weight`` x output MSE when ``v`` is given)."""
+    fq, fk = layer.attn.features(q, k)
+    loss = attention_distillation_loss(
+        q, k, fq, fk, causal=layer.causal, attention_mask=mask, scale=layer.scale, query_chunk_size=query_chunk_size
+    )
+    if output_mse_weight > 0:
+        if v is None:
+            raise ValueError("output_mse_weight > 0 needs the values v (capture with record_v=True)")
+        o_s = layer.attn(q, k, v, attention_mask=mask).o
+        o_t = softmax_attention_reference(q, k, v, causal=layer.causal, attention_mask=mask, scale=layer.scale)
+        loss = loss + output_mse_weight * attention_output_mse(o_s, o_t, mask)
+    return loss
+
+
+def _to(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: (t.to(device) if isinstance(t, torch.Tensor) else t) for k, t in batch.items()}
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _forward(model: nn.Module, batch: Batch):
+    """``model(**batch)`` without labels and without a KV cache (nothing here decodes)."""
+    kwargs = _to({k: t for k, t in batch.items() if k != "labels"}, _device(model))
+    if "use_cache" in inspect.signature(model.forward).parameters:
+        kwargs["use_cache"] = False
+    return model(**kwargs)
+
+
+@torch.no_grad()
+def capture_qkv(
+    model: nn.Module, batches: Iterable[Batch], *, record_v: bool = False, device: torch.device | str | None = None
+) -> dict[str, list[LayerRecord]]:
+    """Every converted layer's teacher ``q, k`` (and ``v``) on ``batches``: ``{name: [record per batch]}``."""
+    with TeacherCapture(model, record=True, record_v=record_v, record_device=device) as cap:
+        for batch in batches:
+            _forward(model, batch)
+    return cap.records
+
+
+@dataclass
+class DistillResult:
+    """History of one distillation run. Losses are the sum over layers of the per-layer Eq. 3."""
+
+    steps: list[int] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    eval_steps: list[int] = field(default_factory=list)
+    eval_loss: list[float] = field(default_factory=list)
+    best_step: int = 0
+    best_eval_loss: float = math.nan
+    steps_run: int = 0
+    stopped_early: bool = False
+    seconds: float = 0.0
+    eval_loss_per_layer: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _eval_cached(layers, cache: dict[str, list[LayerRecord]], cfg: DistillConfig) -> dict[str, float]:
+    out = {}
+    with torch.no_grad():
+        for name, layer in layers:
+            recs = cache[name]
+            out[name] = sum(
+                layer_losses(layer, r.q, r.k, r.v, r.mask, cfg.output_mse_weight, cfg.query_chunk_size).item()
+                for r in recs
+            ) / max(len(recs), 1)
+    return out
+
+
+def _eval_online(model, layers, batches: Sequence[Batch], cfg: DistillConfig) -> dict[str, float]:
+    sums = {n: 0.0 for n, _ in layers}
+    with torch.no_grad():
+        for batch in batches:
+            with TeacherCapture(
+                model, compute_loss=True, output_mse_weight=cfg.output_mse_weight, query_chunk_size=cfg.query_chunk_size
+            ) as cap:
+                _forward(model, batch)
+            for n in sums:
+                sums[n] += cap.losses[n].item()
+    return {n: s / max(len(batches), 1) for n, s in sums.items()}
+
+
+def distill(
+    model: nn.Module,
+    train_batches: Sequence[Batch],
+    eval_batches: Sequence[Batch] | None = None,
+    config: DistillConfig | None = None,
+    *,
+    progress: bool = True,
+    desc: str = "distill",
+    train_records: dict[str, list[LayerRecord]] | None = None,
+    eval_records: dict[str, list[LayerRecord]] | None = None,
+) -> DistillResult:
+    """Train every converted layer's feature maps at once with Eq. 3 (App. C.2 defaults).
+
+    Only the feature maps train (everything else is frozen for the duration and restored after).
+    The loss of a step is the sum over layers of each layer's Eq. 3 on that batch. Every
+    ``eval_every`` steps the held-out loss is measured; the maps with the best held-out loss are
+    kept, and training stops after ``patience`` evaluations without improvement. A map without
+    parameters (``elu``) is only evaluated.
+
+    Args:
+        model: a linearized model.
+        train_batches: dicts for ``model(**batch)`` (``input_ids``, ``attention_mask``, ...).
+        eval_batches: held-out batches (different documents) for early stopping; None disables it.
+        config: :class:`DistillConfig`.
+        train_records / eval_records: ``capture="cached"`` only: teacher tensors already captured
+            with :func:`capture_qkv` on the same batches (they do not depend on the feature map, so
+            several conversions of one model can share them).
+    """
+    from tqdm.auto import tqdm
+
+    cfg = config or DistillConfig()
+    layers = linearized_modules(model)
+    if not layers:
+        raise ValueError("distill needs a linearized model; call linearize(model) first")
+    train_batches = list(train_batches)
+    eval_batches = list(eval_batches or [])
+    if not train_batches:
+        raise ValueError("train_batches is empty")
+    params = [p for p in feature_map_parameters(model) if p.is_floating_point()]
+    frozen = {id(p): p.requires_grad for p in model.parameters()}
+    map_ids = {id(p) for p in params}
+    result = DistillResult()
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()  # dropout off: the teacher must be deterministic
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in map_ids)
+        cached = cfg.capture == "cached"
+        if cached:
+            rv = cfg.output_mse_weight > 0
+            train_cache = train_records or capture_qkv(model, train_batches, record_v=rv)
+            eval_cache = (eval_records or capture_qkv(model, eval_batches, record_v=rv)) if eval_batches else None
+
+        def evaluate() -> dict[str, float] | None:
+            if not eval_batches:
+                return None
+            return _eval_cached(layers, eval_cache, cfg) if cached else _eval_online(model, layers, eval_batches, cfg)
+
+        trainable = [p for p in params if p.requires_grad]
+        if cfg.steps == 0 or not trainable:
+            per_layer = evaluate()
+            if per_layer is not None:
+                result.eval_loss_per_layer = per_layer
+                result.best_eval_loss = sum(per_layer.values())
+            result.seconds = time.perf_counter() - t0
+            return result
+        opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        order: list[int] = []
+        best_state, bad_evals = None, 0
+        bar = tqdm(total=cfg.steps, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+        for step in range(1, cfg.steps + 1):
+            if not order:
+                order = torch.randperm(len(train_batches), generator=gen).tolist()
+            i = order.pop()
+            if cached:
+                loss = sum(
+                    layer_losses(layer, r.q, r.k, r.v, r.mask, cfg.output_mse_weight, cfg.query_chunk_size)
+                    for name, layer in layers
+                    for r in (train_cache[name][i],)
+                )
+            else:
+                with (
+                    TeacherCapture(
+                        model,
+                        compute_loss=True,
+                        output_mse_weight=cfg.output_mse_weight,
+                        query_chunk_size=cfg.query_chunk_size,
+                    ) as cap,
+                    torch.no_grad(),
+                ):
+                    _forward(model, train_batches[i])
+                loss = sum(cap.losses.values())
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"distillation loss became {loss.item()} at step {step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            result.steps.append(step)
+            result.train_loss.append(loss.item())
+            result.steps_run = step
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if eval_batches and (step % cfg.eval_every == 0 or step == cfg.steps):
+                per_layer = evaluate()
+                ev = sum(per_layer.values())
+                result.eval_steps.append(step)
+                result.eval_loss.append(ev)
+                if math.isnan(result.best_eval_loss) or ev < result.best_eval_loss - cfg.min_delta:
+                    result.best_eval_loss, result.best_step = ev, step
+                    result.eval_loss_per_layer = per_layer
+                    best_state = [p.detach().clone() for p in trainable]
+                    bad_evals = 0
+                else:
+                    bad_evals += 1
+                    if cfg.patience and bad_evals >= cfg.patience:
+                        result.stopped_early = True
+                        break
+        bar.close()
+        if best_state is not None:
+            with torch.no_grad():
+                for p, b in zip(trainable, best_state):
+                    p.copy_(b)
+        elif eval_batches:
+            result.eval_loss_per_layer = evaluate()
+            result.best_eval_loss = sum(result.eval_loss_per_layer.values())
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(frozen.get(id(p), True))
+        model.train(was_training)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+@torch.no_grad()
+def evaluate_fidelity(
+    model: nn.Module, batches: Iterable[Batch], *, records: dict[str, list[LayerRecord]] | None = None
+) -> dict[str, dict[str, float]]:
+    """Per converted layer, the head- and batch-averaged diagnostics of
+    :func:`hedgehog_attention.metrics.attention_fidelity` on ``batches``: ``ce`` (Eq. 3), ``kl``,
+    ``entropy_softmax``, ``entropy_linear``, ``monotonicity_softmax``, ``monotonicity_linear``.
+    Pass ``records`` (from :func:`capture_qkv`) to reuse captured ``q, k``."""
+    layers = linearized_modules(model)
+    if records is None:
+        records = capture_qkv(model, batches)
+    out: dict[str, dict[str, float]] = {}
+    for name, layer in layers:
+        acc: dict[str, float] = {}
+        recs = records[name]
+        for r in recs:
+            fq, fk = layer.attn.features(r.q, r.k)
+            fid = attention_fidelity(r.q, r.k, fq, fk, causal=layer.causal, attention_mask=r.mask, scale=layer.scale)
+            for key, val in fid.items():
+                if key == "uniform_entropy":
+                    continue
+                acc[key] = acc.get(key, 0.0) + float(val.mean())
+        out[name] = {k: v / max(len(recs), 1) for k, v in acc.items()}
+    return out
+
+
+def copy_maps(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """A detached copy of every converted layer's feature-map state (to compare or restore)."""
+    return {n: copy.deepcopy(m.attn.state_dict()) for n, m in linearized_modules(model)}

@@ -1,0 +1,148 @@
+"""Save and load converted models: safetensors weights + HF config + conversion config.
+
+Folder layout (written to a temporary sibling folder, then renamed into place, so a failure never
+leaves a half-written checkpoint)::
+
+    config.json            the HF model config (quantization_config dropped: weights are dense)
+    hedgehog.json          format, model class, LinearizeConfig, converted module names, sha256
+    model.safetensors      every tensor of the converted model (originals + feature maps)
+    tokenizer files        when a tokenizer is passed
+
+:func:`load_linearized` rebuilds the architecture from ``config.json``, applies the same swap to
+the same modules and loads the tensors strictly, so outputs are identical to the saved model's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import linearize, linearized_modules
+from .config import LinearizeConfig
+
+__all__ = ["CheckpointError", "load_linearized", "save_linearized"]
+
+FORMAT = "hedgehog-linearized/1"
+WEIGHTS = "model.safetensors"
+META = "hedgehog.json"
+
+
+class CheckpointError(ValueError):
+    """A converted-model folder is missing files, has the wrong format, or is corrupted."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_linearized(model: nn.Module, directory: str | Path, tokenizer: Any = None) -> Path:
+    """Write a linearized model to ``directory`` (replaced atomically if it exists); returns the path."""
+    from safetensors.torch import save_model
+
+    layers = linearized_modules(model)
+    conv = getattr(model, "hedgehog_conversion", None)
+    if not layers or conv is None or conv.config is None:
+        raise ValueError("save_linearized needs a model converted with linearize() (no converted layer found)")
+    if not hasattr(model, "config") or not hasattr(model.config, "to_dict"):
+        raise TypeError(f"expected a transformers PreTrainedModel, got {type(model).__name__}")
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        cfg = model.config.to_dict()
+        cfg.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
+        # save_model drops the duplicates of tied tensors (e.g. lm_head = embed_tokens) and
+        # load_model re-ties them.
+        save_model(model, str(tmp / WEIGHTS))
+        lin_cfg = conv.config.to_dict()
+        lin_cfg["targets"] = list(conv.converted) + list(conv.kept_softmax)
+        lin_cfg["keep_softmax_layers"] = [len(conv.converted) + i for i in range(len(conv.kept_softmax))]
+        meta = {
+            "format": FORMAT,
+            "model_class": type(model).__name__,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "architecture": conv.architecture,
+            "linearize": lin_cfg,
+            "converted": list(conv.converted),
+            "kept_softmax": list(conv.kept_softmax),
+            "sha256": {WEIGHTS: _sha256(tmp / WEIGHTS)},
+        }
+        (tmp / META).write_text(json.dumps(meta, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def load_linearized(
+    directory: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    verify: bool = True,
+) -> nn.Module:
+    """Rebuild a model saved by :func:`save_linearized` (in eval mode).
+
+    Raises :class:`CheckpointError` when files are missing, the format is unknown, the weights'
+    checksum does not match (``verify=True``) or the tensors do not fit the rebuilt model.
+    """
+    import transformers
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    directory = Path(directory)
+    for name in ("config.json", META, WEIGHTS):
+        if not (directory / name).is_file():
+            raise CheckpointError(f"{directory} is not a converted-model folder: {name} is missing")
+    try:
+        meta = json.loads((directory / META).read_text())
+        cfg_dict = json.loads((directory / "config.json").read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"corrupted checkpoint {directory}: unreadable JSON ({err})") from err
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{directory / META}: expected format {FORMAT!r}, got {meta.get('format')!r}")
+    if verify:
+        got = _sha256(directory / WEIGHTS)
+        if got != meta["sha256"][WEIGHTS]:
+            raise CheckpointError(
+                f"corrupted checkpoint {directory}: {WEIGHTS} sha256 {got[:12]}... does not match the "
+                f"recorded {meta['sha256'][WEIGHTS][:12]}... (truncated or modified file)"
+            )
+    cls = getattr(transformers, meta["model_class"], None)
+    if cls is None:
+        raise CheckpointError(f"unknown model class {meta['model_class']!r} in {directory / META}")
+    config = transformers.AutoConfig.for_model(**cfg_dict)
+    attn_impl = cfg_dict.get("_attn_implementation") or "eager"
+    model = cls._from_config(config, attn_implementation=attn_impl)
+    saved_dtype = getattr(torch, meta.get("dtype", "float32"))
+    model.to(dtype=saved_dtype)
+    linearize(model, LinearizeConfig.from_dict(meta["linearize"]))
+    try:
+        missing, unexpected = load_model(model, str(directory / WEIGHTS), strict=True)
+    except (SafetensorError, RuntimeError, OSError) as err:
+        raise CheckpointError(f"corrupted or incompatible checkpoint {directory}: {err}") from err
+    if dtype is not None:
+        model.to(dtype=dtype)
+    return model.to(device).eval()
