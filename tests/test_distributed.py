@@ -3,7 +3,8 @@
 This file is also the worker script: ``torchrun ... tests/test_distributed.py worker --modes ...``.
 Two launches serve every test (process start-up dominates the cost):
 
-1. ``ddp,fsdp,kill``: an uninterrupted DDP run, the same with FSDP2, then a DDP run with checkpoints
+1. ``ddp,fsdp,ddp-accum,fsdp-accum,kill``: uninterrupted DDP and FSDP2 runs (micro-batch 4, and
+   micro-batch 2 x accumulation 2: global batch 8 each time), then a DDP run with checkpoints
    that rank 0 hard-kills (``os._exit``) right after step 5 -- torchrun tears the other rank down.
 2. ``resume``: the killed run resumed from its newest checkpoint (step 4).
 
@@ -37,7 +38,7 @@ def _free_port() -> int:
 def _cfg(**kw):
     from test_train import make_config
 
-    return make_config(max_steps=STEPS, micro_batch_size=4, **kw)
+    return make_config(**{"max_steps": STEPS, "micro_batch_size": 4, **kw})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -63,6 +64,8 @@ def _worker(modes: list[str], out_dir: Path) -> None:
         ckdir = str(out_dir / "ckpt")
         if mode in ("ddp", "fsdp"):
             cfg = _cfg(strategy=mode)
+        elif mode.endswith("-accum"):  # 2 processes x accumulation 2 x micro-batch 2: global batch 8 too
+            cfg = _cfg(strategy=mode.split("-")[0], micro_batch_size=2, grad_accum_steps=2)
         else:  # kill / resume
             cfg = _cfg(strategy="ddp", checkpoint_every=CKPT_EVERY, checkpoint_dir=ckdir, resume=mode == "resume")
         model = TinyNet()
@@ -100,13 +103,15 @@ def _launch(modes: str, out_dir: Path, timeout: float = 60) -> subprocess.Comple
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("dist")
-    first = _launch("ddp,fsdp,kill", out)
+    first = _launch("ddp,fsdp,ddp-accum,fsdp-accum,kill", out)
     assert first.returncode != 0, "the kill run should have made torchrun fail"
     assert (out / "ddp.json").exists() and (out / "fsdp.json").exists(), first.stdout + first.stderr
     assert not (out / "kill.json").exists(), "the killed run finished?"
     second = _launch("resume", out)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-5000:]
-    recs = {m: json.loads((out / f"{m}.json").read_text()) for m in ("ddp", "fsdp", "resume")}
+    recs = {
+        m: json.loads((out / f"{m}.json").read_text()) for m in ("ddp", "fsdp", "ddp-accum", "fsdp-accum", "resume")
+    }
     recs["ckpts"] = sorted(p.name for p in (out / "ckpt").glob("ckpt-*.pt"))
     return recs
 
@@ -128,7 +133,7 @@ def _close(a, b, tol=1e-10):
                                rtol=tol, atol=tol)  # fmt: skip
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "ddp-accum", "fsdp-accum"])
 def test_two_processes_match_one_process_same_global_batch(runs, single, mode):
     res, params = single
     rec = runs[mode]

@@ -212,6 +212,8 @@ class TrainConfig:
     eval_batch_size: int | None = None
     """per-process eval batch size (default: micro_batch_size)"""
     device: str | None = None
+    autocast: Literal["none", "bf16"] = "none"
+    """run loss_fn under torch.autocast(bfloat16) (parameters and optimizer state stay in their dtype)"""
     """default: cuda:LOCAL_RANK when CUDA is available, else cpu"""
     find_unused_parameters: bool = False
     """DDP: set when some trainable parameters get no gradient in a step"""
@@ -243,6 +245,7 @@ class TrainConfig:
         for name, valid in (
             ("scheduler", ("constant", "cosine", "plateau")),
             ("strategy", ("auto", "none", "ddp", "fsdp")),
+            ("autocast", ("none", "bf16")),
         ):
             if getattr(self, name) not in valid:
                 raise ValueError(f"TrainConfig: {name} must be one of {valid} (got {getattr(self, name)!r})")
@@ -584,6 +587,7 @@ class Trainer:
                 model,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=self.config.find_unused_parameters,
+                gradient_as_bucket_view=True,  # grads live in the all-reduce buckets: one copy less
             )
         # FSDP2: shard every block of every ModuleList (the transformer layers), then the root.
         # Per-parameter sharding allows frozen and trainable parameters in one group.
@@ -721,6 +725,11 @@ class Trainer:
                 yield epoch, start_step + i // accum, batch
             epoch, start_step = epoch + 1, 0
 
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.config.autocast == "none":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
     def _call_loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
         out = self.loss_fn(self.wrapped, batch)
         loss, metrics = out if isinstance(out, tuple) else (out, {})
@@ -750,7 +759,8 @@ class Trainer:
         self.wrapped.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.device)  # [weighted loss sum, samples]
         for w, batch in zip(weights, loader):
-            loss, _ = self._call_loss(_to_device(batch, self.device))
+            with self._autocast():
+                loss, _ = self._call_loss(_to_device(batch, self.device))
             if w:
                 total[0] += loss.double() * w
                 total[1] += w
@@ -816,8 +826,10 @@ class Trainer:
                 epoch, step_in_epoch, batch = next(data)
                 batch = _to_device(batch, self.device)
                 last = a == c.grad_accum_steps - 1
+                if self.strategy == "fsdp":  # reduce-scatter only on the last micro-step
+                    self.model.set_requires_gradient_sync(last)
                 sync = contextlib.nullcontext() if last or self.strategy != "ddp" else self.wrapped.no_sync()
-                with sync:
+                with sync, self._autocast():
                     loss, metrics = self._call_loss(batch)
                     (loss / c.grad_accum_steps).backward()
                 loss_sum[0] += loss.detach().double()
