@@ -292,10 +292,10 @@ def run(args) -> dict[str, Any]:
     for name in methods:
         fmap, distilled = specs[name]
         t0 = time.perf_counter()
-        print(
-            f"[linearize] method {name}: feature map {fmap}{' + Eq. 3 distillation' if distilled else ''}", flush=True
-        )
         conv = linearize(model, LinearizeConfig(feature_map=fmap, keep_softmax_layers=keep))
+        distilled = distilled and conv.trainable_parameters > 0
+        label = " + Eq. 3 distillation" if distilled else ""
+        print(f"[linearize] method {name}: feature map {fmap}{label}", flush=True)
         if not records:
             report.update(architecture=conv.architecture, num_layers=len(conv.converted) + len(conv.kept_softmax))
             first = linearized_modules(model)[0][1].attn
@@ -313,7 +313,7 @@ def run(args) -> dict[str, Any]:
                 records["eval"] = capture_qkv(model, val_b, record_v=rv)
             records["test"] = capture_qkv(model, test_b)
         res = None
-        if distilled and any(p.requires_grad for _, m in linearized_modules(model) for p in m.attn.parameters()):
+        if distilled:
             res = distill(
                 model,
                 train_b,

