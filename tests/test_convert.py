@@ -373,3 +373,17 @@ def test_cli_rejects_unknown_method(tmp_path):
         _method("softmaxish")
     assert _method("t2r-hh") == ("t2r", True) and _method("hedgehog-untrained") == ("hedgehog", False)
     assert not Path(tmp_path / "x").exists()
+
+
+def test_left_padded_generate_equals_rows_alone():
+    m = tiny("llama")
+    linearize(m)
+    a, b = ids(1, 10, seed=12), ids(1, 6, seed=13)
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :4] = 0
+    gen = m.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    alone_a = m.generate(a, attention_mask=torch.ones_like(a), max_new_tokens=6, do_sample=False)
+    alone_b = m.generate(b, attention_mask=torch.ones_like(b), max_new_tokens=6, do_sample=False)
+    assert torch.equal(gen[0, 10:], alone_a[0, 10:])
+    assert torch.equal(gen[1, 10:], alone_b[0, 6:])
