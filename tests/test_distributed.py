@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -66,6 +67,12 @@ def _worker(modes: list[str], out_dir: Path) -> None:
             cfg = _cfg(strategy=mode)
         elif mode.endswith("-accum"):  # 2 processes x accumulation 2 x micro-batch 2: global batch 8 too
             cfg = _cfg(strategy=mode.split("-")[0], micro_batch_size=2, grad_accum_steps=2)
+        elif mode == "fsdp-ckpt":  # every checkpoint kept; the test then hides the newer ones
+            cfg = _cfg(strategy="fsdp", checkpoint_every=CKPT_EVERY, checkpoint_dir=str(out_dir / "ckpt_fsdp"),
+                       keep_last=None)  # fmt: skip
+        elif mode == "fsdp-resume":
+            cfg = _cfg(strategy="fsdp", checkpoint_every=CKPT_EVERY, checkpoint_dir=str(out_dir / "ckpt_fsdp_part"),
+                       resume=True)  # fmt: skip
         else:  # kill / resume
             cfg = _cfg(strategy="ddp", checkpoint_every=CKPT_EVERY, checkpoint_dir=ckdir, resume=mode == "resume")
         model = TinyNet()
@@ -103,16 +110,23 @@ def _launch(modes: str, out_dir: Path, timeout: float = 60) -> subprocess.Comple
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("dist")
-    first = _launch("ddp,fsdp,ddp-accum,fsdp-accum,kill", out)
+    first = _launch("ddp,fsdp,ddp-accum,fsdp-accum,fsdp-ckpt,kill", out)
     assert first.returncode != 0, "the kill run should have made torchrun fail"
     assert (out / "ddp.json").exists() and (out / "fsdp.json").exists(), first.stdout + first.stderr
     assert not (out / "kill.json").exists(), "the killed run finished?"
-    second = _launch("resume", out)
+    # Keep FSDP's checkpoints up to step 4 (as if it had died at step 5), in two copies: one to
+    # resume under FSDP with 2 processes, one to resume on 1 process (test below).
+    for name in ("ckpt_fsdp_part", "ckpt_fsdp_single"):
+        (out / name).mkdir()
+        for step in (2, 4):
+            for ext in ("pt", "json"):
+                shutil.copy(out / "ckpt_fsdp" / f"ckpt-{step:08d}.{ext}", out / name)
+    second = _launch("resume,fsdp-resume", out)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-5000:]
-    recs = {
-        m: json.loads((out / f"{m}.json").read_text()) for m in ("ddp", "fsdp", "ddp-accum", "fsdp-accum", "resume")
-    }
+    modes = ("ddp", "fsdp", "ddp-accum", "fsdp-accum", "fsdp-ckpt", "resume", "fsdp-resume")
+    recs = {m: json.loads((out / f"{m}.json").read_text()) for m in modes}
     recs["ckpts"] = sorted(p.name for p in (out / "ckpt").glob("ckpt-*.pt"))
+    recs["dir"] = out
     return recs
 
 
@@ -153,6 +167,29 @@ def test_two_process_kill_then_resume_matches_uninterrupted(runs):
     for name, p in ref["params"].items():
         _close(rec["params"][name], p, tol=1e-12)
     assert rec["best"] == pytest.approx(ref["best"], rel=1e-12)
+
+
+def test_fsdp_checkpoint_resumes_under_fsdp(runs):
+    rec, ref = runs["fsdp-resume"], runs["fsdp"]
+    assert rec["resumed_from"] == 4
+    _close(rec["losses"], ref["losses"], tol=1e-12)
+    for name, p in ref["params"].items():
+        _close(rec["params"][name], p, tol=1e-12)
+
+
+def test_fsdp_checkpoint_resumes_on_one_process(runs, single):
+    """Full (unsharded, name-keyed) state: 2 FSDP ranks -> 1 process, same global batch."""
+    from test_train import Points, TinyNet, loss_fn
+
+    from hedgehog_attention.train import Trainer
+
+    model = TinyNet()
+    cfg = _cfg(grad_accum_steps=2, checkpoint_dir=str(runs["dir"] / "ckpt_fsdp_single"), resume=True)
+    res = Trainer(model, loss_fn, Points(40), Points(10, seed=2), cfg).fit()
+    assert res.resumed_from == 4
+    _close(res.losses, single[0].losses)
+    for name, p in single[1].items():
+        _close(dict(model.named_parameters())[name].detach(), p)
 
 
 if __name__ == "__main__":

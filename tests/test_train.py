@@ -17,7 +17,14 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from hedgehog_attention import checkpoint as ckpt
-from hedgehog_attention.train import GlobalBatchSampler, LRSchedule, TrainConfig, Trainer, TrainerCallback
+from hedgehog_attention.train import (
+    GlobalBatchSampler,
+    LRSchedule,
+    TrainConfig,
+    Trainer,
+    TrainerCallback,
+    _fsdp_blocks,
+)
 
 D = 6
 
@@ -279,3 +286,19 @@ def test_progress_bar_smoke():
         warnings.simplefilter("ignore")
         res, _ = run(make_config(max_steps=2, progress=True))
     assert res.steps_done == 2
+
+
+def test_fsdp_units_are_the_outermost_modulelist_blocks():
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 2)])
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([Layer(), Layer(), nn.ReLU()])
+            self.head = nn.Linear(2, 2)
+
+    m = M()
+    assert _fsdp_blocks(m) == [m.layers[0], m.layers[1]]

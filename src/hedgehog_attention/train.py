@@ -458,6 +458,25 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
+def _fsdp_blocks(model: nn.Module) -> list[nn.Module]:
+    """Children of the outermost ``nn.ModuleList``s that hold parameters (FSDP2 units).
+
+    A ModuleList nested inside a chosen block is left to that block's unit: FSDP2 must shard
+    children before parents, and one level of units (the layers) is what saves memory.
+    """
+    blocks: list[nn.Module] = []
+    taken: list[str] = []
+    for name, module in model.named_modules():
+        if any(name == t or name.startswith(t + ".") for t in taken):
+            continue
+        if isinstance(module, nn.ModuleList):
+            for i, block in enumerate(module):
+                if any(True for _ in block.parameters()):
+                    blocks.append(block)
+                    taken.append(f"{name}.{i}" if name else str(i))
+    return blocks
+
+
 # --------------------------------------------------------------------------------------------------
 # Trainer
 # --------------------------------------------------------------------------------------------------
@@ -589,65 +608,63 @@ class Trainer:
                 find_unused_parameters=self.config.find_unused_parameters,
                 gradient_as_bucket_view=True,  # grads live in the all-reduce buckets: one copy less
             )
-        # FSDP2: shard every block of every ModuleList (the transformer layers), then the root.
-        # Per-parameter sharding allows frozen and trainable parameters in one group.
+        # FSDP2: shard every block of the outermost ModuleLists (the transformer layers), then the
+        # root. Per-parameter sharding allows frozen and trainable parameters in one group.
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh(self.device.type, (self.world.world_size,))
         if self.device.type == "cuda":
             model.to(self.device)
-        for module in list(model.modules()):
-            if isinstance(module, nn.ModuleList):
-                for block in module:
-                    if any(True for _ in block.parameters()):
-                        fully_shard(block, mesh=mesh)
+        for block in _fsdp_blocks(model):
+            fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
         return model
 
     # ---- state --------------------------------------------------------------------------------
 
-    def _model_state(self) -> dict[str, torch.Tensor]:
-        if self.strategy == "fsdp":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    # Model and optimizer state go through torch.distributed.checkpoint.state_dict for every
+    # strategy: full (unsharded) tensors keyed by parameter name (FQN), so a checkpoint written by
+    # 2 FSDP ranks resumes on 1 process or under DDP and vice versa (optimizer.state_dict() would
+    # key by position, and FSDP's by shard).
 
-            opts = StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                    ignore_frozen_params=not self.config.full_state_dict)  # fmt: skip
-            return get_model_state_dict(self.model, options=opts)
-        sd = self.model.state_dict()
-        if not self.config.full_state_dict:
-            frozen = {n for n, p in self.model.named_parameters() if not p.requires_grad}
-            sd = {k: v for k, v in sd.items() if k not in frozen}
-        return {k: v.detach().cpu().clone() for k, v in sd.items()}
+    def _sd_options(self, **kw: Any):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        # cpu_offload gathers to rank 0 only; it needs a process group, so only under FSDP.
+        return StateDictOptions(full_state_dict=True, cpu_offload=self.strategy == "fsdp", **kw)
+
+    def _model_state(self) -> dict[str, torch.Tensor]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        opts = self._sd_options(ignore_frozen_params=not self.config.full_state_dict)
+        sd = get_model_state_dict(self.model, options=opts)
+        return {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}
 
     def _load_model_state(self, sd: Mapping[str, torch.Tensor]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
         missing = sorted(set(self.trainable_names) - set(sd))
         if missing:
-            raise KeyError(f"checkpoint lacks trainable parameters {missing[:5]}{'...' if len(missing) > 5 else ''}")
-        if self.strategy == "fsdp":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-            set_model_state_dict(self.model, dict(sd), options=StateDictOptions(full_state_dict=True, strict=False))
-            return
-        result = self.model.load_state_dict(dict(sd), strict=False)
-        if result.unexpected_keys:
-            raise KeyError(f"checkpoint has keys the model lacks: {result.unexpected_keys[:5]}")
+            raise KeyError(
+                f"checkpoint lacks trainable parameters {missing[:5]}{'...' if len(missing) > 5 else ''}: "
+                "was it written for another model or another params selection?"
+            )
+        names = set(self.model.state_dict())
+        unexpected = sorted(set(sd) - names)
+        if unexpected:
+            raise KeyError(f"checkpoint has keys the model lacks: {unexpected[:5]}")
+        set_model_state_dict(self.model, dict(sd), options=self._sd_options(strict=False))
 
     def _optim_state(self) -> dict[str, Any]:
-        if self.strategy == "fsdp":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            return get_optimizer_state_dict(self.model, self.optimizer, options=opts)
-        return self.optimizer.state_dict()
+        return get_optimizer_state_dict(self.model, self.optimizer, options=self._sd_options())
 
     def _load_optim_state(self, sd: dict[str, Any]) -> None:
-        if self.strategy == "fsdp":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-            set_optimizer_state_dict(self.model, self.optimizer, sd, options=StateDictOptions(full_state_dict=True))
-            return
-        self.optimizer.load_state_dict(sd)
+        set_optimizer_state_dict(self.model, self.optimizer, sd, options=self._sd_options())
 
     def _all_rng_states(self) -> list[dict[str, Any]]:
         mine = _rng_state()
