@@ -36,6 +36,9 @@ from .serialization import save_linearized
 
 log = logging.getLogger("hedgehog.linearize")
 
+# Above this the teacher q, k of the training blocks are not cached but recomputed each step.
+CACHED_CAPTURE_LIMIT = 4 * 2**30
+
 DEFAULT_METHODS = ("hedgehog", "hedgehog-untrained", "elu", "t2r-hh")
 
 # Per-model defaults, measured to fit the budgets in the docstring (see docs/linearize.md).
@@ -306,6 +309,17 @@ def run(args) -> dict[str, Any]:
                 converted=conv.converted,
                 kept_softmax=conv.kept_softmax,
             )
+            a = first
+            elem = torch.finfo(dtype).bits // 8
+            cache_bytes = len(train) * seq * len(conv.converted) * (a.num_heads + a.num_kv_heads) * a.head_dim * elem
+            if args.capture == "cached" and cache_bytes > CACHED_CAPTURE_LIMIT:
+                print(
+                    f"[linearize] cached teacher q, k would take {cache_bytes / 2**30:.1f} GiB; "
+                    "switching to --capture online",
+                    flush=True,
+                )
+                args.capture = "online"
+                dcfg.capture = report["distill_config"]["capture"] = "online"
             print("[linearize] capturing teacher q, k ...", flush=True)
             rv = args.output_mse > 0
             if args.capture == "cached":
