@@ -62,6 +62,9 @@ def _worker(modes: list[str], out_dir: Path) -> None:
                 os._exit(17)  # no cleanup, no flush: like SIGKILL
 
     for mode in modes:
+        if mode == "ddp-misuse":
+            (out_dir / "ddp-misuse.json").write_text(json.dumps(_misuse(info.rank)))
+            continue
         ckdir = str(out_dir / "ckpt")
         if mode in ("ddp", "fsdp"):
             cfg = _cfg(strategy=mode)
@@ -90,6 +93,38 @@ def _worker(modes: list[str], out_dir: Path) -> None:
                    "resumed_from": res.resumed_from, "best": res.best_eval_loss}  # fmt: skip
             (out_dir / f"{mode}.json").write_text(json.dumps(rec))
     cleanup_distributed()
+
+
+def _misuse(rank: int) -> dict[str, str]:
+    """Two loss_fns that would silently skip DDP's gradient sync; the trainer must refuse both."""
+    from test_train import Points, TinyNet
+
+    from hedgehog_attention.train import Trainer, unwrap_model
+
+    def bypass(model, batch):  # calls the inner module, not the DDP wrapper
+        return unwrap_model(model)(batch)
+
+    def nograd_forward(model, batch):  # wrapper forward under no_grad, loss built in a hook
+        out = {}
+
+        def hook(mod, inp, output):
+            with torch.enable_grad():
+                out["loss"] = (torch.nn.functional.linear(inp[0], mod.weight, mod.bias) ** 2).mean()
+
+        h = unwrap_model(model).blocks[0].register_forward_hook(hook)
+        with torch.no_grad():
+            model(batch)
+        h.remove()
+        return out["loss"]
+
+    errors = {}
+    for name, fn in (("bypass", bypass), ("nograd_forward", nograd_forward)):
+        try:
+            Trainer(TinyNet(), fn, Points(40), None, _cfg(strategy="ddp", max_steps=2)).fit()
+            errors[name] = "no error"
+        except RuntimeError as e:
+            errors[name] = str(e)
+    return errors
 
 
 # --------------------------------------------------------------------------------------------------
@@ -121,9 +156,9 @@ def runs(tmp_path_factory) -> dict:
         for step in (2, 4):
             for ext in ("pt", "json"):
                 shutil.copy(out / "ckpt_fsdp" / f"ckpt-{step:08d}.{ext}", out / name)
-    second = _launch("resume,fsdp-resume", out)
+    second = _launch("resume,fsdp-resume,ddp-misuse", out)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-5000:]
-    modes = ("ddp", "fsdp", "ddp-accum", "fsdp-accum", "fsdp-ckpt", "resume", "fsdp-resume")
+    modes = ("ddp", "fsdp", "ddp-accum", "fsdp-accum", "fsdp-ckpt", "resume", "fsdp-resume", "ddp-misuse")
     recs = {m: json.loads((out / f"{m}.json").read_text()) for m in modes}
     recs["ckpts"] = sorted(p.name for p in (out / "ckpt").glob("ckpt-*.pt"))
     recs["dir"] = out
@@ -167,6 +202,11 @@ def test_two_process_kill_then_resume_matches_uninterrupted(runs):
     for name, p in ref["params"].items():
         _close(rec["params"][name], p, tol=1e-12)
     assert rec["best"] == pytest.approx(ref["best"], rel=1e-12)
+
+
+def test_ddp_refuses_a_loss_fn_that_skips_the_gradient_sync(runs):
+    for name, msg in runs["ddp-misuse"].items():
+        assert "with gradients enabled" in msg, (name, msg)
 
 
 def test_fsdp_checkpoint_resumes_under_fsdp(runs):

@@ -593,7 +593,23 @@ class Trainer:
     # ---- setup --------------------------------------------------------------------------------
 
     def _count_forward(self, *_: Any) -> None:
-        self._forward_calls += 1
+        # DDP prepares its gradient all-reduce only in a forward run with grad enabled; a forward
+        # under torch.no_grad() whose loss is built inside hooks with enable_grad would not sync.
+        if torch.is_grad_enabled():
+            self._forward_calls += 1
+
+    def _check_replicas_agree(self, step: int) -> None:
+        """DDP: every rank must hold the same parameters after a step (bitwise: all-reduced grads,
+        same optimizer). Catches gradients that were silently not synchronized."""
+        with torch.no_grad():
+            mine = torch.stack([p.detach().double().sum() for p in self.params]).to(self.device)
+        everyone = [torch.empty_like(mine) for _ in range(self.world.world_size)]
+        dist.all_gather(everyone, mine)
+        if any(not torch.equal(other, everyone[0]) for other in everyone[1:]):
+            raise RuntimeError(
+                f"DDP replicas diverged after step {step}: the gradients were not synchronized. loss_fn must call "
+                "the model it is given (the DDP wrapper), with gradients enabled"
+            )
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         if self.strategy == "none":
@@ -838,11 +854,12 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros(2, dtype=torch.float64, device=self.device)  # [sum of micro losses, tokens]
-            self._forward_calls = 0
             for a in range(c.grad_accum_steps):
                 epoch, step_in_epoch, batch = next(data)
                 batch = _to_device(batch, self.device)
                 last = a == c.grad_accum_steps - 1
+                if last:
+                    self._forward_calls = 0  # the syncing micro-step must run the wrapper with grad
                 if self.strategy == "fsdp":  # reduce-scatter only on the last micro-step
                     self.model.set_requires_gradient_sync(last)
                 sync = contextlib.nullcontext() if last or self.strategy != "ddp" else self.wrapped.no_sync()
@@ -853,8 +870,9 @@ class Trainer:
                 loss_sum[1] += float(metrics.get("tokens", _count_tokens(batch)))
             if self.strategy == "ddp" and self._forward_calls == 0:
                 raise RuntimeError(
-                    "loss_fn never called the model it was given: under DDP the gradient sync runs only through "
-                    "the wrapper's forward; call model(...) in loss_fn (use unwrap_model(model) only for attributes)"
+                    "loss_fn never called the model it was given with gradients enabled: under DDP the gradient "
+                    "sync is prepared only by the wrapper's forward under torch.is_grad_enabled(). Call model(...) "
+                    "in loss_fn without torch.no_grad() around it (unwrap_model(model) is for attribute access)"
                 )
             if self.world.distributed:
                 dist.all_reduce(loss_sum)
@@ -869,6 +887,8 @@ class Trainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             step += 1
+            if self.strategy == "ddp" and (step == 1 or result.resumed_from == step - 1):
+                self._check_replicas_agree(step)
             step_in_epoch += 1
             if step_in_epoch >= self.steps_per_epoch:
                 epoch, step_in_epoch = epoch + 1, 0
