@@ -54,7 +54,7 @@ def _worker(modes: list[str], out_dir: Path) -> None:
 
     torch.set_num_threads(1)
     info = init_distributed()
-    assert info.world_size == 2, info
+    assert info.world_size == (1 if all(m.startswith("cuda") for m in modes) else 2), info
 
     class HardKill(TrainerCallback):
         def on_step_end(self, trainer, step, loss):
@@ -68,6 +68,8 @@ def _worker(modes: list[str], out_dir: Path) -> None:
         ckdir = str(out_dir / "ckpt")
         if mode in ("ddp", "fsdp"):
             cfg = _cfg(strategy=mode)
+        elif mode.startswith("cuda-"):  # one GPU process through torchrun: nccl, DDP/FSDP of world size 1
+            cfg = _cfg(strategy=mode.split("-")[1], micro_batch_size=8, device=f"cuda:{info.local_rank}")
         elif mode.endswith("-accum"):  # 2 processes x accumulation 2 x micro-batch 2: global batch 8 too
             cfg = _cfg(strategy=mode.split("-")[0], micro_batch_size=2, grad_accum_steps=2)
         elif mode == "fsdp-ckpt":  # every checkpoint kept; the test then hides the newer ones
@@ -132,9 +134,9 @@ def _misuse(rank: int) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _launch(modes: str, out_dir: Path, timeout: float = 60) -> subprocess.CompletedProcess:
+def _launch(modes: str, out_dir: Path, timeout: float = 60, nproc: int = 2) -> subprocess.CompletedProcess:
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
         "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "--monitor_interval=0.1",
         str(Path(__file__).resolve()), "worker", "--modes", modes, "--out", str(out_dir),
     ]  # fmt: skip
@@ -230,6 +232,16 @@ def test_fsdp_checkpoint_resumes_on_one_process(runs, single):
     _close(res.losses, single[0].losses)
     for name, p in single[1].items():
         _close(dict(model.named_parameters())[name].detach(), p)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_torchrun_one_gpu_ddp_and_fsdp(tmp_path, single):
+    proc = _launch("cuda-ddp,cuda-fsdp", tmp_path, timeout=120, nproc=1)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    for mode in ("cuda-ddp", "cuda-fsdp"):
+        rec = json.loads((tmp_path / f"{mode}.json").read_text())
+        _close(rec["losses"], single[0].losses, tol=1e-9)
 
 
 if __name__ == "__main__":

@@ -302,3 +302,20 @@ def test_fsdp_units_are_the_outermost_modulelist_blocks():
 
     m = M()
     assert _fsdp_blocks(m) == [m.layers[0], m.layers[1]]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_train_checkpoint_resume(tmp_path: Path):
+    """The same engine on a GPU: batches moved to the device, CUDA RNG in the checkpoint, bf16 autocast."""
+    full, m_full = run(make_config(max_steps=6, device="cuda", checkpoint_every=2, checkpoint_dir=str(tmp_path / "a")),
+                       dropout=0.2)  # fmt: skip
+    assert next(m_full.parameters()).is_cuda
+    with pytest.raises(KeyboardInterrupt):
+        run(make_config(max_steps=6, device="cuda", checkpoint_every=2, checkpoint_dir=str(tmp_path / "b")),
+            dropout=0.2, callbacks=[StopAt(3)])  # fmt: skip
+    res, m_res = run(make_config(max_steps=6, device="cuda", checkpoint_every=2, checkpoint_dir=str(tmp_path / "b"),
+                                 resume=True), dropout=0.2)  # fmt: skip
+    assert res.resumed_from == 2 and res.losses == full.losses
+    bf, _ = run(make_config(max_steps=3, device="cuda", autocast="bf16"))
+    assert all(math.isfinite(x) for x in bf.losses)
