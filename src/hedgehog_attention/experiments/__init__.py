@@ -1,0 +1,1 @@
+"""Experiment commands (`hedgehog recall | lm | finetuned-conversion | pretrained-conversion | attention-maps`)."""
