@@ -22,23 +22,39 @@ import triton.language as tl
 
 
 @triton.jit
-def _hh_act(z, f_ok, ACT: tl.constexpr, NEG: tl.constexpr):
+def _rc(r_ok, c_ok, EVEN: tl.constexpr):
+    """``[R, C]`` mask from row and column masks; rows only when every column is real (``EVEN``):
+    a full-tile i1 mask costs a register per element and the compiler hoists it out of loops."""
+    if EVEN:
+        return r_ok[:, None]
+    else:
+        return r_ok[:, None] & c_ok[None, :]
+
+
+@triton.jit
+def _hh_act(z, f_ok, ACT: tl.constexpr, NEG: tl.constexpr, EVEN: tl.constexpr = False):
     """Hedgehog activation of a ``[M, BF]`` fp32 pre-activation; padded columns give 0."""
     if ACT == "softmax":
-        zp = tl.where(f_ok[None, :], z, float("-inf"))
+        if EVEN:
+            zp = z
+        else:
+            zp = tl.where(f_ok[None, :], z, float("-inf"))
         p = tl.exp(zp - tl.max(zp, 1)[:, None])
         p = p / tl.sum(p, 1)[:, None]
         if NEG:
-            zn = tl.where(f_ok[None, :], -z, float("-inf"))
+            if EVEN:
+                zn = -z
+            else:
+                zn = tl.where(f_ok[None, :], -z, float("-inf"))
             n = tl.exp(zn - tl.max(zn, 1)[:, None])
             n = n / tl.sum(n, 1)[:, None]
         else:
             n = p
     else:
         zc = tl.minimum(tl.maximum(z, -30.0), 30.0)
-        p = tl.where(f_ok[None, :], tl.exp(zc), 0.0)
+        p = tl.exp(zc) if EVEN else tl.where(f_ok[None, :], tl.exp(zc), 0.0)
         if NEG:
-            n = tl.where(f_ok[None, :], tl.exp(-zc), 0.0)
+            n = tl.exp(-zc) if EVEN else tl.where(f_ok[None, :], tl.exp(-zc), 0.0)
         else:
             n = p
     return p, n
@@ -79,6 +95,7 @@ def _feat_tile(
     NEG: tl.constexpr,
     W_NATIVE: tl.constexpr,
     MAP_PREC: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
     """Load one chunk of one head and return ``(x, z, p, n)``; rows with ``t_ok == 0`` are 0.
 
@@ -92,12 +109,12 @@ def _feat_tile(
         d_ok = offs_d < D
         x = tl.load(
             x_ptr + tok[:, None] * (NH * D) + i_h * D + offs_d[None, :],
-            mask=t_ok[:, None] & d_ok[None, :],
+            mask=_rc(t_ok, d_ok, EVEN),
             other=0.0,
         )
         w = tl.load(
             w_ptr + i_h * D * F + offs_d[:, None] * F + offs_f[None, :],
-            mask=d_ok[:, None] & f_ok[None, :],
+            mask=_rc(d_ok, f_ok, EVEN),
             other=0.0,
         )
         if W_NATIVE:
@@ -108,13 +125,13 @@ def _feat_tile(
         if HAS_B:
             b = tl.load(b_ptr + i_h * F + offs_f, mask=f_ok, other=0.0).to(tl.float32)
             z = z + b[None, :]
-        p, n = _hh_act(z, f_ok, ACT, NEG)
+        p, n = _hh_act(z, f_ok, ACT, NEG, EVEN)
         p = tl.where(t_ok[:, None], p, 0.0)
         n = tl.where(t_ok[:, None], n, 0.0)
     else:
         x = tl.load(
             x_ptr + tok[:, None] * (NH * F) + i_h * F + offs_f[None, :],
-            mask=t_ok[:, None] & f_ok[None, :],
+            mask=_rc(t_ok, f_ok, EVEN),
             other=0.0,
         )
         p = x.to(tl.float32)
@@ -147,6 +164,7 @@ def _feat_tile_bwd(
     ACT: tl.constexpr,
     NEG: tl.constexpr,
     MAP_PREC: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
     """Store the input gradient of one chunk; return the updated dW / db accumulators."""
     offs_f = tl.arange(0, BF)
@@ -155,17 +173,17 @@ def _feat_tile_bwd(
         offs_d = tl.arange(0, BD)
         d_ok = offs_d < D
         dz = _hh_act_bwd(z, p, n, dp, dn, ACT, NEG)
-        dz = tl.where(t_ok[:, None] & f_ok[None, :], dz, 0.0)
+        dz = tl.where(_rc(t_ok, f_ok, EVEN), dz, 0.0)
         w = tl.load(
             w_ptr + i_h * D * F + offs_d[:, None] * F + offs_f[None, :],
-            mask=d_ok[:, None] & f_ok[None, :],
+            mask=_rc(d_ok, f_ok, EVEN),
             other=0.0,
         ).to(tl.float32)
         dx = tl.dot(dz, tl.trans(w), input_precision=MAP_PREC)
         tl.store(
             dx_ptr + tok[:, None] * (NH * D) + i_h * D + offs_d[None, :],
             dx.to(dx_ptr.dtype.element_ty),
-            mask=t_ok[:, None] & d_ok[None, :],
+            mask=_rc(t_ok, d_ok, EVEN),
         )
         dw_acc += tl.dot(tl.trans(x.to(tl.float32)), dz, input_precision=MAP_PREC)
         db_acc += tl.sum(dz, 0)
@@ -173,17 +191,30 @@ def _feat_tile_bwd(
         tl.store(
             dx_ptr + tok[:, None] * (NH * F) + i_h * F + offs_f[None, :],
             dp.to(dx_ptr.dtype.element_ty),
-            mask=t_ok[:, None] & f_ok[None, :],
+            mask=_rc(t_ok, f_ok, EVEN),
         )
     return dw_acc, db_acc
 
 
 @triton.jit
-def _load_dout(do_ptr, o_ptr, den_ptr, mask_ptr, tok, t_ok, i_h, H, DV, BV: tl.constexpr, HAS_MASK: tl.constexpr):
+def _load_dout(
+    do_ptr,
+    o_ptr,
+    den_ptr,
+    mask_ptr,
+    tok,
+    t_ok,
+    i_h,
+    H,
+    DV,
+    BV: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    EVEN: tl.constexpr,
+):
     """``g = do / den`` ``[BT, BV]`` and ``c = -(do . o) / den`` ``[BT]``; zero at padded queries."""
     offs_v = tl.arange(0, BV)
     v_ok = offs_v < DV
-    m2 = t_ok[:, None] & v_ok[None, :]
+    m2 = _rc(t_ok, v_ok, EVEN)
     off = tok[:, None] * (H * DV) + i_h * DV + offs_v[None, :]
     do = tl.load(do_ptr + off, mask=m2, other=0.0).to(tl.float32)
     o = tl.load(o_ptr + off, mask=m2, other=0.0).to(tl.float32)
@@ -197,11 +228,12 @@ def _load_dout(do_ptr, o_ptr, den_ptr, mask_ptr, tok, t_ok, i_h, H, DV, BV: tl.c
 
 
 @triton.jit
-def _load_state(ptr, zptr, F, DV, BF: tl.constexpr, BV: tl.constexpr, NEG: tl.constexpr):
+def _load_state(ptr, zptr, F, DV, v0, BF: tl.constexpr, BV: tl.constexpr, NEG: tl.constexpr, EVEN: tl.constexpr):
+    """State halves ``S[:F, v0:v0+BV]``, ``S[F:2F, v0:v0+BV]`` of a ``[FT, DV]`` fp32 state, and ``z``."""
     offs_f = tl.arange(0, BF)
-    offs_v = tl.arange(0, BV)
+    offs_v = v0 + tl.arange(0, BV)
     f_ok = offs_f < F
-    m2 = f_ok[:, None] & (offs_v < DV)[None, :]
+    m2 = _rc(f_ok, offs_v < DV, EVEN)
     s_p = tl.load(ptr + offs_f[:, None] * DV + offs_v[None, :], mask=m2, other=0.0)
     z_p = tl.load(zptr + offs_f, mask=f_ok, other=0.0)
     if NEG:
@@ -214,11 +246,13 @@ def _load_state(ptr, zptr, F, DV, BF: tl.constexpr, BV: tl.constexpr, NEG: tl.co
 
 
 @triton.jit
-def _store_state(ptr, zptr, s_p, s_n, z_p, z_n, F, DV, BF: tl.constexpr, BV: tl.constexpr, NEG: tl.constexpr):
+def _store_state(
+    ptr, zptr, s_p, s_n, z_p, z_n, F, DV, v0, BF: tl.constexpr, BV: tl.constexpr, NEG: tl.constexpr, EVEN: tl.constexpr
+):
     offs_f = tl.arange(0, BF)
-    offs_v = tl.arange(0, BV)
+    offs_v = v0 + tl.arange(0, BV)
     f_ok = offs_f < F
-    m2 = f_ok[:, None] & (offs_v < DV)[None, :]
+    m2 = _rc(f_ok, offs_v < DV, EVEN)
     tl.store(ptr + offs_f[:, None] * DV + offs_v[None, :], s_p, mask=m2)
     tl.store(zptr + offs_f, z_p, mask=f_ok)
     if NEG:
@@ -265,15 +299,18 @@ def _state_kernel(
     W_NATIVE: tl.constexpr,
     MAP_PREC: tl.constexpr,
     PREC: tl.constexpr,
+    DOT_DT: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
     """Per-segment key sums ``sum phi_k^T v`` and ``sum phi_k`` -> ``sl [N, HK, NS, FT, DV]``."""
     i_s = tl.program_id(0)
     i_nh = tl.program_id(1)
+    v0 = tl.program_id(2) * BV  # value columns of this program (fwd kernels split V; bwd: one block)
     i_n = i_nh // HK
     i_hk = i_nh % HK
     bos, L, c0, c1 = _segment(cu_ptr, i_n, i_s, CPS, BT)
     FT = 2 * F if NEG else F
-    offs_v = tl.arange(0, BV)
+    offs_v = v0 + tl.arange(0, BV)
     v_ok = offs_v < DV
     s_p = tl.zeros([BF, BV], dtype=tl.float32)
     s_n = tl.zeros([BF, BV], dtype=tl.float32)
@@ -284,7 +321,7 @@ def _state_kernel(
         t_ok = offs_t < L
         tok = bos + offs_t
         _x, _z, kp, kn = _feat_tile(
-            k_ptr, wk_ptr, bk_ptr, tok, t_ok, i_hk, HK, D, F, BD, BF, FUSED, HAS_B, ACT, NEG, W_NATIVE, MAP_PREC
+            k_ptr, wk_ptr, bk_ptr, tok, t_ok, i_hk, HK, D, F, BD, BF, FUSED, HAS_B, ACT, NEG, W_NATIVE, MAP_PREC, EVEN
         )
         if HAS_MASK:
             mk = tl.load(mask_ptr + tok, mask=t_ok, other=0.0)
@@ -292,16 +329,16 @@ def _state_kernel(
             kn = kn * mk[:, None]
         vv = tl.load(
             v_ptr + tok[:, None] * (HK * DV) + i_hk * DV + offs_v[None, :],
-            mask=t_ok[:, None] & v_ok[None, :],
+            mask=_rc(t_ok, v_ok, EVEN),
             other=0.0,
-        )
-        s_p += tl.dot(tl.trans(kp.to(vv.dtype)), vv, input_precision=PREC)
+        ).to(DOT_DT)
+        s_p += tl.dot(tl.trans(kp.to(DOT_DT)), vv, input_precision=PREC)
         z_p += tl.sum(kp, 0)
         if NEG:
-            s_n += tl.dot(tl.trans(kn.to(vv.dtype)), vv, input_precision=PREC)
+            s_n += tl.dot(tl.trans(kn.to(DOT_DT)), vv, input_precision=PREC)
             z_n += tl.sum(kn, 0)
     base = (i_n * HK + i_hk) * NS + i_s
-    _store_state(sl_ptr + base * FT * DV, zl_ptr + base * FT, s_p, s_n, z_p, z_n, F, DV, BF, BV, NEG)
+    _store_state(sl_ptr + base * FT * DV, zl_ptr + base * FT, s_p, s_n, z_p, z_n, F, DV, v0, BF, BV, NEG, EVEN)
 
 
 @triton.jit
@@ -351,6 +388,8 @@ def _fwd_kernel(
     W_NATIVE: tl.constexpr,
     MAP_PREC: tl.constexpr,
     PREC: tl.constexpr,
+    DOT_DT: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
     """Outputs of one segment of one KV head (all ``G`` query heads of the group).
 
@@ -360,11 +399,12 @@ def _fwd_kernel(
     """
     i_s = tl.program_id(0)
     i_nh = tl.program_id(1)
+    v0 = tl.program_id(2) * BV  # value columns of this program (fwd kernels split V; bwd: one block)
     i_n = i_nh // HK
     i_hk = i_nh % HK
     bos, L, c0, c1 = _segment(cu_ptr, i_n, i_s, CPS, BT)
     FT = 2 * F if NEG else F
-    offs_v = tl.arange(0, BV)
+    offs_v = v0 + tl.arange(0, BV)
     v_ok = offs_v < DV
     offs_i = tl.arange(0, BT)
     causal_mask = offs_i[:, None] >= offs_i[None, :]
@@ -373,9 +413,11 @@ def _fwd_kernel(
         zi_ptr + i_n * zi_sn + i_hk * zi_sh + i_s * zi_ss,
         F,
         DV,
+        v0,
         BF,
         BV,
         NEG,
+        EVEN,
     )
     for ic in range(c0, c1):
         offs_t = ic * BT + offs_i
@@ -383,7 +425,24 @@ def _fwd_kernel(
         tok = bos + offs_t
         if CAUSAL:
             _xk, _zk, kp, kn = _feat_tile(
-                k_ptr, wk_ptr, bk_ptr, tok, t_ok, i_hk, HK, D, F, BD, BF, FUSED, HAS_BK, ACT, NEG, W_NATIVE, MAP_PREC
+                k_ptr,
+                wk_ptr,
+                bk_ptr,
+                tok,
+                t_ok,
+                i_hk,
+                HK,
+                D,
+                F,
+                BD,
+                BF,
+                FUSED,
+                HAS_BK,
+                ACT,
+                NEG,
+                W_NATIVE,
+                MAP_PREC,
+                EVEN,
             )
             if HAS_MASK:
                 mk = tl.load(mask_ptr + tok, mask=t_ok, other=0.0)
@@ -391,17 +450,34 @@ def _fwd_kernel(
                 kn = kn * mk[:, None]
             vv = tl.load(
                 v_ptr + tok[:, None] * (HK * DV) + i_hk * DV + offs_v[None, :],
-                mask=t_ok[:, None] & v_ok[None, :],
+                mask=_rc(t_ok, v_ok, EVEN),
                 other=0.0,
-            )
-            kp_d = kp.to(vv.dtype)
-            kn_d = kn.to(vv.dtype)
+            ).to(DOT_DT)
+            kp_d = kp.to(DOT_DT)
+            kn_d = kn.to(DOT_DT)
         for g in range(G):
             i_h = i_hk * G + g
             _xq, _zq, qp, qn = _feat_tile(
-                q_ptr, wq_ptr, bq_ptr, tok, t_ok, i_h, H, D, F, BD, BF, FUSED, HAS_BQ, ACT, NEG, W_NATIVE, MAP_PREC
+                q_ptr,
+                wq_ptr,
+                bq_ptr,
+                tok,
+                t_ok,
+                i_h,
+                H,
+                D,
+                F,
+                BD,
+                BF,
+                FUSED,
+                HAS_BQ,
+                ACT,
+                NEG,
+                W_NATIVE,
+                MAP_PREC,
+                EVEN,
             )
-            qp_d = qp.to(v_ptr.dtype.element_ty)
+            qp_d = qp.to(DOT_DT)
             num = tl.dot(qp_d, s_p.to(qp_d.dtype), input_precision=PREC)
             den = tl.sum(qp * z_p[None, :], 1)
             if NEG:
@@ -413,7 +489,7 @@ def _fwd_kernel(
                 if NEG:
                     a += tl.dot(qn_d, tl.trans(kn_d), input_precision=PREC)
                 a = tl.where(causal_mask, a, 0.0)
-                num += tl.dot(a.to(vv.dtype), vv, input_precision=PREC)
+                num += tl.dot(a.to(DOT_DT), vv, input_precision=PREC)
                 den += tl.sum(a, 1)
             den = den + eps
             o = num / den[:, None]
@@ -423,7 +499,7 @@ def _fwd_kernel(
             tl.store(
                 o_ptr + tok[:, None] * (H * DV) + i_h * DV + offs_v[None, :],
                 o.to(o_ptr.dtype.element_ty),
-                mask=t_ok[:, None] & v_ok[None, :],
+                mask=_rc(t_ok, v_ok, EVEN),
             )
             tl.store(den_ptr + tok * H + i_h, den, mask=t_ok)
         if CAUSAL:
@@ -434,7 +510,7 @@ def _fwd_kernel(
                 z_n += tl.sum(kn, 0)
     if STORE_END:
         base = (i_n * HK + i_hk) * NS + i_s
-        _store_state(se_ptr + base * FT * DV, ze_ptr + base * FT, s_p, s_n, z_p, z_n, F, DV, BF, BV, NEG)
+        _store_state(se_ptr + base * FT * DV, ze_ptr + base * FT, s_p, s_n, z_p, z_n, F, DV, v0, BF, BV, NEG, EVEN)
 
 
 @triton.jit
@@ -469,10 +545,13 @@ def _rstate_kernel(
     W_NATIVE: tl.constexpr,
     MAP_PREC: tl.constexpr,
     PREC: tl.constexpr,
+    DOT_DT: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
     """Per-segment query sums of the backward state: ``sum phi_q^T g`` and ``sum phi_q c``."""
     i_s = tl.program_id(0)
     i_nh = tl.program_id(1)
+    v0 = tl.program_id(2) * BV  # value columns of this program (fwd kernels split V; bwd: one block)
     i_n = i_nh // HK
     i_hk = i_nh % HK
     bos, L, c0, c1 = _segment(cu_ptr, i_n, i_s, CPS, BT)
@@ -488,17 +567,34 @@ def _rstate_kernel(
         for g in range(G):
             i_h = i_hk * G + g
             _xq, _zq, qp, qn = _feat_tile(
-                q_ptr, wq_ptr, bq_ptr, tok, t_ok, i_h, H, D, F, BD, BF, FUSED, HAS_BQ, ACT, NEG, W_NATIVE, MAP_PREC
+                q_ptr,
+                wq_ptr,
+                bq_ptr,
+                tok,
+                t_ok,
+                i_h,
+                H,
+                D,
+                F,
+                BD,
+                BF,
+                FUSED,
+                HAS_BQ,
+                ACT,
+                NEG,
+                W_NATIVE,
+                MAP_PREC,
+                EVEN,
             )
-            gg, c = _load_dout(do_ptr, o_ptr, den_ptr, mask_ptr, tok, t_ok, i_h, H, DV, BV, HAS_MASK)
-            gg_d = gg.to(o_ptr.dtype.element_ty)
+            gg, c = _load_dout(do_ptr, o_ptr, den_ptr, mask_ptr, tok, t_ok, i_h, H, DV, BV, HAS_MASK, EVEN)
+            gg_d = gg.to(DOT_DT)
             d_p += tl.dot(tl.trans(qp.to(gg_d.dtype)), gg_d, input_precision=PREC)
             e_p += tl.sum(qp * c[:, None], 0)
             if NEG:
                 d_n += tl.dot(tl.trans(qn.to(gg_d.dtype)), gg_d, input_precision=PREC)
                 e_n += tl.sum(qn * c[:, None], 0)
     base = (i_n * HK + i_hk) * NS + i_s
-    _store_state(sl_ptr + base * FT * DV, zl_ptr + base * FT, d_p, d_n, e_p, e_n, F, DV, BF, BV, NEG)
+    _store_state(sl_ptr + base * FT * DV, zl_ptr + base * FT, d_p, d_n, e_p, e_n, F, DV, v0, BF, BV, NEG, EVEN)
 
 
 @triton.jit
@@ -548,15 +644,18 @@ def _bwd_dq_kernel(
     W_NATIVE: tl.constexpr,
     MAP_PREC: tl.constexpr,
     PREC: tl.constexpr,
+    DOT_DT: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
     """dq (and the partial dW_q, db_q of this segment) for one query head, walking forward."""
     i_s = tl.program_id(0)
     i_nh = tl.program_id(1)
+    v0 = tl.program_id(2) * BV  # value columns of this program (fwd kernels split V; bwd: one block)
     i_n = i_nh // H
     i_h = i_nh % H
     i_hk = i_h // G
     bos, L, c0, c1 = _segment(cu_ptr, i_n, i_s, CPS, BT)
-    offs_v = tl.arange(0, BV)
+    offs_v = v0 + tl.arange(0, BV)
     v_ok = offs_v < DV
     offs_i = tl.arange(0, BT)
     causal_mask = offs_i[:, None] >= offs_i[None, :]
@@ -565,9 +664,11 @@ def _bwd_dq_kernel(
         zi_ptr + i_n * zi_sn + i_hk * zi_sh + i_s * zi_ss,
         F,
         DV,
+        v0,
         BF,
         BV,
         NEG,
+        EVEN,
     )
     dw_acc = tl.zeros([BD, BF], dtype=tl.float32)
     db_acc = tl.zeros([BF], dtype=tl.float32)
@@ -576,10 +677,10 @@ def _bwd_dq_kernel(
         t_ok = offs_t < L
         tok = bos + offs_t
         xq, zq, qp, qn = _feat_tile(
-            q_ptr, wq_ptr, bq_ptr, tok, t_ok, i_h, H, D, F, BD, BF, FUSED, HAS_BQ, ACT, NEG, W_NATIVE, MAP_PREC
+            q_ptr, wq_ptr, bq_ptr, tok, t_ok, i_h, H, D, F, BD, BF, FUSED, HAS_BQ, ACT, NEG, W_NATIVE, MAP_PREC, EVEN
         )
-        gg, c = _load_dout(do_ptr, o_ptr, den_ptr, mask_ptr, tok, t_ok, i_h, H, DV, BV, HAS_MASK)
-        gg_d = gg.to(o_ptr.dtype.element_ty)
+        gg, c = _load_dout(do_ptr, o_ptr, den_ptr, mask_ptr, tok, t_ok, i_h, H, DV, BV, HAS_MASK, EVEN)
+        gg_d = gg.to(DOT_DT)
         dqp = tl.dot(gg_d, tl.trans(s_p.to(gg_d.dtype)), input_precision=PREC) + c[:, None] * z_p[None, :]
         if NEG:
             dqn = tl.dot(gg_d, tl.trans(s_n.to(gg_d.dtype)), input_precision=PREC) + c[:, None] * z_n[None, :]
@@ -587,7 +688,24 @@ def _bwd_dq_kernel(
             dqn = dqp
         if CAUSAL:
             _xk, _zk, kp, kn = _feat_tile(
-                k_ptr, wk_ptr, bk_ptr, tok, t_ok, i_hk, HK, D, F, BD, BF, FUSED, HAS_BK, ACT, NEG, W_NATIVE, MAP_PREC
+                k_ptr,
+                wk_ptr,
+                bk_ptr,
+                tok,
+                t_ok,
+                i_hk,
+                HK,
+                D,
+                F,
+                BD,
+                BF,
+                FUSED,
+                HAS_BK,
+                ACT,
+                NEG,
+                W_NATIVE,
+                MAP_PREC,
+                EVEN,
             )
             if HAS_MASK:
                 mk = tl.load(mask_ptr + tok, mask=t_ok, other=0.0)
@@ -595,23 +713,23 @@ def _bwd_dq_kernel(
                 kn = kn * mk[:, None]
             vv = tl.load(
                 v_ptr + tok[:, None] * (HK * DV) + i_hk * DV + offs_v[None, :],
-                mask=t_ok[:, None] & v_ok[None, :],
+                mask=_rc(t_ok, v_ok, EVEN),
                 other=0.0,
-            )
-            kp_d = kp.to(vv.dtype)
+            ).to(DOT_DT)
+            kp_d = kp.to(DOT_DT)
             da = tl.dot(gg_d, tl.trans(vv), input_precision=PREC) + c[:, None]
-            da = tl.where(causal_mask, da, 0.0).to(vv.dtype)
+            da = tl.where(causal_mask, da, 0.0).to(DOT_DT)
             dqp += tl.dot(da, kp_d, input_precision=PREC)
             s_p += tl.dot(tl.trans(kp_d), vv, input_precision=PREC)
             z_p += tl.sum(kp, 0)
             if NEG:
-                kn_d = kn.to(vv.dtype)
+                kn_d = kn.to(DOT_DT)
                 dqn += tl.dot(da, kn_d, input_precision=PREC)
                 s_n += tl.dot(tl.trans(kn_d), vv, input_precision=PREC)
                 z_n += tl.sum(kn, 0)
         dw_acc, db_acc = _feat_tile_bwd(
             xq, zq, qp, qn, dqp, dqn, t_ok, dq_ptr, wq_ptr, tok, i_h, H, D, F, dw_acc, db_acc,
-            BD, BF, FUSED, ACT, NEG, MAP_PREC,
+            BD, BF, FUSED, ACT, NEG, MAP_PREC, EVEN,
         )  # fmt: skip
     if FUSED:
         offs_d = tl.arange(0, BD)
@@ -674,6 +792,8 @@ def _bwd_dkv_kernel(
     W_NATIVE: tl.constexpr,
     MAP_PREC: tl.constexpr,
     PREC: tl.constexpr,
+    DOT_DT: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
     """dk, dv (and partial dW_k, db_k) for one KV head, walking the segment backwards.
 
@@ -682,10 +802,11 @@ def _bwd_dkv_kernel(
     """
     i_s = tl.program_id(0)
     i_nh = tl.program_id(1)
+    v0 = tl.program_id(2) * BV  # value columns of this program (fwd kernels split V; bwd: one block)
     i_n = i_nh // HK
     i_hk = i_nh % HK
     bos, L, c0, c1 = _segment(cu_ptr, i_n, i_s, CPS, BT)
-    offs_v = tl.arange(0, BV)
+    offs_v = v0 + tl.arange(0, BV)
     v_ok = offs_v < DV
     offs_i = tl.arange(0, BT)
     # rows are keys s, columns queries t: key s is seen by query t when t >= s
@@ -695,9 +816,11 @@ def _bwd_dkv_kernel(
         rzi_ptr + i_n * rzi_sn + i_hk * rzi_sh + i_s * rzi_ss,
         F,
         DV,
+        v0,
         BF,
         BV,
         NEG,
+        EVEN,
     )
     dw_acc = tl.zeros([BD, BF], dtype=tl.float32)
     db_acc = tl.zeros([BF], dtype=tl.float32)
@@ -707,7 +830,7 @@ def _bwd_dkv_kernel(
         t_ok = offs_t < L
         tok = bos + offs_t
         xk, zk, kp_raw, kn_raw = _feat_tile(
-            k_ptr, wk_ptr, bk_ptr, tok, t_ok, i_hk, HK, D, F, BD, BF, FUSED, HAS_BK, ACT, NEG, W_NATIVE, MAP_PREC
+            k_ptr, wk_ptr, bk_ptr, tok, t_ok, i_hk, HK, D, F, BD, BF, FUSED, HAS_BK, ACT, NEG, W_NATIVE, MAP_PREC, EVEN
         )
         if HAS_MASK:
             mk = tl.load(mask_ptr + tok, mask=t_ok, other=0.0)
@@ -718,36 +841,53 @@ def _bwd_dkv_kernel(
             kn = kn_raw
         vv = tl.load(
             v_ptr + tok[:, None] * (HK * DV) + i_hk * DV + offs_v[None, :],
-            mask=t_ok[:, None] & v_ok[None, :],
+            mask=_rc(t_ok, v_ok, EVEN),
             other=0.0,
-        )
-        kp_d = kp.to(vv.dtype)
-        dkp = tl.dot(vv, tl.trans(dh_p.to(vv.dtype)), input_precision=PREC) + e_p[None, :]
-        dv = tl.dot(kp_d, dh_p.to(vv.dtype), input_precision=PREC)
+        ).to(DOT_DT)
+        kp_d = kp.to(DOT_DT)
+        dkp = tl.dot(vv, tl.trans(dh_p.to(DOT_DT)), input_precision=PREC) + e_p[None, :]
+        dv = tl.dot(kp_d, dh_p.to(DOT_DT), input_precision=PREC)
         if NEG:
-            kn_d = kn.to(vv.dtype)
-            dkn = tl.dot(vv, tl.trans(dh_n.to(vv.dtype)), input_precision=PREC) + e_n[None, :]
-            dv += tl.dot(kn_d, dh_n.to(vv.dtype), input_precision=PREC)
+            kn_d = kn.to(DOT_DT)
+            dkn = tl.dot(vv, tl.trans(dh_n.to(DOT_DT)), input_precision=PREC) + e_n[None, :]
+            dv += tl.dot(kn_d, dh_n.to(DOT_DT), input_precision=PREC)
         else:
             dkn = dkp
         if CAUSAL:
             for g in range(G):
                 i_h = i_hk * G + g
                 _xq, _zq, qp, qn = _feat_tile(
-                    q_ptr, wq_ptr, bq_ptr, tok, t_ok, i_h, H, D, F, BD, BF, FUSED, HAS_BQ, ACT, NEG, W_NATIVE, MAP_PREC
+                    q_ptr,
+                    wq_ptr,
+                    bq_ptr,
+                    tok,
+                    t_ok,
+                    i_h,
+                    H,
+                    D,
+                    F,
+                    BD,
+                    BF,
+                    FUSED,
+                    HAS_BQ,
+                    ACT,
+                    NEG,
+                    W_NATIVE,
+                    MAP_PREC,
+                    EVEN,
                 )
-                gg, c = _load_dout(do_ptr, o_ptr, den_ptr, mask_ptr, tok, t_ok, i_h, H, DV, BV, HAS_MASK)
-                gg_d = gg.to(vv.dtype)
-                qp_d = qp.to(vv.dtype)
+                gg, c = _load_dout(do_ptr, o_ptr, den_ptr, mask_ptr, tok, t_ok, i_h, H, DV, BV, HAS_MASK, EVEN)
+                gg_d = gg.to(DOT_DT)
+                qp_d = qp.to(DOT_DT)
                 at = tl.dot(kp_d, tl.trans(qp_d), input_precision=PREC)
                 if NEG:
-                    qn_d = qn.to(vv.dtype)
+                    qn_d = qn.to(DOT_DT)
                     at += tl.dot(kn_d, tl.trans(qn_d), input_precision=PREC)
                 at = tl.where(causal_mask_t, at, 0.0)
                 dat = tl.dot(vv, tl.trans(gg_d), input_precision=PREC) + c[None, :]
-                dat = tl.where(causal_mask_t, dat, 0.0).to(vv.dtype)
+                dat = tl.where(causal_mask_t, dat, 0.0).to(DOT_DT)
                 dkp += tl.dot(dat, qp_d, input_precision=PREC)
-                dv += tl.dot(at.to(vv.dtype), gg_d, input_precision=PREC)
+                dv += tl.dot(at.to(DOT_DT), gg_d, input_precision=PREC)
                 dh_p += tl.dot(tl.trans(qp_d), gg_d, input_precision=PREC)
                 e_p += tl.sum(qp * c[:, None], 0)
                 if NEG:
@@ -760,11 +900,11 @@ def _bwd_dkv_kernel(
         tl.store(
             dv_ptr + tok[:, None] * (HK * DV) + i_hk * DV + offs_v[None, :],
             dv.to(dv_ptr.dtype.element_ty),
-            mask=t_ok[:, None] & v_ok[None, :],
+            mask=_rc(t_ok, v_ok, EVEN),
         )
         dw_acc, db_acc = _feat_tile_bwd(
             xk, zk, kp_raw, kn_raw, dkp, dkn, t_ok, dk_ptr, wk_ptr, tok, i_hk, HK, D, F, dw_acc, db_acc,
-            BD, BF, FUSED, ACT, NEG, MAP_PREC,
+            BD, BF, FUSED, ACT, NEG, MAP_PREC, EVEN,
         )  # fmt: skip
     if FUSED:
         offs_d = tl.arange(0, BD)
@@ -829,13 +969,13 @@ def _decode_kernel(
     vv = tl.load(v_ptr + (i_b * HK + i_hk) * DV + offs_v, mask=v_ok, other=0.0).to(tl.float32)
     sbase = s_ptr + (i_b * HK + i_hk) * FT * DV
     zbase = z_ptr + (i_b * HK + i_hk) * FT
-    s_p, s_n, z_p, z_n = _load_state(sbase, zbase, F, DV, BF, BV, NEG)
+    s_p, s_n, z_p, z_n = _load_state(sbase, zbase, F, DV, 0, BF, BV, NEG, False)
     s_p += tl.trans(kp) * vv[None, :]
     z_p += tl.sum(kp, 0)
     if NEG:
         s_n += tl.trans(kn) * vv[None, :]
         z_n += tl.sum(kn, 0)
-    _store_state(sbase, zbase, s_p, s_n, z_p, z_n, F, DV, BF, BV, NEG)
+    _store_state(sbase, zbase, s_p, s_n, z_p, z_n, F, DV, 0, BF, BV, NEG, False)
     for g in range(G):
         i_h = i_hk * G + g
         xq = tl.load(q_ptr + (i_b * H + i_h) * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)

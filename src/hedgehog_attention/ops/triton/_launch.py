@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 import triton
+import triton.language as tl
 
 from . import _kernels as K
 
@@ -20,7 +21,12 @@ from . import _kernels as K
 # N * HK * NS reaches this (2 waves over the H200's 132 SMs), so that long sequences with few
 # heads still fill the chip. Tests shrink ``chunk`` to 16 to exercise many chunks on tiny inputs.
 # ``poison``: fill every kernel-written buffer with NaN first (tests), so a skipped write shows.
-CONFIG = {"chunk": 64, "min_programs": 264, "num_warps": None, "num_stages": 1, "poison": False}
+# ``fwd_bv``: value columns per forward program (the forward splits V over programs like fla:
+# half the state registers per program, twice the programs; the backward keeps all of V).
+CONFIG = {"chunk": 64, "min_programs": 264, "num_warps": None, "num_stages": 1, "poison": False, "fwd_bv": 32}
+
+
+_COMMON = ("BD", "BF", "BV", "FUSED", "HAS_MASK", "ACT", "NEG", "W_NATIVE", "MAP_PREC", "PREC", "DOT_DT", "EVEN")
 
 
 def _empty(*shape, device, dtype) -> torch.Tensor:
@@ -45,7 +51,9 @@ def _plan(cu: torch.Tensor | None, n_seq: int, hk: int, max_len: int) -> tuple[i
 def _warps(bf: int, bv: int) -> int:
     if CONFIG["num_warps"] is not None:
         return int(CONFIG["num_warps"])
-    return 4 if bf * bv <= 64 * 64 else 8
+    # 8 warps: with 4, the [64, 64] fp32 tiles (two state halves, features, scores) spill
+    # ~2 KB a thread (ptxas report, sm_90); 8 warps halve that.
+    return 8
 
 
 def _consts(q, v, wq, bq, bk, mask, fused, activation, negation, F, D, DV):
@@ -62,6 +70,13 @@ def _consts(q, v, wq, bq, bk, mask, fused, activation, negation, F, D, DV):
         # fp32 inputs: exact fp32 products; half inputs: tf32 is exact for bf16/fp16 operands
         MAP_PREC="tf32" if half else "ieee",
         PREC="tf32" if half else "ieee",
+        # every block dimension exactly the tensor's: only row masks are needed
+        EVEN=_pow2(D) == D and _pow2(F) == F and _pow2(DV) == DV,
+        # operand dtype of the attention products (fp32 accumulation always). fp16 cannot hold
+        # the exp map's features (up to e^30) or their products: those run in tf32 instead.
+        DOT_DT=tl.float32
+        if (not half or (v.dtype == torch.float16 and activation == "exp" and fused))
+        else (tl.bfloat16 if v.dtype == torch.bfloat16 else tl.float16),
     )
 
 
@@ -89,6 +104,9 @@ def fwd(
     dev = q.device
     bt, cps, ns = _plan(cu, N, HK, max_len)
     c = _consts(q, v, wq, bq, bk, mask, fused, activation, negation, F, D, DV)
+    bv = min(c["BV"], _pow2(CONFIG["fwd_bv"]))
+    nv = triton.cdiv(DV, bv)
+    c = dict(c, BV=bv, EVEN=c["EVEN"] and DV % bv == 0)
     nw = _warps(c["BF"], c["BV"])
     dummy = q
     wq_, bq_, wk_, bk_ = (
@@ -106,10 +124,10 @@ def fwd(
     if need_local:
         sl = torch.zeros(N, HK, ns, FT, DV, device=dev, dtype=torch.float32)
         zl = torch.zeros(N, HK, ns, FT, device=dev, dtype=torch.float32)
-        K._state_kernel[(ns, N * HK)](
+        K._state_kernel[(ns, N * HK, nv)](
             k, v, wk_, bk_, mask_, cu, sl, zl, HK, D, F, DV, cps, ns,
             BT=bt, HAS_B=bk is not None,
-            **{x: c[x] for x in ("BD", "BF", "BV", "FUSED", "HAS_MASK", "ACT", "NEG", "W_NATIVE", "MAP_PREC", "PREC")},
+            **{x: c[x] for x in _COMMON},
             num_warps=nw, num_stages=CONFIG["num_stages"],
         )  # fmt: skip
         if causal:
@@ -132,12 +150,12 @@ def fwd(
         ze = _empty(N, HK, ns, FT, device=dev, dtype=torch.float32)
     else:
         se, ze = dummy, dummy
-    K._fwd_kernel[(ns, N * HK)](
+    K._fwd_kernel[(ns, N * HK, nv)](
         q, k, v, wq_, bq_, wk_, bk_, mask_, cu, s_in, z_in, o, den, se, ze,
         float(eps), H, HK, G, D, F, DV, cps, ns,
         s_in.stride(0), s_in.stride(1), s_in.stride(2), z_in.stride(0), z_in.stride(1), z_in.stride(2),
         BT=bt, HAS_BQ=bq is not None, HAS_BK=bk is not None, CAUSAL=bool(causal), STORE_END=store_end,
-        **{x: c[x] for x in ("BD", "BF", "BV", "FUSED", "HAS_MASK", "ACT", "NEG", "W_NATIVE", "MAP_PREC", "PREC")},
+        **{x: c[x] for x in _COMMON},
         num_warps=nw, num_stages=CONFIG["num_stages"],
     )  # fmt: skip
     if causal:
@@ -180,7 +198,10 @@ def bwd(
     )
     mask_ = mask if mask is not None else dummy
     do = do.contiguous()
-    common = {x: c[x] for x in ("BD", "BF", "BV", "FUSED", "HAS_MASK", "ACT", "NEG", "W_NATIVE", "MAP_PREC", "PREC")}
+    common = {
+        x: c[x]
+        for x in ("BD", "BF", "BV", "FUSED", "HAS_MASK", "ACT", "NEG", "W_NATIVE", "MAP_PREC", "PREC", "DOT_DT", "EVEN")
+    }
 
     if ds_fin is None:
         ds_fin = torch.zeros(N, HK, FT, DV, device=dev, dtype=torch.float32)
