@@ -60,6 +60,9 @@ def save_linearized(model: nn.Module, directory: str | Path, tokenizer: Any = No
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700 folders; the checkpoint gets the usual mode
     try:
         cfg = model.config.to_dict()
         cfg.pop("quantization_config", None)
