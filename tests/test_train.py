@@ -168,6 +168,7 @@ def test_corrupted_checkpoint_is_skipped_with_warning(tmp_path: Path):
     with pytest.warns(RuntimeWarning, match=r"skipping corrupted or unreadable checkpoint .*ckpt-00000006\.pt"):
         res, _ = run(make_config(max_steps=6, checkpoint_every=2, checkpoint_dir=str(d), resume=True))
     assert res.resumed_from == 4 and res.steps_done == 6
+    assert not list(d.glob(".*.tmp")), "the stale temp file is cleaned at the next save"
 
 
 def test_checkpoint_is_weights_only_and_trainable_only(tmp_path: Path):
@@ -319,3 +320,15 @@ def test_cuda_train_checkpoint_resume(tmp_path: Path):
     assert res.resumed_from == 2 and res.losses == full.losses
     bf, _ = run(make_config(max_steps=3, device="cuda", autocast="bf16"))
     assert all(math.isfinite(x) for x in bf.losses)
+
+
+def test_resume_with_changed_config_warns(tmp_path: Path):
+    run(make_config(max_steps=2, checkpoint_every=2, checkpoint_dir=str(tmp_path)))
+    with pytest.warns(RuntimeWarning, match=r"different config: \{'lr': \(0\.1, 0\.2\)\}"):
+        run(make_config(max_steps=4, lr=0.2, checkpoint_every=2, checkpoint_dir=str(tmp_path), resume=True))
+
+
+def test_dataloader_workers_give_the_same_trajectory(tmp_path: Path):
+    a, _ = run(make_config(max_steps=4))
+    b, _ = run(make_config(max_steps=4, num_workers=2))
+    assert a.losses == b.losses

@@ -74,6 +74,12 @@ def save_checkpoint(directory: str | os.PathLike, step: int, state: dict[str, An
     """
     directory = Path(directory)
     path = checkpoint_path(directory, step)
+    # Temp files of earlier writers of this folder that died mid-write (only one process writes a
+    # run's checkpoints, so any other pid's temp file is stale).
+    if directory.is_dir():
+        for stale in directory.glob(".ckpt-*.tmp"):
+            if not stale.name.endswith(f".{os.getpid()}.tmp"):
+                stale.unlink(missing_ok=True)
     state = {"format_version": FORMAT_VERSION, **state}
     atomic_write_bytes(path, lambda f: torch.save(state, f))
     meta = state.get("meta")

@@ -36,6 +36,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -458,6 +459,20 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
+# Fields that may differ between a run and its resumption without changing the result.
+_RESUME_NEUTRAL = {"resume", "progress", "log_every", "num_workers", "checkpoint_dir", "checkpoint_every", "keep_last",
+                   "max_steps", "device", "strategy", "micro_batch_size", "grad_accum_steps"}  # fmt: skip
+
+
+def _config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{field: (checkpoint's value, current value)} for fields that change the trajectory.
+    (max_steps matters only to the cosine schedule; the batch split is checked as the global batch.)"""
+    neutral = set(_RESUME_NEUTRAL)
+    if new.get("scheduler") == "cosine":
+        neutral.discard("max_steps")
+    return {k: (old.get(k), v) for k, v in new.items() if k not in neutral and old.get(k) != v}
+
+
 def _fsdp_blocks(model: nn.Module) -> list[nn.Module]:
     """Children of the outermost ``nn.ModuleList``s that hold parameters (FSDP2 units).
 
@@ -583,7 +598,7 @@ class Trainer:
         self.params = [named[name] for name in self.trainable_names]
         self.optimizer = torch.optim.AdamW(
             self.params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay,
-            foreach=None if self.strategy != "fsdp" else False,
+            foreach=None if self.strategy != "fsdp" else False,  # plain loop over DTensor shards: the safe path
         )  # fmt: skip
         self.schedule = LRSchedule(config)
         self._forward_calls = 0
@@ -814,9 +829,16 @@ class Trainer:
         if state is not None:
             meta = state["meta"]
             if meta["global_batch_size"] != self.global_batch_size:
-                logger.warning(
-                    "resuming with global batch %d (checkpoint used %d): the data order differs from the "
-                    "original run", self.global_batch_size, meta["global_batch_size"],
+                warnings.warn(
+                    f"resuming with global batch {self.global_batch_size} (the checkpoint used "
+                    f"{meta['global_batch_size']}): the data order differs from the original run",
+                    RuntimeWarning, stacklevel=2,
+                )  # fmt: skip
+            changed = _config_changes(meta["config"], c.to_dict())
+            if changed and self.world.is_main:
+                warnings.warn(
+                    f"resuming {state['path']} with a different config: {changed}; the run will not match an "
+                    "uninterrupted one", RuntimeWarning, stacklevel=2,
                 )  # fmt: skip
             self._load_model_state(state["model"])
             self._load_optim_state(state["optimizer"])
