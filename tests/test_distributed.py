@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +29,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 STEPS, KILL_AT, CKPT_EVERY = 8, 5, 2
+WORKER_DEADLINE_S = 120
 
 
 def _free_port() -> int:
@@ -52,6 +54,7 @@ def _worker(modes: list[str], out_dir: Path) -> None:
 
     from hedgehog_attention.train import Trainer, cleanup_distributed, init_distributed
 
+    signal.alarm(WORKER_DEADLINE_S)  # a stuck worker (e.g. a peer died in a collective) ends itself
     torch.set_num_threads(1)
     info = init_distributed()
     assert info.world_size == (1 if all(m.startswith("cuda") for m in modes) else 2), info
@@ -135,13 +138,30 @@ def _misuse(rank: int) -> dict[str, str]:
 
 
 def _launch(modes: str, out_dir: Path, timeout: float = 60, nproc: int = 2) -> subprocess.CompletedProcess:
+    """torchrun on a free port; on timeout the whole process group (agent + workers) is killed."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
         "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "--monitor_interval=0.1",
         str(Path(__file__).resolve()), "worker", "--modes", modes, "--out", str(out_dir),
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=HERE)
+    src = HERE.parent / "src"  # a source checkout works without an install
+    path = os.pathsep.join(p for p in (str(src) if src.is_dir() else "", os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=HERE,
+                            start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # SIGTERM lets the torchrun agent stop its workers (they run in sessions of their own, so a
+        # process-group kill would not reach them); then SIGKILL whatever is left of the agent.
+        proc.terminate()
+        try:
+            out, err = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = "", ""
+        pytest.fail(f"torchrun {modes!r} did not finish in {timeout} s:\n{out[-2000:]}\n{err[-4000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 @pytest.fixture(scope="module")
