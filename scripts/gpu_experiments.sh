@@ -11,8 +11,8 @@ nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)'
 pids=()
 if [[ " $what " == *" recall "* ]]; then
-  timeout 320 python3 -m hedgehog_attention.cli recall --config configs/recall.yaml --device cuda \
-    --workers 16 --out runs/recall >"$OUT/recall.log" 2>&1 &
+  timeout ${RECALL_TIMEOUT:-320} python3 -m hedgehog_attention.cli recall --config configs/recall.yaml --device cuda \
+    --workers 17 --out runs/recall >"$OUT/recall.log" 2>&1 &
   pids+=($!)
 fi
 if [[ " $what " == *" lm "* ]]; then
