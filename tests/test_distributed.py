@@ -15,6 +15,7 @@ in float64.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shutil
@@ -164,9 +165,7 @@ def _launch(modes: str, out_dir: Path, timeout: float = 60, nproc: int = 2) -> s
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("dist")
+def _run_all(out: Path) -> None:
     first = _launch("ddp,fsdp,ddp-accum,fsdp-accum,fsdp-ckpt,kill", out)
     assert first.returncode != 0, "the kill run should have made torchrun fail"
     assert (out / "ddp.json").exists() and (out / "fsdp.json").exists(), first.stdout + first.stderr
@@ -180,6 +179,28 @@ def runs(tmp_path_factory) -> dict:
                 shutil.copy(out / "ckpt_fsdp" / f"ckpt-{step:08d}.{ext}", out / name)
     second = _launch("resume,fsdp-resume,ddp-misuse", out)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-5000:]
+    (out / "DONE").touch()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """The two launches, once per session: under pytest-xdist (CI runs -n 2) the workers share
+    one result folder behind a file lock instead of each launching its own torchrun pair."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        out = tmp_path_factory.getbasetemp().parent / "hedgehog_dist_runs"
+        out.mkdir(exist_ok=True)
+        with open(out.parent / "hedgehog_dist_runs.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if not (out / "DONE").exists():
+                    shutil.rmtree(out)
+                    out.mkdir()
+                    _run_all(out)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+    else:
+        out = tmp_path_factory.mktemp("dist")
+        _run_all(out)
     modes = ("ddp", "fsdp", "ddp-accum", "fsdp-accum", "fsdp-ckpt", "resume", "fsdp-resume", "ddp-misuse")
     recs = {m: json.loads((out / f"{m}.json").read_text()) for m in modes}
     recs["ckpts"] = sorted(p.name for p in (out / "ckpt").glob("ckpt-*.pt"))
