@@ -332,3 +332,8 @@ def test_dataloader_workers_give_the_same_trajectory(tmp_path: Path):
     a, _ = run(make_config(max_steps=4))
     b, _ = run(make_config(max_steps=4, num_workers=2))
     assert a.losses == b.losses
+
+
+def test_empty_eval_data_is_refused():
+    with pytest.raises(ValueError, match="eval_data is empty"):
+        Trainer(TinyNet(), loss_fn, Points(40), Points(0), make_config())

@@ -213,9 +213,9 @@ class TrainConfig:
     eval_batch_size: int | None = None
     """per-process eval batch size (default: micro_batch_size)"""
     device: str | None = None
+    """default (and for plain "cuda"): cuda:LOCAL_RANK when CUDA is available, else cpu"""
     autocast: Literal["none", "bf16"] = "none"
     """run loss_fn under torch.autocast(bfloat16) (parameters and optimizer state stay in their dtype)"""
-    """default: cuda:LOCAL_RANK when CUDA is available, else cpu"""
     find_unused_parameters: bool = False
     """DDP: set when some trainable parameters get no gradient in a step"""
 
@@ -546,9 +546,13 @@ class Trainer:
         if config.device is not None:
             self.device = torch.device(config.device)
         elif torch.cuda.is_available():
-            self.device = torch.device("cuda", self.world.local_rank)
+            self.device = torch.device("cuda")
         else:
             self.device = torch.device("cpu")
+        if self.device.type == "cuda":
+            if self.device.index is None:  # plain "cuda": this process's GPU, not everyone on cuda:0
+                self.device = torch.device("cuda", self.world.local_rank)
+            torch.cuda.set_device(self.device)
         strategy = config.strategy
         if strategy == "auto":
             strategy = "ddp" if self.world.distributed else "none"
@@ -573,6 +577,8 @@ class Trainer:
                 f"world_size={self.world.world_size}); lower micro_batch_size or grad_accum_steps"
             )
         self.global_batch_size = gb
+        if eval_data is not None and len(eval_data) == 0:  # type: ignore[arg-type]
+            raise ValueError("eval_data is empty; pass None to train without evaluation")
         self.steps_per_epoch = n // gb
 
         # Which parameters train: by name, so they survive wrapping (FSDP2 swaps Parameter objects).
