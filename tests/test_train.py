@@ -19,11 +19,13 @@ from torch.utils.data import Dataset
 from hedgehog_attention import checkpoint as ckpt
 from hedgehog_attention.train import (
     GlobalBatchSampler,
+    LossModule,
     LRSchedule,
     TrainConfig,
     Trainer,
     TrainerCallback,
     _fsdp_blocks,
+    call_model,
 )
 
 D = 6
@@ -337,3 +339,21 @@ def test_dataloader_workers_give_the_same_trajectory(tmp_path: Path):
 def test_empty_eval_data_is_refused():
     with pytest.raises(ValueError, match="eval_data is empty"):
         Trainer(TinyNet(), loss_fn, Points(40), Points(0), make_config())
+
+
+def test_loss_module_trains_cached_tensors():
+    """The cached-capture pattern: no model forward per step, the loss is the wrapped module's forward."""
+    blocks = TinyNet().blocks
+    teacher = TinyNet().teacher
+
+    def cached_loss(mod, x):  # x: (B, D) cached inputs; targets from the frozen teacher
+        h = x
+        for b in mod:
+            h = h + torch.tanh(b(h))
+        return ((h - teacher(x).detach()) ** 2).mean()
+
+    lm = LossModule(blocks, cached_loss)
+    res = Trainer(lm, call_model, Points(40), Points(10, seed=2), make_config(max_steps=10)).fit()
+    evals = [r["eval_loss"] for r in res.history if r["eval_loss"] is not None]
+    assert evals[-1] < evals[0]
+    assert Trainer(lm, call_model, Points(40), None, make_config()).trainable_names[0] == "module.0.weight"

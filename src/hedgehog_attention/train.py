@@ -56,8 +56,10 @@ __all__ = [
     "TrainResult",
     "Trainer",
     "TrainerCallback",
+    "LossModule",
     "WorldInfo",
     "barrier",
+    "call_model",
     "cleanup_distributed",
     "init_distributed",
     "is_main_process",
@@ -160,6 +162,29 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     while isinstance(model, DistributedDataParallel):
         model = model.module
     return model
+
+
+class LossModule(nn.Module):
+    """Make ``fn(module, batch) -> loss`` the forward of a module, so DDP/FSDP wrap the loss itself.
+
+    For training that runs no model forward per step, e.g. feature maps distilled on cached
+    teacher ``q, k``: ``Trainer(LossModule(maps, cached_eq3_loss), call_model, ...)`` with
+    ``call_model = lambda m, batch: m(batch)``. ``module`` holds every parameter the loss touches
+    (an ``nn.ModuleDict`` of the maps, say); its state-dict keys get the prefix ``module.``.
+    """
+
+    def __init__(self, module: nn.Module, fn: Callable[[nn.Module, Any], Any]) -> None:
+        super().__init__()
+        self.module = module
+        self.fn = fn
+
+    def forward(self, batch: Any) -> Any:
+        return self.fn(self.module, batch)
+
+
+def call_model(model: nn.Module, batch: Any) -> Any:
+    """The ``loss_fn`` for a model whose forward returns the loss (e.g. a :class:`LossModule`)."""
+    return model(batch)
 
 
 # --------------------------------------------------------------------------------------------------
