@@ -357,3 +357,48 @@ def test_loss_module_trains_cached_tensors():
     evals = [r["eval_loss"] for r in res.history if r["eval_loss"] is not None]
     assert evals[-1] < evals[0]
     assert Trainer(lm, call_model, Points(40), None, make_config()).trainable_names[0] == "module.0.weight"
+
+
+def test_online_distillation_recipe_of_a_converted_model():
+    """docs/distributed.md's online recipe: TeacherCapture inside loss_fn, the forward through the
+    (possibly wrapped) model with grad enabled; only the feature maps train."""
+    transformers = pytest.importorskip("transformers")
+    from hedgehog_attention.convert import feature_map_parameters, linearize
+    from hedgehog_attention.convert.distill import TeacherCapture
+    from hedgehog_attention.train import unwrap_model
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # peaky softmax attention, so Eq. 3 has something to learn
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(20)
+            layer.self_attn.k_proj.weight.mul_(20)
+    linearize(model)
+    maps = {id(p) for p in feature_map_parameters(model)}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in maps)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    class Tokens(Dataset):
+        def __init__(self, n: int, seed: int) -> None:
+            self.x = torch.randint(0, 64, (n, 16), generator=torch.Generator().manual_seed(seed))
+
+        def __len__(self) -> int:
+            return len(self.x)
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return {"input_ids": self.x[i]}
+
+    def loss_fn(m, batch):
+        with TeacherCapture(unwrap_model(m), compute_loss=True) as cap:
+            m(**batch, use_cache=False)
+        return sum(cap.losses.values())
+
+    res = Trainer(model, loss_fn, Tokens(16, 0), None, make_config(max_steps=3, micro_batch_size=4)).fit()
+    assert all(math.isfinite(x) for x in res.losses) and res.history[-1]["tokens"] == 3 * 4 * 16
+    for n, p in model.named_parameters():
+        changed = not torch.equal(p.detach(), before[n])
+        assert changed == (id(p) in maps), n
