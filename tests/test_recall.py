@@ -71,29 +71,29 @@ def test_task_validation():
 
 
 def test_softmax_transformer_learns_recall():
-    """A 2-layer softmax model forms an induction circuit within a few hundred steps: far above both
-    chance (1/8) and what copying any value seen in context gives (~35% here)."""
+    """A 2-layer softmax model forms an induction circuit within ~100 steps on a tiny task (4 keys,
+    4 values, 8 pairs): far above chance (25%) and above copying a value seen in context (~55%)."""
     cfg = RecallConfig(
-        task=RecallTask(vocab_size=16, seq_len=32),
-        model=RecallModel(d_model=64, n_layers=2, n_heads=4),
+        task=RecallTask(vocab_size=8, seq_len=16),
+        model=RecallModel(d_model=32, n_layers=2, n_heads=2),
         train=RecallTrain(
-            steps=400,
-            batch_size=64,
-            lr=1e-3,
+            steps=150,
+            batch_size=32,
+            lr=3e-3,
             weight_decay=0.0,
             warmup_steps=50,
-            log_every=400,
+            log_every=150,
             valid_sequences=32,
-            test_sequences=256,
+            test_sequences=512,
             entropy_sequences=8,
-        ),
+        ),  # fmt: skip
         variants=[RecallVariant("softmax", "softmax")],
         seeds=[0],
         device="cpu",
     )
     res = run_one(cfg, cfg.variants[0], 0, torch.device("cpu"))
-    assert res["test_accuracy"] > 0.8, res["test_accuracy"]
+    assert res["test_accuracy"] > 0.9, res["test_accuracy"]
     # A model that recalls has spiky attention: mean entropy well below uniform causal weights.
+    assert res["uniform_entropy"] == pytest.approx(torch.log(torch.arange(1.0, 17)).mean().item())
     assert res["entropy"] < res["uniform_entropy"] - 0.5
-    assert res["uniform_entropy"] == pytest.approx(torch.log(torch.arange(1.0, 33)).mean().item())
     assert not math.isnan(res["entropy"])

@@ -1,0 +1,129 @@
+"""Experiment commands: strict configs, shipped configs load, CPU smoke runs write tables and plots."""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hedgehog_attention.experiments.common import ConfigError, apply_overrides, config_from_dict, load_config
+from hedgehog_attention.experiments.lm import LMConfig, gap_closed
+from hedgehog_attention.experiments.lm import main as lm_main
+from hedgehog_attention.experiments.recall import RecallConfig
+from hedgehog_attention.experiments.recall import main as recall_main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@dataclass
+class _Inner:
+    a: int = 1
+    b: float | None = None
+
+
+@dataclass
+class _Outer:
+    name: str
+    inner: _Inner = field(default_factory=_Inner)
+    items: list[_Inner] = field(default_factory=list)
+
+
+def test_strict_loader_rejects_unknown_and_wrong_types():
+    ok = config_from_dict(_Outer, {"name": "x", "inner": {"a": 3, "b": 2}, "items": [{"a": 5}]})
+    assert ok.inner.a == 3 and ok.inner.b == 2.0 and ok.items[0].a == 5
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['typo'\]; valid keys: \['a', 'b'\]"):
+        config_from_dict(_Outer, {"name": "x", "inner": {"typo": 1}})
+    with pytest.raises(ConfigError, match="unknown key"):
+        config_from_dict(_Outer, {"name": "x", "items": [{"a": 1, "c": 2}]})
+    with pytest.raises(ConfigError, match="missing required key 'name'"):
+        config_from_dict(_Outer, {})
+    with pytest.raises(ConfigError, match="expected an integer"):
+        config_from_dict(_Outer, {"name": "x", "inner": {"a": "3"}})
+    with pytest.raises(ConfigError, match="expected an integer"):
+        config_from_dict(_Outer, {"name": "x", "inner": {"a": True}})
+
+
+def test_overrides_and_post_init_checks(tmp_path):
+    data = apply_overrides({"train": {"steps": 5}}, ["train.steps=7", "seeds=[1, 2]"])
+    assert data == {"train": {"steps": 7}, "seeds": [1, 2]}
+    p = tmp_path / "c.yaml"
+    p.write_text("variants: [{name: a, attention: softmax}]\nmodel: {d_model: 30}\n")
+    with pytest.raises(ConfigError, match="divisible"):
+        load_config(RecallConfig, p)
+    p.write_text("variants: [{name: a, attention: nope}]\n")
+    with pytest.raises(ConfigError, match="unknown attention"):
+        load_config(RecallConfig, p)
+    p.write_text("variants: [{name: a, attention: softmax}]\nunknown_top: 1\n")
+    with pytest.raises(ConfigError, match="unknown_top"):
+        load_config(RecallConfig, p)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load_and_give_their_command(path):
+    header = path.read_text().splitlines()[:8]
+    assert any("hedgehog_attention.cli" in line or "hedgehog " in line for line in header), "header lacks the command"
+    cls = {"recall": RecallConfig, "lm": LMConfig}.get(path.stem.split("_")[0])
+    if cls is not None:
+        load_config(cls, path)
+
+
+def test_recall_paper_config_has_all_attentions():
+    cfg = load_config(RecallConfig, CONFIGS / "recall.yaml")
+    assert (cfg.task.vocab_size, cfg.task.seq_len, cfg.model.n_layers, cfg.model.n_heads) == (40, 128, 4, 4)
+    atts = {(v.attention, v.distill_weight > 0) for v in cfg.variants}
+    for a in ("softmax", "elu", "relu", "performer", "cosformer", "taylor2", "t2r"):
+        assert (a, False) in atts
+    assert ("hedgehog", False) in atts and ("hedgehog", True) in atts
+    temps = sorted(v.feature_map_kwargs["temperature"] for v in cfg.variants if v.attention == "exp_t")
+    assert temps == [1.0, 2.0]
+    assert len(cfg.seeds) >= 3
+
+
+def test_recall_cli_smoke_writes_report(tmp_path):
+    out = tmp_path / "recall"
+    rc = recall_main(["--config", str(CONFIGS / "recall_smoke.yaml"), "--out", str(out), "--set", "train.steps=8"])
+    assert rc == 0
+    md = (out / "recall.md").read_text()
+    assert "| softmax |" in md and "| hedgehog-distill |" in md
+    assert (out / "recall_scatter.png").stat().st_size > 1000
+    res = json.loads((out / "results.json").read_text())["summary"]
+    assert {r["variant"] for r in res} == {"softmax", "hedgehog", "hedgehog-distill"}
+    assert all(0 <= r["acc_mean"] <= 1 and r["entropy_mean"] > 0 for r in res)
+    # A rerun skips finished runs (resume at run granularity) and rebuilds the same table.
+    assert recall_main(["--config", str(CONFIGS / "recall_smoke.yaml"), "--out", str(out), "--report-only"]) == 0
+
+
+def test_lm_cli_smoke_and_resume(tmp_path):
+    rng = np.random.default_rng(0)
+    # A learnable toy stream over 64 ids: a repeated pattern with noise.
+    base = np.tile(np.arange(64, dtype=np.uint16), 200)
+    noise = rng.integers(0, 64, base.shape).astype(np.uint16)
+    stream = np.where(rng.random(base.shape) < 0.1, noise, base).astype(np.uint16)
+    npz = tmp_path / "toks.npz"
+    np.savez(npz, train=stream, validation=stream[:2000], test=stream[2000:4000])
+    out = tmp_path / "lm"
+    args = [
+        "--config", str(CONFIGS / "lm_smoke.yaml"), "--out", str(out),
+        "--set", f"data.npz_path={npz}", "--set", "data.vocab_size=64", "--set", "train.steps=30",
+        "--set", "train.log_every=15", "--set", "train.checkpoint_every=15",
+    ]  # fmt: skip
+    assert lm_main(args) == 0
+    res = {r["variant"]: r for r in json.loads((out / "results.json").read_text())["results"]}
+    assert set(res) == {"softmax", "hedgehog", "elu"}
+    for r in res.values():
+        assert r["steps"] == 30 and r["test_ppl"] < 64  # learned something: below uniform over 64 ids
+    assert (out / "ckpt" / "softmax.pt").exists() and (out / "lm_curves.png").exists()
+    md = (out / "lm.md").read_text()
+    assert "gap elu->softmax closed" in md and "| softmax |" in md
+    # Raising the step budget resumes from the checkpoint instead of starting over.
+    (out / "runs" / "softmax.json").unlink()
+    assert lm_main([*args, "--set", "train.steps=35"]) == 0
+    r2 = {r["variant"]: r for r in json.loads((out / "results.json").read_text())["results"]}["softmax"]
+    assert r2["steps"] == 35 and [h["step"] for h in r2["history"]][:2] == [15, 30]
+
+
+def test_gap_closed():
+    assert gap_closed(25.6, 25.6, 18.6) == 0.0
+    assert gap_closed(18.6, 25.6, 18.6) == 1.0
+    assert gap_closed(20.8, 25.6, 18.6) == pytest.approx(0.6857, abs=1e-4)  # the paper's 68.6%
