@@ -21,9 +21,11 @@ from . import _kernels as K
 # N * HK * NS reaches this (2 waves over the H200's 132 SMs), so that long sequences with few
 # heads still fill the chip. Tests shrink ``chunk`` to 16 to exercise many chunks on tiny inputs.
 # ``poison``: fill every kernel-written buffer with NaN first (tests), so a skipped write shows.
-# ``fwd_bv``: value columns per forward program (the forward splits V over programs like fla:
-# half the state registers per program, twice the programs; the backward keeps all of V).
-CONFIG = {"chunk": 64, "min_programs": 264, "num_warps": None, "num_stages": 1, "poison": False, "fwd_bv": 32}
+# ``fwd_bv``: value columns per forward program (the forward can split V over programs like fla:
+# fewer state registers per program, more programs; the backward keeps all of V). 64 (no split
+# at Dv = 64) and the warp heuristic below are the configuration measured on the H200
+# (BENCHMARKS.md); fwd_bv=32 and 8 warps spill less per ptxas but are not measured yet.
+CONFIG = {"chunk": 64, "min_programs": 264, "num_warps": None, "num_stages": 1, "poison": False, "fwd_bv": 64}
 
 
 _COMMON = ("BD", "BF", "BV", "FUSED", "HAS_MASK", "ACT", "NEG", "W_NATIVE", "MAP_PREC", "PREC", "DOT_DT", "EVEN")
@@ -51,9 +53,9 @@ def _plan(cu: torch.Tensor | None, n_seq: int, hk: int, max_len: int) -> tuple[i
 def _warps(bf: int, bv: int) -> int:
     if CONFIG["num_warps"] is not None:
         return int(CONFIG["num_warps"])
-    # 8 warps: with 4, the [64, 64] fp32 tiles (two state halves, features, scores) spill
-    # ~2 KB a thread (ptxas report, sm_90); 8 warps halve that.
-    return 8
+    # ptxas (sm_90, D=64): every walk kernel sits at the 255-register cap and spills 1-3 KB a
+    # thread at 4 warps, ~half that at 8 (docs/kernels.md); 4 warps is what was timed.
+    return 4 if bf * bv <= 64 * 64 else 8
 
 
 def _consts(q, v, wq, bq, bk, mask, fused, activation, negation, F, D, DV):

@@ -1,0 +1,58 @@
+"""Plot ``attention_speed.json`` like the paper's Fig. 7: time vs T (log-log) and peak memory.
+
+python benchmarks/_plot_attention_speed.py path/to/attention_speed.json docs/figures/attention_speed.png
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+STYLE = {
+    "sdpa": ("SDPA (flash)", "k", "o"),
+    "fla+torch map": ("fla 0.6.0 + PyTorch Hedgehog map", "tab:blue", "s"),
+    "chunked (torch)": ("chunked PyTorch op + map", "tab:green", "^"),
+    "triton fused": ("Triton, Hedgehog map fused (ours)", "tab:red", "D"),
+    "taylor2 (torch)": ("2nd-order Taylor map (chunked PyTorch)", "tab:purple", "v"),
+}
+
+
+def main(src: str, dst: str) -> None:
+    with open(src) as f:
+        res = json.load(f)
+    rows = res["rows"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    for key, ax, title in [("fwd_ms", axes[0], "forward"), ("fwdbwd_ms", axes[1], "forward + backward")]:
+        for name, (label, color, marker) in STYLE.items():
+            pts = [(r["T"], r[name][key]) for r in rows if name in r and key in r.get(name, {})]
+            if pts:
+                ax.plot(*zip(*pts), marker=marker, color=color, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(f"sequence length T (B*T = {res['meta']['tokens']} tokens)")
+        ax.set_ylabel("ms (median)")
+        ax.set_title(f"{title}, H=16, D=64, bf16, causal")
+        ax.grid(True, which="both", alpha=0.3)
+    for name, (label, color, marker) in STYLE.items():
+        pts = [(r["T"], r[name]["peak_gb"]) for r in rows if name in r and "peak_gb" in r.get(name, {})]
+        if pts:
+            axes[2].plot(*zip(*pts), marker=marker, color=color, label=label)
+    axes[2].set_xscale("log", base=2)
+    axes[2].set_xlabel("sequence length T")
+    axes[2].set_ylabel("peak memory of fwd+bwd, GB")
+    axes[2].set_title("memory")
+    axes[2].grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8)
+    m = res["meta"]
+    fig.suptitle(f"{m['gpu']}, torch {m['torch']}, triton {m['triton']}, fla {m['fla']}, {m['date']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(dst, dpi=110)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
