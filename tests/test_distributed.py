@@ -31,6 +31,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 STEPS, KILL_AT, CKPT_EVERY = 8, 5, 2
 WORKER_DEADLINE_S = 120
+BEST_KW = {"lr": 3.0, "max_grad_norm": None, "eval_every": 2, "restore_best": True}
 
 
 def _free_port() -> int:
@@ -69,6 +70,19 @@ def _worker(modes: list[str], out_dir: Path) -> None:
         if mode == "ddp-misuse":
             (out_dir / "ddp-misuse.json").write_text(json.dumps(_misuse(info.rank)))
             continue
+        if mode == "stop-rank1":  # a callback stops rank 1 only: every rank must stop at that step
+
+            class StopRank1(TrainerCallback):
+                def on_step_end(self, trainer, step, loss):
+                    if step == 3 and info.rank == 1:
+                        trainer.should_stop = True
+
+            res = Trainer(TinyNet(), loss_fn, Points(40), None, _cfg(strategy="ddp"), callbacks=[StopRank1()]).fit()
+            steps = [None] * info.world_size
+            torch.distributed.all_gather_object(steps, res.steps_done)
+            if info.rank == 0:
+                (out_dir / "stop-rank1.json").write_text(json.dumps({"steps_done": steps}))
+            continue
         ckdir = str(out_dir / "ckpt")
         if mode in ("ddp", "fsdp"):
             cfg = _cfg(strategy=mode)
@@ -76,6 +90,8 @@ def _worker(modes: list[str], out_dir: Path) -> None:
             cfg = _cfg(strategy=mode.split("-")[1], micro_batch_size=8, device=f"cuda:{info.local_rank}")
         elif mode.endswith("-accum"):  # 2 processes x accumulation 2 x micro-batch 2: global batch 8 too
             cfg = _cfg(strategy=mode.split("-")[0], micro_batch_size=2, grad_accum_steps=2)
+        elif mode == "fsdp-best":  # diverging lr: restore_best must gather and restore the best state
+            cfg = _cfg(strategy="fsdp", **BEST_KW)
         elif mode == "fsdp-ckpt":  # every checkpoint kept; the test then hides the newer ones
             cfg = _cfg(strategy="fsdp", checkpoint_every=CKPT_EVERY, checkpoint_dir=str(out_dir / "ckpt_fsdp"),
                        keep_last=None)  # fmt: skip
@@ -166,7 +182,7 @@ def _launch(modes: str, out_dir: Path, timeout: float = 60, nproc: int = 2) -> s
 
 
 def _run_all(out: Path) -> None:
-    first = _launch("ddp,fsdp,ddp-accum,fsdp-accum,fsdp-ckpt,kill", out)
+    first = _launch("ddp,fsdp,ddp-accum,fsdp-accum,fsdp-ckpt,fsdp-best,kill", out)
     assert first.returncode != 0, "the kill run should have made torchrun fail"
     assert (out / "ddp.json").exists() and (out / "fsdp.json").exists(), first.stdout + first.stderr
     assert not (out / "kill.json").exists(), "the killed run finished?"
@@ -177,7 +193,7 @@ def _run_all(out: Path) -> None:
         for step in (2, 4):
             for ext in ("pt", "json"):
                 shutil.copy(out / "ckpt_fsdp" / f"ckpt-{step:08d}.{ext}", out / name)
-    second = _launch("resume,fsdp-resume,ddp-misuse", out)
+    second = _launch("resume,fsdp-resume,ddp-misuse,stop-rank1", out)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-5000:]
     (out / "DONE").touch()
 
@@ -201,7 +217,8 @@ def runs(tmp_path_factory) -> dict:
     else:
         out = tmp_path_factory.mktemp("dist")
         _run_all(out)
-    modes = ("ddp", "fsdp", "ddp-accum", "fsdp-accum", "fsdp-ckpt", "resume", "fsdp-resume", "ddp-misuse")
+    modes = ("ddp", "fsdp", "ddp-accum", "fsdp-accum", "fsdp-ckpt", "fsdp-best", "resume", "fsdp-resume",
+             "ddp-misuse", "stop-rank1")  # fmt: skip
     recs = {m: json.loads((out / f"{m}.json").read_text()) for m in modes}
     recs["ckpts"] = sorted(p.name for p in (out / "ckpt").glob("ckpt-*.pt"))
     recs["dir"] = out
@@ -250,6 +267,23 @@ def test_two_process_kill_then_resume_matches_uninterrupted(runs):
 def test_ddp_refuses_a_loss_fn_that_skips_the_gradient_sync(runs):
     for name, msg in runs["ddp-misuse"].items():
         assert "with gradients enabled" in msg, (name, msg)
+
+
+def test_fsdp_restore_best(runs):
+    from test_train import Points, TinyNet, loss_fn
+
+    from hedgehog_attention.train import Trainer
+
+    model = TinyNet()
+    res = Trainer(model, loss_fn, Points(40), Points(10, seed=2), _cfg(grad_accum_steps=2, **BEST_KW)).fit()
+    rec = runs["fsdp-best"]
+    assert res.best_step < STEPS and rec["best"] == pytest.approx(res.best_eval_loss, rel=1e-10)
+    for name, p in model.named_parameters():
+        _close(rec["params"][name], p.detach())
+
+
+def test_a_stop_on_one_rank_stops_every_rank(runs):
+    assert runs["stop-rank1"]["steps_done"] == [3, 3]
 
 
 def test_fsdp_checkpoint_resumes_under_fsdp(runs):

@@ -402,3 +402,21 @@ def test_online_distillation_recipe_of_a_converted_model():
     for n, p in model.named_parameters():
         changed = not torch.equal(p.detach(), before[n])
         assert changed == (id(p) in maps), n
+
+
+def test_restore_best_and_its_resume(tmp_path: Path):
+    # lr 3 with no clipping: the eval loss improves, then gets worse; the model must end at the best eval.
+    kw = dict(max_steps=12, lr=3.0, max_grad_norm=None, eval_every=2, restore_best=True, checkpoint_every=3)
+    full, m_full = run(make_config(checkpoint_dir=str(tmp_path / "a"), **kw))
+    evals = {r["step"]: r["eval_loss"] for r in full.history if r["eval_loss"] is not None}
+    assert full.best_step == min(evals, key=evals.get) and full.best_step < 12, evals
+    tr = Trainer(m_full, loss_fn, Points(40), Points(10, seed=2), make_config())
+    assert tr.evaluate() == pytest.approx(full.best_eval_loss, rel=1e-12)
+    with pytest.raises(KeyboardInterrupt):
+        run(make_config(checkpoint_dir=str(tmp_path / "b"), **kw), callbacks=[StopAt(full.best_step + 2)])
+    res, m_res = run(make_config(checkpoint_dir=str(tmp_path / "b"), resume=True, **kw))
+    assert res.resumed_from is not None and res.best_step == full.best_step
+    for name, p in trainable(m_full).items():
+        torch.testing.assert_close(trainable(m_res)[name], p, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="restore_best needs eval_data"):
+        Trainer(TinyNet(), loss_fn, Points(40), None, make_config(restore_best=True))

@@ -243,6 +243,9 @@ class TrainConfig:
     """run loss_fn under torch.autocast(bfloat16) (parameters and optimizer state stay in their dtype)"""
     find_unused_parameters: bool = False
     """DDP: set when some trainable parameters get no gradient in a step"""
+    restore_best: bool = False
+    """at the end, load the trainable state of the best eval (needs eval_data; the copy is kept on CPU
+    on every rank and goes into checkpoints, so resume restores the same one)"""
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
@@ -308,6 +311,8 @@ class TrainResult:
     """the global training loss of every step (mean over the global batch)"""
     resumed_from: int | None = None
     """step of the checkpoint this run resumed from (None for a fresh run)"""
+    best_step: int | None = None
+    """step of best_eval_loss (with restore_best, the state the model ends in)"""
 
 
 class TrainerCallback:
@@ -604,6 +609,9 @@ class Trainer:
         self.global_batch_size = gb
         if eval_data is not None and len(eval_data) == 0:  # type: ignore[arg-type]
             raise ValueError("eval_data is empty; pass None to train without evaluation")
+        if config.restore_best and eval_data is None:
+            raise ValueError("TrainConfig.restore_best needs eval_data (the best state is chosen on eval loss)")
+        self._best_state: dict[str, torch.Tensor] | None = None
         self.steps_per_epoch = n // gb
 
         # Which parameters train: by name, so they survive wrapping (FSDP2 swaps Parameter objects).
@@ -696,10 +704,14 @@ class Trainer:
         # cpu_offload gathers to rank 0 only; it needs a process group, so only under FSDP.
         return StateDictOptions(full_state_dict=True, cpu_offload=self.strategy == "fsdp", **kw)
 
-    def _model_state(self) -> dict[str, torch.Tensor]:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    def _model_state(self, *, every_rank: bool = False) -> dict[str, torch.Tensor]:
+        """Full trainable state (+ buffers) on CPU: on rank 0 only under FSDP unless ``every_rank``."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        opts = self._sd_options(ignore_frozen_params=not self.config.full_state_dict)
+        if every_rank:
+            opts = StateDictOptions(full_state_dict=True, ignore_frozen_params=True)
+        else:
+            opts = self._sd_options(ignore_frozen_params=not self.config.full_state_dict)
         sd = get_model_state_dict(self.model, options=opts)
         return {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}
 
@@ -761,6 +773,7 @@ class Trainer:
                 "schedule": self.schedule.state_dict(),
                 "rng": rngs,
                 "trainer": extra,
+                "best_model": self._best_state,
             }
             path = str(ckpt.save_checkpoint(cfg.checkpoint_dir, step, state, keep_last=cfg.keep_last))
             logger.info("saved checkpoint %s", path)
@@ -882,6 +895,8 @@ class Trainer:
             time_offset, tokens_total = float(t["time"]), int(t["tokens"])
             result.history, result.losses = list(t["history"]), list(t["losses"])
             result.best_eval_loss = None if best == math.inf else best
+            result.best_step = t.get("best_step")
+            self._best_state = state.get("best_model")
             result.resumed_from = step
             if self.world.is_main:
                 logger.info("resumed from %s at step %d", state["path"], step)
@@ -966,6 +981,9 @@ class Trainer:
                     cb.on_eval(self, step, eval_loss)
                 if eval_loss < best:
                     best, bad_evals = eval_loss, 0
+                    result.best_step = step
+                    if c.restore_best:
+                        self._best_state = self._model_state(every_rank=True)
                 else:
                     bad_evals += 1
                 result.best_eval_loss = best
@@ -976,6 +994,10 @@ class Trainer:
             elif self.eval_data is None and c.scheduler == "plateau" and step % c.eval_every == 0:
                 self.schedule.observe(sum(result.losses[-c.eval_every :]) / c.eval_every)
 
+            if self.world.distributed:  # a callback may stop one rank: stop them all (or they would hang)
+                flag = torch.tensor([float(self.should_stop)], device=self.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                self.should_stop = bool(flag.item())
             stop_now = step >= c.max_steps or self.should_stop
             if step % c.log_every == 0 or is_eval or stop_now:
                 now = time.perf_counter()
@@ -998,7 +1020,8 @@ class Trainer:
 
             if c.checkpoint_every is not None and (step % c.checkpoint_every == 0 or stop_now):
                 extra = {
-                    "best": best, "bad_evals": bad_evals, "time": time_offset + time.perf_counter() - start,
+                    "best": best, "best_step": result.best_step, "bad_evals": bad_evals,
+                    "time": time_offset + time.perf_counter() - start,
                     "tokens": tokens_total, "history": result.history, "losses": result.losses,
                 }  # fmt: skip
                 path = self.save_checkpoint(step, (epoch, step_in_epoch), extra)
@@ -1007,6 +1030,8 @@ class Trainer:
 
         if bar is not None:
             bar.close()
+        if c.restore_best and self._best_state is not None:
+            self._load_model_state(self._best_state)
         result.steps_done = step
         for cb in self.callbacks:
             cb.on_train_end(self, result)
