@@ -30,7 +30,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 STEPS, KILL_AT, CKPT_EVERY = 8, 5, 2
-WORKER_DEADLINE_S = 120
+WORKER_DEADLINE_S = 240
 BEST_KW = {"lr": 3.0, "max_grad_norm": None, "eval_every": 2, "restore_best": True}
 
 
@@ -154,7 +154,7 @@ def _misuse(rank: int) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _launch(modes: str, out_dir: Path, timeout: float = 60, nproc: int = 2) -> subprocess.CompletedProcess:
+def _launch(modes: str, out_dir: Path, timeout: float = 150, nproc: int = 2) -> subprocess.CompletedProcess:
     """torchrun on a free port; on timeout the whole process group (agent + workers) is killed."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
