@@ -1,0 +1,170 @@
+"""``hedgehog attention-maps``: heat maps of softmax vs linear attention weights (Fig. 2, 4, 8) and
+attention weight vs q.k scatter plots (Fig. 3), from snapshots the conversion experiments save.
+
+The conversion commands (``finetuned-conversion``, ``pretrained-conversion``) call
+:func:`snapshot` on one held-out sample for every method and save all snapshots to
+``<out>/attention_maps.npz``; this command renders them (and they render them themselves at the
+end of a run). Every panel prints the mean entropy (nats) of its weights.
+
+Usage::
+
+    hedgehog attention-maps --from runs/finetuned_conversion/attention_maps.npz --out docs/results/minilm
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..metrics import attention_entropy
+from ..ops import linear_attention_weights, softmax_attention_weights
+
+__all__ = ["snapshot", "save_snapshots", "load_snapshots", "plot_heatmaps", "plot_monotonicity", "main"]
+
+
+@torch.no_grad()
+def snapshot(model: torch.nn.Module, batch: dict, layers: list[int], heads: list[int]) -> dict[str, np.ndarray]:
+    """Weights of a linearized model on one sample (``batch`` with batch size 1).
+
+    Returns ``softmax [L, H, T, T]`` (the softmax of the layer's own q, k: the teacher's weights
+    while the projections are the original ones), ``linear [L, H, T, T]``, and ``dots [L, H, T, T]``
+    (``q.k * scale``) for the chosen layer and head indices; padded positions are dropped.
+    """
+    from ..convert import linearized_modules
+    from ..convert.distill import capture_qkv
+
+    mods = linearized_modules(model)
+    recs = capture_qkv(model, [{k: v for k, v in batch.items() if k != "labels"}])
+    out: dict[str, list] = {"softmax": [], "linear": [], "dots": []}
+    for li in layers:
+        name, layer = mods[li]
+        r = recs[name][0]
+        q, k, mask = r.q.float(), r.k.float(), r.mask
+        if mask is not None:
+            keep = mask[0].bool()
+            q, k, mask = q[:, keep], k[:, keep], None
+        p = softmax_attention_weights(q, k, causal=layer.causal, scale=layer.scale)
+        fq, fk = layer.attn.features(q.to(next(layer.attn.parameters(), q).dtype), k)
+        w = linear_attention_weights(fq.float(), fk.float(), causal=layer.causal)
+        hk = k.shape[2]
+        group = q.shape[2] // hk
+        kk = k.repeat_interleave(group, dim=2)
+        dots = torch.einsum("bihd,bjhd->bhij", q, kk) * layer.scale
+        out["softmax"].append(p[0, heads].cpu().numpy())
+        out["linear"].append(w[0, heads].cpu().numpy())
+        out["dots"].append(dots[0, heads].cpu().numpy())
+    return {key: np.stack(v) for key, v in out.items()}
+
+
+def save_snapshots(snaps: dict[str, dict[str, np.ndarray]], meta: dict, path: Path) -> None:
+    """``snaps[method] = snapshot(...)``; ``meta``: ``layers``, ``heads``, ``tokens`` (list of str)."""
+    flat = {f"{m}/{k}": v for m, d in snaps.items() for k, v in d.items()}
+    flat["__layers"] = np.array(meta["layers"])
+    flat["__heads"] = np.array(meta["heads"])
+    flat["__tokens"] = np.array(meta.get("tokens", []), dtype=object).astype(str)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **flat)
+
+
+def load_snapshots(path: Path) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
+    with np.load(path, allow_pickle=False) as z:
+        snaps: dict[str, dict[str, np.ndarray]] = {}
+        for key in z.files:
+            if key.startswith("__"):
+                continue
+            m, k = key.split("/", 1)
+            snaps.setdefault(m, {})[k] = z[key]
+        meta = {"layers": z["__layers"].tolist(), "heads": z["__heads"].tolist(), "tokens": z["__tokens"].tolist()}
+    return snaps, meta
+
+
+def _entropy(w: np.ndarray) -> float:
+    return float(attention_entropy(torch.from_numpy(w)[None, None]).mean())
+
+
+def plot_heatmaps(snaps: dict[str, dict[str, np.ndarray]], meta: dict, out_dir: Path, title: str) -> list[Path]:
+    """One PNG per chosen layer: rows = heads, columns = softmax then each method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(snaps)
+    first = snaps[methods[0]]
+    paths = []
+    for li, layer in enumerate(meta["layers"]):
+        nh = len(meta["heads"])
+        cols = 1 + len(methods)
+        fig, axes = plt.subplots(nh, cols, figsize=(2.1 * cols, 2.1 * nh + 0.4), squeeze=False)
+        for hi, head in enumerate(meta["heads"]):
+            panels = [("softmax", first["softmax"][li, hi])] + [(m, snaps[m]["linear"][li, hi]) for m in methods]
+            for ci, (name, w) in enumerate(panels):
+                ax = axes[hi, ci]
+                ax.imshow(w, cmap="viridis", vmin=0, vmax=max(float(w.max()), 1e-6))
+                ax.set_xticks([])
+                ax.set_yticks([])
+                ax.set_title(f"{name}\nH={_entropy(w):.2f}", fontsize=7)
+                if ci == 0:
+                    ax.set_ylabel(f"head {head}", fontsize=7)
+        fig.suptitle(f"{title}: layer {layer} (H = mean entropy, nats)", fontsize=9)
+        fig.tight_layout()
+        path = out_dir / f"attention_maps_layer{layer}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def plot_monotonicity(snaps: dict[str, dict[str, np.ndarray]], meta: dict, path: Path, title: str) -> Path:
+    """Fig. 3: attention weight vs scaled q.k for the first chosen layer and head, one panel per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(snaps)
+    first = snaps[methods[0]]
+    panels = [("softmax", first["dots"][0, 0], first["softmax"][0, 0])]
+    panels += [(m, snaps[m]["dots"][0, 0], snaps[m]["linear"][0, 0]) for m in methods]
+    cols = min(5, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.3 * rows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    for ax, (name, dots, w) in zip(axes.flat, panels):
+        vis = w > 0 if name != "softmax" else np.tril(np.ones_like(w, dtype=bool)) | (w > 0)
+        ax.scatter(dots[vis], w[vis], s=3, alpha=0.4)
+        ax.set_title(name, fontsize=8)
+        ax.set_xlabel("q.k / sqrt(d)", fontsize=7)
+        ax.set_ylabel("weight", fontsize=7)
+        ax.tick_params(labelsize=6)
+    fig.suptitle(f"{title}: layer {meta['layers'][0]}, head {meta['heads'][0]}", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hedgehog attention-maps", description=__doc__.split("\n\n")[0])
+    p.add_argument("--from", dest="src", required=True, help="attention_maps.npz written by a conversion command")
+    p.add_argument("--out", required=True, help="folder for the PNGs")
+    p.add_argument("--title", default="attention weights")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    snaps, meta = load_snapshots(Path(args.src))
+    out = Path(args.out)
+    paths = plot_heatmaps(snaps, meta, out, args.title)
+    paths.append(plot_monotonicity(snaps, meta, out / "monotonicity.png", args.title))
+    for p in paths:
+        print(p)
+    return 0
