@@ -21,6 +21,8 @@ import os
 
 import torch
 
+from ..recurrent import LinearAttentionState
+
 __all__ = [
     "fused_hedgehog_attention",
     "fused_hedgehog_decode_step",
@@ -241,7 +243,7 @@ def linear_attention_triton(
     initial_state: tuple[Tensor, Tensor] | None = None,
     output_final_state: bool = False,
     eps: float = 1e-6,
-) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+) -> tuple[Tensor, LinearAttentionState | None]:
     """Chunked linear attention on precomputed non-negative features (generic Triton path).
 
     Args:
@@ -265,7 +267,7 @@ def linear_attention_triton(
         fq.contiguous(), fk.contiguous(), v.contiguous(), None, None, None, None, mask, cu, s0, z0,
         "softmax", False, bool(causal), float(eps), False, max_len,
     )  # fmt: skip
-    return o, ((s_fin, z_fin) if output_final_state else None)
+    return o, (LinearAttentionState(s_fin, z_fin) if output_final_state else None)
 
 
 def fused_hedgehog_attention(
@@ -285,7 +287,7 @@ def fused_hedgehog_attention(
     initial_state: tuple[Tensor, Tensor] | None = None,
     output_final_state: bool = False,
     eps: float = 1e-6,
-) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+) -> tuple[Tensor, LinearAttentionState | None]:
     """Linear attention with the Hedgehog feature map computed inside the kernel.
 
     ``phi(x) = [act(x W_h + b_h), act(-(x W_h + b_h))]`` (second half only with ``negation``),
@@ -325,7 +327,7 @@ def fused_hedgehog_attention(
         k_weight.contiguous(), None if k_bias is None else k_bias.contiguous(),
         mask, cu, s0, z0, activation, bool(negation), bool(causal), float(eps), True, max_len,
     )  # fmt: skip
-    return o, ((s_fin, z_fin) if output_final_state else None)
+    return o, (LinearAttentionState(s_fin, z_fin) if output_final_state else None)
 
 
 def fused_hedgehog_decode_step(
@@ -341,7 +343,7 @@ def fused_hedgehog_decode_step(
     activation: str = "softmax",
     negation: bool = True,
     eps: float = 1e-6,
-) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+) -> tuple[Tensor, LinearAttentionState]:
     """One decode step for a batch: add token ``k, v`` to the state, then read it with ``q``.
 
     Args:
@@ -373,4 +375,4 @@ def fused_hedgehog_decode_step(
             None if k_bias is None else k_bias.contiguous(), S, z,
             activation=activation, negation=bool(negation), eps=float(eps),
         )  # fmt: skip
-    return o, (S, z)
+    return o, LinearAttentionState(S, z)
