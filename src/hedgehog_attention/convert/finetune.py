@@ -114,6 +114,7 @@ def finetune(
     config: FinetuneConfig | None = None,
     *,
     progress: bool = True,
+    evaluate_before: bool = True,
 ) -> tuple[nn.Module, FinetuneResult]:
     """Finetune a (linearized or original) model on a task loss; returns ``(model, result)``.
 
@@ -125,7 +126,7 @@ def finetune(
     res = FinetuneResult()
     t0 = time.perf_counter()
     eval_batches = list(eval_batches or [])
-    if eval_batches:
+    if eval_batches and evaluate_before:
         res.eval_loss_before, res.eval_accuracy_before = evaluate_loss(model, eval_batches, cfg.task)
     if cfg.method == "lora":
         from peft import LoraConfig, get_peft_model
