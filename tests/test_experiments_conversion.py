@@ -51,6 +51,11 @@ def test_finetuned_conversion_smoke(tmp_path):
     assert "% of teacher" in md and "| hedgehog | yes |" in md
     assert (out / "monotonicity.png").exists() and (out / "attention_maps_layer0.png").exists()
     _check_snapshots(out / "attention_maps.npz", {"t2r", "hedgehog"}, causal=False)
+    # --report-only re-renders the table from results.json (how a partial run is reported).
+    (out / "finetuned_conversion.md").unlink()
+    cfg_arg = ["--config", str(CONFIGS / "finetuned_conversion_smoke.yaml"), "--out", str(out)]
+    assert fc_main([*cfg_arg, "--report-only"]) == 0
+    assert "| hedgehog | yes |" in (out / "finetuned_conversion.md").read_text()
     # The standalone renderer reads the same file.
     assert maps_main(["--from", str(out / "attention_maps.npz"), "--out", str(tmp_path / "maps")]) == 0
     assert (tmp_path / "maps" / "attention_maps_layer0.png").stat().st_size > 1000

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -355,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], help="override KEY=VALUE")
     p.add_argument("--device", help="cpu | cuda | auto")
     p.add_argument("--out", help="output folder")
+    p.add_argument(
+        "--report-only", action="store_true", help="render the table from <out>/results.json (e.g. of a partial run)"
+    )
     return p
 
 
@@ -371,6 +375,13 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", err)
         return 2
     out = Path(cfg.out_dir)
+    command = ("hedgehog finetuned-conversion " + " ".join(argv if argv is not None else [])).strip()
+    if args.report_only:
+        saved = json.loads((out / "results.json").read_text())
+        md = render(cfg, saved["results"], saved["environment"], command)
+        (out / "finetuned_conversion.md").write_text(md)
+        print(md)
+        return 0
     device = pick_device(cfg.device)
     env = environment_info(device)
     model, tok, train_rows, test_rows = load_model_and_data(cfg)
@@ -409,7 +420,6 @@ def main(argv: list[str] | None = None) -> int:
     save_snapshots(snaps, meta, out / "attention_maps.npz")
     plot_heatmaps(snaps, meta, out, "finetuned conversion")
     plot_monotonicity(snaps, meta, out / "monotonicity.png", "finetuned conversion")
-    command = ("hedgehog finetuned-conversion " + " ".join(argv if argv is not None else [])).strip()
     md = render(cfg, results, env, command)
     (out / "finetuned_conversion.md").write_text(md)
     print(md)
