@@ -63,9 +63,12 @@ class FCData:
 
 @dataclass
 class FCModel:
-    """source: minilm (all-MiniLM-L6-v2) or tiny (random BertConfig of the given size; smoke)."""
+    """source: minilm (all-MiniLM-L6-v2) or tiny (random BertConfig of the given size; smoke).
+    path: a local HF folder to load instead of the installed package (e.g. a copy carried to a GPU
+    machine that has no assets)."""
 
     source: Literal["minilm", "tiny"] = "minilm"
+    path: str | None = None
     tiny_hidden: int = 32
     tiny_layers: int = 2
     tiny_heads: int = 2
@@ -155,7 +158,7 @@ def load_model_and_data(cfg: FinetunedConversionConfig):
     if cfg.model.source == "minilm":
         from ..models_zoo import minilm_path
 
-        path = minilm_path()
+        path = Path(cfg.model.path) if cfg.model.path else minilm_path()
         model = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=2, attn_implementation="eager", local_files_only=True
         )

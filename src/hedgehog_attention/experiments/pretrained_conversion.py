@@ -57,9 +57,11 @@ class PCData:
 
 @dataclass
 class PCModel:
-    """source: smollm2 (SmolLM2-135M-Instruct) or tiny (random LlamaConfig; smoke)."""
+    """source: smollm2 (SmolLM2-135M-Instruct) or tiny (random LlamaConfig; smoke). path: a local HF
+    folder (e.g. the float32 SmolLM2 cache of ``models_zoo``) to load instead of the installed GGUF."""
 
     source: Literal["smollm2", "tiny"] = "smollm2"
+    path: str | None = None
     tiny_hidden: int = 32
     tiny_layers: int = 2
     tiny_heads: int = 4
@@ -115,7 +117,13 @@ def load_model_and_blocks(cfg: PretrainedConversionConfig) -> tuple[Any, Any, di
     if cfg.model.source == "smollm2":
         from ..models_zoo import load_smollm2
 
-        model, tok = load_smollm2()
+        if cfg.model.path:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            model = AutoModelForCausalLM.from_pretrained(cfg.model.path, attn_implementation="eager")
+            tok = AutoTokenizer.from_pretrained(cfg.model.path)
+        else:
+            model, tok = load_smollm2()
     else:
         from transformers import LlamaConfig, LlamaForCausalLM
 
