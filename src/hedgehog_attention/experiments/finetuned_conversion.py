@@ -316,7 +316,7 @@ def render(cfg: FinetunedConversionConfig, results: dict, env: dict, command: st
             "Eq. 3 distill",
             "test acc %",
             "% of teacher",
-            "dev acc after swap",
+            "dev acc before finetune",
             "entropy",
             "monotonicity",
             "KL to softmax",
@@ -378,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", err)
         return 2
     out = Path(cfg.out_dir)
-    command = ("hedgehog finetuned-conversion " + " ".join(argv if argv is not None else [])).strip()
+    run_args = [a for a in (argv if argv is not None else []) if a != "--report-only"]
+    command = ("hedgehog finetuned-conversion " + " ".join(run_args)).strip()
     if args.report_only:
         saved = json.loads((out / "results.json").read_text())
         md = render(cfg, saved["results"], saved["environment"], command)
