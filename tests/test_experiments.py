@@ -63,9 +63,16 @@ def test_overrides_and_post_init_checks(tmp_path):
 def test_shipped_configs_load_and_give_their_command(path):
     header = path.read_text().splitlines()[:8]
     assert any("hedgehog_attention.cli" in line or "hedgehog " in line for line in header), "header lacks the command"
-    cls = {"recall": RecallConfig, "lm": LMConfig}.get(path.stem.split("_")[0])
-    if cls is not None:
-        load_config(cls, path)
+    from hedgehog_attention.experiments.finetuned_conversion import FinetunedConversionConfig
+    from hedgehog_attention.experiments.pretrained_conversion import PretrainedConversionConfig
+
+    classes = {
+        "recall": RecallConfig,
+        "lm": LMConfig,
+        "finetuned": FinetunedConversionConfig,
+        "pretrained": PretrainedConversionConfig,
+    }
+    load_config(classes[path.stem.split("_")[0]], path)
 
 
 def test_recall_paper_config_has_all_attentions():
