@@ -129,7 +129,10 @@ def plot_monotonicity(snaps: dict[str, dict[str, np.ndarray]], meta: dict, path:
 
     methods = list(snaps)
     first = snaps[methods[0]]
-    panels = [("softmax", first["dots"][0, 0], first["softmax"][0, 0])]
+    # Older snapshots lack "softmax_dots"; their softmax panel pairs the teacher's weights with the
+    # first method's q.k after finetuning.
+    sdots = first.get("softmax_dots", first["dots"])
+    panels = [("softmax", sdots[0, 0], first["softmax"][0, 0])]
     panels += [(m, snaps[m]["dots"][0, 0], snaps[m]["linear"][0, 0]) for m in methods]
     cols = min(5, len(panels))
     rows = math.ceil(len(panels) / cols)

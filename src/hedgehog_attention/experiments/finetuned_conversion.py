@@ -290,7 +290,10 @@ def convert_one(teacher, method: FCMethod, train_b, dev_b, test_b, sample, cfg: 
     _, res["test_accuracy"] = evaluate_loss(model, test_b, "classification")
     res["seconds"] = time.perf_counter() - t0
     maps = snapshot(model, sample, cfg.map_layers, cfg.map_heads)
-    maps["softmax"] = maps_before["softmax"]  # the teacher's weights (original projections)
+    maps["softmax"] = maps_before["softmax"]
+    maps["softmax_dots"] = maps_before[
+        "dots"
+    ]  # the teacher's q.k, matching its weights  # the teacher's weights (original projections)
     return res | {"_maps": maps}
 
 

@@ -222,6 +222,7 @@ def convert_one(original, method: PCMethod, train_b, valid_b, test_b, sample, cf
     res["seconds"] = time.perf_counter() - t0
     maps = snapshot(model, sample, cfg.map_layers, cfg.map_heads)
     maps["softmax"] = maps_before["softmax"]
+    maps["softmax_dots"] = maps_before["dots"]  # the teacher's q.k, matching its weights
     return res | {"_maps": maps}
 
 
