@@ -7,7 +7,7 @@ measures per layer the softmax-vs-linear CE/KL, entropy, monotonicity, and the e
 agreement with the original on held-out text; writes report.{json,md,png} and the converted
 Hedgehog model into ``--output-dir`` (default ``runs/linearize-<model>``).
 
-    hedgehog linearize                                   # MiniLM, ~5 min on 2 CPU cores
+    hedgehog linearize                                   # MiniLM, ~2 min on 2 CPU cores
     hedgehog linearize --model smollm2 --steps 30        # SmolLM2-135M (GGUF, dequantized)
     hedgehog linearize --model smollm2 --device cuda --dtype bf16 --steps 1000 --train-blocks 4096
     hedgehog linearize --model path/to/hf-folder --text my_texts/ --finetune
@@ -48,11 +48,11 @@ DEFAULT_METHODS = ("hedgehog", "hedgehog-untrained", "elu", "t2r-hh")
 PRESETS: dict[str, dict[str, int]] = {
     "encoder": dict(
         seq_len=128,
-        train_blocks=96,
+        train_blocks=256,
         eval_blocks=8,
         test_blocks=8,
         test_items=128,
-        steps=150,
+        steps=600,
         batch_size=4,
         eval_every=25,
     ),
