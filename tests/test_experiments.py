@@ -134,3 +134,19 @@ def test_gap_closed():
     assert gap_closed(25.6, 25.6, 18.6) == 0.0
     assert gap_closed(18.6, 25.6, 18.6) == 1.0
     assert gap_closed(20.8, 25.6, 18.6) == pytest.approx(0.6857, abs=1e-4)  # the paper's 68.6%
+
+
+def test_load_config_from_cli_applies_set_then_shortcut_flags():
+    import argparse
+
+    from hedgehog_attention.experiments.common import ConfigError, load_config_from_cli
+    from hedgehog_attention.experiments.recall import RecallConfig, build_parser
+
+    args = build_parser().parse_args(
+        ["--config", "configs/recall_smoke.yaml", "--set", "device=cpu", "--set", "workers=3", "--device", "cuda"]
+    )
+    cfg = load_config_from_cli(RecallConfig, args, {"device": "device", "workers": "workers", "out": "out_dir"})
+    assert cfg.device == "cuda" and cfg.workers == 3  # the shortcut flag wins over --set; unset flags change nothing
+    bad = argparse.Namespace(config="configs/recall_smoke.yaml", overrides=["no_such_key=1"], device=None)
+    with pytest.raises(ConfigError):
+        load_config_from_cli(RecallConfig, bad, {"device": "device"})

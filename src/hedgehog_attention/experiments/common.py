@@ -170,6 +170,22 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | No
     return config_from_dict(cls, data, str(path or cls.__name__))
 
 
+def load_config_from_cli(cls: type[T], args, shortcuts: dict[str, str]) -> T:
+    """The config of an experiment command: ``--config`` + ``--set KEY=VALUE`` + shortcut flags.
+
+    ``shortcuts`` maps an argparse attribute to the config key it overrides (e.g.
+    ``{"device": "device", "out": "out_dir"}``); a flag left unset overrides nothing. The shortcuts
+    are applied after ``--set``, so ``--device cuda`` wins over ``--set device=cpu``. Raises
+    :class:`ConfigError` (the commands log it and exit with 2).
+    """
+    overrides = list(args.overrides)
+    for attr, key in shortcuts.items():
+        value = getattr(args, attr)
+        if value:
+            overrides.append(f"{key}={value}")
+    return load_config(cls, args.config, overrides)
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

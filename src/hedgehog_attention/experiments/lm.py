@@ -45,7 +45,7 @@ from .common import (
     config_from_dict,
     config_to_dict,
     environment_info,
-    load_config,
+    load_config_from_cli,
     markdown_table,
     pick_device,
     save_json,
@@ -414,12 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
-    overrides = list(args.overrides)
-    for flag, key in ((args.device, "device"), (args.workers, "workers"), (args.out, "out_dir")):
-        if flag:
-            overrides.append(f"{key}={flag}")
     try:
-        cfg = load_config(LMConfig, args.config, overrides)
+        cfg = load_config_from_cli(LMConfig, args, {"device": "device", "workers": "workers", "out": "out_dir"})
     except ConfigError as err:
         log.error("%s", err)
         return 2

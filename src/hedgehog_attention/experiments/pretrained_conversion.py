@@ -34,7 +34,7 @@ from .common import (
     ConfigError,
     config_to_dict,
     environment_info,
-    load_config,
+    load_config_from_cli,
     markdown_table,
     pick_device,
     save_json,
@@ -288,12 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
-    overrides = list(args.overrides)
-    for flag, key in ((args.device, "device"), (args.out, "out_dir")):
-        if flag:
-            overrides.append(f"{key}={flag}")
     try:
-        cfg = load_config(PretrainedConversionConfig, args.config, overrides)
+        cfg = load_config_from_cli(PretrainedConversionConfig, args, {"device": "device", "out": "out_dir"})
     except ConfigError as err:
         log.error("%s", err)
         return 2

@@ -38,7 +38,7 @@ from .common import (
     config_from_dict,
     config_to_dict,
     environment_info,
-    load_config,
+    load_config_from_cli,
     markdown_table,
     pick_device,
     save_json,
@@ -427,15 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
-    overrides = list(args.overrides)
-    if args.device:
-        overrides.append(f"device={args.device}")
-    if args.workers:
-        overrides.append(f"workers={args.workers}")
-    if args.out:
-        overrides.append(f"out_dir={args.out}")
     try:
-        cfg = load_config(RecallConfig, args.config, overrides)
+        cfg = load_config_from_cli(RecallConfig, args, {"device": "device", "workers": "workers", "out": "out_dir"})
     except ConfigError as err:
         log.error("%s", err)
         return 2
