@@ -3,7 +3,15 @@
 The public API is re-exported here; nothing else needs deep imports::
 
     from hedgehog_attention import LinearAttention, linear_attention, attention_distillation_loss
+
+The training engine, the from-scratch model and the conversion entry points are heavier (they pull
+in ``torch.distributed`` / ``transformers``), so they are loaded on first access::
+
+    from hedgehog_attention import Trainer, TrainConfig, RotaryTransformer, linearize
 """
+
+import importlib
+from typing import Any
 
 from .attention import LinearAttention, LinearAttentionOutput
 from .distill import attention_distillation_loss, attention_output_mse, fit_attention_to_softmax
@@ -26,7 +34,29 @@ from .ops import (
 
 __version__ = "0.1.0"
 
+# name -> module that defines it; imported lazily by ``__getattr__`` (PEP 562).
+_LAZY = {
+    "Trainer": ".train",
+    "TrainConfig": ".train",
+    "TrainResult": ".train",
+    "TrainerCallback": ".train",
+    "RotaryTransformer": ".models",
+    "TransformerConfig": ".models",
+    "linearize": ".convert",
+    "load_linearized": ".convert",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    *_LAZY,
     "DEFAULT_EPS",
     "FeatureMap",
     "HedgehogFeatureMap",
