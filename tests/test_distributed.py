@@ -70,6 +70,12 @@ def _worker(modes: list[str], out_dir: Path) -> None:
         if mode == "ddp-misuse":
             (out_dir / "ddp-misuse.json").write_text(json.dumps(_misuse(info.rank)))
             continue
+        if mode == "linearize-fsdp":  # convert.distill, cached capture, FSDP; per-rank RNG before the swap
+            res, maps = _linearize_distill(seed=info.rank, strategy="fsdp")
+            if info.rank == 0:
+                rec = {"losses": res.train_loss, "eval": res.eval_loss, "best": res.best_eval_loss, "maps": maps}
+                (out_dir / "linearize-fsdp.json").write_text(json.dumps(rec))
+            continue
         if mode == "stop-rank1":  # a callback stops rank 1 only: every rank must stop at that step
 
             class StopRank1(TrainerCallback):
@@ -117,6 +123,34 @@ def _worker(modes: list[str], out_dir: Path) -> None:
     cleanup_distributed()
 
 
+def _linearize_distill(seed: int, strategy: str = "auto"):
+    """A tiny converted Llama with randomly initialized T2R maps (drawn after ``manual_seed(seed)``),
+    distilled with cached capture; returns the DistillResult and the final maps as lists."""
+    import transformers
+
+    from hedgehog_attention.convert import DistillConfig, LinearizeConfig, feature_map_parameters, linearize
+    from hedgehog_attention.convert.distill import distill
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # peaky softmax attention
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+    torch.manual_seed(seed)  # under torchrun each rank draws its own maps: FSDP must start from rank 0's
+    linearize(model, LinearizeConfig(feature_map="t2r"))
+    g = torch.Generator().manual_seed(5)
+    batches = [{"input_ids": torch.randint(0, 64, (4, 12), generator=g)} for _ in range(4)]
+    held = [{"input_ids": torch.randint(0, 64, (4, 12), generator=g)}]
+    dcfg = DistillConfig(steps=6, eval_every=3, patience=0, batch_size=4, capture="cached", strategy=strategy)
+    res = distill(model, batches, held, dcfg, progress=False)
+    return res, [p.detach().tolist() for p in feature_map_parameters(model)]
+
+
 def _misuse(rank: int) -> dict[str, str]:
     """Two loss_fns that would silently skip DDP's gradient sync; the trainer must refuse both."""
     from test_train import Points, TinyNet
@@ -154,12 +188,17 @@ def _misuse(rank: int) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _launch(modes: str, out_dir: Path, timeout: float = 150, nproc: int = 2) -> subprocess.CompletedProcess:
-    """torchrun on a free port; on timeout the whole process group (agent + workers) is killed."""
+def _launch(
+    modes: str, out_dir: Path, timeout: float = 150, nproc: int = 2, argv: list[str] | None = None
+) -> subprocess.CompletedProcess:
+    """torchrun on a free port; on timeout the whole process group (agent + workers) is killed.
+    Runs this file's worker with ``modes``, or, with ``argv``, that program (``["-m", "pkg.cli", ...]``
+    or ``[script, ...]``; used by test_linearize_distributed.py)."""
+    target = argv if argv is not None else [str(Path(__file__).resolve()), "worker", "--modes", modes, "--out",
+                                            str(out_dir)]  # fmt: skip
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
-        "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "--monitor_interval=0.1",
-        str(Path(__file__).resolve()), "worker", "--modes", modes, "--out", str(out_dir),
+        "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "--monitor_interval=0.1", *target,
     ]  # fmt: skip
     src = HERE.parent / "src"  # a source checkout works without an install
     path = os.pathsep.join(p for p in (str(src) if src.is_dir() else "", os.environ.get("PYTHONPATH", "")) if p)
@@ -177,7 +216,7 @@ def _launch(modes: str, out_dir: Path, timeout: float = 150, nproc: int = 2) -> 
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             out, err = "", ""
-        pytest.fail(f"torchrun {modes!r} did not finish in {timeout} s:\n{out[-2000:]}\n{err[-4000:]}")
+        pytest.fail(f"torchrun {modes or argv!r} did not finish in {timeout} s:\n{out[-2000:]}\n{err[-4000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
@@ -193,7 +232,7 @@ def _run_all(out: Path) -> None:
         for step in (2, 4):
             for ext in ("pt", "json"):
                 shutil.copy(out / "ckpt_fsdp" / f"ckpt-{step:08d}.{ext}", out / name)
-    second = _launch("resume,fsdp-resume,ddp-misuse,stop-rank1", out)
+    second = _launch("resume,fsdp-resume,ddp-misuse,stop-rank1,linearize-fsdp", out)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-5000:]
     (out / "DONE").touch()
 
@@ -218,7 +257,7 @@ def runs(tmp_path_factory) -> dict:
         out = tmp_path_factory.mktemp("dist")
         _run_all(out)
     modes = ("ddp", "fsdp", "ddp-accum", "fsdp-accum", "fsdp-ckpt", "fsdp-best", "resume", "fsdp-resume",
-             "ddp-misuse", "stop-rank1")  # fmt: skip
+             "ddp-misuse", "stop-rank1", "linearize-fsdp")  # fmt: skip
     recs = {m: json.loads((out / f"{m}.json").read_text()) for m in modes}
     recs["ckpts"] = sorted(p.name for p in (out / "ckpt").glob("ckpt-*.pt"))
     recs["dir"] = out
@@ -307,6 +346,19 @@ def test_fsdp_checkpoint_resumes_on_one_process(runs, single):
     _close(res.losses, single[0].losses)
     for name, p in single[1].items():
         _close(dict(model.named_parameters())[name].detach(), p)
+
+
+def test_cached_distillation_under_fsdp_matches_one_process(runs):
+    """convert.distill's cached mode on 2 FSDP ranks (the maps sharded, each rank with its own random
+    initial maps) == 1 process from rank 0's maps, and the model holds plain tensors afterwards."""
+    pytest.importorskip("transformers")
+    res, maps = _linearize_distill(seed=0)
+    rec = runs["linearize-fsdp"]
+    assert len(rec["losses"]) == 6 and rec["eval"][-1] < rec["eval"][0]
+    _close(rec["losses"], res.train_loss, tol=1e-5)
+    _close(rec["eval"], res.eval_loss, tol=1e-5)
+    for got, want in zip(rec["maps"], maps, strict=True):
+        _close(got, want, tol=1e-5)
 
 
 @pytest.mark.gpu

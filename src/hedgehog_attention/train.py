@@ -61,6 +61,7 @@ __all__ = [
     "barrier",
     "call_model",
     "cleanup_distributed",
+    "gather_fsdp_model",
     "init_distributed",
     "is_main_process",
     "rank0_print",
@@ -155,6 +156,20 @@ def barrier() -> None:
         dist.barrier()
 
 
+def gather_fsdp_model(model: nn.Module) -> nn.Module:
+    """After FSDP2 training: all-gather every sharded module of ``model`` and keep it gathered, so
+    that plain code (evaluation, a feature map called outside a forward, ``save_pretrained``) sees
+    full ordinary tensors on every rank. Costs the whole model's parameters on each rank (no
+    gradients or optimizer state). Collective: every rank calls it. A no-op for unsharded models."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_reshard_after_forward(False)
+            m.unshard()
+    return model
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The user's module inside a DDP wrapper (FSDP2 shards in place, so there is nothing to unwrap)."""
     from torch.nn.parallel import DistributedDataParallel
@@ -243,9 +258,16 @@ class TrainConfig:
     """run loss_fn under torch.autocast(bfloat16) (parameters and optimizer state stay in their dtype)"""
     find_unused_parameters: bool = False
     """DDP: set when some trainable parameters get no gradient in a step"""
+    pin_memory: bool | None = None
+    """DataLoader pin_memory; None: on CUDA devices (set False for data that already lives on the GPU)"""
     restore_best: bool = False
     """at the end, load the trainable state of the best eval (needs eval_data; the copy is kept on CPU
     on every rank and goes into checkpoints, so resume restores the same one)"""
+    early_stopping_min_delta: float = 0.0
+    """an eval improves (new best, patience reset) only when it beats the best by more than this"""
+    train_mode: bool = True
+    """put the module in train mode for the steps (dropout on); False keeps it in eval mode, e.g. to
+    distill against a deterministic frozen teacher"""
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
@@ -267,6 +289,8 @@ class TrainConfig:
             (self.early_stopping_patience is None or self.early_stopping_patience >= 1,
              "early_stopping_patience must be >= 1 or None", self.early_stopping_patience),
             (0 < self.plateau_factor < 1, "plateau_factor must be in (0, 1)", self.plateau_factor),
+            (self.early_stopping_min_delta >= 0, "early_stopping_min_delta must be >= 0",
+             self.early_stopping_min_delta),
         ]  # fmt: skip
         for ok, msg, got in checks:
             if not ok:
@@ -491,7 +515,7 @@ def _seed_all(seed: int) -> None:
 
 # Fields that may differ between a run and its resumption without changing the result.
 _RESUME_NEUTRAL = {"resume", "progress", "log_every", "num_workers", "checkpoint_dir", "checkpoint_every", "keep_last",
-                   "max_steps", "device", "strategy", "micro_batch_size", "grad_accum_steps"}  # fmt: skip
+                   "max_steps", "device", "strategy", "micro_batch_size", "grad_accum_steps", "pin_memory"}  # fmt: skip
 
 
 def _config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -686,6 +710,12 @@ class Trainer:
         mesh = init_device_mesh(self.device.type, (self.world.world_size,))
         if self.device.type == "cuda":
             model.to(self.device)
+        # Unlike DDP, fully_shard does not sync the replicas: each rank keeps its slice of its OWN
+        # tensors, so a model initialized from per-rank RNG streams (a randomly initialized feature
+        # map created after an earlier fit reseeded each rank) would be a mix. Start from rank 0's.
+        with torch.no_grad():
+            for t in [*model.parameters(), *model.buffers()]:
+                dist.broadcast(t.data, src=0)
         for block in _fsdp_blocks(model):
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
@@ -806,7 +836,7 @@ class Trainer:
         gen = torch.Generator().manual_seed(c.seed * 1_000_003 + epoch * 1009 + self.world.rank)
         return DataLoader(
             self.train_data, batch_sampler=sampler, collate_fn=self.collate_fn, num_workers=c.num_workers,
-            pin_memory=self.device.type == "cuda", generator=gen,
+            pin_memory=self.device.type == "cuda" if c.pin_memory is None else c.pin_memory, generator=gen,
         )  # fmt: skip
 
     def _micro_batches(self, epoch: int, start_step: int) -> Iterator[tuple[int, int, Any]]:
@@ -892,6 +922,9 @@ class Trainer:
             t = state["trainer"]
             step, epoch, step_in_epoch = meta["step"], meta["epoch"], meta["step_in_epoch"]
             best, bad_evals = float(t["best"]), int(t["bad_evals"])
+            # a run that had stopped early stays stopped (it must not train past its stopping point)
+            result.stopped_early = bool(t.get("stopped_early", False))
+            self.should_stop = self.should_stop or result.stopped_early
             time_offset, tokens_total = float(t["time"]), int(t["tokens"])
             result.history, result.losses = list(t["history"]), list(t["losses"])
             result.best_eval_loss = None if best == math.inf else best
@@ -912,7 +945,7 @@ class Trainer:
 
             bar = tqdm(total=c.max_steps, initial=step, desc="train", dynamic_ncols=True)
 
-        self.wrapped.train()
+        self.wrapped.train(c.train_mode)
         start = time.perf_counter()
         window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, start
         data = self._micro_batches(epoch, step_in_epoch)
@@ -979,7 +1012,7 @@ class Trainer:
                 assert eval_loss is not None
                 for cb in self.callbacks:
                     cb.on_eval(self, step, eval_loss)
-                if eval_loss < best:
+                if eval_loss < best - c.early_stopping_min_delta:
                     best, bad_evals = eval_loss, 0
                     result.best_step = step
                     if c.restore_best:
@@ -1021,6 +1054,7 @@ class Trainer:
             if c.checkpoint_every is not None and (step % c.checkpoint_every == 0 or stop_now):
                 extra = {
                     "best": best, "best_step": result.best_step, "bad_evals": bad_evals,
+                    "stopped_early": result.stopped_early,
                     "time": time_offset + time.perf_counter() - start,
                     "tokens": tokens_total, "history": result.history, "losses": result.losses,
                 }  # fmt: skip

@@ -11,11 +11,18 @@ Hedgehog model into ``--output-dir`` (default ``runs/linearize-<model>``).
     hedgehog linearize --model smollm2 --steps 30        # SmolLM2-135M (GGUF, dequantized)
     hedgehog linearize --model smollm2 --device cuda --dtype bf16 --steps 1000 --train-blocks 4096
     hedgehog linearize --model path/to/hf-folder --text my_texts/ --finetune
+
+Several processes/GPUs (the distill and finetune stages run on hedgehog_attention.train.Trainer:
+rows sharded by rank, same global batch as one process; fidelity, report and saving on rank 0):
+
+    torchrun --nproc_per_node=2 -m hedgehog_attention.cli linearize --model smollm2 --device cuda ...
+    hedgehog linearize ... --checkpoint-dir runs/ckpt --checkpoint-every 50     # killed? add --resume
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -27,6 +34,7 @@ from typing import Any
 
 import torch
 
+from ..train import barrier, cleanup_distributed, init_distributed, is_main_process, rank0_print
 from .base import linearize, linearized_modules, unlinearize
 from .config import DistillConfig, FinetuneConfig, LinearizeConfig
 from .data import make_batches, passages, text_blocks, tokenize_passages
@@ -119,6 +127,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--strategy",
+        choices=("auto", "ddp", "fsdp"),
+        default="auto",
+        help="under torchrun: auto = ddp (teacher replicated); fsdp shards the model (one method, see docs)",
+    )
+    p.add_argument(
+        "--checkpoint-dir", default=None, help="write stage checkpoints under this folder (one subfolder per stage)"
+    )
+    p.add_argument(
+        "--checkpoint-every", type=int, default=None, help="steps between checkpoints (needs --checkpoint-dir)"
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue each stage from its newest checkpoint in --checkpoint-dir"
+    )
     p.add_argument("--no-save", action="store_true", help="do not save the converted model")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -222,8 +245,37 @@ def end_to_end(model, batches, decoder: bool) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------- main
+def _stage_engine(args, stage: str) -> dict[str, Any]:
+    """Trainer settings of one stage: strategy, and its own checkpoint subfolder."""
+    ckdir = str(Path(args.checkpoint_dir) / stage) if args.checkpoint_dir else None
+    return dict(
+        strategy=args.strategy,
+        checkpoint_dir=ckdir,
+        checkpoint_every=args.checkpoint_every if ckdir else None,
+        resume=bool(args.resume and ckdir),
+    )
+
+
+def _check_args(args) -> None:
+    if (args.checkpoint_every is not None or args.resume) and not args.checkpoint_dir:
+        raise SystemExit("--checkpoint-every and --resume need --checkpoint-dir")
+    if args.checkpoint_every is not None and args.checkpoint_every < 1:
+        raise SystemExit(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
+
+
 def run(args) -> dict[str, Any]:
     t_start = time.perf_counter()
+    _check_args(args)
+    world = init_distributed(device=args.device)
+    if args.strategy == "fsdp" and (args.capture == "online" or args.finetune):
+        raise SystemExit(
+            "--strategy fsdp: only --capture cached distillation (with online capture each layer's Eq. 3 is built "
+            "inside the layer's forward, bypassing FSDP's backward hooks, so the maps would not train) and no "
+            "--finetune (the finetuned model stays FSDP-managed); use --strategy ddp (the default) for those"
+        )
+    if args.device == "cuda" and torch.cuda.is_available():
+        args.device = f"cuda:{world.local_rank}"  # each process its own GPU
+    main_rank = is_main_process()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -234,7 +286,7 @@ def run(args) -> dict[str, Any]:
     out_dir = Path(args.output_dir or f"runs/linearize-{model_key}")
     progress = not args.quiet
 
-    print(f"[linearize] loading {args.model} ...", flush=True)
+    rank0_print(f"[linearize] loading {args.model} ...")
     model, tok, display = _load(args.model, args.device, dtype)
     decoder = hasattr(model, "generate")  # *ForCausalLM / *LMHeadModel; encoders have no generate()
     preset = dict(PRESETS["decoder" if decoder else "encoder"])
@@ -244,7 +296,7 @@ def run(args) -> dict[str, Any]:
     if getattr(tok, "pad_token_id", None) is None:
         tok.pad_token = tok.eos_token
 
-    print("[linearize] reading text ...", flush=True)
+    rank0_print("[linearize] reading text ...")
     split, source = _documents(args)
     seq = preset["seq_len"]
     train = text_blocks(split["train"], tok, seq, preset["train_blocks"], seed=args.seed)
@@ -270,6 +322,7 @@ def run(args) -> dict[str, Any]:
         output_mse_weight=args.output_mse,
         capture=args.capture,
         seed=args.seed,
+        strategy=args.strategy,
     )
     report: dict[str, Any] = {
         "schema": "hedgehog-linearize-report/1",
@@ -281,6 +334,8 @@ def run(args) -> dict[str, Any]:
         "seed": args.seed,
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "world_size": world.world_size,
+        "strategy": args.strategy,
         "data": {
             "source": source,
             "seq_len": seq,
@@ -301,8 +356,8 @@ def run(args) -> dict[str, Any]:
         conv = linearize(model, LinearizeConfig(feature_map=fmap, keep_softmax_layers=keep))
         distilled = distilled and conv.trainable_parameters > 0
         label = " + Eq. 3 distillation" if distilled else ""
-        print(f"[linearize] method {name}: feature map {fmap}{label}", flush=True)
-        if not records:
+        rank0_print(f"[linearize] method {name}: feature map {fmap}{label}")
+        if name == methods[0]:
             report.update(architecture=conv.architecture, num_layers=len(conv.converted) + len(conv.kept_softmax))
             first = linearized_modules(model)[0][1].attn
             report.update(
@@ -316,84 +371,105 @@ def run(args) -> dict[str, Any]:
             elem = torch.finfo(dtype).bits // 8
             cache_bytes = len(train) * seq * len(conv.converted) * (a.num_heads + a.num_kv_heads) * a.head_dim * elem
             if args.capture == "cached" and cache_bytes > CACHED_CAPTURE_LIMIT:
-                print(
+                rank0_print(
                     f"[linearize] cached teacher q, k would take {cache_bytes / 2**30:.1f} GiB; "
                     "switching to --capture online",
-                    flush=True,
                 )
                 args.capture = "online"
                 dcfg.capture = report["distill_config"]["capture"] = "online"
-            print("[linearize] capturing teacher q, k ...", flush=True)
+            rank0_print("[linearize] capturing teacher q, k ...")
             rv = args.output_mse > 0
             if args.capture == "cached":
                 records["train"] = capture_qkv(model, train_b, record_v=rv)
                 records["eval"] = capture_qkv(model, val_b, record_v=rv)
-            records["test"] = capture_qkv(model, test_b)
+            if main_rank:
+                records["test"] = capture_qkv(model, test_b)
         res = None
         if distilled:
             res = distill(
                 model,
                 train_b,
                 val_b,
-                dcfg,
+                dataclasses.replace(dcfg, **_stage_engine(args, f"distill-{name}")),
                 progress=progress,
                 desc=f"distill {name}",
                 train_records=records.get("train"),
                 eval_records=records.get("eval"),
             )
-        fid = evaluate_fidelity(model, test_b, records=records["test"])
-        layers = [{"layer": i, "name": n, **fid[n]} for i, n in enumerate(conv.converted)]
-        e2e = end_to_end(model, e2e_b, decoder)
-        entry = {
-            "feature_map": fmap,
-            "distilled": res is not None,
-            "trainable_parameters": conv.trainable_parameters,
-            "distill": None
-            if res is None
-            else {
-                "steps_run": res.steps_run,
-                "best_step": res.best_step,
-                "best_eval_loss": res.best_eval_loss,
-                "stopped_early": res.stopped_early,
-                "seconds": res.seconds,
-                "eval_steps": res.eval_steps,
-                "eval_loss": res.eval_loss,
-            },
-            "layers": layers,
-            "mean": summarize_layers(layers),
-            "end_to_end": e2e,
-            "seconds": time.perf_counter() - t0,
-        }
-        report["methods"][name] = entry
-        m = entry["mean"]
-        print(
-            f"[linearize]   CE {m['ce']:.4f}  KL {m['kl']:.4f}  entropy {m['entropy_linear']:.3f} "
-            f"(softmax {m['entropy_softmax']:.3f})  monotonicity {m['monotonicity_linear']:.3f}  "
-            + "  ".join(f"{k} {v:.4f}" for k, v in e2e.items())
-            + f"  [{entry['seconds']:.0f} s]",
-            flush=True,
-        )
+        if main_rank:
+            report["methods"][name] = _evaluate_method(
+                model, conv, fmap, res, test_b, records["test"], e2e_b, decoder, t0
+            )
         if name == methods[0] or name == "hedgehog":
             if args.finetune:
                 model = _finetune(model, tok, args, report, decoder, split, train, test, seq)
             if not args.no_save and name == "hedgehog":
-                path = save_linearized(model, out_dir / "model", tokenizer=tok)
-                report["saved_model"] = str(path)
+                if main_rank:
+                    path = save_linearized(model, out_dir / "model", tokenizer=tok)
+                    report["saved_model"] = str(path)
+                barrier()
         unlinearize(model)
     report["runtime_seconds"] = time.perf_counter() - t_start
-    paths = write_report(report, out_dir)
-    print(f"[linearize] report: {paths['md']}  {paths['json']}  {paths['png']}", flush=True)
+    if main_rank:
+        paths = write_report(report, out_dir)
+        rank0_print(f"[linearize] report: {paths['md']}  {paths['json']}  {paths['png']}")
+    barrier()
     return report
+
+
+def _evaluate_method(model, conv, fmap, res, test_b, test_records, e2e_b, decoder, t0) -> dict[str, Any]:
+    """Fidelity per layer (teacher vs linear attention on the test blocks) and end to end."""
+    fid = evaluate_fidelity(model, test_b, records=test_records)
+    layers = [{"layer": i, "name": n, **fid[n]} for i, n in enumerate(conv.converted)]
+    e2e = end_to_end(model, e2e_b, decoder)
+    entry = {
+        "feature_map": fmap,
+        "distilled": res is not None,
+        "trainable_parameters": conv.trainable_parameters,
+        "distill": None
+        if res is None
+        else {
+            "steps_run": res.steps_run,
+            "best_step": res.best_step,
+            "best_eval_loss": res.best_eval_loss,
+            "stopped_early": res.stopped_early,
+            "seconds": res.seconds,
+            "eval_steps": res.eval_steps,
+            "eval_loss": res.eval_loss,
+            "global_batch_size": res.global_batch_size,
+            "resumed_from": res.resumed_from,
+            "train_loss": res.train_loss,
+            "history": res.history,
+        },
+        "layers": layers,
+        "mean": summarize_layers(layers),
+        "end_to_end": e2e,
+        "seconds": time.perf_counter() - t0,
+    }
+    m = entry["mean"]
+    rank0_print(
+        f"[linearize]   CE {m['ce']:.4f}  KL {m['kl']:.4f}  entropy {m['entropy_linear']:.3f} "
+        f"(softmax {m['entropy_softmax']:.3f})  monotonicity {m['monotonicity_linear']:.3f}  "
+        + "  ".join(f"{k} {v:.4f}" for k, v in e2e.items())
+        + f"  [{entry['seconds']:.0f} s]",
+    )
+    return entry
 
 
 def _finetune(model, tok, args, report, decoder, split, train, test, seq):
     lr = args.finetune_lr or (1e-4 if args.finetune_method == "lora" else 2e-5)
-    print(f"[linearize] finetuning ({args.finetune_method}, {args.finetune_steps} steps) ...", flush=True)
+    rank0_print(f"[linearize] finetuning ({args.finetune_method}, {args.finetune_steps} steps) ...")
     from .finetune import finetune
 
     if decoder:
         cfg = FinetuneConfig(
-            method=args.finetune_method, task="lm", steps=args.finetune_steps, lr=lr, batch_size=2, seed=args.seed
+            method=args.finetune_method,
+            task="lm",
+            steps=args.finetune_steps,
+            lr=lr,
+            batch_size=2,
+            seed=args.seed,
+            **_stage_engine(args, "finetune"),
         )
         model, res = finetune(
             model, make_batches(train, 2, labels=True), make_batches(test, 2, labels=True), cfg, progress=not args.quiet
@@ -455,6 +531,7 @@ def finetune_classification(encoder, tok, args, lr, seq) -> dict[str, Any]:
             lr=lr,
             batch_size=16,
             seed=args.seed,
+            **_stage_engine(args, f"finetune-{which}"),
         )
         # no "before" score: the classification head is freshly initialized
         _, res = finetune(cls, train_b, test_b, cfg, progress=not args.quiet, evaluate_before=False)
@@ -464,7 +541,7 @@ def finetune_classification(encoder, tok, args, lr, seq) -> dict[str, Any]:
             "seconds": res.seconds,
             "trainable_parameters": res.trainable_parameters,
         }
-        print(f"[linearize]   {which}: test accuracy {res.eval_accuracy_after:.4f}", flush=True)
+        rank0_print(f"[linearize]   {which}: test accuracy {res.eval_accuracy_after:.4f}")
     return results
 
 
@@ -476,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"hedgehog linearize: error: {err}", file=sys.stderr)
         return 2
+    cleanup_distributed()
     return 0
 
 

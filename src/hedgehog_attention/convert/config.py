@@ -24,6 +24,21 @@ def _strict_kwargs(cls, data: dict[str, Any]) -> dict[str, Any]:
     return dict(data)
 
 
+def _check_engine(cfg) -> None:
+    """Validate the training-engine fields shared by DistillConfig and FinetuneConfig."""
+    name = type(cfg).__name__
+    if cfg.strategy not in ("auto", "ddp", "fsdp"):
+        raise ValueError(f"{name}: strategy must be 'auto', 'ddp' or 'fsdp', got {cfg.strategy!r}")
+    if cfg.max_grad_norm is not None and cfg.max_grad_norm <= 0:
+        raise ValueError(f"{name}: max_grad_norm must be > 0 or None, got {cfg.max_grad_norm}")
+    if cfg.checkpoint_every is not None and cfg.checkpoint_every < 1:
+        raise ValueError(f"{name}: checkpoint_every must be >= 1 or None, got {cfg.checkpoint_every}")
+    if (cfg.checkpoint_every is not None or cfg.resume) and not cfg.checkpoint_dir:
+        raise ValueError(f"{name}: checkpoint_every/resume need checkpoint_dir")
+    if cfg.log_every < 1:
+        raise ValueError(f"{name}: log_every must be >= 1, got {cfg.log_every}")
+
+
 @dataclass
 class LinearizeConfig:
     """What to swap and into what.
@@ -86,6 +101,11 @@ class DistillConfig:
             forward per step; memory ~ tokens x layers x heads x head_dim); ``online`` runs the
             frozen model every step in distill mode (memory-bounded, for large corpora/GPUs).
         seed: RNG seed of batch order.
+        max_grad_norm: clip the global gradient norm (None: no clipping, as App. C.2).
+        strategy: ``auto`` (DDP under torchrun, plain with one process), ``ddp`` or ``fsdp``.
+        checkpoint_dir / checkpoint_every / resume: atomic checkpoints of the run every N steps
+            and exact continuation of a killed run (see docs/distributed.md).
+        log_every: steps per row of the training history (loss, tokens/s).
     """
 
     steps: int = 300
@@ -99,8 +119,15 @@ class DistillConfig:
     query_chunk_size: int = 256
     capture: Literal["cached", "online"] = "cached"
     seed: int = 0
+    max_grad_norm: float | None = None
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    checkpoint_dir: str | None = None
+    checkpoint_every: int | None = None
+    resume: bool = False
+    log_every: int = 10
 
     def __post_init__(self) -> None:
+        _check_engine(self)
         if self.steps < 0 or self.batch_size < 1 or self.eval_every < 1 or self.patience < 0:
             raise ValueError(
                 "expected steps >= 0, batch_size >= 1, eval_every >= 1, patience >= 0; got "
@@ -132,6 +159,8 @@ class FinetuneConfig:
         lora_targets: module-name suffixes that get adapters; ``None`` = the architecture's q/k/v/o.
         train_feature_maps: also train the (distilled) feature maps (LoLCATs keeps them frozen).
         seed: RNG seed.
+        max_grad_norm / strategy / checkpoint_dir / checkpoint_every / resume / log_every: as in
+            :class:`DistillConfig` (the run goes through ``hedgehog_attention.train.Trainer``).
     """
 
     method: Literal["lora", "full"] = "lora"
@@ -146,8 +175,15 @@ class FinetuneConfig:
     lora_targets: list[str] | None = None
     train_feature_maps: bool = False
     seed: int = 0
+    max_grad_norm: float | None = None
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    checkpoint_dir: str | None = None
+    checkpoint_every: int | None = None
+    resume: bool = False
+    log_every: int = 10
 
     def __post_init__(self) -> None:
+        _check_engine(self)
         if self.method not in ("lora", "full"):
             raise ValueError(f"method must be 'lora' or 'full', got {self.method!r}")
         if self.task not in ("lm", "classification"):

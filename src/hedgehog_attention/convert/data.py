@@ -92,3 +92,57 @@ def tokenize_passages(
         )
         out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
     return out
+
+
+# ------------------------------------------------------------------------------------- Trainer data
+class BatchRows(torch.utils.data.Dataset):
+    """The rows of a list of batches as a map-style dataset (one example per row), for
+    :class:`hedgehog_attention.train.Trainer`, which regroups rows into its own (rank-sharded)
+    micro-batches: ``rows[i] = {key: batch[key][j]}`` (``[T]`` token tensors, ``[]`` class labels).
+    The rows are views of the given tensors (no copy)."""
+
+    def __init__(self, batches: Sequence[dict[str, Any]]) -> None:
+        self.rows: list[dict[str, Any]] = []
+        for bi, b in enumerate(batches):
+            sizes = {k: len(v) for k, v in b.items() if isinstance(v, torch.Tensor) and v.ndim >= 1}
+            if not sizes or len(set(sizes.values())) != 1:
+                raise ValueError(f"batch {bi}: expected tensors with one common first (batch) dimension, got {sizes}")
+            n = next(iter(sizes.values()))
+            self.rows.extend({k: v[j] for k, v in b.items() if k in sizes} for j in range(n))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.rows[i]
+
+
+# padding value per key when rows of different lengths meet in one micro-batch
+_PAD_VALUE = {"labels": -100}
+
+
+def pad_collate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack rows into a batch; rows of different lengths (padded passages from different batches)
+    are padded to the longest along their first dimension, ``attention_mask``/``mask`` with 0 (so
+    padding stays padding), token ``labels`` with -100, everything else with 0. The side follows
+    the data: left when the rows are left-padded (``attention_mask[0] == 0``), else right."""
+    keys = rows[0].keys()
+    lengths = {len(r[k]) for r in rows for k in keys if isinstance(r[k], torch.Tensor) and r[k].ndim >= 1}
+    if len(lengths) <= 1:
+        return {k: torch.stack([r[k] for r in rows]) for k in keys}
+    mask_key = next((k for k in ("attention_mask", "mask") if k in keys), None)
+    left = mask_key is not None and any(
+        len(r[mask_key]) and not bool(r[mask_key][0]) and bool(r[mask_key].any()) for r in rows
+    )
+    n = max(lengths)
+    out = {}
+    for k in keys:
+        vals = []
+        for r in rows:
+            v = r[k]
+            if isinstance(v, torch.Tensor) and v.ndim >= 1 and len(v) < n:
+                pad = v.new_full((n - len(v), *v.shape[1:]), _PAD_VALUE.get(k, 0))
+                v = torch.cat([pad, v] if left else [v, pad])
+            vals.append(v)
+        out[k] = torch.stack(vals)
+    return out

@@ -19,6 +19,7 @@ model in capture mode every step and backpropagates the per-layer losses (bounde
 from __future__ import annotations
 
 import copy
+import gc
 import inspect
 import logging
 import math
@@ -164,9 +165,12 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def _forward(model: nn.Module, batch: Batch):
-    """``model(**batch)`` without labels and without a KV cache (nothing here decodes)."""
+    """``model(**batch)`` without labels and without a KV cache (nothing here decodes); ``model``
+    may be a DDP wrapper (called as is, so that DDP prepares its gradient sync)."""
+    from ..train import unwrap_model
+
     kwargs = _to({k: t for k, t in batch.items() if k != "labels"}, _device(model))
-    if "use_cache" in inspect.signature(model.forward).parameters:
+    if "use_cache" in inspect.signature(unwrap_model(model).forward).parameters:
         kwargs["use_cache"] = False
     return model(**kwargs)
 
@@ -196,6 +200,10 @@ class DistillResult:
     stopped_early: bool = False
     seconds: float = 0.0
     eval_loss_per_layer: dict[str, float] = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+    """the Trainer's log rows (step, train_loss, eval_loss, lr, tokens, time, tokens_per_s)"""
+    global_batch_size: int = 0
+    resumed_from: int | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -226,6 +234,102 @@ def _eval_online(model, layers, batches: Sequence[Batch], cfg: DistillConfig) ->
     return {n: s / max(len(batches), 1) for n, s in sums.items()}
 
 
+# ------------------------------------------------------------------------------------- Trainer glue
+def _key(name: str) -> str:
+    """Module name -> ModuleDict key (no dots allowed there)."""
+    return name.replace(".", "__")
+
+
+class _CachedRows(torch.utils.data.Dataset):
+    """Cached teacher tensors, one example per sequence: ``{"<layer>/q": [T,H,D], "<layer>/k": [T,Hk,D],
+    ("<layer>/v"), "mask": [T]}`` (views of the captured batches; the key-padding mask is the same for
+    every layer and is all ones for unpadded rows, so rows of different lengths can be padded)."""
+
+    def __init__(self, records: dict[str, list[LayerRecord]]) -> None:
+        names = list(records)
+        self.rows: list[dict[str, torch.Tensor]] = []
+        for bi in range(len(records[names[0]])):
+            first = records[names[0]][bi]
+            b, t = first.q.shape[:2]
+            mask = first.mask if first.mask is not None else torch.ones(b, t, dtype=torch.bool, device=first.q.device)
+            for j in range(b):
+                row = {"mask": mask[j]}
+                for n in names:
+                    r = records[n][bi]
+                    row[f"{_key(n)}/q"], row[f"{_key(n)}/k"] = r.q[j], r.k[j]
+                    if r.v is not None:
+                        row[f"{_key(n)}/v"] = r.v[j]
+                self.rows.append(row)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.rows[i]
+
+
+def _cached_loss_module(layers, cfg: DistillConfig):
+    """``LossModule`` over an ``nn.ModuleDict`` of the layers' linear attentions (their feature maps
+    are all it holds that trains): its forward is the sum over layers of Eq. 3 on a cached batch."""
+    from ..train import LossModule
+
+    meta = {_key(n): layer for n, layer in layers}
+
+    def cached_eq3_loss(attns: nn.ModuleDict, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        mask = batch["mask"]
+        mask = None if bool(mask.all()) else mask
+        # attns[key] is meta[key].attn: layer_losses reads the maps through the layer
+        return sum(
+            layer_losses(meta[key], batch[f"{key}/q"], batch[f"{key}/k"], batch.get(f"{key}/v"), mask,
+                         cfg.output_mse_weight, cfg.query_chunk_size)
+            for key in attns
+        )  # fmt: skip
+
+    return LossModule(nn.ModuleDict({_key(n): layer.attn for n, layer in layers}), cached_eq3_loss)
+
+
+def _online_loss_fn(cfg: DistillConfig):
+    """``loss_fn`` of online distillation: the (wrapped) model's forward in teacher mode, with
+    gradients on, so DDP prepares its all-reduce; each layer adds its Eq. 3 on the fly."""
+    from ..train import unwrap_model
+
+    def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
+        with TeacherCapture(
+            unwrap_model(model), compute_loss=True, output_mse_weight=cfg.output_mse_weight,
+            query_chunk_size=cfg.query_chunk_size,
+        ) as cap:  # fmt: skip
+            _forward(model, batch)
+        return sum(cap.losses.values())
+
+    return loss_fn
+
+
+def _plain_maps_after_fsdp(loss_module: nn.Module) -> None:
+    """Cached distillation under FSDP shards only the ``LossModule`` (the maps); the model shares
+    those modules. Gather each sharded map parameter (``DTensor.full_tensor``, collective: every
+    rank runs this in the same order) and put a plain parameter back in its place, so the model
+    holds ordinary tensors again (FSDP's hooks were on the discarded root module only)."""
+    for sub in loss_module.module.modules():
+        for pname, p in list(sub.named_parameters(recurse=False)):
+            full = p.full_tensor() if hasattr(p, "full_tensor") else p
+            setattr(sub, pname, nn.Parameter(full.detach().clone(), requires_grad=p.requires_grad))
+
+
+def global_batch(cfg_batch_size: int, n: int, world_size: int, what: str = "batch_size") -> tuple[int, int]:
+    """``(global batch, per-process micro-batch)``: ``batch_size`` sequences per step over all
+    processes (so 1 and N processes train on the same batches), clamped to the data set when it is
+    smaller (to a multiple of the world size)."""
+    g = min(cfg_batch_size, n - n % world_size)
+    if g < world_size:
+        raise ValueError(f"{n} training sequence(s) cannot be split over {world_size} processes")
+    if g % world_size:
+        raise ValueError(
+            f"{what}={cfg_batch_size} is not divisible by the {world_size} processes: each process takes "
+            f"{what} / world_size sequences per step (the same global batch as one process)"
+        )
+    return g, g // world_size
+
+
 def distill(
     model: nn.Module,
     train_batches: Sequence[Batch],
@@ -237,13 +341,18 @@ def distill(
     train_records: dict[str, list[LayerRecord]] | None = None,
     eval_records: dict[str, list[LayerRecord]] | None = None,
 ) -> DistillResult:
-    """Train every converted layer's feature maps at once with Eq. 3 (App. C.2 defaults).
+    """Train every converted layer's feature maps at once with Eq. 3 (App. C.2 defaults), on
+    :class:`hedgehog_attention.train.Trainer` (one process, or DDP/FSDP under ``torchrun``).
 
     Only the feature maps train (everything else is frozen for the duration and restored after).
-    The loss of a step is the sum over layers of each layer's Eq. 3 on that batch. Every
-    ``eval_every`` steps the held-out loss is measured; the maps with the best held-out loss are
-    kept, and training stops after ``patience`` evaluations without improvement. A map without
-    parameters (``elu``) is only evaluated.
+    The loss of a step is the sum over layers of each layer's Eq. 3 on ``config.batch_size``
+    sequences (the rows of ``train_batches``, regrouped and reshuffled every epoch; under torchrun
+    each of the N processes takes ``batch_size / N`` of them, so the global batch, and hence the
+    trajectory, is that of one process). Every ``eval_every`` steps the held-out loss is measured;
+    the maps with the best held-out loss are kept (``restore_best``), and training stops after
+    ``patience`` evaluations without improvement. With ``config.checkpoint_dir`` the run writes
+    atomic checkpoints every ``checkpoint_every`` steps and ``config.resume`` continues a killed
+    run exactly. A map without parameters (``elu``) is only evaluated.
 
     Args:
         model: a linearized model.
@@ -253,8 +362,12 @@ def distill(
         train_records / eval_records: ``capture="cached"`` only: teacher tensors already captured
             with :func:`capture_qkv` on the same batches (they do not depend on the feature map, so
             several conversions of one model can share them).
+
+    Every process returns the same result. ``eval_loss_per_layer`` is measured at the end, on the
+    kept maps, over ``eval_batches`` as given.
     """
-    from tqdm.auto import tqdm
+    from ..train import TrainConfig, Trainer, world_info
+    from .data import BatchRows, pad_collate
 
     cfg = config or DistillConfig()
     layers = linearized_modules(model)
@@ -286,73 +399,61 @@ def distill(
             return _eval_cached(layers, eval_cache, cfg) if cached else _eval_online(model, layers, eval_batches, cfg)
 
         trainable = [p for p in params if p.requires_grad]
-        if cfg.steps == 0 or not trainable:
-            per_layer = evaluate()
-            if per_layer is not None:
-                result.eval_loss_per_layer = per_layer
-                result.best_eval_loss = sum(per_layer.values())
-            result.seconds = time.perf_counter() - t0
-            return result
-        opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        order: list[int] = []
-        best_state, bad_evals = None, 0
-        bar = tqdm(total=cfg.steps, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
-        for step in range(1, cfg.steps + 1):
-            if not order:
-                order = torch.randperm(len(train_batches), generator=gen).tolist()
-            i = order.pop()
+        if cfg.steps > 0 and trainable and cfg.strategy == "fsdp" and not cached:
+            # Measured (2 gloo ranks): the maps never changed. Each layer's Eq. 3 is built inside
+            # the layer's forward from its map parameters, not from the layer's output, so FSDP2's
+            # backward hooks (on the block outputs) never run and the map gradients never reach the
+            # sharded parameters.
+            raise ValueError(
+                "strategy='fsdp' does not support capture='online' distillation (the per-layer losses bypass "
+                "FSDP's backward hooks, so the maps would not train); use strategy='ddp' (teacher replicated) "
+                "or capture='cached'"
+            )
+        if cfg.steps > 0 and trainable:
             if cached:
-                loss = sum(
-                    layer_losses(layer, r.q, r.k, r.v, r.mask, cfg.output_mse_weight, cfg.query_chunk_size)
-                    for name, layer in layers
-                    for r in (train_cache[name][i],)
-                )
+                module, loss_fn = _cached_loss_module(layers, cfg), None
+                train_ds = _CachedRows(train_cache)
+                eval_ds = _CachedRows(eval_cache) if eval_batches else None
             else:
-                with (
-                    TeacherCapture(
-                        model,
-                        compute_loss=True,
-                        output_mse_weight=cfg.output_mse_weight,
-                        query_chunk_size=cfg.query_chunk_size,
-                    ) as cap,
-                    torch.no_grad(),
-                ):
-                    _forward(model, train_batches[i])
-                loss = sum(cap.losses.values())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"distillation loss became {loss.item()} at step {step}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            result.steps.append(step)
-            result.train_loss.append(loss.item())
-            result.steps_run = step
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            if eval_batches and (step % cfg.eval_every == 0 or step == cfg.steps):
-                per_layer = evaluate()
-                ev = sum(per_layer.values())
-                result.eval_steps.append(step)
-                result.eval_loss.append(ev)
-                if math.isnan(result.best_eval_loss) or ev < result.best_eval_loss - cfg.min_delta:
-                    result.best_eval_loss, result.best_step = ev, step
-                    result.eval_loss_per_layer = per_layer
-                    best_state = [p.detach().clone() for p in trainable]
-                    bad_evals = 0
-                else:
-                    bad_evals += 1
-                    if cfg.patience and bad_evals >= cfg.patience:
-                        result.stopped_early = True
-                        break
-        bar.close()
-        if best_state is not None:
-            with torch.no_grad():
-                for p, b in zip(trainable, best_state):
-                    p.copy_(b)
-        elif eval_batches:
-            result.eval_loss_per_layer = evaluate()
-            result.best_eval_loss = sum(result.eval_loss_per_layer.values())
+                module, loss_fn = model, _online_loss_fn(cfg)
+                train_ds = BatchRows(train_batches)
+                eval_ds = BatchRows(eval_batches) if eval_batches else None
+            gb, micro = global_batch(cfg.batch_size, len(train_ds), world_info().world_size)
+            tcfg = TrainConfig(
+                max_steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay, micro_batch_size=micro,
+                max_grad_norm=cfg.max_grad_norm, eval_every=cfg.eval_every,
+                early_stopping_patience=cfg.patience or None, early_stopping_min_delta=cfg.min_delta,
+                restore_best=eval_ds is not None, train_mode=False, seed=cfg.seed, progress=progress,
+                checkpoint_dir=cfg.checkpoint_dir, checkpoint_every=cfg.checkpoint_every, resume=cfg.resume,
+                strategy=cfg.strategy, device=str(_device(model)), log_every=cfg.log_every,
+                pin_memory=False if cached else None,  # the cached q, k stay where they were captured
+            )  # fmt: skip
+            from ..train import call_model
+
+            trainer = Trainer(
+                module, loss_fn or call_model, train_ds, eval_ds, tcfg, params=trainable, collate_fn=pad_collate
+            )
+            tres = trainer.fit()
+            if trainer.strategy == "fsdp":
+                _plain_maps_after_fsdp(module)
+            del trainer
+            gc.collect()  # drop the DDP reducer (and its gradient hooks) before the model trains again
+            result.steps = list(range(1, len(tres.losses) + 1))
+            result.train_loss = list(tres.losses)
+            result.steps_run = tres.steps_done
+            result.stopped_early = tres.stopped_early
+            result.history = list(tres.history)
+            result.global_batch_size = gb
+            result.resumed_from = tres.resumed_from
+            rows = [r for r in tres.history if r["eval_loss"] is not None]
+            result.eval_steps = [r["step"] for r in rows]
+            result.eval_loss = [r["eval_loss"] for r in rows]
+            if tres.best_step is not None:
+                result.best_step = tres.best_step
+        per_layer = evaluate()  # on the kept (best) maps, on every process
+        if per_layer is not None:
+            result.eval_loss_per_layer = per_layer
+            result.best_eval_loss = sum(per_layer.values())
     finally:
         for p in model.parameters():
             p.requires_grad_(frozen.get(id(p), True))

@@ -5,15 +5,17 @@ LoRA adapters go on the attention projections that the converted layers reuse (t
 adapters are merged back (``merge_and_unload``), leaving a plain converted model that
 :func:`~hedgehog_attention.convert.save_linearized` can write.
 
-The loop is :func:`train_steps`, a small function meant to be swapped for the project's
-``hedgehog_attention.train.Trainer`` when runs need DDP/FSDP, checkpoints and resume.
+Training runs on :class:`hedgehog_attention.train.Trainer`: one process, or DDP/FSDP under
+``torchrun`` (the rows of the batches sharded over the processes, the same global batch), with
+atomic checkpoints and exact resume when the config names a ``checkpoint_dir``.
 """
 
 from __future__ import annotations
 
+import gc
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +24,7 @@ from torch import nn
 from .base import available_adapters, feature_map_parameters, find_targets, linearized_modules
 from .config import FinetuneConfig
 
-__all__ = ["FinetuneResult", "evaluate_loss", "finetune", "train_steps"]
+__all__ = ["FinetuneResult", "evaluate_loss", "finetune"]
 
 Batch = dict[str, torch.Tensor]
 
@@ -37,6 +39,8 @@ class FinetuneResult:
     eval_accuracy_after: float = math.nan
     trainable_parameters: int = 0
     seconds: float = 0.0
+    history: list[dict] = field(default_factory=list)
+    resumed_from: int | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -55,39 +59,14 @@ def _loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     return out.loss, out.logits
 
 
-def train_steps(
-    params: Sequence[nn.Parameter],
-    batches: Sequence[Batch],
-    loss_fn: Callable[[Batch], torch.Tensor],
-    *,
-    steps: int,
-    lr: float,
-    weight_decay: float = 0.0,
-    seed: int = 0,
-    progress: bool = True,
-    desc: str = "finetune",
-) -> tuple[list[int], list[float]]:
-    """AdamW over ``params`` for ``steps`` steps, cycling through ``batches`` in a seeded order."""
-    from tqdm.auto import tqdm
+def _loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The Trainer's ``loss_fn``: the (possibly DDP-wrapped) model's own task loss."""
+    from ..train import unwrap_model
 
-    if not batches:
-        raise ValueError("no training batches")
-    opt = torch.optim.AdamW(list(params), lr=lr, weight_decay=weight_decay)
-    gen = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-    hist_s, hist_l = [], []
-    for step in tqdm(range(1, steps + 1), desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
-        if not order:
-            order = torch.randperm(len(batches), generator=gen).tolist()
-        loss = loss_fn(batches[order.pop()])
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"finetuning loss became {loss.item()} at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        hist_s.append(step)
-        hist_l.append(loss.item())
-    return hist_s, hist_l
+    if "labels" not in batch:
+        raise ValueError("finetuning batches need 'labels' (token ids for lm, class ids for classification)")
+    out = model(**batch, use_cache=False) if hasattr(unwrap_model(model), "generate") else model(**batch)
+    return out.loss
 
 
 @torch.no_grad()
@@ -162,16 +141,31 @@ def finetune(
     params = [p for p in trained.parameters() if p.requires_grad]
     res.trainable_parameters = sum(p.numel() for p in params)
     trained.train()
-    res.steps, res.train_loss = train_steps(
-        params,
-        list(train_batches),
-        lambda b: _loss(trained, b)[0],
-        steps=cfg.steps,
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        seed=cfg.seed,
-        progress=progress,
-    )
+    if cfg.steps > 0:
+        from ..train import TrainConfig, Trainer, gather_fsdp_model, world_info
+        from .data import BatchRows, pad_collate
+        from .distill import global_batch
+
+        rows = BatchRows(list(train_batches))
+        if not len(rows):
+            raise ValueError("no training batches")
+        _, micro = global_batch(cfg.batch_size, len(rows), world_info().world_size)
+        tcfg = TrainConfig(
+            max_steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay, micro_batch_size=micro,
+            max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, progress=progress, strategy=cfg.strategy,
+            checkpoint_dir=cfg.checkpoint_dir, checkpoint_every=cfg.checkpoint_every, resume=cfg.resume,
+            device=str(_device(trained)), log_every=cfg.log_every,
+            # full finetuning may leave parameters without a gradient (a pooler, an unused head)
+            find_unused_parameters=cfg.method == "full",
+        )  # fmt: skip
+        trainer = Trainer(trained, _loss_fn, rows, None, tcfg, params=params, collate_fn=pad_collate)
+        tres = trainer.fit()
+        if trainer.strategy == "fsdp":
+            gather_fsdp_model(trained)  # full tensors again for evaluation, merging and saving
+        del trainer
+        gc.collect()  # drop the DDP reducer (and its gradient hooks) before the model trains again
+        res.steps, res.train_loss = list(range(1, len(tres.losses) + 1)), list(tres.losses)
+        res.history, res.resumed_from = list(tres.history), tres.resumed_from
     trained.eval()
     if cfg.method == "lora":
         model = trained.merge_and_unload()
