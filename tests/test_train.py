@@ -420,3 +420,31 @@ def test_restore_best_and_its_resume(tmp_path: Path):
         torch.testing.assert_close(trainable(m_res)[name], p, rtol=0, atol=0)
     with pytest.raises(ValueError, match="restore_best needs eval_data"):
         Trainer(TinyNet(), loss_fn, Points(40), None, make_config(restore_best=True))
+
+
+def test_min_delta_and_an_early_stopped_run_stays_stopped_on_resume(tmp_path: Path):
+    kw = dict(max_steps=60, lr=5.0, max_grad_norm=None, eval_every=2, early_stopping_patience=2, checkpoint_every=2)
+    res, _ = run(make_config(checkpoint_dir=str(tmp_path / "a"), **kw))
+    assert res.stopped_early and res.steps_done < 60
+    again, _ = run(make_config(checkpoint_dir=str(tmp_path / "a"), resume=True, **kw))
+    assert again.resumed_from == res.steps_done and again.steps_done == res.steps_done and again.stopped_early
+    assert again.losses == res.losses
+    # an improvement smaller than min_delta is no improvement: a huge delta stops after `patience` evals
+    strict, _ = run(make_config(max_steps=60, eval_every=2, early_stopping_patience=2, early_stopping_min_delta=1e9))
+    assert strict.stopped_early and strict.steps_done == 3 * 2  # best at the 1st eval, then 2 without improvement
+    with pytest.raises(ValueError, match="early_stopping_min_delta"):
+        make_config(early_stopping_min_delta=-1.0)
+
+
+def test_train_mode_false_keeps_dropout_off():
+    modes = []
+
+    class Spy(TrainerCallback):
+        def on_step_end(self, trainer, step, loss):
+            modes.append(trainer.model.training)
+
+    with_dropout, _ = run(make_config(max_steps=3), dropout=0.5, callbacks=[Spy()])
+    eval_mode, _ = run(make_config(max_steps=3, train_mode=False), dropout=0.5, callbacks=[Spy()])
+    assert modes == [True] * 3 + [False] * 3
+    ref, _ = run(make_config(max_steps=3))  # dropout off in eval mode: the same as no dropout at all
+    assert eval_mode.losses == ref.losses and with_dropout.losses != ref.losses
