@@ -118,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=int, default=3, help="early stopping: evaluations without improvement")
     p.add_argument("--output-mse", type=float, default=0.0, help="weight of the attention-output MSE term")
     p.add_argument("--capture", choices=("cached", "online"), default="cached")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "chunked", "recurrent", "reference", "triton"),
+        help="linear-attention op of the converted layers (evaluation, generation): auto = Triton on CUDA, "
+        "else chunked (distillation trains on the teacher path and Eq. 3, not through this op)",
+    )
     p.add_argument("--keep-softmax", default="", help="comma-separated layer indices left as softmax")
     p.add_argument("--finetune", action="store_true", help="add a finetuning stage to the Hedgehog model")
     p.add_argument("--finetune-method", choices=("lora", "full"), default="lora")
@@ -353,7 +360,7 @@ def run(args) -> dict[str, Any]:
     for name in methods:
         fmap, distilled = specs[name]
         t0 = time.perf_counter()
-        conv = linearize(model, LinearizeConfig(feature_map=fmap, keep_softmax_layers=keep))
+        conv = linearize(model, LinearizeConfig(feature_map=fmap, keep_softmax_layers=keep, backend=args.backend))
         distilled = distilled and conv.trainable_parameters > 0
         label = " + Eq. 3 distillation" if distilled else ""
         rank0_print(f"[linearize] method {name}: feature map {fmap}{label}")
