@@ -178,7 +178,8 @@ def test_cuda_linearize_both_capture_modes(tmp_path, capture):
     from hedgehog_attention.convert.cli import main
 
     build_tiny(tmp_path / "tiny")
-    extra = ["--methods", "hedgehog", "--capture", capture, "--steps", "8", "--device", "cuda", "--no-save"]
+    extra = ["--methods", "hedgehog", "--capture", capture, "--steps", "8", "--device", "cuda", "--no-save",
+             "--backend", "chunked"]  # fmt: skip
     assert main(_args(tmp_path / "tiny", extra, tmp_path / "out")) == 0
     d = json.loads((tmp_path / "out" / "report.json").read_text())["methods"]["hedgehog"]["distill"]
     assert d["eval_loss"][-1] < d["eval_loss"][0], d["eval_loss"]
