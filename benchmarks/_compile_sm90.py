@@ -28,44 +28,36 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from hedgehog_attention.ops.triton import _kernels as K  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
-FP32_PTRS = {
-    "cu_ptr": "*i32",
-    **{
-        p: "*fp32"
-        for p in (
-            [
-                "si_ptr",
-                "zi_ptr",
-                "den_ptr",
-                "se_ptr",
-                "ze_ptr",
-                "sl_ptr",
-                "zl_ptr",
-                "ri_ptr",
-                "rzi_ptr",
-                "dw_ptr",
-                "db_ptr",
-                "mask_ptr",
-                "s_ptr",
-                "z_ptr",
-            ]
-        )
-    },
-}
-WALKS = (K._state_kernel, K._fwd_kernel, K._rstate_kernel, K._bwd_dq_kernel, K._bwd_dkv_kernel)
+INT_PTRS = ("cu_ptr", "coff_ptr", "cidx_ptr")
+FP32_PTRS = (
+    "hz_ptr", "dhz_ptr", "si_ptr", "zi_ptr", "ri_ptr", "rzi_ptr", "st_ptr", "stz_ptr", "den_ptr", "cd_ptr",
+    "dwq_ptr", "dbq_ptr", "dwk_ptr", "dbk_ptr", "mask_ptr", "s_ptr", "z_ptr",
+)  # fmt: skip
+STATE_PTRS = ("h_ptr", "dh_ptr")  # bf16 for bf16 inputs, fp32 otherwise (_launch.state_dtype)
+KERNELS = (K._state_kernel, K._out_kernel, K._bwd_kernel)
 
 
-def compile_kernel(fn, cons: dict, dtype: str, num_warps: int):
+def _ptr_type(p: str, dtype: str) -> str:
+    if p in INT_PTRS:
+        return "*i32"
+    if p in FP32_PTRS:
+        return "*fp32"
+    if p in STATE_PTRS:
+        return "*bf16" if dtype == "bf16" else "*fp32"
+    return f"*{dtype}"
+
+
+def compile_kernel(fn, cons: dict, dtype: str, num_warps: int, num_stages: int = 1):
     params = list(inspect.signature(fn.fn).parameters)
     sig = {
         p: "constexpr"
         if p in cons
-        else FP32_PTRS.get(p, f"*{dtype}" if p.endswith("_ptr") else ("fp32" if p == "eps" else "i32"))
+        else (_ptr_type(p, dtype) if p.endswith("_ptr") else ("fp32" if p == "eps" else "i32"))
         for p in params
     }
     consts = {(params.index(k),): v for k, v in cons.items() if k in params}
     src = ASTSource(fn=fn, signature=sig, constexprs=consts)
-    return triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": 1})
+    return triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
 
 
 def resources(compiled) -> str:
@@ -77,18 +69,15 @@ def resources(compiled) -> str:
     return " ".join(line.strip() for line in out.splitlines() if "REG" in line)
 
 
-def constexprs(dtype: str, D: int, act: str, fused: bool, causal: bool, mask: bool, bv: int | None = None) -> dict:
-    half = dtype != "fp32"
-    dot = (
-        tl.float32
-        if (not half or (dtype == "fp16" and act == "exp" and fused))
-        else (tl.bfloat16 if dtype == "bf16" else tl.float16)
-    )
-    prec = "tf32" if half else "ieee"
+def constexprs(
+    dtype: str, D: int, act: str, fused: bool, causal: bool, mask: bool, bv: int | None = None, bt: int = 64
+) -> dict:
+    dot = tl.bfloat16 if dtype == "bf16" else tl.float32
     return dict(
-        BT=64, BD=D, BF=D, BV=bv or D, FUSED=fused, HAS_MASK=mask, ACT=act, NEG=fused, W_NATIVE=half and fused,
-        MAP_PREC=prec, PREC=prec, DOT_DT=dot, EVEN=True, HAS_B=True, HAS_BQ=True, HAS_BK=True,
-        CAUSAL=causal, STORE_END=causal,
+        BT=bt, BD=D, BF=D, BV=bv or D, FUSED=fused, HAS_MASK=mask, ACT=act, NEG=fused,
+        W_NATIVE=dtype != "fp32" and fused, MAP_PREC="ieee" if dtype == "fp32" else "tf32",
+        PREC="ieee" if dtype == "fp32" else "tf32", DOT_DT=dot, EVEN=True, HAS_B=True, HAS_BQ=True, HAS_BK=True,
+        CAUSAL=causal, REVERSE=False, STORE_H=causal, KV_SIDE=False,
     )  # fmt: skip
 
 
@@ -97,10 +86,17 @@ def main() -> None:
     ap.add_argument("--all", action="store_true")
     args = ap.parse_args()
     if not args.all:
-        for nw, bv in ((4, None), (8, None), (8, 32)):
-            for fn in WALKS:
-                c = compile_kernel(fn, constexprs("bf16", 64, "softmax", True, True, False, bv), "bf16", nw)
-                print(f"{fn.fn.__name__:16s} warps={nw} BV={bv or 64}: {resources(c)}", flush=True)
+        for bt in (64, 128):
+            for fn, nw, ns, bv in (
+                (K._state_kernel, 4, 2, 64), (K._state_kernel, 4, 2, 32), (K._state_kernel, 8, 2, 64),
+                (K._out_kernel, 4, 1, 64), (K._out_kernel, 8, 1, 64), (K._bwd_kernel, 4, 1, 64),
+                (K._bwd_kernel, 8, 1, 64), (K._bwd_kernel, 8, 2, 64),
+            ):  # fmt: skip
+                for rev in (False, True) if fn in (K._state_kernel, K._bwd_kernel) else (False,):
+                    cons = dict(constexprs("bf16", 64, "softmax", True, True, False, bv, bt), REVERSE=rev, KV_SIDE=rev)
+                    c = compile_kernel(fn, cons, "bf16", nw, ns)
+                    name = fn.fn.__name__ + ((" rev" if fn is K._state_kernel else " kv") if rev else "")
+                    print(f"BT={bt} {name:18s} warps={nw} stages={ns} BV={bv}: {resources(c)}", flush=True)
         return
     n = 0
     for dtype, D, act, fused, causal, mask in itertools.product(
@@ -108,9 +104,11 @@ def main() -> None:
     ):
         if not fused and act == "exp":
             continue
-        for fn in WALKS:
-            compile_kernel(fn, constexprs(dtype, D, act, fused, causal, mask), dtype, 8 if D == 128 else 4)
-            n += 1
+        for fn in KERNELS:
+            for rev in (False, True) if fn in (K._state_kernel, K._bwd_kernel) else (False,):
+                cons = dict(constexprs(dtype, D, act, fused, causal, mask), REVERSE=rev, KV_SIDE=rev)
+                compile_kernel(fn, cons, dtype, 8 if fn is K._bwd_kernel else 4)
+                n += 1
     for D in (64, 128):
         for act in ("softmax", "exp"):
             cons = dict(BD=D, BF=D, BV=D, HAS_BQ=True, HAS_BK=True, ACT=act, NEG=True)

@@ -126,26 +126,25 @@ BACKENDS: dict[str, Callable] = {
     "fla+torch map": make_fla,
     "chunked (torch)": make_chunked,
     "triton fused": make_triton,
-    "triton fused w8": make_triton,
-    "triton fused w8 bv32": make_triton,
     "taylor2 (torch)": make_taylor,
 }
 FWD_ONLY = {"taylor2 (torch)"}
 SCALED = {"taylor2 (torch)"}
-# launcher settings per backend: the same kernels at 8 warps and split V (less spilling, per ptxas)
-BACKEND_CONFIG = {"triton fused w8": {"num_warps": 8}, "triton fused w8 bv32": {"num_warps": 8, "fwd_bv": 32}}
-# backends timed at a few T only (device time is scarce; Taylor's 4161 features are slow)
+# launcher settings per backend (``--config`` sets the "triton fused" one; the sweep adds more)
+BACKEND_CONFIG: dict[str, dict] = {}
+# backends timed at a few T only (device time is scarce): Taylor's 4161 features are slow, and
+# the chunked PyTorch op's fwd+bwd grows to ~0.2 s and ~18 GB per call past 8K
 BACKEND_T = {
     "taylor2 (torch)": {1024, 4096, 16384},
-    "triton fused w8": {1024, 32768},
-    "triton fused w8 bv32": {1024, 32768},
+    "chunked (torch)": {1024, 2048, 4096, 8192, 16384},
 }
+REPS = {"warmup": 10, "rep": 60}
 
 
 def _bench(fn, grad_to_none=None):
     from triton.testing import do_bench
 
-    return do_bench(fn, warmup=10, rep=60, grad_to_none=grad_to_none, return_mode="median")
+    return do_bench(fn, warmup=REPS["warmup"], rep=REPS["rep"], grad_to_none=grad_to_none, return_mode="median")
 
 
 def time_backend(name, B, T, dev, with_bwd):
@@ -156,7 +155,7 @@ def time_backend(name, B, T, dev, with_bwd):
     _launch.CONFIG.update(BACKEND_CONFIG.get(name, {}))
     try:
         torch.cuda.empty_cache()
-        fwd, _ = BACKENDS[name](B, T, dev, False)
+        fwd, _ = BACKENDS[name.split(" @")[0]](B, T, dev, False)
         with torch.no_grad():
             res["fwd_ms"] = _bench(fwd)
         if name in SCALED:
@@ -165,7 +164,7 @@ def time_backend(name, B, T, dev, with_bwd):
         del fwd
         if with_bwd and name not in FWD_ONLY:
             torch.cuda.empty_cache()
-            fwd, leaves = BACKENDS[name](B, T, dev, True)
+            fwd, leaves = BACKENDS[name.split(" @")[0]](B, T, dev, True)
             out = fwd()
             do = torch.randn_like(out)
             del out
@@ -229,13 +228,67 @@ def decode_times(dev):
     return out
 
 
+def profile_kernels(T, dev, n_iter=5):
+    """Per-kernel CUDA time of the fused kernel's fwd+bwd at ``T`` (torch.profiler), ms per call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fwd, leaves = make_triton(TOKENS // T, T, dev, True)
+    do = torch.randn_like(fwd())
+    for _ in range(2):
+        fwd().backward(do)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n_iter):
+            for x in leaves:
+                x.grad = None
+            fwd().backward(do)
+        torch.cuda.synchronize()
+    out = {}
+    for e in prof.key_averages():
+        if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0):
+            t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+            if t:
+                out[e.key[:60]] = round(t / 1e3 / n_iter, 4)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1])[:14])
+
+
+def kernel_resources():
+    """Registers and spills of every compiled variant of our kernels (triton's CompiledKernel)."""
+    from hedgehog_attention.ops.triton import _kernels as K
+
+    out = []
+    for name in ("_state_kernel", "_out_kernel", "_bwd_kernel", "_delta_kernel", "_decode_kernel"):
+        fn = getattr(K, name)
+        try:
+            for cache in getattr(fn, "device_caches", {}).values():
+                kc = cache[0] if isinstance(cache, tuple) else cache
+                for ck in kc.values():
+                    md = ck.metadata
+                    out.append(
+                        f"{name} w{getattr(md, 'num_warps', '?')} s{getattr(md, 'num_stages', '?')}: "
+                        f"regs {getattr(ck, 'n_regs', '?')} spills {getattr(ck, 'n_spills', '?')}"
+                    )
+        except Exception as e:  # report, never fail the run over introspection
+            out.append(f"{name}: {type(e).__name__} {e}"[:120])
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=".", help="folder for attention_speed.json")
     ap.add_argument("--seq-lens", default="1024,2048,4096,8192,16384,32768,65536,131072")
     ap.add_argument("--backends", default=",".join(BACKENDS))
     ap.add_argument("--no-decode", action="store_true")
+    ap.add_argument("--config", default="{}", help="JSON overrides of _launch.CONFIG for 'triton fused'")
+    ap.add_argument("--sweep", default="", help="JSON {name: CONFIG overrides}: extra 'triton fused @name' rows")
+    ap.add_argument("--sweep-seq-lens", default="1024,32768")
+    ap.add_argument("--profile-seq-lens", default="", help="per-kernel time of triton fwd+bwd at these T")
+    ap.add_argument("--reps", default="10,60", help="do_bench warmup,rep in ms")
+    ap.add_argument("--time-limit", type=float, default=1e9, help="start no new T row after this many seconds")
     args = ap.parse_args(argv)
+    t_start = time.time()
+    REPS["warmup"], REPS["rep"] = (int(x) for x in args.reps.split(","))
+    BACKEND_CONFIG["triton fused"] = json.loads(args.config)
     dev = torch.device("cuda")
     import triton
 
@@ -250,6 +303,8 @@ def main(argv=None):
         "head_dim": HEAD_DIM,
         "dtype": "bf16",
         "causal": True,
+        "config": BACKEND_CONFIG["triton fused"],
+        "reps_ms": [REPS["warmup"], REPS["rep"]],
     }
     try:
         import fla
@@ -258,14 +313,45 @@ def main(argv=None):
     except ImportError:
         meta["fla"] = None
     rows = []
-    names = args.backends.split(",")
-    result = {"meta": meta, "rows": rows, "decode": []}
+    names = [n for n in args.backends.split(",") if n]
+    result = {"meta": meta, "rows": rows, "decode": [], "sweep": [], "profile": {}}
     p = pathlib.Path(args.out)
     p.mkdir(parents=True, exist_ok=True)
-    if not args.no_decode:  # first: cheap, and the run may be cut short later
+
+    def save():
+        result["meta"]["elapsed_s"] = round(time.time() - t_start, 1)
+        (p / "attention_speed.json").write_text(json.dumps(result, indent=1))
+
+    if args.sweep:  # configuration sweep of the fused kernel first: it picks the config
+        sweep = json.loads(args.sweep)
+        for T in (int(x) for x in args.sweep_seq_lens.split(",") if x):
+            row = {"T": T, "B": TOKENS // T}
+            for cname, cfg in sweep.items():
+                name = f"triton fused @{cname}"
+                BACKEND_CONFIG[name] = cfg
+                row[name] = time_backend(name, TOKENS // T, T, dev, with_bwd=True)
+                print(T, name, row[name], file=sys.stderr, flush=True)
+            result["sweep"].append(row)
+            save()
+    for T in (int(x) for x in args.profile_seq_lens.split(",") if x):
+        saved = dict(_launch_config())
+        _launch_config().update(BACKEND_CONFIG["triton fused"])
+        try:
+            result["profile"][str(T)] = profile_kernels(T, dev)
+        finally:
+            _launch_config().clear()
+            _launch_config().update(saved)
+        print("profile", T, result["profile"][str(T)], file=sys.stderr, flush=True)
+        save()
+    if not args.no_decode:
         result["decode"] = decode_times(dev)
         print(result["decode"], file=sys.stderr, flush=True)
-    for T in (int(x) for x in args.seq_lens.split(",")):
+        save()
+    for T in (int(x) for x in args.seq_lens.split(",") if x):
+        if time.time() - t_start > args.time_limit:
+            print(f"time limit: T={T} and longer not measured", file=sys.stderr, flush=True)
+            result["meta"]["cut_at_T"] = T
+            break
         B = TOKENS // T
         row = {"T": T, "B": B}
         for name in names:
@@ -275,10 +361,17 @@ def main(argv=None):
             row[name] = time_backend(name, B, T, dev, with_bwd=True)
             print(T, name, row[name], file=sys.stderr, flush=True)
         rows.append(row)
-        # written after every T so that a run stopped at its time limit still leaves its rows
-        (p / "attention_speed.json").write_text(json.dumps(result, indent=1))
-    (p / "attention_speed.json").write_text(json.dumps(result, indent=1))
+        save()  # after every T so that a run stopped at its time limit still leaves its rows
+    result["kernels"] = kernel_resources()
+    save()
     print(format_table(result))
+    print("\n".join(result["kernels"]))
+
+
+def _launch_config():
+    from hedgehog_attention.ops.triton import _launch
+
+    return _launch.CONFIG
 
 
 def _f(x, key):
@@ -295,24 +388,34 @@ def _ratio(a, b, key):
 
 
 def format_table(result) -> str:
-    rows, names = result["rows"], [k for k in result["rows"][0] if k not in ("T", "B")]
     m = result["meta"]
     lines = [
         f"{m['gpu']}, torch {m['torch']}, triton {m['triton']}, fla {m['fla']}, {m['date']}; "
         f"B*T={m['tokens']}, H={m['heads']}, D={m['head_dim']}, bf16, causal; ms = median do_bench",
-        "",
-        "| T | B | "
-        + " | ".join(f"{n} fwd | {n} f+b | {n} GB" for n in names)
-        + " | SDPA/triton fwd | SDPA/triton f+b |",
-        "|" + "---|" * (2 + 3 * len(names) + 2),
     ]
-    for r in rows:
-        cells = [str(r["T"]), str(r["B"])]
-        for n in names:
-            cells += [_f(r[n], "fwd_ms"), _f(r[n], "fwdbwd_ms"), _f(r[n], "peak_gb")]
-        s, t = r.get("sdpa", {}), r.get("triton fused", {})
-        cells += [_ratio(s, t, "fwd_ms"), _ratio(s, t, "fwdbwd_ms")]
-        lines.append("| " + " | ".join(cells) + " |")
+    for key in ("sweep", "rows"):
+        rows = result[key]
+        if not rows:
+            continue
+        names = [k for k in rows[0] if k not in ("T", "B")]
+        lines += [
+            "",
+            "| T | B | "
+            + " | ".join(f"{n} fwd | {n} f+b | {n} GB" for n in names)
+            + (" | SDPA/triton fwd | SDPA/triton f+b | fla/triton fwd | fla/triton f+b |" if key == "rows" else " |"),
+            "|" + "---|" * (2 + 3 * len(names) + (4 if key == "rows" else 0)),
+        ]
+        for r in rows:
+            cells = [str(r["T"]), str(r["B"])]
+            for n in names:
+                cells += [_f(r.get(n), "fwd_ms"), _f(r.get(n), "fwdbwd_ms"), _f(r.get(n), "peak_gb")]
+            if key == "rows":
+                s, t, f = r.get("sdpa", {}), r.get("triton fused", {}), r.get("fla+torch map", {})
+                cells += [_ratio(s, t, "fwd_ms"), _ratio(s, t, "fwdbwd_ms"), _ratio(f, t, "fwd_ms"),
+                          _ratio(f, t, "fwdbwd_ms")]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
+    for T, prof in result.get("profile", {}).items():
+        lines += ["", f"profile T={T} (ms per fwd+bwd): " + ", ".join(f"{k}: {v}" for k, v in prof.items())]
     if result["decode"]:
         lines += [
             "",

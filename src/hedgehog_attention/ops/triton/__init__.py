@@ -51,10 +51,6 @@ def _lm():
 Tensor = torch.Tensor
 
 
-def _fake_plan(cu: Tensor, hk: int, max_len: int) -> int:
-    return _lm()._plan(None, cu.shape[0] - 1, hk, max_len)[2]
-
-
 def _ft(q: Tensor, wq: Tensor | None, negation: bool, fused: bool) -> int:
     if fused:
         return wq.shape[2] * (2 if negation else 1)
@@ -80,25 +76,29 @@ def _la_fwd(
     eps: float,
     fused: bool,
     max_len: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    out = _lm().fwd(
+    nc: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _lm().fwd(
         q, k, v, wq, bq, wk, bk, mask, cu, s0, z0,
-        activation=activation, negation=negation, causal=causal, eps=eps, fused=fused, max_len=max_len,
+        activation=activation, negation=negation, causal=causal, eps=eps, fused=fused, max_len=max_len, nc=nc,
     )  # fmt: skip
-    return out[:6]
 
 
 @_la_fwd.register_fake
-def _(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, activation, negation, causal, eps, fused, max_len):
+def _(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, activation, negation, causal, eps, fused, max_len, nc):
+    L = _lm()
     B, T, H, _ = q.shape
     HK, DV = k.shape[2], v.shape[3]
     N = cu.shape[0] - 1
     FT = _ft(q, wq, negation, fused)
-    ns = _fake_plan(cu, HK, max_len)
-    f32 = torch.float32
+    bv = min(L._pow2(DV), L._pow2(L.CONFIG["state_bv"]))
+    ns = L.segments(N, HK, max_len, (2 if (negation and fused) else 1) * -(-DV // bv))[1] if causal else 1
+    f32, hdt = torch.float32, L.state_dtype(v.dtype)
     return (
         q.new_empty(B, T, H, DV, dtype=v.dtype),
         q.new_empty(B * T, H, dtype=f32),
+        q.new_empty(nc, HK, FT, DV, dtype=hdt) if causal else q.new_empty(0, dtype=hdt),
+        q.new_empty(nc, HK, FT, dtype=f32) if causal else q.new_empty(0, dtype=f32),
         q.new_empty(N, HK, ns, FT, DV, dtype=f32),
         q.new_empty(N, HK, ns, FT, dtype=f32),
         q.new_empty(N, HK, FT, DV, dtype=f32),
@@ -122,6 +122,8 @@ def _la_bwd(
     cu: Tensor,
     o: Tensor,
     den: Tensor,
+    h: Tensor,
+    hz: Tensor,
     s_in: Tensor,
     z_in: Tensor,
     activation: str,
@@ -129,11 +131,12 @@ def _la_bwd(
     causal: bool,
     fused: bool,
     max_len: int,
+    nc: int,
     need_ds0: bool,
 ) -> list[Tensor]:
     grads = _lm().bwd(
-        do, ds_fin, dz_fin, q, k, v, wq, bq, wk, bk, mask, cu, o, den, s_in, z_in,
-        activation=activation, negation=negation, causal=causal, fused=fused, max_len=max_len,
+        do, ds_fin, dz_fin, q, k, v, wq, bq, wk, bk, mask, cu, o, den, h, hz, s_in, z_in,
+        activation=activation, negation=negation, causal=causal, fused=fused, max_len=max_len, nc=nc,
         need_ds0=need_ds0,
     )  # fmt: skip
     # custom ops cannot return None: absent gradients travel as empty tensors
@@ -141,8 +144,8 @@ def _la_bwd(
 
 
 @_la_bwd.register_fake
-def _(do, ds_fin, dz_fin, q, k, v, wq, bq, wk, bk, mask, cu, o, den, s_in, z_in, activation, negation, causal,
-      fused, max_len, need_ds0):  # fmt: skip
+def _(do, ds_fin, dz_fin, q, k, v, wq, bq, wk, bk, mask, cu, o, den, h, hz, s_in, z_in, activation, negation, causal,
+      fused, max_len, nc, need_ds0):  # fmt: skip
     N, HK = cu.shape[0] - 1, k.shape[2]
     FT, DV = s_in.shape[3], v.shape[3]
 
@@ -163,22 +166,22 @@ def _(do, ds_fin, dz_fin, q, k, v, wq, bq, wk, bk, mask, cu, o, den, s_in, z_in,
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, activation, negation, causal, eps, fused, max_len = inputs
-    o, den, s_in, z_in, _, _ = output
-    ctx.save_for_backward(q, k, v, wq, bq, wk, bk, mask, cu, o, den, s_in, z_in)
-    ctx.args = (activation, negation, causal, fused, max_len)
+    q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, activation, negation, causal, eps, fused, max_len, nc = inputs
+    o, den, h, hz, s_in, z_in, _, _ = output
+    ctx.save_for_backward(q, k, v, wq, bq, wk, bk, mask, cu, o, den, h, hz, s_in, z_in)
+    ctx.args = (activation, negation, causal, fused, max_len, nc)
     ctx.need_ds0 = s0 is not None and (ctx.needs_input_grad[9] or ctx.needs_input_grad[10])
-    ctx.mark_non_differentiable(den, s_in, z_in)
+    ctx.mark_non_differentiable(den, h, hz, s_in, z_in)
 
 
-def _backward(ctx, do, _dden, _ds_in, _dz_in, ds_fin, dz_fin):
-    q, k, v, wq, bq, wk, bk, mask, cu, o, den, s_in, z_in = ctx.saved_tensors
-    activation, negation, causal, fused, max_len = ctx.args
+def _backward(ctx, do, _dden, _dh, _dhz, _ds_in, _dz_in, ds_fin, dz_fin):
+    q, k, v, wq, bq, wk, bk, mask, cu, o, den, h, hz, s_in, z_in = ctx.saved_tensors
+    activation, negation, causal, fused, max_len, nc = ctx.args
     if do is None:
         do = torch.zeros_like(o)
     g = _la_bwd(
-        do, ds_fin, dz_fin, q, k, v, wq, bq, wk, bk, mask, cu, o, den, s_in, z_in,
-        activation, negation, causal, fused, max_len, ctx.need_ds0,
+        do, ds_fin, dz_fin, q, k, v, wq, bq, wk, bk, mask, cu, o, den, h, hz, s_in, z_in,
+        activation, negation, causal, fused, max_len, nc, ctx.need_ds0,
     )  # fmt: skip
     dq, dk, dv, dwq, dbq, dwk, dbk, ds0, dz0 = (x if x.numel() or x.dim() != 1 else None for x in g)
     if not fused:
@@ -189,7 +192,7 @@ def _backward(ctx, do, _dden, _ds_in, _dz_in, ds_fin, dz_fin):
         dbk = None
     if not ctx.need_ds0:
         ds0 = dz0 = None
-    return dq, dk, dv, dwq, dbq, dwk, dbk, None, None, ds0, dz0, None, None, None, None, None, None
+    return dq, dk, dv, dwq, dbq, dwk, dbk, None, None, ds0, dz0, None, None, None, None, None, None, None
 
 
 _la_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -216,9 +219,11 @@ def _check_common(q, k, v, attention_mask, cu_seqlens, initial_state):
             raise ValueError(f"cu_seqlens needs B == 1 (sequences packed along T); got B={B}")
         cu = cu_seqlens.to(device=dev, dtype=torch.int32).contiguous()
         max_len = int((cu[1:] - cu[:-1]).max().item()) if cu.numel() > 1 else 0
+        nc = _lm().n_chunks(cu, B, T)
     else:
         cu = (torch.arange(B + 1, device=dev, dtype=torch.int32) * T).contiguous()
         max_len = T
+        nc = _lm().n_chunks(None, B, T)
     mask = None
     if attention_mask is not None:
         if attention_mask.shape != (B, T):
@@ -229,7 +234,7 @@ def _check_common(q, k, v, attention_mask, cu_seqlens, initial_state):
         s0, z0 = initial_state
         s0 = s0.to(torch.float32).contiguous()
         z0 = z0.to(torch.float32).contiguous()
-    return cu, max_len, mask, s0, z0
+    return cu, max_len, nc, mask, s0, z0
 
 
 def linear_attention_triton(
@@ -262,10 +267,10 @@ def linear_attention_triton(
     Returns:
         ``(o [B, T, H, Dv], final_state or None)``.
     """
-    cu, max_len, mask, s0, z0 = _check_common(fq, fk, v, attention_mask, cu_seqlens, initial_state)
-    o, _, _, _, s_fin, z_fin = _la_fwd(
+    cu, max_len, nc, mask, s0, z0 = _check_common(fq, fk, v, attention_mask, cu_seqlens, initial_state)
+    o, *_, s_fin, z_fin = _la_fwd(
         fq.contiguous(), fk.contiguous(), v.contiguous(), None, None, None, None, mask, cu, s0, z0,
-        "softmax", False, bool(causal), float(eps), False, max_len,
+        "softmax", False, bool(causal), float(eps), False, max_len, nc,
     )  # fmt: skip
     return o, (LinearAttentionState(s_fin, z_fin) if output_final_state else None)
 
@@ -307,7 +312,7 @@ def fused_hedgehog_attention(
     """
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {_ACTIVATIONS}; got {activation!r}")
-    cu, max_len, mask, s0, z0 = _check_common(q, k, v, attention_mask, cu_seqlens, initial_state)
+    cu, max_len, nc, mask, s0, z0 = _check_common(q, k, v, attention_mask, cu_seqlens, initial_state)
     H, D = q.shape[2], q.shape[3]
     HK = k.shape[2]
     if q.dtype != k.dtype or q.dtype != v.dtype:
@@ -321,11 +326,11 @@ def fused_hedgehog_attention(
         raise ValueError(f"q_bias must be [H, F] = {(H, F)}; got {tuple(q_bias.shape)}")
     if k_bias is not None and tuple(k_bias.shape) != (HK, F):
         raise ValueError(f"k_bias must be [Hk, F] = {(HK, F)}; got {tuple(k_bias.shape)}")
-    o, _, _, _, s_fin, z_fin = _la_fwd(
+    o, *_, s_fin, z_fin = _la_fwd(
         q.contiguous(), k.contiguous(), v.contiguous(),
         q_weight.contiguous(), None if q_bias is None else q_bias.contiguous(),
         k_weight.contiguous(), None if k_bias is None else k_bias.contiguous(),
-        mask, cu, s0, z0, activation, bool(negation), bool(causal), float(eps), True, max_len,
+        mask, cu, s0, z0, activation, bool(negation), bool(causal), float(eps), True, max_len, nc,
     )  # fmt: skip
     return o, (LinearAttentionState(s_fin, z_fin) if output_final_state else None)
 

@@ -1,18 +1,29 @@
 """Triton kernels for chunked linear attention with an optional fused Hedgehog feature map.
 
-All kernels walk the chunks (``BT`` tokens each) of one *segment* of one sequence for one
-KV head (or query head, for ``_bwd_dq_kernel``). A segment is ``CPS`` consecutive chunks; the
-state entering a segment is computed by the launcher from per-segment sums (see
-``_launch.py`` and ``docs/kernels.md``). Two feature layouts are handled:
+Layout of the work (like fla's ``chunk_fwd_h`` / ``chunk_fwd_o`` / ``chunk_bwd_dh`` /
+``chunk_bwd_dqkv``; design and numbers in ``docs/kernels.md``):
 
-* ``FUSED``: the kernel reads raw ``x [N*T, NH, D]`` plus ``W [NH, D, F]`` and ``b [NH, F]`` and
-  computes ``z = x @ W + b`` in fp32, then ``p = act(z)`` and, with ``NEG``, ``n = act(-z)``
-  (features ``[p, n]``, ``2F`` of them). ``act`` is ``softmax`` over ``F`` or ``exp`` of the
-  pre-activation clamped to ``[-30, 30]``.
-* generic: the kernel reads precomputed features ``[N*T, NH, F]`` (``NEG`` is then False).
+* ``_state_kernel`` walks the chunks (``BT`` tokens) of one *segment* (``CPS`` chunks) of one
+  sequence for one KV head, one feature half and one block of value columns, with a small fp32
+  state tile ``[BF, BV]`` in registers, and stores the state *entering* every chunk (relative to
+  the segment start) plus the segment's total. Forward: keys and values (``sum phi_k^T v``,
+  ``sum phi_k``); backward (``REVERSE``): queries and ``do / den`` walked from the segment's end,
+  summed over the query heads of a GQA group.
+* ``_out_kernel``: one program per (chunk, query head, value block), no loop: the chunk's state
+  (segment state + local state), the intra-chunk ``tril(phi_q phi_k^T)`` and the normalizer.
+* ``_bwd_kernel``: programs over (chunk set, query head); per chunk dq and dW_q/db_q from the
+  stored forward states (one launch), dk, dv and dW_k/db_k from the reverse states (a second
+  launch), maps recomputed.
+* ``_delta_kernel`` (``-(do . o) / den`` per query), ``_decode_kernel`` (one token, in place).
 
-The state is kept as two fp32 blocks, ``S_p [F, DV]`` for the positive half and ``S_n`` for the
-negated half (``z_p``, ``z_n`` for the normalizer), so no concatenation is needed in registers.
+Features: ``FUSED`` kernels read raw ``x [tokens, NH, D]``, ``W [NH, D, F]``, ``b [NH, F]`` and
+compute ``z = x W + b`` (fp32 accumulation), then the half ``act(sign * z)`` (``sign`` = +1, and
+-1 for the negated half with ``NEG``); ``act`` = softmax over ``F`` or ``exp`` of ``sign * z``
+clamped to ``[-30, 30]``. The generic path reads precomputed features ``[tokens, NH, F]``.
+States and normalizers accumulate in fp32; ``DOT_DT`` is the operand dtype of the attention
+products (bf16 for bf16 inputs, fp32 otherwise with ``PREC`` = tf32 for fp16, ieee for fp32).
+Sizes that change with T (segments, chunk counts) are not specialized on (``do_not_specialize``),
+so a new sequence length does not recompile a kernel.
 """
 
 from __future__ import annotations
@@ -24,7 +35,7 @@ import triton.language as tl
 @triton.jit
 def _rc(r_ok, c_ok, EVEN: tl.constexpr):
     """``[R, C]`` mask from row and column masks; rows only when every column is real (``EVEN``):
-    a full-tile i1 mask costs a register per element and the compiler hoists it out of loops."""
+    a full-tile i1 mask costs registers."""
     if EVEN:
         return r_ok[:, None]
     else:
@@ -32,116 +43,150 @@ def _rc(r_ok, c_ok, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _hh_act(z, f_ok, ACT: tl.constexpr, NEG: tl.constexpr, EVEN: tl.constexpr = False):
-    """Hedgehog activation of a ``[M, BF]`` fp32 pre-activation; padded columns give 0."""
-    if ACT == "softmax":
-        if EVEN:
-            zp = z
+def _tile_mask(rows, cols, R, C, CHECK_R: tl.constexpr, CHECK_C: tl.constexpr):
+    # a full-tile i1 mask costs a register per element and gets hoisted out of loops: build
+    # only the checks that can fail (``EVEN`` shapes need row checks on token tiles only)
+    if CHECK_R:
+        if CHECK_C:
+            return (rows < R)[:, None] & (cols < C)[None, :]
         else:
-            zp = tl.where(f_ok[None, :], z, float("-inf"))
-        p = tl.exp(zp - tl.max(zp, 1)[:, None])
-        p = p / tl.sum(p, 1)[:, None]
-        if NEG:
-            if EVEN:
-                zn = -z
-            else:
-                zn = tl.where(f_ok[None, :], -z, float("-inf"))
-            n = tl.exp(zn - tl.max(zn, 1)[:, None])
-            n = n / tl.sum(n, 1)[:, None]
-        else:
-            n = p
+            return (rows < R)[:, None]
     else:
-        zc = tl.minimum(tl.maximum(z, -30.0), 30.0)
-        p = tl.exp(zc) if EVEN else tl.where(f_ok[None, :], tl.exp(zc), 0.0)
-        if NEG:
-            n = tl.exp(-zc) if EVEN else tl.where(f_ok[None, :], tl.exp(-zc), 0.0)
-        else:
-            n = p
-    return p, n
+        return (cols < C)[None, :]
 
 
 @triton.jit
-def _hh_act_bwd(z, p, n, dp, dn, ACT: tl.constexpr, NEG: tl.constexpr):
-    """Gradient of the pre-activation ``z`` given the feature gradients ``dp``, ``dn``."""
+def _ld(ptr, R, C, stride, r0, c0, BR: tl.constexpr, BC: tl.constexpr, CHECK_R: tl.constexpr, CHECK_C: tl.constexpr):
+    """Load the ``[BR, BC]`` tile at ``(r0, c0)`` of a row-major ``[R, C]`` matrix (row stride
+    ``stride``) that starts at the scalar ``ptr`` (64-bit offsets folded in by the caller);
+    zero outside (only the ``CHECK_*`` dimensions are checked)."""
+    rows = r0 + tl.arange(0, BR)
+    cols = c0 + tl.arange(0, BC)
+    if CHECK_R or CHECK_C:
+        m = _tile_mask(rows, cols, R, C, CHECK_R, CHECK_C)
+        return tl.load(ptr + rows[:, None] * stride + cols[None, :], mask=m, other=0.0)
+    else:
+        return tl.load(ptr + rows[:, None] * stride + cols[None, :])
+
+
+@triton.jit
+def _st(ptr, val, R, C, stride, r0, c0, BR: tl.constexpr, BC: tl.constexpr, CHECK_R: tl.constexpr,
+        CHECK_C: tl.constexpr):  # fmt: skip
+    """Store ``val [BR, BC]`` at ``(r0, c0)`` of a row-major ``[R, C]`` matrix, inside only."""
+    rows = r0 + tl.arange(0, BR)
+    cols = c0 + tl.arange(0, BC)
+    if CHECK_R or CHECK_C:
+        m = _tile_mask(rows, cols, R, C, CHECK_R, CHECK_C)
+        tl.store(ptr + rows[:, None] * stride + cols[None, :], val.to(ptr.dtype.element_ty), mask=m)
+    else:
+        tl.store(ptr + rows[:, None] * stride + cols[None, :], val.to(ptr.dtype.element_ty))
+
+
+@triton.jit
+def _act(z, sign, f_ok, ACT: tl.constexpr, EVEN: tl.constexpr):
+    """``act(sign * z)`` of a ``[M, BF]`` fp32 pre-activation; padded feature columns give 0."""
+    zs = z * sign
+    if ACT == "softmax":
+        if not EVEN:
+            zs = tl.where(f_ok[None, :], zs, float("-inf"))
+        p = tl.exp(zs - tl.max(zs, 1)[:, None])
+        p = p / tl.sum(p, 1)[:, None]
+    else:
+        p = tl.exp(tl.minimum(tl.maximum(zs, -30.0), 30.0))
+        if not EVEN:
+            p = tl.where(f_ok[None, :], p, 0.0)
+    return p
+
+
+@triton.jit
+def _act_bwd(z, sign, p, dp, ACT: tl.constexpr):
+    """Gradient w.r.t. ``z`` of ``p = act(sign * z)`` given ``dp`` (0 where ``p`` is 0)."""
     if ACT == "softmax":
         dz = p * (dp - tl.sum(dp * p, 1)[:, None])
-        if NEG:
-            dz -= n * (dn - tl.sum(dn * n, 1)[:, None])
     else:
-        # torch.clamp passes the gradient where min <= z <= max (inclusive).
-        inside = (z >= -30.0) & (z <= 30.0)
-        dz = tl.where(inside, dp * p, 0.0)
-        if NEG:
-            dz -= tl.where(inside, dn * n, 0.0)
-    return dz
+        zs = z * sign
+        # torch.clamp passes the gradient where min <= z <= max (inclusive)
+        dz = tl.where((zs >= -30.0) & (zs <= 30.0), dp * p, 0.0)
+    return dz * sign
 
 
 @triton.jit
-def _feat_tile(
-    x_ptr,
+def _load_wb(
     w_ptr,
     b_ptr,
-    tok,
-    t_ok,
-    i_h,
-    NH,
+    i_w,
     D,
     F,
     BD: tl.constexpr,
     BF: tl.constexpr,
     FUSED: tl.constexpr,
     HAS_B: tl.constexpr,
-    ACT: tl.constexpr,
-    NEG: tl.constexpr,
+    EVEN: tl.constexpr,
+):
+    """Map weights of head ``i_w``: ``W [BD, BF]`` (native dtype) and ``b [BF]`` fp32 (0 without bias)."""
+    offs_f = tl.arange(0, BF)
+    f_ok = offs_f < F
+    if FUSED:
+        w = _ld(w_ptr + i_w * D * F, D, F, F, 0, 0, BD, BF, not EVEN, not EVEN)
+    else:
+        w = tl.zeros([BD, BF], dtype=tl.float32)
+    if HAS_B:
+        b = tl.load(b_ptr + i_w * F + offs_f, mask=f_ok, other=0.0).to(tl.float32)
+    else:
+        b = tl.zeros([BF], dtype=tl.float32)
+    return w, b
+
+
+@triton.jit
+def _preact(
+    x_ptr,
+    w,
+    b,
+    bos,
+    L,
+    t0,
+    i_h,
+    NH,
+    D,
+    F,
+    BT: tl.constexpr,
+    BD: tl.constexpr,
+    BF: tl.constexpr,
+    FUSED: tl.constexpr,
     W_NATIVE: tl.constexpr,
     MAP_PREC: tl.constexpr,
     EVEN: tl.constexpr,
 ):
-    """Load one chunk of one head and return ``(x, z, p, n)``; rows with ``t_ok == 0`` are 0.
-
-    ``x`` is the raw input (for dW), ``z`` the fp32 pre-activation, ``p``/``n`` the fp32 features.
-    In the generic path ``x``, ``z`` and ``n`` alias ``p`` (the loaded features).
-    """
-    offs_f = tl.arange(0, BF)
-    f_ok = offs_f < F
+    """One chunk of head ``i_h``: ``(x, z)``. Fused: raw ``x [BT, BD]`` and ``z = x W + b`` fp32;
+    generic: the loaded features ``[BT, BF]`` (fp32) as both. Tokens ``t0 + i`` of the sequence
+    starting at token ``bos`` (length ``L``); rows past ``L`` load as 0."""
     if FUSED:
-        offs_d = tl.arange(0, BD)
-        d_ok = offs_d < D
-        x = tl.load(
-            x_ptr + tok[:, None] * (NH * D) + i_h * D + offs_d[None, :],
-            mask=_rc(t_ok, d_ok, EVEN),
-            other=0.0,
-        )
-        w = tl.load(
-            w_ptr + i_h * D * F + offs_d[:, None] * F + offs_f[None, :],
-            mask=_rc(d_ok, f_ok, EVEN),
-            other=0.0,
-        )
+        x = _ld(x_ptr + bos * (NH * D) + i_h * D, L, D, NH * D, t0, 0, BT, BD, True, not EVEN)
         if W_NATIVE:
-            # bf16/fp16 x bf16/fp16 products are exact in the fp32 accumulator.
+            # bf16/fp16 x bf16/fp16 products are exact in the fp32 accumulator
             z = tl.dot(x, w)
         else:
             z = tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision=MAP_PREC)
-        if HAS_B:
-            b = tl.load(b_ptr + i_h * F + offs_f, mask=f_ok, other=0.0).to(tl.float32)
-            z = z + b[None, :]
-        p, n = _hh_act(z, f_ok, ACT, NEG, EVEN)
-        p = tl.where(t_ok[:, None], p, 0.0)
-        n = tl.where(t_ok[:, None], n, 0.0)
+        z = z + b[None, :]
     else:
-        x = tl.load(
-            x_ptr + tok[:, None] * (NH * F) + i_h * F + offs_f[None, :],
-            mask=_rc(t_ok, f_ok, EVEN),
-            other=0.0,
-        )
-        p = x.to(tl.float32)
-        z = p
-        n = p
-    return x, z, p, n
+        x = _ld(x_ptr + bos * (NH * F) + i_h * F, L, F, NH * F, t0, 0, BT, BF, True, not EVEN).to(tl.float32)
+        z = x
+    return x, z
 
 
 @triton.jit
-def _feat_tile_bwd(
+def _feat(z, sign, t_ok, F, BF: tl.constexpr, FUSED: tl.constexpr, ACT: tl.constexpr, EVEN: tl.constexpr):
+    """Feature half ``act(sign * z)`` (fused) or the features themselves; padded rows are 0."""
+    if FUSED:
+        offs_f = tl.arange(0, BF)
+        p = _act(z, sign, offs_f < F, ACT, EVEN)
+        return tl.where(t_ok[:, None], p, 0.0)
+    else:
+        return z
+
+
+@triton.jit
+def _map_bwd(
     x,
     z,
     p,
@@ -149,15 +194,18 @@ def _feat_tile_bwd(
     dp,
     dn,
     t_ok,
+    w,
     dx_ptr,
-    w_ptr,
-    tok,
+    bos,
+    L,
+    t0,
     i_h,
     NH,
     D,
     F,
     dw_acc,
     db_acc,
+    BT: tl.constexpr,
     BD: tl.constexpr,
     BF: tl.constexpr,
     FUSED: tl.constexpr,
@@ -166,124 +214,84 @@ def _feat_tile_bwd(
     MAP_PREC: tl.constexpr,
     EVEN: tl.constexpr,
 ):
-    """Store the input gradient of one chunk; return the updated dW / db accumulators."""
-    offs_f = tl.arange(0, BF)
-    f_ok = offs_f < F
+    """Store the input gradient of one chunk (``dx = dz W^T``, or the feature gradient in the
+    generic path) and return the updated ``dW += x^T dz`` / ``db += sum dz`` accumulators."""
     if FUSED:
-        offs_d = tl.arange(0, BD)
-        d_ok = offs_d < D
-        dz = _hh_act_bwd(z, p, n, dp, dn, ACT, NEG)
-        dz = tl.where(_rc(t_ok, f_ok, EVEN), dz, 0.0)
-        w = tl.load(
-            w_ptr + i_h * D * F + offs_d[:, None] * F + offs_f[None, :],
-            mask=_rc(d_ok, f_ok, EVEN),
-            other=0.0,
-        ).to(tl.float32)
-        dx = tl.dot(dz, tl.trans(w), input_precision=MAP_PREC)
-        tl.store(
-            dx_ptr + tok[:, None] * (NH * D) + i_h * D + offs_d[None, :],
-            dx.to(dx_ptr.dtype.element_ty),
-            mask=_rc(t_ok, d_ok, EVEN),
-        )
+        dz = _act_bwd(z, 1.0, p, dp, ACT)
+        if NEG:
+            dz += _act_bwd(z, -1.0, n, dn, ACT)
+        dz = tl.where(t_ok[:, None], dz, 0.0)
+        dx = tl.dot(dz, tl.trans(w.to(tl.float32)), input_precision=MAP_PREC)
+        _st(dx_ptr + bos * (NH * D) + i_h * D, dx, L, D, NH * D, t0, 0, BT, BD, True, not EVEN)
         dw_acc += tl.dot(tl.trans(x.to(tl.float32)), dz, input_precision=MAP_PREC)
         db_acc += tl.sum(dz, 0)
     else:
-        tl.store(
-            dx_ptr + tok[:, None] * (NH * F) + i_h * F + offs_f[None, :],
-            dp.to(dx_ptr.dtype.element_ty),
-            mask=_rc(t_ok, f_ok, EVEN),
-        )
+        _st(dx_ptr + bos * (NH * F) + i_h * F, dp, L, F, NH * F, t0, 0, BT, BF, True, not EVEN)
     return dw_acc, db_acc
 
 
 @triton.jit
-def _load_dout(
-    do_ptr,
-    o_ptr,
-    den_ptr,
-    mask_ptr,
-    tok,
-    t_ok,
-    i_h,
-    H,
+def _load_half(ptr, zptr, row0, F, DV, v0, BF: tl.constexpr, BV: tl.constexpr, EVEN: tl.constexpr):
+    """Rows ``row0 .. row0 + F`` and columns ``v0 .. v0 + BV`` of a ``[FT, DV]`` state (as fp32),
+    and the same rows of its ``[FT]`` normalizer."""
+    offs_f = tl.arange(0, BF)
+    s = _ld(ptr + row0 * DV, F, DV, DV, 0, v0, BF, BV, not EVEN, not EVEN)
+    z = tl.load(zptr + row0 + offs_f, mask=offs_f < F, other=0.0)
+    return s.to(tl.float32), z
+
+
+@triton.jit
+def _chunk_state(
+    s_ptr,
+    sz_ptr,
+    h_ptr,
+    hz_ptr,
+    row0,
+    F,
     DV,
+    v0,
+    BF: tl.constexpr,
     BV: tl.constexpr,
-    HAS_MASK: tl.constexpr,
+    LOCAL: tl.constexpr,
     EVEN: tl.constexpr,
 ):
-    """``g = do / den`` ``[BT, BV]`` and ``c = -(do . o) / den`` ``[BT]``; zero at padded queries."""
-    offs_v = tl.arange(0, BV)
-    v_ok = offs_v < DV
-    m2 = _rc(t_ok, v_ok, EVEN)
-    off = tok[:, None] * (H * DV) + i_h * DV + offs_v[None, :]
-    do = tl.load(do_ptr + off, mask=m2, other=0.0).to(tl.float32)
-    o = tl.load(o_ptr + off, mask=m2, other=0.0).to(tl.float32)
-    den = tl.load(den_ptr + tok * H + i_h, mask=t_ok, other=1.0)
-    if HAS_MASK:
-        mq = tl.load(mask_ptr + tok, mask=t_ok, other=0.0)
-        do = tl.where(mq[:, None] != 0, do, 0.0)
-    g = do / den[:, None]
-    c = -tl.sum(do * o, 1) / den
-    return g, c
+    """State of a chunk = its segment's entering state (fp32) + (``LOCAL``) the stored local state."""
+    s, z = _load_half(s_ptr, sz_ptr, row0, F, DV, v0, BF, BV, EVEN)
+    if LOCAL:
+        hs, hz = _load_half(h_ptr, hz_ptr, row0, F, DV, v0, BF, BV, EVEN)
+        s += hs
+        z += hz
+    return s, z
 
 
 @triton.jit
-def _load_state(ptr, zptr, F, DV, v0, BF: tl.constexpr, BV: tl.constexpr, NEG: tl.constexpr, EVEN: tl.constexpr):
-    """State halves ``S[:F, v0:v0+BV]``, ``S[F:2F, v0:v0+BV]`` of a ``[FT, DV]`` fp32 state, and ``z``."""
-    offs_f = tl.arange(0, BF)
-    offs_v = v0 + tl.arange(0, BV)
-    f_ok = offs_f < F
-    m2 = _rc(f_ok, offs_v < DV, EVEN)
-    s_p = tl.load(ptr + offs_f[:, None] * DV + offs_v[None, :], mask=m2, other=0.0)
-    z_p = tl.load(zptr + offs_f, mask=f_ok, other=0.0)
-    if NEG:
-        s_n = tl.load(ptr + (F + offs_f)[:, None] * DV + offs_v[None, :], mask=m2, other=0.0)
-        z_n = tl.load(zptr + F + offs_f, mask=f_ok, other=0.0)
-    else:
-        s_n = s_p
-        z_n = z_p
-    return s_p, s_n, z_p, z_n
-
-
-@triton.jit
-def _store_state(
-    ptr, zptr, s_p, s_n, z_p, z_n, F, DV, v0, BF: tl.constexpr, BV: tl.constexpr, NEG: tl.constexpr, EVEN: tl.constexpr
-):
-    offs_f = tl.arange(0, BF)
-    offs_v = v0 + tl.arange(0, BV)
-    f_ok = offs_f < F
-    m2 = _rc(f_ok, offs_v < DV, EVEN)
-    tl.store(ptr + offs_f[:, None] * DV + offs_v[None, :], s_p, mask=m2)
-    tl.store(zptr + offs_f, z_p, mask=f_ok)
-    if NEG:
-        tl.store(ptr + (F + offs_f)[:, None] * DV + offs_v[None, :], s_n, mask=m2)
-        tl.store(zptr + F + offs_f, z_n, mask=f_ok)
-
-
-@triton.jit
-def _segment(cu_ptr, i_n, i_s, CPS, BT: tl.constexpr):
-    """Token offset of sequence ``i_n``, its length, and the chunk range of segment ``i_s``."""
+def _seq(cu_ptr, i_n):
     bos = tl.load(cu_ptr + i_n).to(tl.int64)
     eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
-    L = eos - bos
-    c0 = i_s * CPS
-    c1 = tl.minimum(c0 + CPS, tl.cdiv(L, BT))
-    return bos, L, c0, c1
+    return bos, eos - bos
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["CPS", "NS"])
 def _state_kernel(
-    k_ptr,
-    v_ptr,
-    wk_ptr,
-    bk_ptr,
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    u_ptr,
+    den_ptr,
+    cd_ptr,
     mask_ptr,
     cu_ptr,
-    sl_ptr,
-    zl_ptr,
+    coff_ptr,
+    h_ptr,
+    hz_ptr,
+    st_ptr,
+    stz_ptr,
+    NH,
     HK,
+    G,
     D,
     F,
+    FT,
     DV,
     CPS,
     NS,
@@ -294,55 +302,82 @@ def _state_kernel(
     FUSED: tl.constexpr,
     HAS_B: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    REVERSE: tl.constexpr,
+    STORE_H: tl.constexpr,
     ACT: tl.constexpr,
-    NEG: tl.constexpr,
     W_NATIVE: tl.constexpr,
     MAP_PREC: tl.constexpr,
     PREC: tl.constexpr,
     DOT_DT: tl.constexpr,
     EVEN: tl.constexpr,
 ):
-    """Per-segment key sums ``sum phi_k^T v`` and ``sum phi_k`` -> ``sl [N, HK, NS, FT, DV]``."""
-    i_s = tl.program_id(0)
-    i_nh = tl.program_id(1)
-    v0 = tl.program_id(2) * BV  # value columns of this program (fwd kernels split V; bwd: one block)
+    """Chunk states of one segment, one KV head, one feature half, one value block.
+
+    Forward: ``x = k``, ``u = v`` (``NH = HK``, ``G = 1``); ``h[c] = sum_{chunks c' < c of the
+    segment} phi_k^T v``, ``hz[c] = sum phi_k`` (keys masked by ``attention_mask``).
+    Backward (``REVERSE``): ``x = q``, ``u = do`` (``NH = H``), walked from the segment's end over
+    the ``G`` query heads of the KV head: ``h[c] = sum_{c' > c} phi_q^T (do / den)``,
+    ``hz[c] = sum phi_q * cd`` with ``cd = -(do . o) / den``.
+    ``h [NC, HK, FT, DV]`` is indexed by the global chunk (``coff[n] + chunk``); ``st [N, HK, NS,
+    FT, DV]`` gets the segment's total. Grid: ``(N * HK * NS, halves * NV)``.
+    """
+    i_nhs = tl.program_id(0)
+    i_jv = tl.program_id(1)
+    NV = tl.cdiv(DV, BV)
+    j = i_jv // NV
+    i_v = i_jv % NV
+    i_s = i_nhs % NS
+    i_nh = i_nhs // NS
     i_n = i_nh // HK
     i_hk = i_nh % HK
-    bos, L, c0, c1 = _segment(cu_ptr, i_n, i_s, CPS, BT)
-    FT = 2 * F if NEG else F
-    offs_v = v0 + tl.arange(0, BV)
-    v_ok = offs_v < DV
-    s_p = tl.zeros([BF, BV], dtype=tl.float32)
-    s_n = tl.zeros([BF, BV], dtype=tl.float32)
-    z_p = tl.zeros([BF], dtype=tl.float32)
-    z_n = tl.zeros([BF], dtype=tl.float32)
-    for ic in range(c0, c1):
-        offs_t = ic * BT + tl.arange(0, BT)
+    bos, L = _seq(cu_ptr, i_n)
+    c0 = i_s * CPS
+    c1 = tl.minimum(c0 + CPS, tl.cdiv(L, BT))
+    coff = tl.load(coff_ptr + i_n).to(tl.int64)
+    sign = 1.0 - 2.0 * j.to(tl.float32)
+    row0 = j * F
+    offs_i = tl.arange(0, BT)
+    offs_f = tl.arange(0, BF)
+    v0 = i_v * BV
+    b_h = tl.zeros([BF, BV], dtype=tl.float32)
+    b_z = tl.zeros([BF], dtype=tl.float32)
+    for jj in range(c0, c1):
+        if REVERSE:
+            ic = c1 - 1 - (jj - c0)
+        else:
+            ic = jj
+        if STORE_H:
+            hb = ((coff + ic) * HK + i_hk) * FT + row0
+            _st(h_ptr + hb * DV, b_h, F, DV, DV, 0, v0, BF, BV, not EVEN, not EVEN)
+            tl.store(hz_ptr + hb + offs_f, b_z, mask=offs_f < tl.where(i_v == 0, F, 0))  # one value block writes z
+        t0 = ic * BT
+        offs_t = t0 + offs_i
         t_ok = offs_t < L
         tok = bos + offs_t
-        _x, _z, kp, kn = _feat_tile(
-            k_ptr, wk_ptr, bk_ptr, tok, t_ok, i_hk, HK, D, F, BD, BF, FUSED, HAS_B, ACT, NEG, W_NATIVE, MAP_PREC, EVEN
-        )
-        if HAS_MASK:
-            mk = tl.load(mask_ptr + tok, mask=t_ok, other=0.0)
-            kp = kp * mk[:, None]
-            kn = kn * mk[:, None]
-        vv = tl.load(
-            v_ptr + tok[:, None] * (HK * DV) + i_hk * DV + offs_v[None, :],
-            mask=_rc(t_ok, v_ok, EVEN),
-            other=0.0,
-        ).to(DOT_DT)
-        s_p += tl.dot(tl.trans(kp.to(DOT_DT)), vv, input_precision=PREC)
-        z_p += tl.sum(kp, 0)
-        if NEG:
-            s_n += tl.dot(tl.trans(kn.to(DOT_DT)), vv, input_precision=PREC)
-            z_n += tl.sum(kn, 0)
-    base = (i_n * HK + i_hk) * NS + i_s
-    _store_state(sl_ptr + base * FT * DV, zl_ptr + base * FT, s_p, s_n, z_p, z_n, F, DV, v0, BF, BV, NEG, EVEN)
+        for g in range(G):
+            i_x = i_hk * G + g
+            w, b = _load_wb(w_ptr, b_ptr, i_x, D, F, BD, BF, FUSED, HAS_B, EVEN)
+            _x, z = _preact(x_ptr, w, b, bos, L, t0, i_x, NH, D, F, BT, BD, BF, FUSED, W_NATIVE, MAP_PREC, EVEN)
+            p = _feat(z, sign, t_ok, F, BF, FUSED, ACT, EVEN)
+            u = _ld(u_ptr + bos * (NH * DV) + i_x * DV, L, DV, NH * DV, t0, v0, BT, BV, True, not EVEN)
+            if REVERSE:
+                den = tl.load(den_ptr + tok * NH + i_x, mask=t_ok, other=1.0)
+                cd = tl.load(cd_ptr + tok * NH + i_x, mask=t_ok, other=0.0)
+                u = u.to(tl.float32) / den[:, None]
+                b_z += tl.sum(p * cd[:, None], 0)
+            else:
+                if HAS_MASK:
+                    mk = tl.load(mask_ptr + tok, mask=t_ok, other=0.0)
+                    p = p * mk[:, None]
+                b_z += tl.sum(p, 0)
+            b_h += tl.dot(tl.trans(p.to(DOT_DT)), u.to(DOT_DT), input_precision=PREC)
+    sb = ((i_n * HK + i_hk) * NS + i_s).to(tl.int64) * FT + row0
+    _st(st_ptr + sb * DV, b_h, F, DV, DV, 0, v0, BF, BV, not EVEN, not EVEN)
+    tl.store(stz_ptr + sb + offs_f, b_z, mask=offs_f < tl.where(i_v == 0, F, 0))  # one value block writes z
 
 
-@triton.jit
-def _fwd_kernel(
+@triton.jit(do_not_specialize=["CPS", "NSI"])
+def _out_kernel(
     q_ptr,
     k_ptr,
     v_ptr,
@@ -352,27 +387,23 @@ def _fwd_kernel(
     bk_ptr,
     mask_ptr,
     cu_ptr,
+    cidx_ptr,
+    h_ptr,
+    hz_ptr,
     si_ptr,
     zi_ptr,
     o_ptr,
     den_ptr,
-    se_ptr,
-    ze_ptr,
     eps,
     H,
     HK,
     G,
     D,
     F,
+    FT,
     DV,
     CPS,
-    NS,
-    si_sn,
-    si_sh,
-    si_ss,
-    zi_sn,
-    zi_sh,
-    zi_ss,
+    NSI,
     BT: tl.constexpr,
     BD: tl.constexpr,
     BF: tl.constexpr,
@@ -382,7 +413,6 @@ def _fwd_kernel(
     HAS_BK: tl.constexpr,
     HAS_MASK: tl.constexpr,
     CAUSAL: tl.constexpr,
-    STORE_END: tl.constexpr,
     ACT: tl.constexpr,
     NEG: tl.constexpr,
     W_NATIVE: tl.constexpr,
@@ -391,214 +421,87 @@ def _fwd_kernel(
     DOT_DT: tl.constexpr,
     EVEN: tl.constexpr,
 ):
-    """Outputs of one segment of one KV head (all ``G`` query heads of the group).
+    """Outputs of one chunk, one query head, one value block (grid ``(NC, NV * H)``).
 
-    Starts from the state ``si[n, hk, s]`` (causal: everything before the segment plus the
-    initial state; bidirectional: the whole sequence plus the initial state) and, when causal,
-    walks the chunks adding each one's keys after its queries are done.
+    ``o = (phi_q S + tril(phi_q phi_k^T) v) / (phi_q z + rowsum(tril(...)) + eps)`` with
+    ``S = si[n, hk, segment] + h[chunk]`` (causal) or ``si[n, hk, 0]`` (bidirectional: the whole
+    sequence's state, no intra-chunk part). Also stores the normalizer ``den`` (fp32).
     """
-    i_s = tl.program_id(0)
-    i_nh = tl.program_id(1)
-    v0 = tl.program_id(2) * BV  # value columns of this program (fwd kernels split V; bwd: one block)
-    i_n = i_nh // HK
-    i_hk = i_nh % HK
-    bos, L, c0, c1 = _segment(cu_ptr, i_n, i_s, CPS, BT)
-    FT = 2 * F if NEG else F
-    offs_v = v0 + tl.arange(0, BV)
-    v_ok = offs_v < DV
+    i_c = tl.program_id(0)
+    i_vh = tl.program_id(1)
+    i_h = i_vh % H
+    i_v = i_vh // H
+    i_n = tl.load(cidx_ptr + 2 * i_c)
+    i_t = tl.load(cidx_ptr + 2 * i_c + 1)
+    i_hk = i_h // G
+    bos, L = _seq(cu_ptr, i_n)
     offs_i = tl.arange(0, BT)
-    causal_mask = offs_i[:, None] >= offs_i[None, :]
-    s_p, s_n, z_p, z_n = _load_state(
-        si_ptr + i_n * si_sn + i_hk * si_sh + i_s * si_ss,
-        zi_ptr + i_n * zi_sn + i_hk * zi_sh + i_s * zi_ss,
-        F,
-        DV,
-        v0,
-        BF,
-        BV,
-        NEG,
-        EVEN,
-    )
-    for ic in range(c0, c1):
-        offs_t = ic * BT + offs_i
-        t_ok = offs_t < L
-        tok = bos + offs_t
-        if CAUSAL:
-            _xk, _zk, kp, kn = _feat_tile(
-                k_ptr,
-                wk_ptr,
-                bk_ptr,
-                tok,
-                t_ok,
-                i_hk,
-                HK,
-                D,
-                F,
-                BD,
-                BF,
-                FUSED,
-                HAS_BK,
-                ACT,
-                NEG,
-                W_NATIVE,
-                MAP_PREC,
-                EVEN,
-            )
+    t0 = i_t * BT
+    offs_t = t0 + offs_i
+    t_ok = offs_t < L
+    tok = bos + offs_t
+    v0 = i_v * BV
+    i_s = tl.minimum(i_t // CPS, NSI - 1)
+    sb = ((i_n * HK + i_hk) * NSI + i_s).to(tl.int64) * FT
+    hb = (i_c.to(tl.int64) * HK + i_hk) * FT
+
+    wq, bq = _load_wb(wq_ptr, bq_ptr, i_h, D, F, BD, BF, FUSED, HAS_BQ, EVEN)
+    xq, zq = _preact(q_ptr, wq, bq, bos, L, t0, i_h, H, D, F, BT, BD, BF, FUSED, W_NATIVE, MAP_PREC, EVEN)
+    qp = _feat(zq, 1.0, t_ok, F, BF, FUSED, ACT, EVEN)
+    s, z = _chunk_state(si_ptr + sb * DV, zi_ptr + sb, h_ptr + hb * DV, hz_ptr + hb, 0, F, DV, v0, BF, BV, CAUSAL, EVEN)
+    qp_d = qp.to(DOT_DT)
+    num = tl.dot(qp_d, s.to(DOT_DT), input_precision=PREC)
+    den = tl.sum(qp * z[None, :], 1)
+    if NEG:
+        qn = _feat(zq, -1.0, t_ok, F, BF, FUSED, ACT, EVEN)
+        s, z = _chunk_state(si_ptr + sb * DV, zi_ptr + sb, h_ptr + hb * DV, hz_ptr + hb, F, F, DV, v0, BF, BV, CAUSAL,
+                            EVEN)  # fmt: skip
+        qn_d = qn.to(DOT_DT)
+        num += tl.dot(qn_d, s.to(DOT_DT), input_precision=PREC)
+        den += tl.sum(qn * z[None, :], 1)
+    if CAUSAL:
+        wk, bk = _load_wb(wk_ptr, bk_ptr, i_hk, D, F, BD, BF, FUSED, HAS_BK, EVEN)
+        xk, zk = _preact(k_ptr, wk, bk, bos, L, t0, i_hk, HK, D, F, BT, BD, BF, FUSED, W_NATIVE, MAP_PREC, EVEN)
+        kp = _feat(zk, 1.0, t_ok, F, BF, FUSED, ACT, EVEN)
+        if HAS_MASK:
+            mk = tl.load(mask_ptr + tok, mask=t_ok, other=0.0)
+            kp = kp * mk[:, None]
+        a = tl.dot(qp_d, tl.trans(kp.to(DOT_DT)), input_precision=PREC)
+        if NEG:
+            kn = _feat(zk, -1.0, t_ok, F, BF, FUSED, ACT, EVEN)
             if HAS_MASK:
-                mk = tl.load(mask_ptr + tok, mask=t_ok, other=0.0)
-                kp = kp * mk[:, None]
                 kn = kn * mk[:, None]
-            vv = tl.load(
-                v_ptr + tok[:, None] * (HK * DV) + i_hk * DV + offs_v[None, :],
-                mask=_rc(t_ok, v_ok, EVEN),
-                other=0.0,
-            ).to(DOT_DT)
-            kp_d = kp.to(DOT_DT)
-            kn_d = kn.to(DOT_DT)
-        for g in range(G):
-            i_h = i_hk * G + g
-            _xq, _zq, qp, qn = _feat_tile(
-                q_ptr,
-                wq_ptr,
-                bq_ptr,
-                tok,
-                t_ok,
-                i_h,
-                H,
-                D,
-                F,
-                BD,
-                BF,
-                FUSED,
-                HAS_BQ,
-                ACT,
-                NEG,
-                W_NATIVE,
-                MAP_PREC,
-                EVEN,
-            )
-            qp_d = qp.to(DOT_DT)
-            num = tl.dot(qp_d, s_p.to(qp_d.dtype), input_precision=PREC)
-            den = tl.sum(qp * z_p[None, :], 1)
-            if NEG:
-                qn_d = qn.to(qp_d.dtype)
-                num += tl.dot(qn_d, s_n.to(qp_d.dtype), input_precision=PREC)
-                den += tl.sum(qn * z_n[None, :], 1)
-            if CAUSAL:
-                a = tl.dot(qp_d, tl.trans(kp_d), input_precision=PREC)
-                if NEG:
-                    a += tl.dot(qn_d, tl.trans(kn_d), input_precision=PREC)
-                a = tl.where(causal_mask, a, 0.0)
-                num += tl.dot(a.to(DOT_DT), vv, input_precision=PREC)
-                den += tl.sum(a, 1)
-            den = den + eps
-            o = num / den[:, None]
-            if HAS_MASK:
-                mq = tl.load(mask_ptr + tok, mask=t_ok, other=0.0)
-                o = tl.where(mq[:, None] != 0, o, 0.0)
-            tl.store(
-                o_ptr + tok[:, None] * (H * DV) + i_h * DV + offs_v[None, :],
-                o.to(o_ptr.dtype.element_ty),
-                mask=_rc(t_ok, v_ok, EVEN),
-            )
-            tl.store(den_ptr + tok * H + i_h, den, mask=t_ok)
-        if CAUSAL:
-            s_p += tl.dot(tl.trans(kp_d), vv, input_precision=PREC)
-            z_p += tl.sum(kp, 0)
-            if NEG:
-                s_n += tl.dot(tl.trans(kn_d), vv, input_precision=PREC)
-                z_n += tl.sum(kn, 0)
-    if STORE_END:
-        base = (i_n * HK + i_hk) * NS + i_s
-        _store_state(se_ptr + base * FT * DV, ze_ptr + base * FT, s_p, s_n, z_p, z_n, F, DV, v0, BF, BV, NEG, EVEN)
+            a += tl.dot(qn_d, tl.trans(kn.to(DOT_DT)), input_precision=PREC)
+        a = tl.where(offs_i[:, None] >= offs_i[None, :], a, 0.0)
+        vv = _ld(v_ptr + bos * (HK * DV) + i_hk * DV, L, DV, HK * DV, t0, v0, BT, BV, True, not EVEN)
+        num += tl.dot(a.to(DOT_DT), vv.to(DOT_DT), input_precision=PREC)
+        den += tl.sum(a, 1)
+    den = den + eps
+    o = num / den[:, None]
+    if HAS_MASK:
+        mq = tl.load(mask_ptr + tok, mask=t_ok, other=0.0)
+        o = tl.where(mq[:, None] != 0, o, 0.0)
+    _st(o_ptr + bos * (H * DV) + i_h * DV, o, L, DV, H * DV, t0, v0, BT, BV, True, not EVEN)
+    tl.store(den_ptr + tok * H + i_h, den, mask=offs_t < tl.where(i_v == 0, L, 0))  # one value block
 
 
-@triton.jit
-def _rstate_kernel(
-    q_ptr,
-    wq_ptr,
-    bq_ptr,
-    do_ptr,
-    o_ptr,
-    den_ptr,
-    mask_ptr,
-    cu_ptr,
-    sl_ptr,
-    zl_ptr,
-    H,
-    HK,
-    G,
-    D,
-    F,
-    DV,
-    CPS,
-    NS,
-    BT: tl.constexpr,
-    BD: tl.constexpr,
-    BF: tl.constexpr,
-    BV: tl.constexpr,
-    FUSED: tl.constexpr,
-    HAS_BQ: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    ACT: tl.constexpr,
-    NEG: tl.constexpr,
-    W_NATIVE: tl.constexpr,
-    MAP_PREC: tl.constexpr,
-    PREC: tl.constexpr,
-    DOT_DT: tl.constexpr,
-    EVEN: tl.constexpr,
-):
-    """Per-segment query sums of the backward state: ``sum phi_q^T g`` and ``sum phi_q c``."""
-    i_s = tl.program_id(0)
-    i_nh = tl.program_id(1)
-    v0 = tl.program_id(2) * BV  # value columns of this program (fwd kernels split V; bwd: one block)
-    i_n = i_nh // HK
-    i_hk = i_nh % HK
-    bos, L, c0, c1 = _segment(cu_ptr, i_n, i_s, CPS, BT)
-    FT = 2 * F if NEG else F
-    d_p = tl.zeros([BF, BV], dtype=tl.float32)
-    d_n = tl.zeros([BF, BV], dtype=tl.float32)
-    e_p = tl.zeros([BF], dtype=tl.float32)
-    e_n = tl.zeros([BF], dtype=tl.float32)
-    for ic in range(c0, c1):
-        offs_t = ic * BT + tl.arange(0, BT)
-        t_ok = offs_t < L
-        tok = bos + offs_t
-        for g in range(G):
-            i_h = i_hk * G + g
-            _xq, _zq, qp, qn = _feat_tile(
-                q_ptr,
-                wq_ptr,
-                bq_ptr,
-                tok,
-                t_ok,
-                i_h,
-                H,
-                D,
-                F,
-                BD,
-                BF,
-                FUSED,
-                HAS_BQ,
-                ACT,
-                NEG,
-                W_NATIVE,
-                MAP_PREC,
-                EVEN,
-            )
-            gg, c = _load_dout(do_ptr, o_ptr, den_ptr, mask_ptr, tok, t_ok, i_h, H, DV, BV, HAS_MASK, EVEN)
-            gg_d = gg.to(DOT_DT)
-            d_p += tl.dot(tl.trans(qp.to(gg_d.dtype)), gg_d, input_precision=PREC)
-            e_p += tl.sum(qp * c[:, None], 0)
-            if NEG:
-                d_n += tl.dot(tl.trans(qn.to(gg_d.dtype)), gg_d, input_precision=PREC)
-                e_n += tl.sum(qn * c[:, None], 0)
-    base = (i_n * HK + i_hk) * NS + i_s
-    _store_state(sl_ptr + base * FT * DV, zl_ptr + base * FT, d_p, d_n, e_p, e_n, F, DV, v0, BF, BV, NEG, EVEN)
+@triton.jit(do_not_specialize=["NTOK"])
+def _delta_kernel(do_ptr, o_ptr, den_ptr, cd_ptr, NTOK, H, DV, BT: tl.constexpr, BV: tl.constexpr):
+    """``cd = -(do . o) / den`` per (token, query head): the normalizer's share of the gradient."""
+    offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
+    i_h = tl.program_id(1)
+    offs_v = tl.arange(0, BV)
+    t_ok = offs_t < NTOK
+    m2 = t_ok[:, None] & (offs_v < DV)[None, :]
+    off = offs_t.to(tl.int64)[:, None] * (H * DV) + i_h * DV + offs_v[None, :]
+    do = tl.load(do_ptr + off, mask=m2, other=0.0).to(tl.float32)
+    o = tl.load(o_ptr + off, mask=m2, other=0.0).to(tl.float32)
+    den = tl.load(den_ptr + offs_t * H + i_h, mask=t_ok, other=1.0)
+    tl.store(cd_ptr + offs_t * H + i_h, -tl.sum(do * o, 1) / den, mask=t_ok)
 
 
-@triton.jit
-def _bwd_dq_kernel(
+@triton.jit(do_not_specialize=["NC", "NSPLIT", "CPS", "NSI"])
+def _bwd_kernel(
     q_ptr,
     k_ptr,
     v_ptr,
@@ -608,180 +511,34 @@ def _bwd_dq_kernel(
     bk_ptr,
     mask_ptr,
     cu_ptr,
+    cidx_ptr,
+    h_ptr,
+    hz_ptr,
     si_ptr,
     zi_ptr,
     do_ptr,
-    o_ptr,
     den_ptr,
-    dq_ptr,
-    dw_ptr,
-    db_ptr,
-    H,
-    HK,
-    G,
-    D,
-    F,
-    DV,
-    CPS,
-    NS,
-    si_sn,
-    si_sh,
-    si_ss,
-    zi_sn,
-    zi_sh,
-    zi_ss,
-    BT: tl.constexpr,
-    BD: tl.constexpr,
-    BF: tl.constexpr,
-    BV: tl.constexpr,
-    FUSED: tl.constexpr,
-    HAS_BQ: tl.constexpr,
-    HAS_BK: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    ACT: tl.constexpr,
-    NEG: tl.constexpr,
-    W_NATIVE: tl.constexpr,
-    MAP_PREC: tl.constexpr,
-    PREC: tl.constexpr,
-    DOT_DT: tl.constexpr,
-    EVEN: tl.constexpr,
-):
-    """dq (and the partial dW_q, db_q of this segment) for one query head, walking forward."""
-    i_s = tl.program_id(0)
-    i_nh = tl.program_id(1)
-    v0 = tl.program_id(2) * BV  # value columns of this program (fwd kernels split V; bwd: one block)
-    i_n = i_nh // H
-    i_h = i_nh % H
-    i_hk = i_h // G
-    bos, L, c0, c1 = _segment(cu_ptr, i_n, i_s, CPS, BT)
-    offs_v = v0 + tl.arange(0, BV)
-    v_ok = offs_v < DV
-    offs_i = tl.arange(0, BT)
-    causal_mask = offs_i[:, None] >= offs_i[None, :]
-    s_p, s_n, z_p, z_n = _load_state(
-        si_ptr + i_n * si_sn + i_hk * si_sh + i_s * si_ss,
-        zi_ptr + i_n * zi_sn + i_hk * zi_sh + i_s * zi_ss,
-        F,
-        DV,
-        v0,
-        BF,
-        BV,
-        NEG,
-        EVEN,
-    )
-    dw_acc = tl.zeros([BD, BF], dtype=tl.float32)
-    db_acc = tl.zeros([BF], dtype=tl.float32)
-    for ic in range(c0, c1):
-        offs_t = ic * BT + offs_i
-        t_ok = offs_t < L
-        tok = bos + offs_t
-        xq, zq, qp, qn = _feat_tile(
-            q_ptr, wq_ptr, bq_ptr, tok, t_ok, i_h, H, D, F, BD, BF, FUSED, HAS_BQ, ACT, NEG, W_NATIVE, MAP_PREC, EVEN
-        )
-        gg, c = _load_dout(do_ptr, o_ptr, den_ptr, mask_ptr, tok, t_ok, i_h, H, DV, BV, HAS_MASK, EVEN)
-        gg_d = gg.to(DOT_DT)
-        dqp = tl.dot(gg_d, tl.trans(s_p.to(gg_d.dtype)), input_precision=PREC) + c[:, None] * z_p[None, :]
-        if NEG:
-            dqn = tl.dot(gg_d, tl.trans(s_n.to(gg_d.dtype)), input_precision=PREC) + c[:, None] * z_n[None, :]
-        else:
-            dqn = dqp
-        if CAUSAL:
-            _xk, _zk, kp, kn = _feat_tile(
-                k_ptr,
-                wk_ptr,
-                bk_ptr,
-                tok,
-                t_ok,
-                i_hk,
-                HK,
-                D,
-                F,
-                BD,
-                BF,
-                FUSED,
-                HAS_BK,
-                ACT,
-                NEG,
-                W_NATIVE,
-                MAP_PREC,
-                EVEN,
-            )
-            if HAS_MASK:
-                mk = tl.load(mask_ptr + tok, mask=t_ok, other=0.0)
-                kp = kp * mk[:, None]
-                kn = kn * mk[:, None]
-            vv = tl.load(
-                v_ptr + tok[:, None] * (HK * DV) + i_hk * DV + offs_v[None, :],
-                mask=_rc(t_ok, v_ok, EVEN),
-                other=0.0,
-            ).to(DOT_DT)
-            kp_d = kp.to(DOT_DT)
-            da = tl.dot(gg_d, tl.trans(vv), input_precision=PREC) + c[:, None]
-            da = tl.where(causal_mask, da, 0.0).to(DOT_DT)
-            dqp += tl.dot(da, kp_d, input_precision=PREC)
-            s_p += tl.dot(tl.trans(kp_d), vv, input_precision=PREC)
-            z_p += tl.sum(kp, 0)
-            if NEG:
-                kn_d = kn.to(DOT_DT)
-                dqn += tl.dot(da, kn_d, input_precision=PREC)
-                s_n += tl.dot(tl.trans(kn_d), vv, input_precision=PREC)
-                z_n += tl.sum(kn, 0)
-        dw_acc, db_acc = _feat_tile_bwd(
-            xq, zq, qp, qn, dqp, dqn, t_ok, dq_ptr, wq_ptr, tok, i_h, H, D, F, dw_acc, db_acc,
-            BD, BF, FUSED, ACT, NEG, MAP_PREC, EVEN,
-        )  # fmt: skip
-    if FUSED:
-        offs_d = tl.arange(0, BD)
-        offs_f = tl.arange(0, BF)
-        f_ok = offs_f < F
-        base = (i_n * NS + i_s) * H + i_h
-        tl.store(
-            dw_ptr + base * D * F + offs_d[:, None] * F + offs_f[None, :],
-            dw_acc,
-            mask=(offs_d < D)[:, None] & f_ok[None, :],
-        )
-        tl.store(db_ptr + base * F + offs_f, db_acc, mask=f_ok)
-
-
-@triton.jit
-def _bwd_dkv_kernel(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    wq_ptr,
-    bq_ptr,
-    wk_ptr,
-    bk_ptr,
-    mask_ptr,
-    cu_ptr,
-    ri_ptr,
-    rzi_ptr,
-    do_ptr,
-    o_ptr,
-    den_ptr,
-    dk_ptr,
+    cd_ptr,
+    dx_ptr,
     dv_ptr,
     dw_ptr,
     db_ptr,
+    NC,
+    NSPLIT,
     H,
     HK,
     G,
     D,
     F,
+    FT,
     DV,
     CPS,
-    NS,
-    ri_sn,
-    ri_sh,
-    ri_ss,
-    rzi_sn,
-    rzi_sh,
-    rzi_ss,
+    NSI,
     BT: tl.constexpr,
     BD: tl.constexpr,
     BF: tl.constexpr,
     BV: tl.constexpr,
+    KV_SIDE: tl.constexpr,
     FUSED: tl.constexpr,
     HAS_BQ: tl.constexpr,
     HAS_BK: tl.constexpr,
@@ -795,128 +552,131 @@ def _bwd_dkv_kernel(
     DOT_DT: tl.constexpr,
     EVEN: tl.constexpr,
 ):
-    """dk, dv (and partial dW_k, db_k) for one KV head, walking the segment backwards.
+    """Gradients for the chunks ``pid0, pid0 + NSPLIT, ...`` of query head ``pid1`` (all of Dv).
 
-    ``ri[n, hk, s]`` holds ``dH = sum phi_q^T g`` (and ``dh = sum phi_q c``) over the queries
-    after the segment (causal) or over all queries (bidirectional), plus the final-state grad.
+    With ``g = do / den``, ``cd = -(do . o) / den``, ``A = tril(phi_q phi_k^T)`` and
+    ``dA = tril(g v^T + cd)``, per chunk:
+
+    * query side (``KV_SIDE`` False; ``(h, si)`` = forward state entering the chunk):
+      ``dphi_q = g S^T + cd z^T + dA phi_k`` -> ``dx = dq``, ``dw/db`` = dW_q/db_q partials;
+    * key side (``KV_SIDE``; ``(h, si)`` = reverse state: queries after the chunk plus the
+      final-state gradient): ``dphi_k = dA^T phi_q + v R^T + e``, ``dv = A^T g + phi_k R``.
+      The ``R``-terms belong to the KV head and are added by the group's first query head only;
+      ``dk``/``dv`` are per query head (``[tokens, H, .]``; the launcher sums a GQA group).
+
+    The two sides are two launches of this kernel (fewer live tiles than one kernel doing both;
+    each recomputes both maps). ``dW``/``db`` partials accumulate in registers over the
+    program's chunks and are written once (``[NSPLIT, H, D, F]``).
     """
-    i_s = tl.program_id(0)
-    i_nh = tl.program_id(1)
-    v0 = tl.program_id(2) * BV  # value columns of this program (fwd kernels split V; bwd: one block)
-    i_n = i_nh // HK
-    i_hk = i_nh % HK
-    bos, L, c0, c1 = _segment(cu_ptr, i_n, i_s, CPS, BT)
-    offs_v = v0 + tl.arange(0, BV)
-    v_ok = offs_v < DV
+    i_sp = tl.program_id(0)
+    i_h = tl.program_id(1)
+    i_hk = i_h // G
+    first = (i_h % G) == 0
     offs_i = tl.arange(0, BT)
-    # rows are keys s, columns queries t: key s is seen by query t when t >= s
-    causal_mask_t = offs_i[:, None] <= offs_i[None, :]
-    dh_p, dh_n, e_p, e_n = _load_state(
-        ri_ptr + i_n * ri_sn + i_hk * ri_sh + i_s * ri_ss,
-        rzi_ptr + i_n * rzi_sn + i_hk * rzi_sh + i_s * rzi_ss,
-        F,
-        DV,
-        v0,
-        BF,
-        BV,
-        NEG,
-        EVEN,
-    )
-    dw_acc = tl.zeros([BD, BF], dtype=tl.float32)
-    db_acc = tl.zeros([BF], dtype=tl.float32)
-    for j in range(c0, c1):
-        ic = c1 - 1 - (j - c0)
-        offs_t = ic * BT + offs_i
+    offs_f = tl.arange(0, BF)
+    f_ok = offs_f < F
+    wq, bq = _load_wb(wq_ptr, bq_ptr, i_h, D, F, BD, BF, FUSED, HAS_BQ, EVEN)
+    wk, bk = _load_wb(wk_ptr, bk_ptr, i_hk, D, F, BD, BF, FUSED, HAS_BK, EVEN)
+    dw = tl.zeros([BD, BF], dtype=tl.float32)
+    db = tl.zeros([BF], dtype=tl.float32)
+    for i_c in range(i_sp, NC, NSPLIT):
+        i_n = tl.load(cidx_ptr + 2 * i_c)
+        i_t = tl.load(cidx_ptr + 2 * i_c + 1)
+        bos, L = _seq(cu_ptr, i_n)
+        t0 = i_t * BT
+        offs_t = t0 + offs_i
         t_ok = offs_t < L
         tok = bos + offs_t
-        xk, zk, kp_raw, kn_raw = _feat_tile(
-            k_ptr, wk_ptr, bk_ptr, tok, t_ok, i_hk, HK, D, F, BD, BF, FUSED, HAS_BK, ACT, NEG, W_NATIVE, MAP_PREC, EVEN
-        )
+        i_s = tl.minimum(i_t // CPS, NSI - 1)
+        sb = ((i_n * HK + i_hk) * NSI + i_s).to(tl.int64) * FT
+        hb = (i_c * HK + i_hk).to(tl.int64) * FT
+
+        # features as DOT_DT right away (bf16 for bf16 inputs, like torch's bf16 map): fewer live
+        # fp32 tiles; the map's backward uses the same rounded features
+        xq, zq = _preact(q_ptr, wq, bq, bos, L, t0, i_h, H, D, F, BT, BD, BF, FUSED, W_NATIVE, MAP_PREC, EVEN)
+        qp = _feat(zq, 1.0, t_ok, F, BF, FUSED, ACT, EVEN).to(DOT_DT)
+        xk, zk = _preact(k_ptr, wk, bk, bos, L, t0, i_hk, HK, D, F, BT, BD, BF, FUSED, W_NATIVE, MAP_PREC, EVEN)
+        kp_raw = _feat(zk, 1.0, t_ok, F, BF, FUSED, ACT, EVEN).to(DOT_DT)
         if HAS_MASK:
             mk = tl.load(mask_ptr + tok, mask=t_ok, other=0.0)
-            kp = kp_raw * mk[:, None]
-            kn = kn_raw * mk[:, None]
+            kp = (kp_raw * mk[:, None]).to(DOT_DT)
         else:
             kp = kp_raw
-            kn = kn_raw
-        vv = tl.load(
-            v_ptr + tok[:, None] * (HK * DV) + i_hk * DV + offs_v[None, :],
-            mask=_rc(t_ok, v_ok, EVEN),
-            other=0.0,
-        ).to(DOT_DT)
-        kp_d = kp.to(DOT_DT)
-        dkp = tl.dot(vv, tl.trans(dh_p.to(DOT_DT)), input_precision=PREC) + e_p[None, :]
-        dv = tl.dot(kp_d, dh_p.to(DOT_DT), input_precision=PREC)
         if NEG:
-            kn_d = kn.to(DOT_DT)
-            dkn = tl.dot(vv, tl.trans(dh_n.to(DOT_DT)), input_precision=PREC) + e_n[None, :]
-            dv += tl.dot(kn_d, dh_n.to(DOT_DT), input_precision=PREC)
+            qn = _feat(zq, -1.0, t_ok, F, BF, FUSED, ACT, EVEN).to(DOT_DT)
+            kn_raw = _feat(zk, -1.0, t_ok, F, BF, FUSED, ACT, EVEN).to(DOT_DT)
+            if HAS_MASK:
+                kn = (kn_raw * mk[:, None]).to(DOT_DT)
+            else:
+                kn = kn_raw
         else:
-            dkn = dkp
-        if CAUSAL:
-            for g in range(G):
-                i_h = i_hk * G + g
-                _xq, _zq, qp, qn = _feat_tile(
-                    q_ptr,
-                    wq_ptr,
-                    bq_ptr,
-                    tok,
-                    t_ok,
-                    i_h,
-                    H,
-                    D,
-                    F,
-                    BD,
-                    BF,
-                    FUSED,
-                    HAS_BQ,
-                    ACT,
-                    NEG,
-                    W_NATIVE,
-                    MAP_PREC,
-                    EVEN,
-                )
-                gg, c = _load_dout(do_ptr, o_ptr, den_ptr, mask_ptr, tok, t_ok, i_h, H, DV, BV, HAS_MASK, EVEN)
-                gg_d = gg.to(DOT_DT)
-                qp_d = qp.to(DOT_DT)
-                at = tl.dot(kp_d, tl.trans(qp_d), input_precision=PREC)
+            qn = qp
+            kn_raw = kp_raw
+            kn = kp
+        do = _ld(do_ptr + bos * (H * DV) + i_h * DV, L, DV, H * DV, t0, 0, BT, BV, True, not EVEN)
+        den = tl.load(den_ptr + tok * H + i_h, mask=t_ok, other=1.0)
+        cd = tl.load(cd_ptr + tok * H + i_h, mask=t_ok, other=0.0)
+        g = (do.to(tl.float32) / den[:, None]).to(DOT_DT)
+        vv = _ld(v_ptr + bos * (HK * DV) + i_hk * DV, L, DV, HK * DV, t0, 0, BT, BV, True, not EVEN).to(DOT_DT)
+        tril = offs_i[:, None] >= offs_i[None, :]
+        if not KV_SIDE:
+            s, z = _chunk_state(si_ptr + sb * DV, zi_ptr + sb, h_ptr + hb * DV, hz_ptr + hb, 0, F, DV, 0, BF, BV,
+                                CAUSAL, EVEN)  # fmt: skip
+            dqp = tl.dot(g, tl.trans(s.to(DOT_DT)), input_precision=PREC) + cd[:, None] * z[None, :]
+            if NEG:
+                s, z = _chunk_state(si_ptr + sb * DV, zi_ptr + sb, h_ptr + hb * DV, hz_ptr + hb, F, F, DV, 0, BF,
+                                    BV, CAUSAL, EVEN)  # fmt: skip
+                dqn = tl.dot(g, tl.trans(s.to(DOT_DT)), input_precision=PREC) + cd[:, None] * z[None, :]
+            else:
+                dqn = dqp
+            if CAUSAL:
+                da = tl.dot(g, tl.trans(vv), input_precision=PREC) + cd[:, None]
+                da = tl.where(tril, da, 0.0).to(DOT_DT)
+                dqp += tl.dot(da, kp, input_precision=PREC)
                 if NEG:
-                    qn_d = qn.to(DOT_DT)
-                    at += tl.dot(kn_d, tl.trans(qn_d), input_precision=PREC)
-                at = tl.where(causal_mask_t, at, 0.0)
-                dat = tl.dot(vv, tl.trans(gg_d), input_precision=PREC) + c[None, :]
-                dat = tl.where(causal_mask_t, dat, 0.0).to(DOT_DT)
-                dkp += tl.dot(dat, qp_d, input_precision=PREC)
-                dv += tl.dot(at.to(DOT_DT), gg_d, input_precision=PREC)
-                dh_p += tl.dot(tl.trans(qp_d), gg_d, input_precision=PREC)
-                e_p += tl.sum(qp * c[:, None], 0)
+                    dqn += tl.dot(da, kn, input_precision=PREC)
+            dw, db = _map_bwd(xq, zq, qp.to(tl.float32), qn.to(tl.float32), dqp, dqn, t_ok, wq, dx_ptr, bos, L, t0,
+                              i_h, H, D, F, dw, db, BT, BD, BF, FUSED, ACT, NEG, MAP_PREC, EVEN)  # fmt: skip
+        else:
+            if CAUSAL:
+                # rows: keys s, columns: queries t (t >= s)
+                dat = tl.dot(vv, tl.trans(g), input_precision=PREC) + cd[None, :]
+                dat = tl.where(tl.trans(tril), dat, 0.0).to(DOT_DT)
+                at = tl.dot(kp, tl.trans(qp), input_precision=PREC)
+                dkp = tl.dot(dat, qp, input_precision=PREC)
                 if NEG:
-                    dkn += tl.dot(dat, qn_d, input_precision=PREC)
-                    dh_n += tl.dot(tl.trans(qn_d), gg_d, input_precision=PREC)
-                    e_n += tl.sum(qn * c[:, None], 0)
-        if HAS_MASK:
-            dkp = dkp * mk[:, None]
-            dkn = dkn * mk[:, None]
-        tl.store(
-            dv_ptr + tok[:, None] * (HK * DV) + i_hk * DV + offs_v[None, :],
-            dv.to(dv_ptr.dtype.element_ty),
-            mask=_rc(t_ok, v_ok, EVEN),
-        )
-        dw_acc, db_acc = _feat_tile_bwd(
-            xk, zk, kp_raw, kn_raw, dkp, dkn, t_ok, dk_ptr, wk_ptr, tok, i_hk, HK, D, F, dw_acc, db_acc,
-            BD, BF, FUSED, ACT, NEG, MAP_PREC, EVEN,
-        )  # fmt: skip
+                    at += tl.dot(kn, tl.trans(qn), input_precision=PREC)
+                    dkn = tl.dot(dat, qn, input_precision=PREC)
+                else:
+                    dkn = dkp
+                at = tl.where(tl.trans(tril), at, 0.0).to(DOT_DT)
+                dvv = tl.dot(at, g, input_precision=PREC)
+            else:
+                dkp = tl.zeros([BT, BF], dtype=tl.float32)
+                dkn = dkp
+                dvv = tl.zeros([BT, BV], dtype=tl.float32)
+            if first:
+                r, e = _chunk_state(si_ptr + sb * DV, zi_ptr + sb, h_ptr + hb * DV, hz_ptr + hb, 0, F, DV, 0, BF, BV,
+                                    CAUSAL, EVEN)  # fmt: skip
+                r = r.to(DOT_DT)
+                dkp += tl.dot(vv, tl.trans(r), input_precision=PREC) + e[None, :]
+                dvv += tl.dot(kp, r, input_precision=PREC)
+                if NEG:
+                    r, e = _chunk_state(si_ptr + sb * DV, zi_ptr + sb, h_ptr + hb * DV, hz_ptr + hb, F, F, DV, 0, BF,
+                                        BV, CAUSAL, EVEN)  # fmt: skip
+                    r = r.to(DOT_DT)
+                    dkn += tl.dot(vv, tl.trans(r), input_precision=PREC) + e[None, :]
+                    dvv += tl.dot(kn, r, input_precision=PREC)
+            if HAS_MASK:
+                dkp = dkp * mk[:, None]
+                dkn = dkn * mk[:, None]
+            _st(dv_ptr + bos * (H * DV) + i_h * DV, dvv, L, DV, H * DV, t0, 0, BT, BV, True, not EVEN)
+            dw, db = _map_bwd(xk, zk, kp_raw.to(tl.float32), kn_raw.to(tl.float32), dkp, dkn, t_ok, wk, dx_ptr, bos, L,
+                              t0, i_h, H, D, F, dw, db, BT, BD, BF, FUSED, ACT, NEG, MAP_PREC, EVEN)  # fmt: skip
     if FUSED:
-        offs_d = tl.arange(0, BD)
-        offs_f = tl.arange(0, BF)
-        f_ok = offs_f < F
-        base = (i_n * NS + i_s) * HK + i_hk
-        tl.store(
-            dw_ptr + base * D * F + offs_d[:, None] * F + offs_f[None, :],
-            dw_acc,
-            mask=(offs_d < D)[:, None] & f_ok[None, :],
-        )
-        tl.store(db_ptr + base * F + offs_f, db_acc, mask=f_ok)
+        base = (i_sp * H + i_h).to(tl.int64)
+        _st(dw_ptr + base * D * F, dw, D, F, F, 0, 0, BD, BF, not EVEN, not EVEN)
+        tl.store(db_ptr + base * F + offs_f, db, mask=f_ok)
 
 
 @triton.jit
@@ -947,7 +707,8 @@ def _decode_kernel(
     NEG: tl.constexpr,
 ):
     """One token for one (sequence, KV head): ``S += phi_k v^T``, ``z += phi_k`` in place, then
-    ``o = phi_q S / (phi_q . z + eps)`` for the ``G`` query heads of the group."""
+    ``o = phi_q S / (phi_q . z + eps)`` for the ``G`` query heads of the group. The 1 x D x F
+    products are broadcast-reduces (a ``tl.dot`` needs 16 rows)."""
     i_nh = tl.program_id(0)
     i_b = i_nh // HK
     i_hk = i_nh % HK
@@ -958,36 +719,39 @@ def _decode_kernel(
     d_ok = offs_d < D
     f_ok = offs_f < F
     v_ok = offs_v < DV
-    wmask = d_ok[:, None] & f_ok[None, :]
-    # keys: 1 x D times D x F as a broadcast-reduce (tl.dot needs 16 rows)
     xk = tl.load(k_ptr + (i_b * HK + i_hk) * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-    wk = tl.load(wk_ptr + i_hk * D * F + offs_d[:, None] * F + offs_f[None, :], mask=wmask, other=0.0)
-    zk = tl.sum(xk[:, None] * wk.to(tl.float32), 0)
-    if HAS_BK:
-        zk += tl.load(bk_ptr + i_hk * F + offs_f, mask=f_ok, other=0.0).to(tl.float32)
-    kp, kn = _hh_act(zk[None, :], f_ok, ACT, NEG)
+    wk, bk = _load_wb(wk_ptr, bk_ptr, i_hk, D, F, BD, BF, True, HAS_BK, False)
+    zk = (tl.sum(xk[:, None] * wk.to(tl.float32), 0) + bk)[None, :]
     vv = tl.load(v_ptr + (i_b * HK + i_hk) * DV + offs_v, mask=v_ok, other=0.0).to(tl.float32)
     sbase = s_ptr + (i_b * HK + i_hk) * FT * DV
     zbase = z_ptr + (i_b * HK + i_hk) * FT
-    s_p, s_n, z_p, z_n = _load_state(sbase, zbase, F, DV, 0, BF, BV, NEG, False)
+    m2 = f_ok[:, None] & v_ok[None, :]
+    # updated halves stay in registers for the reads below (a store is not visible to other
+    # threads of the program without a barrier)
+    kp = _act(zk, 1.0, f_ok, ACT, False)
+    s_p, z_p = _load_half(sbase, zbase, 0, F, DV, 0, BF, BV, False)
     s_p += tl.trans(kp) * vv[None, :]
     z_p += tl.sum(kp, 0)
+    tl.store(sbase + offs_f[:, None] * DV + offs_v[None, :], s_p, mask=m2)
+    tl.store(zbase + offs_f, z_p, mask=f_ok)
     if NEG:
+        kn = _act(zk, -1.0, f_ok, ACT, False)
+        s_n, z_n = _load_half(sbase, zbase, F, F, DV, 0, BF, BV, False)
         s_n += tl.trans(kn) * vv[None, :]
         z_n += tl.sum(kn, 0)
-    _store_state(sbase, zbase, s_p, s_n, z_p, z_n, F, DV, 0, BF, BV, NEG, False)
+        tl.store(sbase + (F + offs_f)[:, None] * DV + offs_v[None, :], s_n, mask=m2)
+        tl.store(zbase + F + offs_f, z_n, mask=f_ok)
     for g in range(G):
         i_h = i_hk * G + g
         xq = tl.load(q_ptr + (i_b * H + i_h) * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-        wq = tl.load(wq_ptr + i_h * D * F + offs_d[:, None] * F + offs_f[None, :], mask=wmask, other=0.0)
-        zq = tl.sum(xq[:, None] * wq.to(tl.float32), 0)
-        if HAS_BQ:
-            zq += tl.load(bq_ptr + i_h * F + offs_f, mask=f_ok, other=0.0).to(tl.float32)
-        qp, qn = _hh_act(zq[None, :], f_ok, ACT, NEG)
-        num = tl.sum(tl.trans(qp) * s_p, 0)
-        den = tl.sum(qp * z_p[None, :], 1)
+        wq, bq = _load_wb(wq_ptr, bq_ptr, i_h, D, F, BD, BF, True, HAS_BQ, False)
+        zq = (tl.sum(xq[:, None] * wq.to(tl.float32), 0) + bq)[None, :]
+        qf = _act(zq, 1.0, f_ok, ACT, False)
+        num = tl.sum(tl.trans(qf) * s_p, 0)
+        den = tl.sum(qf * z_p[None, :], 1)
         if NEG:
-            num += tl.sum(tl.trans(qn) * s_n, 0)
-            den += tl.sum(qn * z_n[None, :], 1)
+            qf = _act(zq, -1.0, f_ok, ACT, False)
+            num += tl.sum(tl.trans(qf) * s_n, 0)
+            den += tl.sum(qf * z_n[None, :], 1)
         o = num / (den + eps)
         tl.store(o_ptr + (i_b * H + i_h) * DV + offs_v, o.to(o_ptr.dtype.element_ty), mask=v_ok)

@@ -1,12 +1,15 @@
-"""Launchers: ``_fwd`` / ``_bwd`` turn validated tensors into kernel grids and reduce the results.
+"""Launchers: ``fwd`` / ``bwd`` / ``decode`` turn validated tensors into kernel grids.
 
-Work split ("segmented walk", see ``docs/kernels.md``): each sequence is cut into ``NS`` segments
-of ``CPS`` chunks of ``BT`` tokens. A first kernel sums each segment's keys (``sum phi_k^T v``,
-``sum phi_k``); an exclusive cumulative sum over segments (PyTorch, tiny) gives each segment's
-entering state; the output kernel then walks its segment's chunks in order. When one segment
-per sequence already gives enough programs (``NS == 1``) the first kernel is skipped. The
-backward pass mirrors this with the query-side sums ``sum phi_q^T g``, ``sum phi_q c`` walked
-in reverse for dk/dv, and the forward states (saved) walked forward for dq.
+Forward (``docs/kernels.md``): (1) ``_state_kernel`` per (sequence, KV head, segment, feature
+half, value block) stores the state entering every chunk relative to its segment
+(``h [NC, HK, FT, DV]``, bf16 for bf16 inputs, fp32 otherwise; ``hz [NC, HK, FT]`` fp32) and
+each segment's total; (2) PyTorch: exclusive cumulative sum over the few segments + the initial
+state = each segment's entering state ``s_in [N, HK, NS, FT, DV]`` fp32; (3) ``_out_kernel`` over
+(chunk, query head, value block). Segments only exist so that long sequences with few heads
+still give enough programs to the sequential state walk; the output kernel adds the segment
+state to the chunk's local state. Bidirectional: (1) without per-chunk stores, every chunk reads
+the sequence total. Backward mirrors it: ``_delta_kernel``, the reverse ``_state_kernel``, a
+reverse cumulative sum, ``_bwd_kernel``.
 """
 
 from __future__ import annotations
@@ -17,253 +20,273 @@ import triton.language as tl
 
 from . import _kernels as K
 
-# Tunables. ``chunk``: tokens per chunk (BT). ``min_programs``: segments are added until
-# N * HK * NS reaches this (2 waves over the H200's 132 SMs), so that long sequences with few
-# heads still fill the chip. Tests shrink ``chunk`` to 16 to exercise many chunks on tiny inputs.
+# Tunables (measured choices in BENCHMARKS.md). ``chunk``: tokens per chunk (BT). ``state_bv``:
+# value columns per state-walk program. ``out_bv``: value columns per output program.
+# ``min_programs``: segments are added until the state walk has this many programs (2 waves
+# over the H200's 132 SMs). ``bwd_programs``: programs of the backward kernel (each loops over
+# NC / NSPLIT chunks, accumulating dW in registers). ``*_warps``, ``*_stages``: per kernel.
 # ``poison``: fill every kernel-written buffer with NaN first (tests), so a skipped write shows.
-# ``fwd_bv``: value columns per forward program (the forward can split V over programs like fla:
-# fewer state registers per program, more programs; the backward keeps all of V). 64 (no split
-# at Dv = 64) and the warp heuristic below are the configuration measured on the H200
-# (BENCHMARKS.md); fwd_bv=32 and 8 warps spill less per ptxas but are not measured yet.
-CONFIG = {"chunk": 64, "min_programs": 264, "num_warps": None, "num_stages": 1, "poison": False, "fwd_bv": 64}
+# Tests shrink ``chunk`` (and the V blocks) to 16 to exercise many chunks on tiny inputs.
+CONFIG = {
+    "chunk": 64,
+    "state_bv": 64,
+    "out_bv": 64,
+    "min_programs": 264,
+    "bwd_programs": 1056,
+    "state_warps": 4,
+    "out_warps": 4,
+    "bwd_warps": 8,
+    "state_stages": 2,
+    "out_stages": 1,
+    "bwd_stages": 1,
+    "poison": False,
+}
 
-
-_COMMON = ("BD", "BF", "BV", "FUSED", "HAS_MASK", "ACT", "NEG", "W_NATIVE", "MAP_PREC", "PREC", "DOT_DT", "EVEN")
+_COMMON = ("BT", "BD", "BF", "FUSED", "HAS_MASK", "ACT", "W_NATIVE", "MAP_PREC", "PREC", "DOT_DT", "EVEN")
 
 
 def _empty(*shape, device, dtype) -> torch.Tensor:
     t = torch.empty(*shape, device=device, dtype=dtype)
-    return t.fill_(float("nan")) if CONFIG["poison"] else t
+    return t.fill_(float("nan")) if CONFIG["poison"] and t.is_floating_point() else t
 
 
 def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(int(n)))
 
 
-def _plan(cu: torch.Tensor | None, n_seq: int, hk: int, max_len: int) -> tuple[int, int, int]:
-    """Return ``(BT, CPS, NS)`` for ``n_seq`` sequences of at most ``max_len`` tokens."""
+def n_chunks(cu: torch.Tensor | None, B: int, T: int) -> int:
+    """Number of ``BT``-token chunks over all sequences (host value; syncs for ``cu_seqlens``)."""
     bt = int(CONFIG["chunk"])
-    n_chunks = max(1, triton.cdiv(max_len, bt))
-    ns = max(1, min(n_chunks, triton.cdiv(int(CONFIG["min_programs"]), n_seq * hk)))
-    cps = triton.cdiv(n_chunks, ns)
-    ns = triton.cdiv(n_chunks, cps)
-    return bt, cps, ns
+    if cu is None:
+        return B * triton.cdiv(T, bt)
+    lens = (cu[1:] - cu[:-1]).long()
+    return int(((lens + bt - 1) // bt).sum().item())
 
 
-def _warps(bf: int, bv: int) -> int:
-    if CONFIG["num_warps"] is not None:
-        return int(CONFIG["num_warps"])
-    # ptxas (sm_90, D=64): every walk kernel sits at the 255-register cap and spills 1-3 KB a
-    # thread at 4 warps, ~half that at 8 (docs/kernels.md); 4 warps is what was timed.
-    return 4 if bf * bv <= 64 * 64 else 8
+def state_dtype(v_dtype: torch.dtype) -> torch.dtype:
+    """Storage dtype of the per-chunk states: bf16 for bf16 inputs (the products take bf16
+    operands anyway), fp32 otherwise (fp16 cannot hold a state that sums T tokens)."""
+    return torch.bfloat16 if v_dtype == torch.bfloat16 else torch.float32
 
 
-def _consts(q, v, wq, bq, bk, mask, fused, activation, negation, F, D, DV):
-    half = v.dtype in (torch.float16, torch.bfloat16)
-    return dict(
-        BD=_pow2(D),
-        BF=_pow2(F),
-        BV=_pow2(DV),
-        FUSED=fused,
-        HAS_MASK=mask is not None,
-        ACT=activation,
-        NEG=bool(negation) and fused,
-        W_NATIVE=bool(fused and half and wq.dtype == q.dtype),
-        # fp32 inputs: exact fp32 products; half inputs: tf32 is exact for bf16/fp16 operands
-        MAP_PREC="tf32" if half else "ieee",
-        PREC="tf32" if half else "ieee",
-        # every block dimension exactly the tensor's: only row masks are needed
-        EVEN=_pow2(D) == D and _pow2(F) == F and _pow2(DV) == DV,
-        # operand dtype of the attention products (fp32 accumulation always). fp16 cannot hold
-        # the exp map's features (up to e^30) or their products: those run in tf32 instead.
-        DOT_DT=tl.float32
-        if (not half or (v.dtype == torch.float16 and activation == "exp" and fused))
-        else (tl.bfloat16 if v.dtype == torch.bfloat16 else tl.float16),
-    )
+def segments(n_seq: int, hk: int, max_len: int, n_prog: int) -> tuple[int, int]:
+    """``(CPS, NS)``: chunks per segment and segments per sequence for the state walk, whose
+    other grid axes give ``n_seq * hk * n_prog`` programs."""
+    n_ch = max(1, triton.cdiv(max_len, int(CONFIG["chunk"])))
+    ns = max(1, min(n_ch, triton.cdiv(int(CONFIG["min_programs"]), n_seq * hk * n_prog)))
+    cps = triton.cdiv(n_ch, ns)
+    return cps, triton.cdiv(n_ch, cps)
 
 
-def fwd(
-    q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, *, activation, negation, causal, eps, fused, max_len
-):  # fmt: skip
+class _Plan:
+    """Shapes, block sizes, chunk tables and constexprs shared by the forward and backward."""
+
+    def __init__(self, q, k, v, wq, bq, bk, mask, cu, *, activation, negation, fused, max_len, nc):
+        self.B, self.T, self.H, dq = q.shape
+        self.HK, self.DV = k.shape[2], v.shape[3]
+        self.N = cu.numel() - 1
+        self.G = self.H // self.HK
+        if fused:
+            self.D, self.F = wq.shape[1], wq.shape[2]
+        else:
+            self.D = self.F = dq
+        self.neg = bool(negation) and fused
+        self.FT = 2 * self.F if self.neg else self.F
+        self.nhalf = 2 if self.neg else 1
+        self.dev = q.device
+        self.bt = bt = int(CONFIG["chunk"])
+        self.nc = nc
+        self.max_len = max_len
+        lens = (cu[1:] - cu[:-1]).long()
+        nch = (lens + bt - 1) // bt
+        self.coff = torch.cat([nch.new_zeros(1), torch.cumsum(nch, 0)]).to(torch.int32)
+        # (sequence, chunk-in-sequence) of every global chunk; output_size avoids a host sync
+        seq = torch.repeat_interleave(torch.arange(self.N, device=self.dev), nch, output_size=nc)
+        self.cidx = torch.stack([seq, torch.arange(nc, device=self.dev) - self.coff[seq].long()], 1)
+        self.cidx = self.cidx.to(torch.int32).contiguous()
+        self.cu = cu
+        self.mask = mask
+        half = v.dtype in (torch.float16, torch.bfloat16)
+        self.hdt = state_dtype(v.dtype)
+        self.c = dict(
+            BT=bt,
+            BD=_pow2(self.D),
+            BF=_pow2(self.F),
+            FUSED=fused,
+            HAS_MASK=mask is not None,
+            ACT=activation,
+            W_NATIVE=bool(fused and half and wq.dtype == q.dtype),
+            # fp32 inputs: exact fp32 products everywhere; half inputs: tf32 is exact for the
+            # map's bf16/fp16 operands
+            MAP_PREC="tf32" if half else "ieee",
+            # attention products: bf16 operands for bf16 (fp32 accumulation); fp16 runs them in
+            # tf32 (fp16 cannot hold e^30 exp features, states or do/den), fp32 in ieee fp32
+            PREC="ieee" if v.dtype == torch.float32 else "tf32",
+            DOT_DT=tl.bfloat16 if v.dtype == torch.bfloat16 else tl.float32,
+            # every block dimension exactly the tensor's: only row masks are needed
+            EVEN=_pow2(self.D) == self.D and _pow2(self.F) == self.F,
+        )
+        dummy = q
+        self.has_bq, self.has_bk = bq is not None, bk is not None
+        self.mask_ = mask if mask is not None else dummy
+
+    def consts(self, bv: int) -> dict:
+        c = dict(self.c, BV=bv)
+        c["EVEN"] = c["EVEN"] and self.DV % bv == 0
+        return c
+
+    def state_walk(self, x, w, b, u, den, cd, *, reverse: bool, store_h: bool):
+        """Run ``_state_kernel``; returns ``(h, hz, st, stz)`` (``h``/``hz`` None unless ``store_h``)."""
+        bv = min(_pow2(self.DV), _pow2(CONFIG["state_bv"]))
+        nv = triton.cdiv(self.DV, bv)
+        cps, ns = segments(self.N, self.HK, self.max_len, self.nhalf * nv)
+        f32 = torch.float32
+        if store_h:
+            h = _empty(self.nc, self.HK, self.FT, self.DV, device=self.dev, dtype=self.hdt)
+            hz = _empty(self.nc, self.HK, self.FT, device=self.dev, dtype=f32)
+        else:
+            h = hz = None
+        st = _empty(self.N, self.HK, ns, self.FT, self.DV, device=self.dev, dtype=f32)
+        stz = _empty(self.N, self.HK, ns, self.FT, device=self.dev, dtype=f32)
+        c = self.consts(bv)
+        dummy = x
+        K._state_kernel[(self.N * self.HK * ns, self.nhalf * nv)](
+            x, w if w is not None else dummy, b if b is not None else dummy, u,
+            den if den is not None else dummy, cd if cd is not None else dummy, self.mask_, self.cu, self.coff,
+            h if h is not None else dummy, hz if hz is not None else dummy, st, stz,
+            x.shape[2], self.HK, self.G if reverse else 1, self.D, self.F, self.FT, self.DV, cps, ns,
+            HAS_B=b is not None, REVERSE=reverse, STORE_H=store_h,
+            **{n: c[n] for n in _COMMON}, BV=bv, num_warps=CONFIG["state_warps"], num_stages=CONFIG["state_stages"],
+        )  # fmt: skip
+        return h, hz, st, stz, cps
+
+
+def fwd(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, *, activation, negation, causal, eps, fused, max_len, nc):
     """Forward launcher.
 
     Shapes: ``q [B, T, H, D]`` (or features ``[B, T, H, F]``), ``k [B, T, HK, D]``,
     ``v [B, T, HK, DV]``, ``cu [N + 1]`` int32 token offsets into the flattened ``B * T`` axis,
-    ``s0 [N, HK, FT, DV]`` / ``z0 [N, HK, FT]`` fp32 or None.
-    Returns ``(o, den, s_in, z_in, s_fin, z_fin, ns, cps)``: ``den [B*T, H]`` fp32 normalizers,
-    ``s_in [N, HK, NS, FT, DV]`` the state entering each segment (saved for the backward).
+    ``s0 [N, HK, FT, DV]`` / ``z0 [N, HK, FT]`` fp32 or None, ``nc`` = number of chunks.
+    Returns ``(o, den, h, hz, s_in, z_in, s_fin, z_fin)``: ``den [B*T, H]`` fp32 normalizers,
+    ``h [NC, HK, FT, DV]`` / ``hz`` the chunks' local states (empty when bidirectional),
+    ``s_in [N, HK, NS, FT, DV]`` / ``z_in`` the segments' entering states (saved for the backward).
     """
-    B, T, H, Dq = q.shape
-    HK, DV = k.shape[2], v.shape[3]
-    N = cu.numel() - 1
-    G = H // HK
-    if fused:
-        D, F = wq.shape[1], wq.shape[2]
-        FT = 2 * F if negation else F
-    else:
-        D, F = Dq, Dq
-        FT = F
-    dev = q.device
-    bt, cps, ns = _plan(cu, N, HK, max_len)
-    c = _consts(q, v, wq, bq, bk, mask, fused, activation, negation, F, D, DV)
-    bv = min(c["BV"], _pow2(CONFIG["fwd_bv"]))
-    nv = triton.cdiv(DV, bv)
-    c = dict(c, BV=bv, EVEN=c["EVEN"] and DV % bv == 0)
-    nw = _warps(c["BF"], c["BV"])
-    dummy = q
-    wq_, bq_, wk_, bk_ = (
-        (wq if fused else dummy),
-        (bq if bq is not None else dummy),
-        (wk if fused else dummy),
-        (bk if bk is not None else dummy),
-    )
-    mask_ = mask if mask is not None else dummy
-
+    P = _Plan(q, k, v, wq, bq, bk, mask, cu, activation=activation, negation=negation, fused=fused,
+              max_len=max_len, nc=nc)  # fmt: skip
+    dev = P.dev
     if s0 is None:
-        s0 = torch.zeros(N, HK, FT, DV, device=dev, dtype=torch.float32)
-        z0 = torch.zeros(N, HK, FT, device=dev, dtype=torch.float32)
-    need_local = (not causal) or ns > 1
-    if need_local:
-        sl = torch.zeros(N, HK, ns, FT, DV, device=dev, dtype=torch.float32)
-        zl = torch.zeros(N, HK, ns, FT, device=dev, dtype=torch.float32)
-        K._state_kernel[(ns, N * HK, nv)](
-            k, v, wk_, bk_, mask_, cu, sl, zl, HK, D, F, DV, cps, ns,
-            BT=bt, HAS_B=bk is not None,
-            **{x: c[x] for x in _COMMON},
-            num_warps=nw, num_stages=CONFIG["num_stages"],
-        )  # fmt: skip
-        if causal:
-            s_in = torch.cumsum(sl, 2) - sl + s0[:, :, None]
-            z_in = torch.cumsum(zl, 2) - zl + z0[:, :, None]
-        else:
-            s_fin = sl.sum(2) + s0
-            z_fin = zl.sum(2) + z0
-            s_in = s_fin[:, :, None].expand(N, HK, ns, FT, DV).clone()
-            z_in = z_fin[:, :, None].expand(N, HK, ns, FT).clone()
-    else:
-        # a copy: custom-op outputs may not alias inputs (s_in is saved for the backward)
-        s_in = s0[:, :, None].clone()
-        z_in = z0[:, :, None].clone()
-    o = _empty(B, T, H, DV, device=dev, dtype=v.dtype)
-    den = _empty(B * T, H, device=dev, dtype=torch.float32)
-    store_end = bool(causal)
-    if store_end:
-        se = _empty(N, HK, ns, FT, DV, device=dev, dtype=torch.float32)
-        ze = _empty(N, HK, ns, FT, device=dev, dtype=torch.float32)
-    else:
-        se, ze = dummy, dummy
-    K._fwd_kernel[(ns, N * HK, nv)](
-        q, k, v, wq_, bq_, wk_, bk_, mask_, cu, s_in, z_in, o, den, se, ze,
-        float(eps), H, HK, G, D, F, DV, cps, ns,
-        s_in.stride(0), s_in.stride(1), s_in.stride(2), z_in.stride(0), z_in.stride(1), z_in.stride(2),
-        BT=bt, HAS_BQ=bq is not None, HAS_BK=bk is not None, CAUSAL=bool(causal), STORE_END=store_end,
-        **{x: c[x] for x in _COMMON},
-        num_warps=nw, num_stages=CONFIG["num_stages"],
-    )  # fmt: skip
+        s0 = torch.zeros(P.N, P.HK, P.FT, P.DV, device=dev, dtype=torch.float32)
+        z0 = torch.zeros(P.N, P.HK, P.FT, device=dev, dtype=torch.float32)
+    h, hz, st, stz, cps = P.state_walk(
+        k, wk if fused else None, bk if fused else None, v, None, None, reverse=False, store_h=causal
+    )
+    s_fin = st.sum(2) + s0
+    z_fin = stz.sum(2) + z0
     if causal:
-        lens = (cu[1:] - cu[:-1]).long()
-        last = (torch.div(lens + bt * cps - 1, bt * cps, rounding_mode="floor") - 1).clamp(min=0)
-        idx = last.view(N, 1, 1, 1, 1).expand(N, HK, 1, FT, DV)
-        s_fin = torch.gather(se, 2, idx).squeeze(2)
-        z_fin = torch.gather(ze, 2, idx[..., 0]).squeeze(2)
-        empty = (lens == 0).view(N, 1, 1)
-        s_fin = torch.where(empty[..., None], s0, s_fin)
-        z_fin = torch.where(empty, z0, z_fin)
-    return o, den, s_in.contiguous(), z_in.contiguous(), s_fin, z_fin, ns, cps
+        s_in = torch.cumsum(st, 2) - st + s0[:, :, None]
+        z_in = torch.cumsum(stz, 2) - stz + z0[:, :, None]
+    else:
+        s_in, z_in = s_fin[:, :, None].clone(), z_fin[:, :, None].clone()  # outputs may not alias
+        h = q.new_empty(0, dtype=P.hdt)
+        hz = q.new_empty(0, dtype=torch.float32)
+    bv = min(_pow2(P.DV), _pow2(CONFIG["out_bv"]))
+    nv = triton.cdiv(P.DV, bv)
+    o = _empty(P.B, P.T, P.H, P.DV, device=dev, dtype=v.dtype)
+    den = _empty(P.B * P.T, P.H, device=dev, dtype=torch.float32)
+    c = P.consts(bv)
+    K._out_kernel[(P.nc, nv * P.H)](
+        q, k, v, wq if fused else q, bq if bq is not None else q, wk if fused else q, bk if bk is not None else q,
+        P.mask_, cu, P.cidx, h if causal else q, hz if causal else q, s_in, z_in, o, den, float(eps),
+        P.H, P.HK, P.G, P.D, P.F, P.FT, P.DV, cps, s_in.shape[2],
+        HAS_BQ=bq is not None, HAS_BK=bk is not None, CAUSAL=bool(causal), NEG=P.neg,
+        **{n: c[n] for n in _COMMON}, BV=bv, num_warps=CONFIG["out_warps"], num_stages=CONFIG["out_stages"],
+    )  # fmt: skip
+    return o, den, h, hz, s_in, z_in, s_fin, z_fin
 
 
 def bwd(
-    do, ds_fin, dz_fin, q, k, v, wq, bq, wk, bk, mask, cu, o, den, s_in, z_in,
-    *, activation, negation, causal, fused, max_len, need_ds0,
+    do, ds_fin, dz_fin, q, k, v, wq, bq, wk, bk, mask, cu, o, den, h, hz, s_in, z_in,
+    *, activation, negation, causal, fused, max_len, nc, need_ds0,
 ):  # fmt: skip
     """Backward launcher; returns ``(dq, dk, dv, dwq, dbq, dwk, dbk, ds0, dz0)`` (None where n/a)."""
-    B, T, H, Dq = q.shape
-    HK, DV = k.shape[2], v.shape[3]
-    N = cu.numel() - 1
-    G = H // HK
-    if fused:
-        D, F = wq.shape[1], wq.shape[2]
-        FT = 2 * F if negation else F
-    else:
-        D, F = Dq, Dq
-        FT = F
-    dev = q.device
-    bt, cps, ns = _plan(cu, N, HK, max_len)
-    c = _consts(q, v, wq, bq, bk, mask, fused, activation, negation, F, D, DV)
-    nw = _warps(c["BF"], c["BV"])
-    dummy = q
-    wq_, bq_, wk_, bk_ = (
-        (wq if fused else dummy),
-        (bq if bq is not None else dummy),
-        (wk if fused else dummy),
-        (bk if bk is not None else dummy),
-    )
-    mask_ = mask if mask is not None else dummy
+    P = _Plan(q, k, v, wq, bq, bk, mask, cu, activation=activation, negation=negation, fused=fused,
+              max_len=max_len, nc=nc)  # fmt: skip
+    dev, f32 = P.dev, torch.float32
     do = do.contiguous()
-    common = {
-        x: c[x]
-        for x in ("BD", "BF", "BV", "FUSED", "HAS_MASK", "ACT", "NEG", "W_NATIVE", "MAP_PREC", "PREC", "DOT_DT", "EVEN")
-    }
-
+    if mask is not None:  # padded queries output a constant 0: no gradient flows through them
+        do = do * mask.view(P.B, P.T, 1, 1).to(do.dtype)
+    cd = _empty(P.B * P.T, P.H, device=dev, dtype=f32)
+    K._delta_kernel[(triton.cdiv(P.B * P.T, 64), P.H)](
+        do, o, den, cd, P.B * P.T, P.H, P.DV, BT=64, BV=_pow2(P.DV), num_warps=4
+    )  # fmt: skip
     if ds_fin is None:
-        ds_fin = torch.zeros(N, HK, FT, DV, device=dev, dtype=torch.float32)
+        ds_fin = torch.zeros(P.N, P.HK, P.FT, P.DV, device=dev, dtype=f32)
     if dz_fin is None:
-        dz_fin = torch.zeros(N, HK, FT, device=dev, dtype=torch.float32)
-    need_local = (not causal) or ns > 1 or need_ds0
-    if need_local:
-        rl = torch.zeros(N, HK, ns, FT, DV, device=dev, dtype=torch.float32)
-        rzl = torch.zeros(N, HK, ns, FT, device=dev, dtype=torch.float32)
-        K._rstate_kernel[(ns, N * HK)](
-            q, wq_, bq_, do, o, den, mask_, cu, rl, rzl, H, HK, G, D, F, DV, cps, ns,
-            BT=bt, HAS_BQ=bq is not None, **common, num_warps=nw, num_stages=CONFIG["num_stages"],
-        )  # fmt: skip
-        tot = rl.sum(2) + ds_fin
-        ztot = rzl.sum(2) + dz_fin
-        if causal:
-            r_in = tot[:, :, None] - torch.cumsum(rl, 2)
-            rz_in = ztot[:, :, None] - torch.cumsum(rzl, 2)
-        else:
-            r_in = tot[:, :, None].expand(N, HK, ns, FT, DV)
-            rz_in = ztot[:, :, None].expand(N, HK, ns, FT)
+        dz_fin = torch.zeros(P.N, P.HK, P.FT, device=dev, dtype=f32)
+    dh, dhz, rt, rtz, cps_r = P.state_walk(
+        q, wq if fused else None, bq if fused else None, do, den, cd, reverse=True, store_h=causal
+    )
+    tot = rt.sum(2) + ds_fin
+    ztot = rtz.sum(2) + dz_fin
+    if causal:
+        # queries after each segment (+ the final-state gradient): reverse exclusive cumsum
+        r_in = tot[:, :, None] - torch.cumsum(rt, 2)
+        rz_in = ztot[:, :, None] - torch.cumsum(rtz, 2)
+        if cps_r != _fwd_cps(P):
+            raise RuntimeError("forward and backward state walks must use the same segments")
     else:
-        tot, ztot = None, None
-        r_in = ds_fin[:, :, None]
-        rz_in = dz_fin[:, :, None]
+        r_in, rz_in = tot[:, :, None].contiguous(), ztot[:, :, None].contiguous()
+        dh, dhz = h, hz
 
     dq = _empty(q.shape, device=dev, dtype=q.dtype)
-    dk = _empty(k.shape, device=dev, dtype=k.dtype)
-    dv = _empty(v.shape, device=dev, dtype=v.dtype)
+    # per query head (summed over the GQA group below); the KV tensors themselves when G == 1
+    kshape = (P.B, P.T, P.H, k.shape[3])
+    dk = _empty(kshape, device=dev, dtype=k.dtype if P.G == 1 else f32)
+    dv = _empty(P.B, P.T, P.H, P.DV, device=dev, dtype=v.dtype if P.G == 1 else f32)
+    nsplit = max(1, min(P.nc, triton.cdiv(int(CONFIG["bwd_programs"]), P.H)))
     if fused:
-        dwq = torch.zeros(N, ns, H, D, F, device=dev, dtype=torch.float32)
-        dbq = torch.zeros(N, ns, H, F, device=dev, dtype=torch.float32)
-        dwk = torch.zeros(N, ns, HK, D, F, device=dev, dtype=torch.float32)
-        dbk = torch.zeros(N, ns, HK, F, device=dev, dtype=torch.float32)
+        dwq = _empty(nsplit, P.H, P.D, P.F, device=dev, dtype=f32)
+        dbq = _empty(nsplit, P.H, P.F, device=dev, dtype=f32)
+        dwk = _empty(nsplit, P.H, P.D, P.F, device=dev, dtype=f32)
+        dbk = _empty(nsplit, P.H, P.F, device=dev, dtype=f32)
     else:
-        dwq = dbq = dwk = dbk = dummy
-    K._bwd_dq_kernel[(ns, N * H)](
-        q, k, v, wq_, bq_, wk_, bk_, mask_, cu, s_in, z_in, do, o, den, dq, dwq, dbq,
-        H, HK, G, D, F, DV, cps, ns,
-        s_in.stride(0), s_in.stride(1), s_in.stride(2), z_in.stride(0), z_in.stride(1), z_in.stride(2),
-        BT=bt, HAS_BQ=bq is not None, HAS_BK=bk is not None, CAUSAL=bool(causal),
-        **common, num_warps=nw, num_stages=CONFIG["num_stages"],
-    )  # fmt: skip
-    K._bwd_dkv_kernel[(ns, N * HK)](
-        q, k, v, wq_, bq_, wk_, bk_, mask_, cu, r_in, rz_in, do, o, den, dk, dv, dwk, dbk,
-        H, HK, G, D, F, DV, cps, ns,
-        r_in.stride(0), r_in.stride(1), r_in.stride(2), rz_in.stride(0), rz_in.stride(1), rz_in.stride(2),
-        BT=bt, HAS_BQ=bq is not None, HAS_BK=bk is not None, CAUSAL=bool(causal),
-        **common, num_warps=nw, num_stages=CONFIG["num_stages"],
-    )  # fmt: skip
+        dwq = dbq = dwk = dbk = q
+    c = P.consts(_pow2(P.DV))
+    cps = _fwd_cps(P)
+    wq_, bq_ = (wq if fused else q), (bq if bq is not None else q)
+    wk_, bk_ = (wk if fused else q), (bk if bk is not None else q)
+    for kv_side, states, dx, dw, db in (
+        (False, (h, hz, s_in, z_in), dq, dwq, dbq),
+        (True, (dh, dhz, r_in, rz_in), dk, dwk, dbk),
+    ):
+        hh, hhz, si, zi = states
+        K._bwd_kernel[(nsplit, P.H)](
+            q, k, v, wq_, bq_, wk_, bk_, P.mask_, cu, P.cidx,
+            hh if causal else q, hhz if causal else q, si, zi, do, den, cd, dx, dv, dw, db,
+            P.nc, nsplit, P.H, P.HK, P.G, P.D, P.F, P.FT, P.DV, cps, si.shape[2],
+            KV_SIDE=kv_side, HAS_BQ=bq is not None, HAS_BK=bk is not None, CAUSAL=bool(causal), NEG=P.neg,
+            **{n: c[n] for n in _COMMON}, BV=_pow2(P.DV), num_warps=CONFIG["bwd_warps"],
+            num_stages=CONFIG["bwd_stages"],
+        )  # fmt: skip
+    if P.G > 1:
+        dk = dk.view(P.B, P.T, P.HK, P.G, -1).sum(3).to(k.dtype)
+        dv = dv.view(P.B, P.T, P.HK, P.G, -1).sum(3).to(v.dtype)
     ds0 = dz0 = None
     if need_ds0:
         ds0, dz0 = tot, ztot
     if fused:
-        dwq_, dwk_ = dwq.sum((0, 1)).to(wq.dtype), dwk.sum((0, 1)).to(wk.dtype)
-        dbq_ = dbq.sum((0, 1)).to(bq.dtype) if bq is not None else None
-        dbk_ = dbk.sum((0, 1)).to(bk.dtype) if bk is not None else None
+        dwq_, dwk_ = dwq.sum(0).to(wq.dtype), dwk.sum(0).view(P.HK, P.G, P.D, P.F).sum(1).to(wk.dtype)
+        dbq_ = dbq.sum(0).to(bq.dtype) if bq is not None else None
+        dbk_ = dbk.sum(0).view(P.HK, P.G, P.F).sum(1).to(bk.dtype) if bk is not None else None
     else:
         dwq_ = dbq_ = dwk_ = dbk_ = None
     return dq, dk, dv, dwq_, dbq_, dwk_, dbk_, ds0, dz0
+
+
+def _fwd_cps(P: _Plan) -> int:
+    """Chunks per segment of the forward state walk (the backward reads its segment states)."""
+    bv = min(_pow2(P.DV), _pow2(CONFIG["state_bv"]))
+    return segments(P.N, P.HK, P.max_len, P.nhalf * triton.cdiv(P.DV, bv))[0]
 
 
 def decode(q, k, v, wq, bq, wk, bk, s, z, *, activation, negation, eps):
