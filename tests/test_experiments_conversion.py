@@ -82,3 +82,136 @@ def test_pretrained_conversion_smoke(tmp_path):
     md = (out / "pretrained_conversion.md").read_text()
     assert "softmax (original)" in md and "finetune tokens" in md
     _check_snapshots(out / "attention_maps.npz", {"hedgehog", "1+elu"}, causal=True)
+
+
+def _tiny_bert_folder(path: Path) -> list[str]:
+    """A random 1-layer BertModel + a word-level tokenizer saved like all-MiniLM-L6-v2; returns its words."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    words = [f"w{i}" for i in range(40)]
+    path.mkdir(parents=True)
+    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    # from_pretrained, not BertTokenizerFast(vocab_file=...): in transformers 5 the latter maps every word to [UNK].
+    BertTokenizerFast.from_pretrained(path).save_pretrained(path)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=45, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    BertModel(cfg).save_pretrained(path)
+    return words
+
+
+def test_finetuned_conversion_pack_roundtrip(tmp_path):
+    """--pack keeps only the used embedding rows (float16); the rebuilt model gives the original's
+    outputs on the packed data, and a token outside the kept rows is refused."""
+    import torch
+    from transformers import AutoModel
+
+    from hedgehog_attention.experiments.common import load_config
+    from hedgehog_attention.experiments.finetuned_conversion import (
+        FinetunedConversionConfig,
+        check_token_ids,
+        load_model_and_data,
+        make_batches,
+        pack,
+    )
+
+    words = _tiny_bert_folder(tmp_path / "bert")
+    train = [(" ".join(words[i : i + 5]), i % 2) for i in range(0, 20)]
+    test = [("w3 w4 w21 w22", 1)]
+    cfg = load_config(
+        FinetunedConversionConfig,
+        CONFIGS / "finetuned_conversion_gpu.yaml",
+        ["data.max_length=16", "device=cpu"],
+    )
+    info = pack(cfg, tmp_path / "carry", rows=(train, test), source=tmp_path / "bert")
+    used = {f"w{i}" for i in range(0, 24)}  # train covers w0..w23, test adds w21, w22
+    assert info["kept_token_ids"] == len(used) + 5  # + the special tokens
+    cfg2 = load_config(
+        FinetunedConversionConfig,
+        CONFIGS / "finetuned_conversion_gpu.yaml",
+        [f"model.path={tmp_path / 'carry' / 'minilm'}", f"data.path={tmp_path / 'carry' / 'fine_food.json.gz'}",
+         "data.max_length=16", "device=cpu"],
+    )  # fmt: skip
+    model, tok, tr, te = load_model_and_data(cfg2)
+    assert tr == train and te == test
+    batches = make_batches(tr + te, tok, cfg2)
+    check_token_ids(batches, cfg2.model.path)
+    ref = AutoModel.from_pretrained(tmp_path / "bert", attn_implementation="eager").eval()
+    model.eval()
+    b = {k: v for k, v in batches[0].items() if k != "labels"}
+    with torch.no_grad():
+        got = model.bert(**b).last_hidden_state
+        want = ref(**b).last_hidden_state
+    torch.testing.assert_close(got, want, atol=5e-3, rtol=5e-3)  # float16 storage
+    emb = model.bert.embeddings.word_embeddings.weight
+    unused = tok.convert_tokens_to_ids("w39")
+    assert float(emb[unused].detach().abs().max()) == 0.0
+    bad = [{"input_ids": torch.tensor([[2, unused, 3]])}]
+    with pytest.raises(ValueError, match="no embedding row"):
+        check_token_ids(bad, cfg2.model.path)
+
+
+def test_finetuned_conversion_halves_merge(tmp_path):
+    """Two runs sharing one teacher (teacher_path), each with --only, merge into one report in
+    config order; --only with an unknown name fails with exit code 2."""
+    base = ["--config", str(CONFIGS / "finetuned_conversion_smoke.yaml"),
+            "--set", f"teacher_path={tmp_path / 'teacher.pt'}", "--set", "teacher.epochs=1",
+            "--set", "convert.distill_steps=2", "--set", "data.synthetic_size=64",
+            "--set", "convert.backend=reference"]  # fmt: skip
+    assert fc_main([*base, "--out", str(tmp_path / "a"), "--only", "hedgehog,t2r"]) == 0
+    assert (tmp_path / "teacher.pt").is_file()
+    assert fc_main([*base, "--out", str(tmp_path / "b"), "--only", "1+elu"]) == 0
+    ra = json.loads((tmp_path / "a" / "results.json").read_text())["results"]
+    rb = json.loads((tmp_path / "b" / "results.json").read_text())["results"]
+    assert ra["teacher"]["test_accuracy"] == rb["teacher"]["test_accuracy"]  # the loaded teacher
+    assert fc_main([*base, "--out", str(tmp_path / "m"), "--merge", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    merged = json.loads((tmp_path / "m" / "results.json").read_text())["results"]
+    assert [m["method"] for m in merged["methods"]] == ["t2r", "hedgehog", "1+elu"]  # config order
+    snaps, _ = load_snapshots(tmp_path / "m" / "attention_maps.npz")
+    assert set(snaps) == {"t2r", "hedgehog", "1+elu"}
+    assert "| 1+elu | no |" in (tmp_path / "m" / "finetuned_conversion.md").read_text()
+    # Merging the same half twice is refused (a method would be counted twice).
+    with pytest.raises(ValueError, match="more than one run"):
+        fc_main([*base, "--out", str(tmp_path / "x"), "--merge", str(tmp_path / "a"), str(tmp_path / "a")])
+    assert fc_main([*base, "--out", str(tmp_path / "c"), "--only", "nope"]) == 2
+
+
+def test_pretrained_conversion_tokens_halves_softmax_baseline(tmp_path):
+    """--prepare-data writes the blocks the run uses (a random train subset); data.source=tokens
+    reads them back; halves (--only) merge; the softmax-ft baseline finetunes the unconverted model."""
+    import torch
+
+    from hedgehog_attention.experiments.common import load_config
+    from hedgehog_attention.experiments.pretrained_conversion import PretrainedConversionConfig, load_model_and_blocks
+
+    cfg_path = str(CONFIGS / "pretrained_conversion_smoke.yaml")
+    npz = tmp_path / "tokens.npz"
+    assert pc_main(["--config", cfg_path, "--set", "data.max_train_blocks=12", "--prepare-data", str(npz)]) == 0
+    full = load_model_and_blocks(load_config(PretrainedConversionConfig, cfg_path))[2]
+    with np.load(npz) as z:
+        assert z["train"].dtype == np.uint16 and z["train"].shape == (12, 32)
+        np.testing.assert_array_equal(z["test"], full["test"].numpy())
+        train = torch.from_numpy(z["train"].astype(np.int64))
+    # Every packed training block is one of the corpus's blocks, and they are not just the first 12.
+    rows = {tuple(r) for r in full["train"].tolist()}
+    assert all(tuple(r) in rows for r in train.tolist())
+    assert not torch.equal(train, full["train"][:12])
+    base = ["--config", cfg_path, "--set", "data.source=tokens", "--set", f"data.path={npz}",
+            "--set", "stages.distill_steps=2", "--set", "stages.finetune_steps=12", "--set", "backend=reference",
+            "--set", "map_tokens=8",
+            "--set", "methods=[{name: hedgehog, feature_map: hedgehog, distill: true}, {name: t2r, feature_map: t2r}, "
+            "{name: softmax-ft, feature_map: softmax}]"]  # fmt: skip
+    assert pc_main([*base, "--out", str(tmp_path / "a"), "--only", "hedgehog"]) == 0
+    assert pc_main([*base, "--out", str(tmp_path / "b"), "--only", "softmax-ft,t2r"]) == 0
+    assert pc_main([*base, "--out", str(tmp_path / "m"), "--merge", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    res = json.loads((tmp_path / "m" / "results.json").read_text())["results"]
+    assert [m["method"] for m in res["methods"]] == ["hedgehog", "t2r", "softmax-ft"]
+    sm = res["methods"][2]
+    assert sm["test_ppl"] < res["original_test_ppl"] and sm["distill_tokens"] == 0  # finetuning helps
+    assert "ppl_after_swap" not in sm
+    snaps, meta = load_snapshots(tmp_path / "m" / "attention_maps.npz")
+    assert set(snaps) == {"hedgehog", "t2r"} and len(meta["tokens"]) == 8  # map_tokens crops the sample
+    assert snaps["hedgehog"]["linear"].shape[-1] == 8
+    assert "| softmax-ft | no |" in (tmp_path / "m" / "pretrained_conversion.md").read_text()
+    bad = [*base, "--set", "methods=[{name: s, feature_map: softmax, distill: true}]", "--out", str(tmp_path / "z")]
+    assert pc_main(bad) == 2

@@ -13,18 +13,35 @@
 
 ``model.source: tiny`` with ``data.source: synthetic`` is a CPU smoke size (a random 2-layer BERT).
 
+For a machine without the assets (the GPU machine), ``--pack DIR`` writes what the run needs into
+one folder: the fine-food rows (``fine_food.json.gz``, read through ``data.path``) and a compact
+MiniLM (``minilm/``, read through ``model.path``): every weight in float16, and of the word
+embeddings only the rows of tokens that occur in the packed data (10,302 of 30,522 at 128
+tokens), ~31 MB instead of 91 MB. The loader rebuilds a float32 copy (in a temporary folder) with
+the other rows zero, which changes nothing for that data (those rows are never read), and it checks
+that every token id of the run is among the kept rows.
+
+Several processes can share one teacher (``teacher_path``: loaded when the file exists, else
+trained and saved there) and each run a subset of ``methods``; ``--merge DIR ...`` then renders one
+report from their outputs. ``max_seconds`` stops starting new methods once that much time has
+passed (results are saved after every method).
+
 Usage::
 
     hedgehog finetuned-conversion --config configs/finetuned_conversion.yaml --device cuda
     hedgehog finetuned-conversion --config configs/finetuned_conversion_smoke.yaml
+    hedgehog finetuned-conversion --config configs/finetuned_conversion.yaml --pack .carry/fc
+    hedgehog finetuned-conversion --config CFG --out runs/fc --merge runs/fc_a runs/fc_b
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gzip
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,9 +67,11 @@ log = logging.getLogger("hedgehog_attention.experiments.finetuned_conversion")
 @dataclass
 class FCData:
     """source: fine_food (offline, 4000 train / 1000 test) or synthetic (smoke). dev_fraction: share
-    of train held out for early stopping. max_train / max_test: caps (None = all)."""
+    of train held out for early stopping. max_train / max_test: caps (None = all). path: a
+    ``fine_food.json.gz`` written by ``--pack`` to read instead of the assets folder."""
 
     source: Literal["fine_food", "synthetic"] = "fine_food"
+    path: str | None = None
     max_length: int = 128
     dev_fraction: float = 0.1
     batch_size: int = 32
@@ -64,8 +83,8 @@ class FCData:
 @dataclass
 class FCModel:
     """source: minilm (all-MiniLM-L6-v2) or tiny (random BertConfig of the given size; smoke).
-    path: a local HF folder to load instead of the installed package (e.g. a copy carried to a GPU
-    machine that has no assets)."""
+    path: a local HF folder to load instead of the installed package (e.g. the compact copy that
+    ``--pack`` writes, carried to a GPU machine that has no assets)."""
 
     source: Literal["minilm", "tiny"] = "minilm"
     path: str | None = None
@@ -104,6 +123,7 @@ class FCConvert:
     finetune_epochs: int = 2
     finetune_lr: float = 1e-5
     finetune_weight_decay: float = 0.0
+    backend: str = "auto"  # linear-attention op backend (ops.BACKENDS); "reference" = quadratic, exact
 
 
 @dataclass
@@ -118,12 +138,17 @@ class FinetunedConversionConfig:
     out_dir: str = "runs/finetuned_conversion"
     map_layers: list[int] = field(default_factory=lambda: [0])
     map_heads: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    teacher_path: str | None = None
+    max_seconds: float | None = None
 
     def __post_init__(self) -> None:
         from ..feature_maps import available_feature_maps
 
         if not self.methods:
             raise ValueError("methods is empty")
+        names = [m.name for m in self.methods]
+        if len(set(names)) != len(names):
+            raise ValueError(f"method names must be unique, got {names}")
         for m in self.methods:
             if m.feature_map not in available_feature_maps():
                 raise ValueError(f"method {m.name}: unknown feature_map {m.feature_map!r}")
@@ -159,6 +184,8 @@ def load_model_and_data(cfg: FinetunedConversionConfig):
         from ..models_zoo import minilm_path
 
         path = Path(cfg.model.path) if cfg.model.path else minilm_path()
+        if (path / COMPACT_WEIGHTS).is_file():
+            path = unpack_compact_weights(path)
         model = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=2, attn_implementation="eager", local_files_only=True
         )
@@ -176,7 +203,12 @@ def load_model_and_data(cfg: FinetunedConversionConfig):
             attn_implementation="eager",
         )
         model, tok = BertForSequenceClassification(bc), None
-    if cfg.data.source == "fine_food":
+    if cfg.data.source == "fine_food" and cfg.data.path:
+        with gzip.open(cfg.data.path, "rt", encoding="utf-8") as f:
+            packed = json.load(f)
+        train_rows = [(str(t), int(y)) for t, y in packed["train"]]
+        test_rows = [(str(t), int(y)) for t, y in packed["test"]]
+    elif cfg.data.source == "fine_food":
         from ..tasks.corpora import load_fine_food
 
         train_rows, test_rows = load_fine_food()
@@ -191,6 +223,116 @@ def load_model_and_data(cfg: FinetunedConversionConfig):
     if cfg.data.max_test is not None:
         test_rows = test_rows[: cfg.data.max_test]
     return model, tok, list(train_rows), list(test_rows)
+
+
+# ----------------------------------------------------------------------------- packing for a GPU
+COMPACT_WEIGHTS = "compact.safetensors"
+_EMB = "embeddings.word_embeddings.weight"
+_KEPT = "__kept_token_ids"
+_MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+
+
+def _used_token_ids(tok, rows, max_length: int) -> list[int]:
+    ids = set(tok.all_special_ids)
+    enc = tok([r[0] for r in rows], truncation=True, max_length=max_length)
+    for seq in enc["input_ids"]:
+        ids.update(seq)
+    return sorted(ids)
+
+
+def pack(
+    cfg: FinetunedConversionConfig,
+    dest: Path,
+    rows: tuple[list[tuple[str, int]], list[tuple[str, int]]] | None = None,
+    source: Path | None = None,
+) -> dict[str, Any]:
+    """Write ``dest/fine_food.json.gz`` and ``dest/minilm/`` (compact float16 weights, see the module
+    docstring) for a machine without assets. ``rows``: ``(train, test)`` to pack instead of the
+    installed fine-food data; ``source``: a BERT folder to pack instead of the installed MiniLM
+    (``model.path`` is where the packed copy will be read from, so it is not the source).
+    Returns sizes and counts."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    from ..models_zoo import minilm_path
+
+    src = Path(source) if source is not None else minilm_path()
+    if rows is None:
+        from ..tasks.corpora import load_fine_food
+
+        rows = load_fine_food()
+    train_rows, test_rows = (list(r) for r in rows)
+    dest.mkdir(parents=True, exist_ok=True)
+    food = dest / "fine_food.json.gz"
+    with gzip.open(food, "wt", encoding="utf-8") as f:
+        json.dump({"train": train_rows, "test": test_rows}, f)
+    tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
+    kept = _used_token_ids(tok, train_rows + test_rows, cfg.data.max_length)
+    state = load_file(str(src / "model.safetensors"))
+    if _EMB not in state:
+        raise KeyError(f"{src / 'model.safetensors'} has no {_EMB!r}; keys: {sorted(state)[:5]}...")
+    for name, t in state.items():
+        if t.is_floating_point() and float(t.abs().max()) > 6e4:
+            raise ValueError(f"{name} exceeds the float16 range; cannot pack it")
+    compact = {k: (v.half() if v.is_floating_point() else v) for k, v in state.items() if k != _EMB}
+    compact[_EMB] = state[_EMB][kept].half()
+    compact[_KEPT] = torch.tensor(kept, dtype=torch.int64)
+    compact[_EMB + ".__vocab_size"] = torch.tensor([state[_EMB].shape[0]], dtype=torch.int64)
+    mdir = dest / "minilm"
+    mdir.mkdir(exist_ok=True)
+    save_file({k: v.contiguous() for k, v in compact.items()}, str(mdir / COMPACT_WEIGHTS))
+    for name in _MODEL_FILES:
+        if (src / name).is_file():
+            shutil.copy(src / name, mdir / name)
+    sizes = {p.name: p.stat().st_size for p in [food, mdir / COMPACT_WEIGHTS]}
+    return {"kept_token_ids": len(kept), "vocab_size": int(state[_EMB].shape[0]), "bytes": sizes}
+
+
+def unpack_compact_weights(path: Path) -> Path:
+    """Rebuild a float32 copy of the compact folder that :func:`pack` wrote (unused embedding rows
+    zero) in a temporary folder keyed by the compact file's size and mtime, so the carried folder
+    stays small; returns that folder (built once)."""
+    import tempfile
+
+    from safetensors.torch import load_file, save_file
+
+    st = (path / COMPACT_WEIGHTS).stat()
+    out = Path(tempfile.gettempdir()) / f"hedgehog_minilm_{st.st_size}_{int(st.st_mtime)}"
+    if (out / "model.safetensors").is_file():
+        return out
+    compact = load_file(str(path / COMPACT_WEIGHTS))
+    kept = compact.pop(_KEPT)
+    vocab = int(compact.pop(_EMB + ".__vocab_size")[0])
+    rows = compact.pop(_EMB).float()
+    emb = torch.zeros(vocab, rows.shape[1])
+    emb[kept] = rows
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in compact.items()}
+    state[_EMB] = emb
+    out.mkdir(parents=True, exist_ok=True)
+    for name in _MODEL_FILES:
+        if (path / name).is_file():
+            shutil.copy(path / name, out / name)
+    tmp = out / "model.safetensors.tmp"
+    save_file(state, str(tmp))
+    tmp.replace(out / "model.safetensors")  # atomic: a parallel process never loads half a file
+    return out
+
+
+def check_token_ids(batches, model_path: str | None) -> None:
+    """With compact weights, every token id of the run must have a kept embedding row."""
+    if not model_path or not (Path(model_path) / COMPACT_WEIGHTS).is_file():
+        return
+    from safetensors import safe_open
+
+    with safe_open(str(Path(model_path) / COMPACT_WEIGHTS), "pt") as f:
+        kept = set(f.get_tensor(_KEPT).tolist())
+    used = set(torch.cat([b["input_ids"].flatten() for b in batches]).tolist())
+    missing = sorted(used - kept)
+    if missing:
+        raise ValueError(
+            f"{len(missing)} token ids of this run have no embedding row in the compact weights of {model_path} "
+            f"(e.g. {missing[:5]}); re-run --pack with this config's data.max_length"
+        )
 
 
 def make_batches(rows, tok, cfg: FinetunedConversionConfig) -> list[dict[str, torch.Tensor]]:
@@ -256,7 +398,12 @@ def convert_one(teacher, method: FCMethod, train_b, dev_b, test_b, sample, cfg: 
     t0 = time.perf_counter()
     model = copy.deepcopy(teacher)
     linearize(
-        model, LinearizeConfig(feature_map=method.feature_map, feature_map_kwargs=dict(method.feature_map_kwargs))
+        model,
+        LinearizeConfig(
+            feature_map=method.feature_map,
+            feature_map_kwargs=dict(method.feature_map_kwargs),
+            backend=cfg.convert.backend,
+        ),
     )
     res: dict[str, Any] = {"method": method.name, "feature_map": method.feature_map, "distill": method.distill}
     if method.distill:
@@ -290,10 +437,10 @@ def convert_one(teacher, method: FCMethod, train_b, dev_b, test_b, sample, cfg: 
     _, res["test_accuracy"] = evaluate_loss(model, test_b, "classification")
     res["seconds"] = time.perf_counter() - t0
     maps = snapshot(model, sample, cfg.map_layers, cfg.map_heads)
+    # The softmax panels show the teacher: the weights and q.k of the original projections, taken
+    # before finetuning moves them.
     maps["softmax"] = maps_before["softmax"]
-    maps["softmax_dots"] = maps_before[
-        "dots"
-    ]  # the teacher's q.k, matching its weights  # the teacher's weights (original projections)
+    maps["softmax_dots"] = maps_before["dots"]
     return res | {"_maps": maps}
 
 
@@ -341,7 +488,8 @@ def render(cfg: FinetunedConversionConfig, results: dict, env: dict, command: st
             f"(dev {100 * results['teacher']['best_dev_accuracy']:.1f}%).",
             f"Conversion: linearize every attention; Eq. 3 distillation (lr {cfg.convert.distill_lr}, <= "
             f"{cfg.convert.distill_steps} steps, early stopping on dev) where marked; then "
-            f"{cfg.convert.finetune_epochs} epochs of full finetuning at lr {cfg.convert.finetune_lr}. Fidelity "
+            f"{cfg.convert.finetune_epochs} epochs of full finetuning at lr {cfg.convert.finetune_lr} "
+            f"(linear-attention backend: {cfg.convert.backend}). Fidelity "
             f"columns (mean over layers and heads, 2 dev batches, before finetuning): softmax entropy {ent_sm:.2f}.",
             "",
             table,
@@ -349,11 +497,28 @@ def render(cfg: FinetunedConversionConfig, results: dict, env: dict, command: st
             "% of teacher = test accuracy / teacher test accuracy (paper, BERT on GLUE: Hedgehog 99.3%, "
             "T2R-HH 93.5%, T2R 88.9%).",
             "",
+        ]
+        + (
+            [f"Not run (max_seconds reached): {', '.join(results['skipped_for_time'])}.", ""]
+            if results.get("skipped_for_time")
+            else []
+        )
+        + [
             "![monotonicity](monotonicity.png)",
             "",
         ]
         + [f"![maps layer {la}](attention_maps_layer{la}.png)" for la in cfg.map_layers]
     )
+
+
+def select_methods(methods: list, names: str) -> list:
+    """The methods named in ``names`` (comma-separated), in config order; unknown names raise."""
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    known = [m.name for m in methods]
+    unknown = [n for n in wanted if n not in known]
+    if unknown or not wanted:
+        raise ValueError(f"--only {names!r}: unknown or no method names {unknown}; the config has {known}")
+    return [m for m in methods if m.name in wanted]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -362,10 +527,79 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], help="override KEY=VALUE")
     p.add_argument("--device", help="cpu | cuda | auto")
     p.add_argument("--out", help="output folder")
+    p.add_argument("--only", metavar="NAMES", help="run only these methods (comma-separated names from the config)")
     p.add_argument(
         "--report-only", action="store_true", help="render the table from <out>/results.json (e.g. of a partial run)"
     )
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="DIR",
+        help="combine the outputs of runs that shared one teacher (teacher_path) into <out>, then render",
+    )
+    p.add_argument("--pack", metavar="DIR", help="write the data + compact MiniLM for a machine without assets, exit")
     return p
+
+
+def _sort_methods(cfg: FinetunedConversionConfig, methods: list[dict]) -> list[dict]:
+    order = {m.name: i for i, m in enumerate(cfg.methods)}
+    return sorted(methods, key=lambda r: order.get(r["method"], len(order)))
+
+
+def merge_runs(cfg: FinetunedConversionConfig, dirs: list[Path], out: Path) -> tuple[dict, dict, dict, dict]:
+    """Combine ``results.json`` + ``attention_maps.npz`` of runs that shared one teacher.
+
+    Raises ``ValueError`` when their teachers differ (test accuracy by more than 0.5 points) or a
+    method appears twice.
+    """
+    from .attention_maps import load_snapshots
+
+    results: dict[str, Any] | None = None
+    env: dict = {}
+    snaps: dict = {}
+    meta: dict = {}
+    skipped: list[str] = []
+    for d in dirs:
+        path = d / "results.json"
+        if not path.is_file():
+            log.warning("merge: %s has no results.json (run did not finish a method); skipped", d)
+            continue
+        saved = json.loads(path.read_text())
+        r = saved["results"]
+        if results is None:
+            results, env = copy.deepcopy(r), saved["environment"]
+            results["methods"] = []
+        elif abs(r["teacher"]["test_accuracy"] - results["teacher"]["test_accuracy"]) > 0.005:
+            # The same weights scored on another GPU may flip a borderline review or two, no more.
+            raise ValueError(
+                f"merge: {d} has another teacher (test accuracy {r['teacher']['test_accuracy']} vs "
+                f"{results['teacher']['test_accuracy']}); share one with teacher_path"
+            )
+        skipped.extend(r.get("skipped_for_time", []))
+        for m in r["methods"]:
+            if any(x["method"] == m["method"] for x in results["methods"]):
+                raise ValueError(f"merge: method {m['method']!r} appears in more than one run")
+            results["methods"].append(m)
+        if (d / "attention_maps.npz").is_file():
+            s, meta = load_snapshots(d / "attention_maps.npz")
+            snaps.update(s)
+    if results is None:
+        raise FileNotFoundError(f"merge: none of {[str(d) for d in dirs]} has a results.json")
+    results["methods"] = _sort_methods(cfg, results["methods"])
+    order = [r["method"] for r in results["methods"]]
+    results["skipped_for_time"] = [m for m in dict.fromkeys(skipped) if m not in order]
+    snaps = {m: snaps[m] for m in order if m in snaps}
+    save_json({"config": config_to_dict(cfg), "environment": env, "results": results}, out / "results.json")
+    if snaps:
+        save_snapshots(snaps, meta, out / "attention_maps.npz")
+    return results, env, snaps, meta
+
+
+def _write_figures(snaps: dict, meta: dict, out: Path) -> None:
+    if not snaps:
+        return
+    plot_heatmaps(snaps, meta, out, "finetuned conversion")
+    plot_monotonicity(snaps, meta, out / "monotonicity.png", "finetuned conversion")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -373,18 +607,33 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         cfg = load_config_from_cli(FinetunedConversionConfig, args, {"device": "device", "out": "out_dir"})
-    except ConfigError as err:
+        if args.only:
+            cfg.methods = select_methods(cfg.methods, args.only)
+    except (ConfigError, ValueError) as err:
         log.error("%s", err)
         return 2
+    if args.pack:
+        info = pack(cfg, Path(args.pack))
+        log.info("packed into %s: %s", args.pack, info)
+        print(json.dumps(info))
+        return 0
     out = Path(cfg.out_dir)
     run_args = [a for a in (argv if argv is not None else []) if a != "--report-only"]
     command = ("hedgehog finetuned-conversion " + " ".join(run_args)).strip()
+    if args.merge:
+        results, env, snaps, meta = merge_runs(cfg, [Path(d) for d in args.merge], out)
+        _write_figures(snaps, meta, out)
+        md = render(cfg, results, env, command)
+        (out / "finetuned_conversion.md").write_text(md)
+        print(md)
+        return 0
     if args.report_only:
         saved = json.loads((out / "results.json").read_text())
         md = render(cfg, saved["results"], saved["environment"], command)
         (out / "finetuned_conversion.md").write_text(md)
         print(md)
         return 0
+    t_start = time.perf_counter()
     device = pick_device(cfg.device)
     env = environment_info(device)
     model, tok, train_rows, test_rows = load_model_and_data(cfg)
@@ -394,11 +643,24 @@ def main(argv: list[str] | None = None) -> int:
     dev_rows = [train_rows[i] for i in perm[:n_dev]]
     train_rows = [train_rows[i] for i in perm[n_dev:]]
     train_b, dev_b, test_b = (make_batches(r, tok, cfg) for r in (train_rows, dev_rows, test_rows))
+    check_token_ids(train_b + dev_b + test_b, cfg.model.path if cfg.model.source == "minilm" else None)
     sample = {k: v[:1] for k, v in test_b[0].items()}
     model.to(device)
-    teacher, thist = train_teacher(model, train_b, dev_b, cfg)
     from ..convert.finetune import evaluate_loss
 
+    tpath = Path(cfg.teacher_path) if cfg.teacher_path else None
+    if tpath is not None and tpath.is_file():
+        saved_t = torch.load(tpath, map_location=device, weights_only=True)
+        model.load_state_dict(saved_t["state_dict"])
+        teacher, thist = model, saved_t["history"]
+        log.info("teacher loaded from %s", tpath)
+    else:
+        teacher, thist = train_teacher(model, train_b, dev_b, cfg)
+        if tpath is not None:
+            tpath.parent.mkdir(parents=True, exist_ok=True)
+            tmp = tpath.with_suffix(tpath.suffix + ".tmp")
+            torch.save({"state_dict": teacher.state_dict(), "history": thist}, tmp)
+            tmp.replace(tpath)  # atomic: a process waiting for the file never reads half of it
     _, t_acc = evaluate_loss(teacher, test_b, "classification")
     log.info("teacher test accuracy %.4f", t_acc)
     results: dict[str, Any] = {
@@ -407,22 +669,29 @@ def main(argv: list[str] | None = None) -> int:
         "model": f"{cfg.model.source}, {sum(p.numel() for p in teacher.parameters()):,} parameters",
         "teacher": {"test_accuracy": t_acc, **thist},
         "methods": [],
+        "skipped_for_time": [],
     }
+    ids = sample["input_ids"][0][sample["attention_mask"][0].bool()].tolist()
+    tokens = tok.convert_ids_to_tokens(ids) if tok is not None else [str(i) for i in ids]
+    meta = {"layers": cfg.map_layers, "heads": cfg.map_heads, "tokens": tokens}
     snaps = {}
+    save_json({"config": config_to_dict(cfg), "environment": env, "results": results}, out / "results.json")
     for m in cfg.methods:
+        if cfg.max_seconds is not None and time.perf_counter() - t_start > cfg.max_seconds:
+            results["skipped_for_time"].append(m.name)
+            log.warning("max_seconds=%s passed: %s not run", cfg.max_seconds, m.name)
+            continue
         r = convert_one(teacher, m, train_b, dev_b, test_b, sample, cfg)
         snaps[m.name] = r.pop("_maps")
         results["methods"].append(r)
         log.info(
             "%s: test accuracy %.4f (%.1f%% of teacher)", m.name, r["test_accuracy"], 100 * r["test_accuracy"] / t_acc
         )
+        # Saved after every method, so a run cut short still leaves a report (--report-only / --merge).
         save_json({"config": config_to_dict(cfg), "environment": env, "results": results}, out / "results.json")
-    ids = sample["input_ids"][0][sample["attention_mask"][0].bool()].tolist()
-    tokens = tok.convert_ids_to_tokens(ids) if tok is not None else [str(i) for i in ids]
-    meta = {"layers": cfg.map_layers, "heads": cfg.map_heads, "tokens": tokens}
-    save_snapshots(snaps, meta, out / "attention_maps.npz")
-    plot_heatmaps(snaps, meta, out, "finetuned conversion")
-    plot_monotonicity(snaps, meta, out / "monotonicity.png", "finetuned conversion")
+        save_snapshots(snaps, meta, out / "attention_maps.npz")
+    save_json({"config": config_to_dict(cfg), "environment": env, "results": results}, out / "results.json")
+    _write_figures(snaps, meta, out)
     md = render(cfg, results, env, command)
     (out / "finetuned_conversion.md").write_text(md)
     print(md)
