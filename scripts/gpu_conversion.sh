@@ -6,11 +6,17 @@
 #   call 2 (`pc`):  carry .carry/smol_b -> needs .carry/smol_a left on the (still warm) machine by call 1;
 #                   reassembles the GGUF, checks its sha256, then runs the pretrained conversion of
 #                   SmolLM2 with the methods split over the two GPUs, merged into one report.
-# Prepare here (CPU):  bash scripts/gpu_conversion.sh prepare
+# Prepare here (CPU):  bash scripts/gpu_conversion.sh prepare; bash scripts/gpu_conversion.sh pin [COMMIT]
 # Outputs: $OUT/{fc,pc}_results.tgz (reports, JSON, PNGs, snapshots; no checkpoints) and the logs.
-# Usage (repo root):  OUT=/tmp/out [FC_SECONDS=165] [PC_SECONDS=135] bash scripts/gpu_conversion.sh fc|pc|prepare
+# Usage (repo root):  OUT=/tmp/out [FC_SECONDS=165] [PC_SECONDS=135] bash scripts/gpu_conversion.sh fc|pc|prepare|pin
 set -uo pipefail
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+# `pin` (here) archives a tested commit's src/ into .carry/pin/src; when it is there the runs import
+# that copy, so other people's uncommitted edits in the working tree cannot change a device run.
+SRC="$PWD/src"
+if [[ -d .carry/pin/src && "${1:-}" != pin ]]; then
+  SRC="$PWD/.carry/pin/src"; export HEDGEHOG_GIT_COMMIT; HEDGEHOG_GIT_COMMIT=$(cat .carry/pin/COMMIT)
+fi
+export PYTHONPATH="$SRC${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 OUT="${OUT:-/tmp/hedgehog_out}"; mkdir -p "$OUT"
 PY="${PY:-python3}"
 GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
@@ -30,6 +36,7 @@ read -r -a EXTRA <<<"${EXTRA_SET:-}"
 
 header() {
   date -u +"%F %T UTC"
+  echo "code: $SRC (commit ${HEDGEHOG_GIT_COMMIT:-working tree})"
   nvidia-smi --query-gpu=index,name,memory.used,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
   "$PY" -c 'import torch, transformers; print("torch", torch.__version__, "cuda", torch.version.cuda, "gpus", torch.cuda.device_count(), "transformers", transformers.__version__)'
 }
@@ -135,11 +142,18 @@ prepare() {  # here, on a CPU machine with the assets installed
   du -sb .carry/fc .carry/pc .carry/whl .carry/smol_a .carry/smol_b
 }
 
+pin() {  # pin [COMMIT]: the src/ of COMMIT (default HEAD) into .carry/pin
+  local c; c=$(git rev-parse --short "${1:-HEAD}") || return 1
+  rm -rf .carry/pin && mkdir -p .carry/pin && git archive "$c" src | tar -x -C .carry/pin && echo "$c" >.carry/pin/COMMIT
+  echo "pinned src/ of $c into .carry/pin"
+}
+
 case "${1:-}" in
+  pin) pin "${2:-}" ;;
   fc) run_fc ;;
   pc) run_pc ;;
   prepare) prepare ;;
-  *) echo "usage: bash scripts/gpu_conversion.sh fc|pc|prepare" >&2; exit 2 ;;
+  *) echo "usage: bash scripts/gpu_conversion.sh fc|pc|prepare|pin [COMMIT]" >&2; exit 2 ;;
 esac
 rc=$?
 ls -la "$OUT"
