@@ -104,13 +104,20 @@ def plot_heatmaps(snaps: dict[str, dict[str, np.ndarray]], meta: dict, out_dir: 
             panels = [("softmax", first["softmax"][li, hi])] + [(m, snaps[m]["linear"][li, hi]) for m in methods]
             for ci, (name, w) in enumerate(panels):
                 ax = axes[hi, ci]
-                ax.imshow(w, cmap="viridis", vmin=0, vmax=max(float(w.max()), 1e-6))
+                # Clip the colour scale at the panel's 99th percentile of non-zero weights: one
+                # attention-sink column (often the first token) would otherwise hide the rest.
+                nz = w[w > 0]
+                top = float(np.quantile(nz, 0.99)) if nz.size else 0.0
+                ax.imshow(w, cmap="viridis", vmin=0, vmax=max(top, 1e-6))
                 ax.set_xticks([])
                 ax.set_yticks([])
                 ax.set_title(f"{name}\nH={_entropy(w):.2f}", fontsize=7)
                 if ci == 0:
                     ax.set_ylabel(f"head {head}", fontsize=7)
-        fig.suptitle(f"{title}: layer {layer} (H = mean entropy, nats)", fontsize=9)
+        fig.suptitle(
+            f"{title}: layer {layer} (H = mean entropy, nats; colours clipped at each panel's 99th percentile)",
+            fontsize=9,
+        )
         fig.tight_layout()
         path = out_dir / f"attention_maps_layer{layer}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
