@@ -1,7 +1,7 @@
 """Training engine: one loop for one process and for ``torchrun`` (DDP or FSDP2), with exact resume.
 
-The same :class:`Trainer` runs the distill and finetune stages of ``hedgehog linearize`` and the
-from-scratch experiments. Launch it as a plain script (one process) or under ``torchrun``::
+The same :class:`Trainer` runs the distill and finetune stages of ``hedgehog linearize``
+(``convert.distill`` / ``convert.finetune``). Launch it as a plain script (one process) or under ``torchrun``::
 
     torchrun --nproc_per_node=2 -m hedgehog_attention.cli linearize ...
 
