@@ -72,8 +72,10 @@ def _worker(modes: list[str], out_dir: Path) -> None:
             continue
         if mode == "linearize-fsdp":  # convert.distill, cached capture, FSDP; per-rank RNG before the swap
             res, maps = _linearize_distill(seed=info.rank, strategy="fsdp")
+            ft = {m: _finetune_tiny(m, strategy="fsdp") for m in ("full", "lora")}
             if info.rank == 0:
-                rec = {"losses": res.train_loss, "eval": res.eval_loss, "best": res.best_eval_loss, "maps": maps}
+                rec = {"losses": res.train_loss, "eval": res.eval_loss, "best": res.best_eval_loss, "maps": maps,
+                       "finetune": ft}  # fmt: skip
                 (out_dir / "linearize-fsdp.json").write_text(json.dumps(rec))
             continue
         if mode == "stop-rank1":  # a callback stops rank 1 only: every rank must stop at that step
@@ -149,6 +151,27 @@ def _linearize_distill(seed: int, strategy: str = "auto"):
     dcfg = DistillConfig(steps=6, eval_every=3, patience=0, batch_size=4, capture="cached", strategy=strategy)
     res = distill(model, batches, held, dcfg, progress=False)
     return res, [p.detach().tolist() for p in feature_map_parameters(model)]
+
+
+def _finetune_tiny(method: str, strategy: str = "auto") -> dict:
+    """convert.finetune (full or LoRA) of a tiny converted Llama: its losses and the eval loss after."""
+    import transformers
+
+    from hedgehog_attention.convert import FinetuneConfig, linearize
+    from hedgehog_attention.convert.finetune import finetune
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    linearize(model)
+    g = torch.Generator().manual_seed(6)
+    batches = [{"input_ids": (x := torch.randint(0, 64, (4, 12), generator=g)), "labels": x} for _ in range(4)]
+    fcfg = FinetuneConfig(method=method, steps=5, lr=1e-2, batch_size=4, strategy=strategy)
+    _, res = finetune(model, batches, batches[:1], fcfg, progress=False)
+    return {"losses": res.train_loss, "after": res.eval_loss_after}
 
 
 def _misuse(rank: int) -> dict[str, str]:
@@ -359,6 +382,20 @@ def test_cached_distillation_under_fsdp_matches_one_process(runs):
     _close(rec["eval"], res.eval_loss, tol=1e-5)
     for got, want in zip(rec["maps"], maps, strict=True):
         _close(got, want, tol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_finetune_under_fsdp_matches_one_process(runs, method):
+    """convert.finetune on 2 FSDP ranks (LoRA through peft, and full) == 1 process, and the returned
+    (gathered) model evaluates the same."""
+    pytest.importorskip("transformers")
+    if method == "lora":
+        pytest.importorskip("peft")
+    ref = _finetune_tiny(method)
+    got = runs["linearize-fsdp"]["finetune"][method]
+    assert len(got["losses"]) == 5 and got["losses"][-1] < got["losses"][0]
+    _close(got["losses"], ref["losses"], tol=1e-5)
+    _close(got["after"], ref["after"], tol=1e-5)
 
 
 @pytest.mark.gpu

@@ -238,6 +238,8 @@ class TrainConfig:
     log_every: int = 10
     progress: bool = True
     """tqdm progress bar on rank 0"""
+    progress_desc: str = "train"
+    """label of the progress bar"""
     strategy: Literal["auto", "none", "ddp", "fsdp"] = "auto"
     """auto: ddp with several processes, none with one; fsdp: FSDP2 fully_shard"""
     num_workers: int = 0
@@ -515,7 +517,8 @@ def _seed_all(seed: int) -> None:
 
 # Fields that may differ between a run and its resumption without changing the result.
 _RESUME_NEUTRAL = {"resume", "progress", "log_every", "num_workers", "checkpoint_dir", "checkpoint_every", "keep_last",
-                   "max_steps", "device", "strategy", "micro_batch_size", "grad_accum_steps", "pin_memory"}  # fmt: skip
+                   "max_steps", "device", "strategy", "micro_batch_size", "grad_accum_steps", "pin_memory",
+                   "progress_desc"}  # fmt: skip
 
 
 def _config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -943,7 +946,7 @@ class Trainer:
         if c.progress and self.world.is_main and step < c.max_steps:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=c.max_steps, initial=step, desc="train", dynamic_ncols=True)
+            bar = tqdm(total=c.max_steps, initial=step, desc=c.progress_desc, dynamic_ncols=True)
 
         self.wrapped.train(c.train_mode)
         start = time.perf_counter()

@@ -362,11 +362,12 @@ def distill(
         train_records / eval_records: ``capture="cached"`` only: teacher tensors already captured
             with :func:`capture_qkv` on the same batches (they do not depend on the feature map, so
             several conversions of one model can share them).
+        progress / desc: the Trainer's progress bar (rank 0) and its label.
 
     Every process returns the same result. ``eval_loss_per_layer`` is measured at the end, on the
     kept maps, over ``eval_batches`` as given.
     """
-    from ..train import TrainConfig, Trainer, world_info
+    from ..train import TrainConfig, Trainer, call_model, world_info
     from .data import BatchRows, pad_collate
 
     cfg = config or DistillConfig()
@@ -424,12 +425,11 @@ def distill(
                 max_grad_norm=cfg.max_grad_norm, eval_every=cfg.eval_every,
                 early_stopping_patience=cfg.patience or None, early_stopping_min_delta=cfg.min_delta,
                 restore_best=eval_ds is not None, train_mode=False, seed=cfg.seed, progress=progress,
+                progress_desc=desc,
                 checkpoint_dir=cfg.checkpoint_dir, checkpoint_every=cfg.checkpoint_every, resume=cfg.resume,
                 strategy=cfg.strategy, device=str(_device(model)), log_every=cfg.log_every,
                 pin_memory=False if cached else None,  # the cached q, k stay where they were captured
             )  # fmt: skip
-            from ..train import call_model
-
             trainer = Trainer(
                 module, loss_fn or call_model, train_ds, eval_ds, tcfg, params=trainable, collate_fn=pad_collate
             )

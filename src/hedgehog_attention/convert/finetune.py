@@ -152,7 +152,8 @@ def finetune(
         _, micro = global_batch(cfg.batch_size, len(rows), world_info().world_size)
         tcfg = TrainConfig(
             max_steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay, micro_batch_size=micro,
-            max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, progress=progress, strategy=cfg.strategy,
+            max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, progress=progress, progress_desc="finetune",
+            strategy=cfg.strategy,
             checkpoint_dir=cfg.checkpoint_dir, checkpoint_every=cfg.checkpoint_every, resume=cfg.resume,
             device=str(_device(trained)), log_every=cfg.log_every,
             # full finetuning may leave parameters without a gradient (a pooler, an unused head)
