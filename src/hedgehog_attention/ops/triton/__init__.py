@@ -77,15 +77,17 @@ def _la_fwd(
     fused: bool,
     max_len: int,
     nc: int,
+    varlen: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _lm().fwd(
         q, k, v, wq, bq, wk, bk, mask, cu, s0, z0,
         activation=activation, negation=negation, causal=causal, eps=eps, fused=fused, max_len=max_len, nc=nc,
+        varlen=varlen,
     )  # fmt: skip
 
 
 @_la_fwd.register_fake
-def _(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, activation, negation, causal, eps, fused, max_len, nc):
+def _(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, activation, negation, causal, eps, fused, max_len, nc, varlen):
     L = _lm()
     B, T, H, _ = q.shape
     HK, DV = k.shape[2], v.shape[3]
@@ -132,12 +134,13 @@ def _la_bwd(
     fused: bool,
     max_len: int,
     nc: int,
+    varlen: bool,
     need_ds0: bool,
 ) -> list[Tensor]:
     grads = _lm().bwd(
         do, ds_fin, dz_fin, q, k, v, wq, bq, wk, bk, mask, cu, o, den, h, hz, s_in, z_in,
         activation=activation, negation=negation, causal=causal, fused=fused, max_len=max_len, nc=nc,
-        need_ds0=need_ds0,
+        varlen=varlen, need_ds0=need_ds0,
     )  # fmt: skip
     # custom ops cannot return None: absent gradients travel as empty tensors
     return [g if g is not None else q.new_empty(0) for g in grads]
@@ -145,7 +148,7 @@ def _la_bwd(
 
 @_la_bwd.register_fake
 def _(do, ds_fin, dz_fin, q, k, v, wq, bq, wk, bk, mask, cu, o, den, h, hz, s_in, z_in, activation, negation, causal,
-      fused, max_len, nc, need_ds0):  # fmt: skip
+      fused, max_len, nc, varlen, need_ds0):  # fmt: skip
     N, HK = cu.shape[0] - 1, k.shape[2]
     FT, DV = s_in.shape[3], v.shape[3]
 
@@ -166,22 +169,22 @@ def _(do, ds_fin, dz_fin, q, k, v, wq, bq, wk, bk, mask, cu, o, den, h, hz, s_in
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, activation, negation, causal, eps, fused, max_len, nc = inputs
+    q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, activation, negation, causal, eps, fused, max_len, nc, varlen = inputs
     o, den, h, hz, s_in, z_in, _, _ = output
     ctx.save_for_backward(q, k, v, wq, bq, wk, bk, mask, cu, o, den, h, hz, s_in, z_in)
-    ctx.args = (activation, negation, causal, fused, max_len, nc)
+    ctx.args = (activation, negation, causal, fused, max_len, nc, varlen)
     ctx.need_ds0 = s0 is not None and (ctx.needs_input_grad[9] or ctx.needs_input_grad[10])
     ctx.mark_non_differentiable(den, h, hz, s_in, z_in)
 
 
 def _backward(ctx, do, _dden, _dh, _dhz, _ds_in, _dz_in, ds_fin, dz_fin):
     q, k, v, wq, bq, wk, bk, mask, cu, o, den, h, hz, s_in, z_in = ctx.saved_tensors
-    activation, negation, causal, fused, max_len, nc = ctx.args
+    activation, negation, causal, fused, max_len, nc, varlen = ctx.args
     if do is None:
         do = torch.zeros_like(o)
     g = _la_bwd(
         do, ds_fin, dz_fin, q, k, v, wq, bq, wk, bk, mask, cu, o, den, h, hz, s_in, z_in,
-        activation, negation, causal, fused, max_len, nc, ctx.need_ds0,
+        activation, negation, causal, fused, max_len, nc, varlen, ctx.need_ds0,
     )  # fmt: skip
     dq, dk, dv, dwq, dbq, dwk, dbk, ds0, dz0 = (x if x.numel() or x.dim() != 1 else None for x in g)
     if not fused:
@@ -192,7 +195,7 @@ def _backward(ctx, do, _dden, _dh, _dhz, _ds_in, _dz_in, ds_fin, dz_fin):
         dbk = None
     if not ctx.need_ds0:
         ds0 = dz0 = None
-    return dq, dk, dv, dwq, dbq, dwk, dbk, None, None, ds0, dz0, None, None, None, None, None, None, None
+    return dq, dk, dv, dwq, dbq, dwk, dbk, None, None, ds0, dz0, None, None, None, None, None, None, None, None
 
 
 _la_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -270,7 +273,7 @@ def linear_attention_triton(
     cu, max_len, nc, mask, s0, z0 = _check_common(fq, fk, v, attention_mask, cu_seqlens, initial_state)
     o, *_, s_fin, z_fin = _la_fwd(
         fq.contiguous(), fk.contiguous(), v.contiguous(), None, None, None, None, mask, cu, s0, z0,
-        "softmax", False, bool(causal), float(eps), False, max_len, nc,
+        "softmax", False, bool(causal), float(eps), False, max_len, nc, cu_seqlens is not None,
     )  # fmt: skip
     return o, (LinearAttentionState(s_fin, z_fin) if output_final_state else None)
 
@@ -331,6 +334,7 @@ def fused_hedgehog_attention(
         q_weight.contiguous(), None if q_bias is None else q_bias.contiguous(),
         k_weight.contiguous(), None if k_bias is None else k_bias.contiguous(),
         mask, cu, s0, z0, activation, bool(negation), bool(causal), float(eps), True, max_len, nc,
+        cu_seqlens is not None,
     )  # fmt: skip
     return o, (LinearAttentionState(s_fin, z_fin) if output_final_state else None)
 

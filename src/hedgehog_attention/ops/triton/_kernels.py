@@ -11,9 +11,9 @@ Layout of the work (like fla's ``chunk_fwd_h`` / ``chunk_fwd_o`` / ``chunk_bwd_d
   summed over the query heads of a GQA group.
 * ``_out_kernel``: one program per (chunk, query head, value block), no loop: the chunk's state
   (segment state + local state), the intra-chunk ``tril(phi_q phi_k^T)`` and the normalizer.
-* ``_bwd_kernel``: programs over (chunk set, query head); per chunk dq and dW_q/db_q from the
-  stored forward states (one launch), dk, dv and dW_k/db_k from the reverse states (a second
-  launch), maps recomputed.
+* ``_bwd_kernel``: one program per (chunk, query head), no loop; dq and the map's pre-activation
+  gradient from the stored forward states (one launch), dk, dv from the reverse states (a
+  second launch), maps recomputed; dW/db are a batched matmul over the stored ``dz``.
 * ``_delta_kernel`` (``-(do . o) / den`` per query), ``_decode_kernel`` (one token, in place).
 
 Features: ``FUSED`` kernels read raw ``x [tokens, NH, D]``, ``W [NH, D, F]``, ``b [NH, F]`` and
@@ -187,7 +187,6 @@ def _feat(z, sign, t_ok, F, BF: tl.constexpr, FUSED: tl.constexpr, ACT: tl.const
 
 @triton.jit
 def _map_bwd(
-    x,
     z,
     p,
     n,
@@ -196,6 +195,7 @@ def _map_bwd(
     t_ok,
     w,
     dx_ptr,
+    dz_ptr,
     bos,
     L,
     t0,
@@ -203,8 +203,6 @@ def _map_bwd(
     NH,
     D,
     F,
-    dw_acc,
-    db_acc,
     BT: tl.constexpr,
     BD: tl.constexpr,
     BF: tl.constexpr,
@@ -214,8 +212,9 @@ def _map_bwd(
     MAP_PREC: tl.constexpr,
     EVEN: tl.constexpr,
 ):
-    """Store the input gradient of one chunk (``dx = dz W^T``, or the feature gradient in the
-    generic path) and return the updated ``dW += x^T dz`` / ``db += sum dz`` accumulators."""
+    """Store the input gradient of one chunk (``dx = dz W^T``) and the pre-activation gradient
+    ``dz [tokens, NH, F]`` (the launcher forms ``dW = x^T dz``, ``db = sum dz`` with one batched
+    matmul: no per-program partials); generic path: the feature gradient is the input gradient."""
     if FUSED:
         dz = _act_bwd(z, 1.0, p, dp, ACT)
         if NEG:
@@ -223,11 +222,9 @@ def _map_bwd(
         dz = tl.where(t_ok[:, None], dz, 0.0)
         dx = tl.dot(dz, tl.trans(w.to(tl.float32)), input_precision=MAP_PREC)
         _st(dx_ptr + bos * (NH * D) + i_h * D, dx, L, D, NH * D, t0, 0, BT, BD, True, not EVEN)
-        dw_acc += tl.dot(tl.trans(x.to(tl.float32)), dz, input_precision=MAP_PREC)
-        db_acc += tl.sum(dz, 0)
+        _st(dz_ptr + bos * (NH * F) + i_h * F, dz, L, F, NH * F, t0, 0, BT, BF, True, not EVEN)
     else:
         _st(dx_ptr + bos * (NH * F) + i_h * F, dp, L, F, NH * F, t0, 0, BT, BF, True, not EVEN)
-    return dw_acc, db_acc
 
 
 @triton.jit
@@ -253,25 +250,49 @@ def _chunk_state(
     BF: tl.constexpr,
     BV: tl.constexpr,
     LOCAL: tl.constexpr,
+    SEG: tl.constexpr,
     EVEN: tl.constexpr,
 ):
-    """State of a chunk = its segment's entering state (fp32) + (``LOCAL``) the stored local state."""
-    s, z = _load_half(s_ptr, sz_ptr, row0, F, DV, v0, BF, BV, EVEN)
-    if LOCAL:
-        hs, hz = _load_half(h_ptr, hz_ptr, row0, F, DV, v0, BF, BV, EVEN)
-        s += hs
-        z += hz
+    """State of a chunk = (``SEG``) its segment's entering state (fp32) + (``LOCAL``) the stored
+    local state relative to the segment start. At least one of the two is set."""
+    if SEG:
+        s, z = _load_half(s_ptr, sz_ptr, row0, F, DV, v0, BF, BV, EVEN)
+        if LOCAL:
+            hs, hz = _load_half(h_ptr, hz_ptr, row0, F, DV, v0, BF, BV, EVEN)
+            s += hs
+            z += hz
+    else:
+        s, z = _load_half(h_ptr, hz_ptr, row0, F, DV, v0, BF, BV, EVEN)
     return s, z
 
 
 @triton.jit
-def _seq(cu_ptr, i_n):
-    bos = tl.load(cu_ptr + i_n).to(tl.int64)
-    eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
-    return bos, eos - bos
+def _seq(cu_ptr, i_n, T, VARLEN: tl.constexpr):
+    """First token and length of sequence ``i_n``; equal lengths ``T`` need no loads."""
+    if VARLEN:
+        bos = tl.load(cu_ptr + i_n).to(tl.int64)
+        eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
+        return bos, eos - bos
+    else:
+        return i_n.to(tl.int64) * T, T
 
 
-@triton.jit(do_not_specialize=["CPS", "NS"])
+@triton.jit
+def _chunk(cidx_ptr, cu_ptr, i_c, T, BT: tl.constexpr, VARLEN: tl.constexpr):
+    """Sequence, chunk-in-sequence, first token and length of global chunk ``i_c``. Without
+    ``cu_seqlens`` this is arithmetic: no chain of dependent loads before the tile loads."""
+    if VARLEN:
+        i_n = tl.load(cidx_ptr + 2 * i_c)
+        i_t = tl.load(cidx_ptr + 2 * i_c + 1)
+    else:
+        nt = tl.cdiv(T, BT)
+        i_n = i_c // nt
+        i_t = i_c % nt
+    bos, L = _seq(cu_ptr, i_n, T, VARLEN)
+    return i_n, i_t, bos, L
+
+
+@triton.jit(do_not_specialize=["T", "CPS", "NS"])
 def _state_kernel(
     x_ptr,
     w_ptr,
@@ -286,6 +307,9 @@ def _state_kernel(
     hz_ptr,
     st_ptr,
     stz_ptr,
+    s0_ptr,
+    z0_ptr,
+    T,
     NH,
     HK,
     G,
@@ -304,6 +328,8 @@ def _state_kernel(
     HAS_MASK: tl.constexpr,
     REVERSE: tl.constexpr,
     STORE_H: tl.constexpr,
+    INIT: tl.constexpr,
+    VARLEN: tl.constexpr,
     ACT: tl.constexpr,
     W_NATIVE: tl.constexpr,
     MAP_PREC: tl.constexpr,
@@ -319,7 +345,8 @@ def _state_kernel(
     the ``G`` query heads of the KV head: ``h[c] = sum_{c' > c} phi_q^T (do / den)``,
     ``hz[c] = sum phi_q * cd`` with ``cd = -(do . o) / den``.
     ``h [NC, HK, FT, DV]`` is indexed by the global chunk (``coff[n] + chunk``); ``st [N, HK, NS,
-    FT, DV]`` gets the segment's total. Grid: ``(N * HK * NS, halves * NV)``.
+    FT, DV]`` gets the segment's total. ``INIT`` (one segment): start from ``s0 [N, HK, FT, DV]``,
+    ``z0`` instead of 0. Grid: ``(N * HK * NS, halves * NV)``.
     """
     i_nhs = tl.program_id(0)
     i_jv = tl.program_id(1)
@@ -330,17 +357,24 @@ def _state_kernel(
     i_nh = i_nhs // NS
     i_n = i_nh // HK
     i_hk = i_nh % HK
-    bos, L = _seq(cu_ptr, i_n)
+    bos, L = _seq(cu_ptr, i_n, T, VARLEN)
     c0 = i_s * CPS
     c1 = tl.minimum(c0 + CPS, tl.cdiv(L, BT))
-    coff = tl.load(coff_ptr + i_n).to(tl.int64)
+    if VARLEN:
+        coff = tl.load(coff_ptr + i_n).to(tl.int64)
+    else:
+        coff = i_n.to(tl.int64) * tl.cdiv(T, BT)
     sign = 1.0 - 2.0 * j.to(tl.float32)
     row0 = j * F
     offs_i = tl.arange(0, BT)
     offs_f = tl.arange(0, BF)
     v0 = i_v * BV
-    b_h = tl.zeros([BF, BV], dtype=tl.float32)
-    b_z = tl.zeros([BF], dtype=tl.float32)
+    if INIT:
+        sb0 = (i_n * HK + i_hk).to(tl.int64) * FT
+        b_h, b_z = _load_half(s0_ptr + sb0 * DV, z0_ptr + sb0, row0, F, DV, v0, BF, BV, EVEN)
+    else:
+        b_h = tl.zeros([BF, BV], dtype=tl.float32)
+        b_z = tl.zeros([BF], dtype=tl.float32)
     for jj in range(c0, c1):
         if REVERSE:
             ic = c1 - 1 - (jj - c0)
@@ -376,7 +410,7 @@ def _state_kernel(
     tl.store(stz_ptr + sb + offs_f, b_z, mask=offs_f < tl.where(i_v == 0, F, 0))  # one value block writes z
 
 
-@triton.jit(do_not_specialize=["CPS", "NSI"])
+@triton.jit(do_not_specialize=["T", "CPS", "NSI"])
 def _out_kernel(
     q_ptr,
     k_ptr,
@@ -395,6 +429,7 @@ def _out_kernel(
     o_ptr,
     den_ptr,
     eps,
+    T,
     H,
     HK,
     G,
@@ -413,6 +448,8 @@ def _out_kernel(
     HAS_BK: tl.constexpr,
     HAS_MASK: tl.constexpr,
     CAUSAL: tl.constexpr,
+    SEG: tl.constexpr,
+    VARLEN: tl.constexpr,
     ACT: tl.constexpr,
     NEG: tl.constexpr,
     W_NATIVE: tl.constexpr,
@@ -425,16 +462,15 @@ def _out_kernel(
 
     ``o = (phi_q S + tril(phi_q phi_k^T) v) / (phi_q z + rowsum(tril(...)) + eps)`` with
     ``S = si[n, hk, segment] + h[chunk]`` (causal) or ``si[n, hk, 0]`` (bidirectional: the whole
-    sequence's state, no intra-chunk part). Also stores the normalizer ``den`` (fp32).
+    sequence's state, no intra-chunk part). Also stores the normalizer ``den`` (fp32). Without
+    ``SEG`` (causal, one segment, no initial state) ``si`` is zero and not read.
     """
     i_c = tl.program_id(0)
     i_vh = tl.program_id(1)
     i_h = i_vh % H
     i_v = i_vh // H
-    i_n = tl.load(cidx_ptr + 2 * i_c)
-    i_t = tl.load(cidx_ptr + 2 * i_c + 1)
     i_hk = i_h // G
-    bos, L = _seq(cu_ptr, i_n)
+    i_n, i_t, bos, L = _chunk(cidx_ptr, cu_ptr, i_c, T, BT, VARLEN)
     offs_i = tl.arange(0, BT)
     t0 = i_t * BT
     offs_t = t0 + offs_i
@@ -448,14 +484,15 @@ def _out_kernel(
     wq, bq = _load_wb(wq_ptr, bq_ptr, i_h, D, F, BD, BF, FUSED, HAS_BQ, EVEN)
     xq, zq = _preact(q_ptr, wq, bq, bos, L, t0, i_h, H, D, F, BT, BD, BF, FUSED, W_NATIVE, MAP_PREC, EVEN)
     qp = _feat(zq, 1.0, t_ok, F, BF, FUSED, ACT, EVEN)
-    s, z = _chunk_state(si_ptr + sb * DV, zi_ptr + sb, h_ptr + hb * DV, hz_ptr + hb, 0, F, DV, v0, BF, BV, CAUSAL, EVEN)
+    s, z = _chunk_state(si_ptr + sb * DV, zi_ptr + sb, h_ptr + hb * DV, hz_ptr + hb, 0, F, DV, v0, BF, BV, CAUSAL,
+                        SEG, EVEN)  # fmt: skip
     qp_d = qp.to(DOT_DT)
     num = tl.dot(qp_d, s.to(DOT_DT), input_precision=PREC)
     den = tl.sum(qp * z[None, :], 1)
     if NEG:
         qn = _feat(zq, -1.0, t_ok, F, BF, FUSED, ACT, EVEN)
         s, z = _chunk_state(si_ptr + sb * DV, zi_ptr + sb, h_ptr + hb * DV, hz_ptr + hb, F, F, DV, v0, BF, BV, CAUSAL,
-                            EVEN)  # fmt: skip
+                            SEG, EVEN)  # fmt: skip
         qn_d = qn.to(DOT_DT)
         num += tl.dot(qn_d, s.to(DOT_DT), input_precision=PREC)
         den += tl.sum(qn * z[None, :], 1)
@@ -500,7 +537,7 @@ def _delta_kernel(do_ptr, o_ptr, den_ptr, cd_ptr, NTOK, H, DV, BT: tl.constexpr,
     tl.store(cd_ptr + offs_t * H + i_h, -tl.sum(do * o, 1) / den, mask=t_ok)
 
 
-@triton.jit(do_not_specialize=["NC", "NSPLIT", "CPS", "NSI"])
+@triton.jit(do_not_specialize=["T", "CPS", "NSI"])
 def _bwd_kernel(
     q_ptr,
     k_ptr,
@@ -520,11 +557,9 @@ def _bwd_kernel(
     den_ptr,
     cd_ptr,
     dx_ptr,
+    dz_ptr,
     dv_ptr,
-    dw_ptr,
-    db_ptr,
-    NC,
-    NSPLIT,
+    T,
     H,
     HK,
     G,
@@ -544,6 +579,8 @@ def _bwd_kernel(
     HAS_BK: tl.constexpr,
     HAS_MASK: tl.constexpr,
     CAUSAL: tl.constexpr,
+    SEG: tl.constexpr,
+    VARLEN: tl.constexpr,
     ACT: tl.constexpr,
     NEG: tl.constexpr,
     W_NATIVE: tl.constexpr,
@@ -552,131 +589,120 @@ def _bwd_kernel(
     DOT_DT: tl.constexpr,
     EVEN: tl.constexpr,
 ):
-    """Gradients for the chunks ``pid0, pid0 + NSPLIT, ...`` of query head ``pid1`` (all of Dv).
+    """Gradients of one chunk and one query head (grid ``(NC, H)``, all of Dv, no loop).
 
     With ``g = do / den``, ``cd = -(do . o) / den``, ``A = tril(phi_q phi_k^T)`` and
-    ``dA = tril(g v^T + cd)``, per chunk:
+    ``dA = tril(g v^T + cd)``:
 
     * query side (``KV_SIDE`` False; ``(h, si)`` = forward state entering the chunk):
-      ``dphi_q = g S^T + cd z^T + dA phi_k`` -> ``dx = dq``, ``dw/db`` = dW_q/db_q partials;
+      ``dphi_q = g S^T + cd z^T + dA phi_k`` -> ``dx = dq`` and ``dz`` (map pre-activation);
     * key side (``KV_SIDE``; ``(h, si)`` = reverse state: queries after the chunk plus the
       final-state gradient): ``dphi_k = dA^T phi_q + v R^T + e``, ``dv = A^T g + phi_k R``.
       The ``R``-terms belong to the KV head and are added by the group's first query head only;
-      ``dk``/``dv`` are per query head (``[tokens, H, .]``; the launcher sums a GQA group).
+      ``dk``/``dv``/``dz_k`` are per query head (``[tokens, H, .]``; the launcher sums a GQA
+      group).
 
     The two sides are two launches of this kernel (fewer live tiles than one kernel doing both;
-    each recomputes both maps). ``dW``/``db`` partials accumulate in registers over the
-    program's chunks and are written once (``[NSPLIT, H, D, F]``).
+    each recomputes both maps). ``dW = x^T dz`` and ``db`` are one batched matmul in the launcher.
     """
-    i_sp = tl.program_id(0)
+    i_c = tl.program_id(0)
     i_h = tl.program_id(1)
     i_hk = i_h // G
     first = (i_h % G) == 0
     offs_i = tl.arange(0, BT)
-    offs_f = tl.arange(0, BF)
-    f_ok = offs_f < F
+    i_n, i_t, bos, L = _chunk(cidx_ptr, cu_ptr, i_c, T, BT, VARLEN)
+    t0 = i_t * BT
+    offs_t = t0 + offs_i
+    t_ok = offs_t < L
+    tok = bos + offs_t
+    i_s = tl.minimum(i_t // CPS, NSI - 1)
+    sb = ((i_n * HK + i_hk) * NSI + i_s).to(tl.int64) * FT
+    hb = (i_c * HK + i_hk).to(tl.int64) * FT
+
     wq, bq = _load_wb(wq_ptr, bq_ptr, i_h, D, F, BD, BF, FUSED, HAS_BQ, EVEN)
     wk, bk = _load_wb(wk_ptr, bk_ptr, i_hk, D, F, BD, BF, FUSED, HAS_BK, EVEN)
-    dw = tl.zeros([BD, BF], dtype=tl.float32)
-    db = tl.zeros([BF], dtype=tl.float32)
-    for i_c in range(i_sp, NC, NSPLIT):
-        i_n = tl.load(cidx_ptr + 2 * i_c)
-        i_t = tl.load(cidx_ptr + 2 * i_c + 1)
-        bos, L = _seq(cu_ptr, i_n)
-        t0 = i_t * BT
-        offs_t = t0 + offs_i
-        t_ok = offs_t < L
-        tok = bos + offs_t
-        i_s = tl.minimum(i_t // CPS, NSI - 1)
-        sb = ((i_n * HK + i_hk) * NSI + i_s).to(tl.int64) * FT
-        hb = (i_c * HK + i_hk).to(tl.int64) * FT
-
-        # features as DOT_DT right away (bf16 for bf16 inputs, like torch's bf16 map): fewer live
-        # fp32 tiles; the map's backward uses the same rounded features
-        xq, zq = _preact(q_ptr, wq, bq, bos, L, t0, i_h, H, D, F, BT, BD, BF, FUSED, W_NATIVE, MAP_PREC, EVEN)
-        qp = _feat(zq, 1.0, t_ok, F, BF, FUSED, ACT, EVEN).to(DOT_DT)
-        xk, zk = _preact(k_ptr, wk, bk, bos, L, t0, i_hk, HK, D, F, BT, BD, BF, FUSED, W_NATIVE, MAP_PREC, EVEN)
-        kp_raw = _feat(zk, 1.0, t_ok, F, BF, FUSED, ACT, EVEN).to(DOT_DT)
+    # features as DOT_DT right away (bf16 for bf16 inputs, like torch's bf16 map): fewer live
+    # fp32 tiles; the map's backward uses the same rounded features
+    _xq, zq = _preact(q_ptr, wq, bq, bos, L, t0, i_h, H, D, F, BT, BD, BF, FUSED, W_NATIVE, MAP_PREC, EVEN)
+    qp = _feat(zq, 1.0, t_ok, F, BF, FUSED, ACT, EVEN).to(DOT_DT)
+    _xk, zk = _preact(k_ptr, wk, bk, bos, L, t0, i_hk, HK, D, F, BT, BD, BF, FUSED, W_NATIVE, MAP_PREC, EVEN)
+    kp_raw = _feat(zk, 1.0, t_ok, F, BF, FUSED, ACT, EVEN).to(DOT_DT)
+    if HAS_MASK:
+        mk = tl.load(mask_ptr + tok, mask=t_ok, other=0.0)
+        kp = (kp_raw * mk[:, None]).to(DOT_DT)
+    else:
+        kp = kp_raw
+    if NEG:
+        qn = _feat(zq, -1.0, t_ok, F, BF, FUSED, ACT, EVEN).to(DOT_DT)
+        kn_raw = _feat(zk, -1.0, t_ok, F, BF, FUSED, ACT, EVEN).to(DOT_DT)
         if HAS_MASK:
-            mk = tl.load(mask_ptr + tok, mask=t_ok, other=0.0)
-            kp = (kp_raw * mk[:, None]).to(DOT_DT)
+            kn = (kn_raw * mk[:, None]).to(DOT_DT)
         else:
-            kp = kp_raw
+            kn = kn_raw
+    else:
+        qn = qp
+        kn_raw = kp_raw
+        kn = kp
+    do = _ld(do_ptr + bos * (H * DV) + i_h * DV, L, DV, H * DV, t0, 0, BT, BV, True, not EVEN)
+    den = tl.load(den_ptr + tok * H + i_h, mask=t_ok, other=1.0)
+    cd = tl.load(cd_ptr + tok * H + i_h, mask=t_ok, other=0.0)
+    g = (do.to(tl.float32) / den[:, None]).to(DOT_DT)
+    vv = _ld(v_ptr + bos * (HK * DV) + i_hk * DV, L, DV, HK * DV, t0, 0, BT, BV, True, not EVEN).to(DOT_DT)
+    tril = offs_i[:, None] >= offs_i[None, :]
+    if not KV_SIDE:
+        s, z = _chunk_state(si_ptr + sb * DV, zi_ptr + sb, h_ptr + hb * DV, hz_ptr + hb, 0, F, DV, 0, BF, BV,
+                            CAUSAL, SEG, EVEN)  # fmt: skip
+        dqp = tl.dot(g, tl.trans(s.to(DOT_DT)), input_precision=PREC) + cd[:, None] * z[None, :]
         if NEG:
-            qn = _feat(zq, -1.0, t_ok, F, BF, FUSED, ACT, EVEN).to(DOT_DT)
-            kn_raw = _feat(zk, -1.0, t_ok, F, BF, FUSED, ACT, EVEN).to(DOT_DT)
-            if HAS_MASK:
-                kn = (kn_raw * mk[:, None]).to(DOT_DT)
-            else:
-                kn = kn_raw
+            s, z = _chunk_state(si_ptr + sb * DV, zi_ptr + sb, h_ptr + hb * DV, hz_ptr + hb, F, F, DV, 0, BF, BV,
+                                CAUSAL, SEG, EVEN)  # fmt: skip
+            dqn = tl.dot(g, tl.trans(s.to(DOT_DT)), input_precision=PREC) + cd[:, None] * z[None, :]
         else:
-            qn = qp
-            kn_raw = kp_raw
-            kn = kp
-        do = _ld(do_ptr + bos * (H * DV) + i_h * DV, L, DV, H * DV, t0, 0, BT, BV, True, not EVEN)
-        den = tl.load(den_ptr + tok * H + i_h, mask=t_ok, other=1.0)
-        cd = tl.load(cd_ptr + tok * H + i_h, mask=t_ok, other=0.0)
-        g = (do.to(tl.float32) / den[:, None]).to(DOT_DT)
-        vv = _ld(v_ptr + bos * (HK * DV) + i_hk * DV, L, DV, HK * DV, t0, 0, BT, BV, True, not EVEN).to(DOT_DT)
-        tril = offs_i[:, None] >= offs_i[None, :]
-        if not KV_SIDE:
-            s, z = _chunk_state(si_ptr + sb * DV, zi_ptr + sb, h_ptr + hb * DV, hz_ptr + hb, 0, F, DV, 0, BF, BV,
-                                CAUSAL, EVEN)  # fmt: skip
-            dqp = tl.dot(g, tl.trans(s.to(DOT_DT)), input_precision=PREC) + cd[:, None] * z[None, :]
+            dqn = dqp
+        if CAUSAL:
+            da = tl.dot(g, tl.trans(vv), input_precision=PREC) + cd[:, None]
+            da = tl.where(tril, da, 0.0).to(DOT_DT)
+            dqp += tl.dot(da, kp, input_precision=PREC)
             if NEG:
-                s, z = _chunk_state(si_ptr + sb * DV, zi_ptr + sb, h_ptr + hb * DV, hz_ptr + hb, F, F, DV, 0, BF,
-                                    BV, CAUSAL, EVEN)  # fmt: skip
-                dqn = tl.dot(g, tl.trans(s.to(DOT_DT)), input_precision=PREC) + cd[:, None] * z[None, :]
+                dqn += tl.dot(da, kn, input_precision=PREC)
+        _map_bwd(zq, qp.to(tl.float32), qn.to(tl.float32), dqp, dqn, t_ok, wq, dx_ptr, dz_ptr, bos, L, t0, i_h, H, D,
+                 F, BT, BD, BF, FUSED, ACT, NEG, MAP_PREC, EVEN)  # fmt: skip
+    else:
+        if CAUSAL:
+            # rows: keys s, columns: queries t (t >= s)
+            dat = tl.dot(vv, tl.trans(g), input_precision=PREC) + cd[None, :]
+            dat = tl.where(tl.trans(tril), dat, 0.0).to(DOT_DT)
+            at = tl.dot(kp, tl.trans(qp), input_precision=PREC)
+            dkp = tl.dot(dat, qp, input_precision=PREC)
+            if NEG:
+                at += tl.dot(kn, tl.trans(qn), input_precision=PREC)
+                dkn = tl.dot(dat, qn, input_precision=PREC)
             else:
-                dqn = dqp
-            if CAUSAL:
-                da = tl.dot(g, tl.trans(vv), input_precision=PREC) + cd[:, None]
-                da = tl.where(tril, da, 0.0).to(DOT_DT)
-                dqp += tl.dot(da, kp, input_precision=PREC)
-                if NEG:
-                    dqn += tl.dot(da, kn, input_precision=PREC)
-            dw, db = _map_bwd(xq, zq, qp.to(tl.float32), qn.to(tl.float32), dqp, dqn, t_ok, wq, dx_ptr, bos, L, t0,
-                              i_h, H, D, F, dw, db, BT, BD, BF, FUSED, ACT, NEG, MAP_PREC, EVEN)  # fmt: skip
-        else:
-            if CAUSAL:
-                # rows: keys s, columns: queries t (t >= s)
-                dat = tl.dot(vv, tl.trans(g), input_precision=PREC) + cd[None, :]
-                dat = tl.where(tl.trans(tril), dat, 0.0).to(DOT_DT)
-                at = tl.dot(kp, tl.trans(qp), input_precision=PREC)
-                dkp = tl.dot(dat, qp, input_precision=PREC)
-                if NEG:
-                    at += tl.dot(kn, tl.trans(qn), input_precision=PREC)
-                    dkn = tl.dot(dat, qn, input_precision=PREC)
-                else:
-                    dkn = dkp
-                at = tl.where(tl.trans(tril), at, 0.0).to(DOT_DT)
-                dvv = tl.dot(at, g, input_precision=PREC)
-            else:
-                dkp = tl.zeros([BT, BF], dtype=tl.float32)
                 dkn = dkp
-                dvv = tl.zeros([BT, BV], dtype=tl.float32)
-            if first:
-                r, e = _chunk_state(si_ptr + sb * DV, zi_ptr + sb, h_ptr + hb * DV, hz_ptr + hb, 0, F, DV, 0, BF, BV,
-                                    CAUSAL, EVEN)  # fmt: skip
+            at = tl.where(tl.trans(tril), at, 0.0).to(DOT_DT)
+            dvv = tl.dot(at, g, input_precision=PREC)
+        else:
+            dkp = tl.zeros([BT, BF], dtype=tl.float32)
+            dkn = dkp
+            dvv = tl.zeros([BT, BV], dtype=tl.float32)
+        if first:
+            r, e = _chunk_state(si_ptr + sb * DV, zi_ptr + sb, h_ptr + hb * DV, hz_ptr + hb, 0, F, DV, 0, BF, BV,
+                                CAUSAL, SEG, EVEN)  # fmt: skip
+            r = r.to(DOT_DT)
+            dkp += tl.dot(vv, tl.trans(r), input_precision=PREC) + e[None, :]
+            dvv += tl.dot(kp, r, input_precision=PREC)
+            if NEG:
+                r, e = _chunk_state(si_ptr + sb * DV, zi_ptr + sb, h_ptr + hb * DV, hz_ptr + hb, F, F, DV, 0, BF,
+                                    BV, CAUSAL, SEG, EVEN)  # fmt: skip
                 r = r.to(DOT_DT)
-                dkp += tl.dot(vv, tl.trans(r), input_precision=PREC) + e[None, :]
-                dvv += tl.dot(kp, r, input_precision=PREC)
-                if NEG:
-                    r, e = _chunk_state(si_ptr + sb * DV, zi_ptr + sb, h_ptr + hb * DV, hz_ptr + hb, F, F, DV, 0, BF,
-                                        BV, CAUSAL, EVEN)  # fmt: skip
-                    r = r.to(DOT_DT)
-                    dkn += tl.dot(vv, tl.trans(r), input_precision=PREC) + e[None, :]
-                    dvv += tl.dot(kn, r, input_precision=PREC)
-            if HAS_MASK:
-                dkp = dkp * mk[:, None]
-                dkn = dkn * mk[:, None]
-            _st(dv_ptr + bos * (H * DV) + i_h * DV, dvv, L, DV, H * DV, t0, 0, BT, BV, True, not EVEN)
-            dw, db = _map_bwd(xk, zk, kp_raw.to(tl.float32), kn_raw.to(tl.float32), dkp, dkn, t_ok, wk, dx_ptr, bos, L,
-                              t0, i_h, H, D, F, dw, db, BT, BD, BF, FUSED, ACT, NEG, MAP_PREC, EVEN)  # fmt: skip
-    if FUSED:
-        base = (i_sp * H + i_h).to(tl.int64)
-        _st(dw_ptr + base * D * F, dw, D, F, F, 0, 0, BD, BF, not EVEN, not EVEN)
-        tl.store(db_ptr + base * F + offs_f, db, mask=f_ok)
+                dkn += tl.dot(vv, tl.trans(r), input_precision=PREC) + e[None, :]
+                dvv += tl.dot(kn, r, input_precision=PREC)
+        if HAS_MASK:
+            dkp = dkp * mk[:, None]
+            dkn = dkn * mk[:, None]
+        _st(dv_ptr + bos * (H * DV) + i_h * DV, dvv, L, DV, H * DV, t0, 0, BT, BV, True, not EVEN)
+        _map_bwd(zk, kp_raw.to(tl.float32), kn_raw.to(tl.float32), dkp, dkn, t_ok, wk, dx_ptr, dz_ptr, bos, L, t0, i_h,
+                 H, D, F, BT, BD, BF, FUSED, ACT, NEG, MAP_PREC, EVEN)  # fmt: skip
 
 
 @triton.jit

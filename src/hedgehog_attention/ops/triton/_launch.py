@@ -81,7 +81,7 @@ def segments(n_seq: int, hk: int, max_len: int, n_prog: int) -> tuple[int, int]:
 class _Plan:
     """Shapes, block sizes, chunk tables and constexprs shared by the forward and backward."""
 
-    def __init__(self, q, k, v, wq, bq, bk, mask, cu, *, activation, negation, fused, max_len, nc):
+    def __init__(self, q, k, v, wq, bq, bk, mask, cu, *, activation, negation, fused, max_len, nc, varlen):
         self.B, self.T, self.H, dq = q.shape
         self.HK, self.DV = k.shape[2], v.shape[3]
         self.N = cu.numel() - 1
@@ -105,6 +105,7 @@ class _Plan:
         self.cidx = torch.stack([seq, torch.arange(nc, device=self.dev) - self.coff[seq].long()], 1)
         self.cidx = self.cidx.to(torch.int32).contiguous()
         self.cu = cu
+        self.varlen = bool(varlen)
         self.mask = mask
         half = v.dtype in (torch.float16, torch.bfloat16)
         self.hdt = state_dtype(v.dtype)
@@ -135,8 +136,11 @@ class _Plan:
         c["EVEN"] = c["EVEN"] and self.DV % bv == 0
         return c
 
-    def state_walk(self, x, w, b, u, den, cd, *, reverse: bool, store_h: bool):
-        """Run ``_state_kernel``; returns ``(h, hz, st, stz)`` (``h``/``hz`` None unless ``store_h``)."""
+    def state_walk(self, x, w, b, u, den, cd, s0, z0, *, reverse: bool, store_h: bool):
+        """Run ``_state_kernel``; returns ``(h, hz, st, stz, cps, init)`` (``h``/``hz`` None unless
+        ``store_h``). With one segment per sequence and a given ``(s0, z0)`` (initial state, or the
+        final-state gradient when ``reverse``) the walk starts from it (``init``): the chunk states
+        are then complete and ``st`` includes it."""
         bv = min(_pow2(self.DV), _pow2(CONFIG["state_bv"]))
         nv = triton.cdiv(self.DV, bv)
         cps, ns = segments(self.N, self.HK, self.max_len, self.nhalf * nv)
@@ -150,36 +154,39 @@ class _Plan:
         stz = _empty(self.N, self.HK, ns, self.FT, device=self.dev, dtype=f32)
         c = self.consts(bv)
         dummy = x
+        init = store_h and ns == 1 and s0 is not None
         K._state_kernel[(self.N * self.HK * ns, self.nhalf * nv)](
             x, w if w is not None else dummy, b if b is not None else dummy, u,
             den if den is not None else dummy, cd if cd is not None else dummy, self.mask_, self.cu, self.coff,
             h if h is not None else dummy, hz if hz is not None else dummy, st, stz,
+            s0 if init else dummy, z0 if init else dummy, self.T,
             x.shape[2], self.HK, self.G if reverse else 1, self.D, self.F, self.FT, self.DV, cps, ns,
-            HAS_B=b is not None, REVERSE=reverse, STORE_H=store_h,
+            HAS_B=b is not None, REVERSE=reverse, STORE_H=store_h, INIT=init, VARLEN=self.varlen,
             **{n: c[n] for n in _COMMON}, BV=bv, num_warps=CONFIG["state_warps"], num_stages=CONFIG["state_stages"],
         )  # fmt: skip
-        return h, hz, st, stz, cps
+        return h, hz, st, stz, cps, init
 
 
-def fwd(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, *, activation, negation, causal, eps, fused, max_len, nc):
+def fwd(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, *, activation, negation, causal, eps, fused, max_len, nc, varlen):
     """Forward launcher.
 
     Shapes: ``q [B, T, H, D]`` (or features ``[B, T, H, F]``), ``k [B, T, HK, D]``,
     ``v [B, T, HK, DV]``, ``cu [N + 1]`` int32 token offsets into the flattened ``B * T`` axis,
-    ``s0 [N, HK, FT, DV]`` / ``z0 [N, HK, FT]`` fp32 or None, ``nc`` = number of chunks.
+    ``s0 [N, HK, FT, DV]`` / ``z0 [N, HK, FT]`` fp32 or None, ``nc`` = number of chunks,
+    ``varlen``: packed sequences (``cu_seqlens``) rather than ``B`` sequences of ``T`` tokens.
     Returns ``(o, den, h, hz, s_in, z_in, s_fin, z_fin)``: ``den [B*T, H]`` fp32 normalizers,
     ``h [NC, HK, FT, DV]`` / ``hz`` the chunks' local states (empty when bidirectional),
     ``s_in [N, HK, NS, FT, DV]`` / ``z_in`` the segments' entering states (saved for the backward).
     """
     P = _Plan(q, k, v, wq, bq, bk, mask, cu, activation=activation, negation=negation, fused=fused,
-              max_len=max_len, nc=nc)  # fmt: skip
+              max_len=max_len, nc=nc, varlen=varlen)  # fmt: skip
     dev = P.dev
-    if s0 is None:
+    h, hz, st, stz, cps, init = P.state_walk(
+        k, wk if fused else None, bk if fused else None, v, None, None, s0, z0, reverse=False, store_h=causal
+    )
+    if s0 is None or init:  # init: the walk started from (s0, z0), st includes it
         s0 = torch.zeros(P.N, P.HK, P.FT, P.DV, device=dev, dtype=torch.float32)
         z0 = torch.zeros(P.N, P.HK, P.FT, device=dev, dtype=torch.float32)
-    h, hz, st, stz, cps = P.state_walk(
-        k, wk if fused else None, bk if fused else None, v, None, None, reverse=False, store_h=causal
-    )
     s_fin = st.sum(2) + s0
     z_fin = stz.sum(2) + z0
     if causal:
@@ -189,6 +196,8 @@ def fwd(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, *, activation, negation, caus
         s_in, z_in = s_fin[:, :, None].clone(), z_fin[:, :, None].clone()  # outputs may not alias
         h = q.new_empty(0, dtype=P.hdt)
         hz = q.new_empty(0, dtype=torch.float32)
+    # one segment per sequence: the chunk states are complete (s_in is zero) and not read
+    seg = (not causal) or s_in.shape[2] > 1
     bv = min(_pow2(P.DV), _pow2(CONFIG["out_bv"]))
     nv = triton.cdiv(P.DV, bv)
     o = _empty(P.B, P.T, P.H, P.DV, device=dev, dtype=v.dtype)
@@ -196,9 +205,9 @@ def fwd(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, *, activation, negation, caus
     c = P.consts(bv)
     K._out_kernel[(P.nc, nv * P.H)](
         q, k, v, wq if fused else q, bq if bq is not None else q, wk if fused else q, bk if bk is not None else q,
-        P.mask_, cu, P.cidx, h if causal else q, hz if causal else q, s_in, z_in, o, den, float(eps),
+        P.mask_, cu, P.cidx, h if causal else q, hz if causal else q, s_in, z_in, o, den, float(eps), P.T,
         P.H, P.HK, P.G, P.D, P.F, P.FT, P.DV, cps, s_in.shape[2],
-        HAS_BQ=bq is not None, HAS_BK=bk is not None, CAUSAL=bool(causal), NEG=P.neg,
+        HAS_BQ=bq is not None, HAS_BK=bk is not None, CAUSAL=bool(causal), SEG=seg, VARLEN=P.varlen, NEG=P.neg,
         **{n: c[n] for n in _COMMON}, BV=bv, num_warps=CONFIG["out_warps"], num_stages=CONFIG["out_stages"],
     )  # fmt: skip
     return o, den, h, hz, s_in, z_in, s_fin, z_fin
@@ -206,11 +215,11 @@ def fwd(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, *, activation, negation, caus
 
 def bwd(
     do, ds_fin, dz_fin, q, k, v, wq, bq, wk, bk, mask, cu, o, den, h, hz, s_in, z_in,
-    *, activation, negation, causal, fused, max_len, nc, need_ds0,
+    *, activation, negation, causal, fused, max_len, nc, varlen, need_ds0,
 ):  # fmt: skip
     """Backward launcher; returns ``(dq, dk, dv, dwq, dbq, dwk, dbk, ds0, dz0)`` (None where n/a)."""
     P = _Plan(q, k, v, wq, bq, bk, mask, cu, activation=activation, negation=negation, fused=fused,
-              max_len=max_len, nc=nc)  # fmt: skip
+              max_len=max_len, nc=nc, varlen=varlen)  # fmt: skip
     dev, f32 = P.dev, torch.float32
     do = do.contiguous()
     if mask is not None:  # padded queries output a constant 0: no gradient flows through them
@@ -219,68 +228,79 @@ def bwd(
     K._delta_kernel[(triton.cdiv(P.B * P.T, 64), P.H)](
         do, o, den, cd, P.B * P.T, P.H, P.DV, BT=64, BV=_pow2(P.DV), num_warps=4
     )  # fmt: skip
-    if ds_fin is None:
-        ds_fin = torch.zeros(P.N, P.HK, P.FT, P.DV, device=dev, dtype=f32)
-    if dz_fin is None:
-        dz_fin = torch.zeros(P.N, P.HK, P.FT, device=dev, dtype=f32)
-    dh, dhz, rt, rtz, cps_r = P.state_walk(
-        q, wq if fused else None, bq if fused else None, do, den, cd, reverse=True, store_h=causal
+    if ds_fin is not None or dz_fin is not None:
+        if ds_fin is None:
+            ds_fin = torch.zeros(P.N, P.HK, P.FT, P.DV, device=dev, dtype=f32)
+        if dz_fin is None:
+            dz_fin = torch.zeros(P.N, P.HK, P.FT, device=dev, dtype=f32)
+        ds_fin, dz_fin = ds_fin.contiguous(), dz_fin.contiguous()
+    dh, dhz, rt, rtz, cps_r, init = P.state_walk(
+        q, wq if fused else None, bq if fused else None, do, den, cd, ds_fin, dz_fin, reverse=True, store_h=causal
     )
-    tot = rt.sum(2) + ds_fin
-    ztot = rtz.sum(2) + dz_fin
+    tot, ztot = rt.sum(2), rtz.sum(2)
+    if ds_fin is not None and not init:
+        tot, ztot = tot + ds_fin, ztot + dz_fin
+    cps = _fwd_cps(P)
     if causal:
         # queries after each segment (+ the final-state gradient): reverse exclusive cumsum
         r_in = tot[:, :, None] - torch.cumsum(rt, 2)
         rz_in = ztot[:, :, None] - torch.cumsum(rtz, 2)
-        if cps_r != _fwd_cps(P):
+        if cps_r != cps:
             raise RuntimeError("forward and backward state walks must use the same segments")
     else:
         r_in, rz_in = tot[:, :, None].contiguous(), ztot[:, :, None].contiguous()
         dh, dhz = h, hz
 
+    # dq, and per query head dk / dv / dz_k (summed over a GQA group below; the KV tensors
+    # themselves when G == 1); dz = the map's pre-activation gradients for dW = x^T dz
     dq = _empty(q.shape, device=dev, dtype=q.dtype)
-    # per query head (summed over the GQA group below); the KV tensors themselves when G == 1
-    kshape = (P.B, P.T, P.H, k.shape[3])
-    dk = _empty(kshape, device=dev, dtype=k.dtype if P.G == 1 else f32)
+    dk = _empty(P.B, P.T, P.H, k.shape[3], device=dev, dtype=k.dtype if P.G == 1 else f32)
     dv = _empty(P.B, P.T, P.H, P.DV, device=dev, dtype=v.dtype if P.G == 1 else f32)
-    nsplit = max(1, min(P.nc, triton.cdiv(int(CONFIG["bwd_programs"]), P.H)))
+    zdt = torch.bfloat16 if v.dtype == torch.bfloat16 else f32
     if fused:
-        dwq = _empty(nsplit, P.H, P.D, P.F, device=dev, dtype=f32)
-        dbq = _empty(nsplit, P.H, P.F, device=dev, dtype=f32)
-        dwk = _empty(nsplit, P.H, P.D, P.F, device=dev, dtype=f32)
-        dbk = _empty(nsplit, P.H, P.F, device=dev, dtype=f32)
+        dzq = _empty(P.B, P.T, P.H, P.F, device=dev, dtype=zdt)
+        dzk = _empty(P.B, P.T, P.H, P.F, device=dev, dtype=zdt if P.G == 1 else f32)
     else:
-        dwq = dbq = dwk = dbk = q
+        dzq = dzk = q
     c = P.consts(_pow2(P.DV))
-    cps = _fwd_cps(P)
     wq_, bq_ = (wq if fused else q), (bq if bq is not None else q)
     wk_, bk_ = (wk if fused else q), (bk if bk is not None else q)
-    for kv_side, states, dx, dw, db in (
-        (False, (h, hz, s_in, z_in), dq, dwq, dbq),
-        (True, (dh, dhz, r_in, rz_in), dk, dwk, dbk),
-    ):
+    seg = (not causal) or s_in.shape[2] > 1  # as in the forward
+    for kv_side, states, dx, dz in ((False, (h, hz, s_in, z_in), dq, dzq), (True, (dh, dhz, r_in, rz_in), dk, dzk)):
         hh, hhz, si, zi = states
-        K._bwd_kernel[(nsplit, P.H)](
+        K._bwd_kernel[(P.nc, P.H)](
             q, k, v, wq_, bq_, wk_, bk_, P.mask_, cu, P.cidx,
-            hh if causal else q, hhz if causal else q, si, zi, do, den, cd, dx, dv, dw, db,
-            P.nc, nsplit, P.H, P.HK, P.G, P.D, P.F, P.FT, P.DV, cps, si.shape[2],
-            KV_SIDE=kv_side, HAS_BQ=bq is not None, HAS_BK=bk is not None, CAUSAL=bool(causal), NEG=P.neg,
-            **{n: c[n] for n in _COMMON}, BV=_pow2(P.DV), num_warps=CONFIG["bwd_warps"],
-            num_stages=CONFIG["bwd_stages"],
+            hh if causal else q, hhz if causal else q, si, zi, do, den, cd, dx, dz, dv, P.T,
+            P.H, P.HK, P.G, P.D, P.F, P.FT, P.DV, cps, si.shape[2],
+            KV_SIDE=kv_side, HAS_BQ=bq is not None, HAS_BK=bk is not None, CAUSAL=bool(causal), SEG=seg,
+            VARLEN=P.varlen, NEG=P.neg, **{n: c[n] for n in _COMMON}, BV=_pow2(P.DV),
+            num_warps=CONFIG["bwd_warps"], num_stages=CONFIG["bwd_stages"],
         )  # fmt: skip
     if P.G > 1:
         dk = dk.view(P.B, P.T, P.HK, P.G, -1).sum(3).to(k.dtype)
         dv = dv.view(P.B, P.T, P.HK, P.G, -1).sum(3).to(v.dtype)
+        if fused:
+            dzk = dzk.view(P.B, P.T, P.HK, P.G, P.F).sum(3).to(zdt)
     ds0 = dz0 = None
     if need_ds0:
         ds0, dz0 = tot, ztot
     if fused:
-        dwq_, dwk_ = dwq.sum(0).to(wq.dtype), dwk.sum(0).view(P.HK, P.G, P.D, P.F).sum(1).to(wk.dtype)
-        dbq_ = dbq.sum(0).to(bq.dtype) if bq is not None else None
-        dbk_ = dbk.sum(0).view(P.HK, P.G, P.F).sum(1).to(bk.dtype) if bk is not None else None
+        dwq_, dbq_ = _dw(q, dzq, wq, bq)
+        dwk_, dbk_ = _dw(k, dzk, wk, bk)
     else:
         dwq_ = dbq_ = dwk_ = dbk_ = None
     return dq, dk, dv, dwq_, dbq_, dwk_, dbk_, ds0, dz0
+
+
+def _dw(x: torch.Tensor, dz: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
+    """``dW[h] = sum_t x[t, h]^T dz[t, h]`` (one batched matmul over heads, fp32 accumulation)
+    and ``db[h] = sum_t dz[t, h]``; ``x [B, T, NH, D]``, ``dz [B, T, NH, F]``."""
+    NH, D, F = w.shape
+    xt = x.reshape(-1, NH, D).to(dz.dtype).permute(1, 2, 0)  # [NH, D, tokens] (strided view)
+    dzt = dz.reshape(-1, NH, F).permute(1, 0, 2)  # [NH, tokens, F]
+    dw = torch.bmm(xt, dzt).to(w.dtype)
+    db = dz.reshape(-1, NH, F).sum(0, dtype=torch.float32).to(b.dtype) if b is not None else None
+    return dw, db
 
 
 def _fwd_cps(P: _Plan) -> int:
