@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The conversion experiments on a 2-GPU device machine, in two back-to-back calls (issue #5 items 3-5).
 # SmolLM2's GGUF (xz, ~90 MB) does not fit one call's 64 MiB, so it travels in two halves:
-#   call 1 (`fc`):  carry .carry/fc .carry/pc .carry/whl .carry/smol_a -> finetuned conversion of MiniLM,
-#                   the 9 methods split over GPU 0 and 1 (one shared teacher), merged into one report;
+#   call 1 (`fc`):  carry .carry/fc .carry/pc .carry/whl .carry/smol_a .carry/pin -> finetuned conversion
+#                   of MiniLM, the 9 methods in 4 processes on GPU 0 and 1 (one shared teacher), merged;
 #   call 2 (`pc`):  carry .carry/smol_b -> needs .carry/smol_a left on the (still warm) machine by call 1;
 #                   reassembles the GGUF, checks its sha256, then runs the pretrained conversion of
-#                   SmolLM2 with the methods split over the two GPUs, merged into one report.
+#                   SmolLM2, one process per method on the two GPUs, merged into one report.
 # Prepare here (CPU):  bash scripts/gpu_conversion.sh prepare; bash scripts/gpu_conversion.sh pin [COMMIT]
 # Outputs: $OUT/{fc,pc}_results.tgz (reports, JSON, PNGs, snapshots; no checkpoints) and the logs.
 # Usage (repo root):  OUT=/tmp/out [FC_SECONDS=165] [PC_SECONDS=135] bash scripts/gpu_conversion.sh fc|pc|prepare|pin
@@ -24,11 +24,11 @@ FC_CFG="${FC_CFG:-configs/finetuned_conversion_gpu.yaml}"
 PC_CFG="${PC_CFG:-configs/pretrained_conversion_gpu.yaml}"
 FC_OUT="${FC_OUT:-runs/finetuned_conversion_gpu}"
 PC_OUT="${PC_OUT:-runs/pretrained_conversion_gpu}"
-# Method halves: the teacher is trained by half A, so A gets the lighter list.
-FC_A="${FC_A:-hedgehog,t2r,1+elu,relu}"
-FC_B="${FC_B:-t2r-hh,performer,cosformer,exp-t1,exp-t2}"
-PC_A="${PC_A:-hedgehog}"
-PC_B="${PC_B:-t2r,1+elu,softmax-ft}"
+# Process groups "GPU:method,method ..." (several processes share a GPU: these small models leave it
+# launch-bound, so processes overlap well). The first fc group trains the shared teacher; the others
+# start once it is saved.
+FC_GROUPS="${FC_GROUPS:-0:hedgehog,t2r 1:t2r-hh,performer 0:1+elu,relu 1:cosformer,exp-t1,exp-t2}"
+PC_GROUPS="${PC_GROUPS:-0:hedgehog 1:t2r 1:1+elu 0:softmax-ft}"
 # A CPU dry run of the same script paths at smoke size: DEVICE=cpu FC_CFG=... PC_CFG=... and
 # EXTRA_SET="--set KEY=VALUE ..." (split on spaces) for every command.
 DEVICE="${DEVICE:-cuda}"
@@ -45,32 +45,39 @@ gpu_env() {  # gpu_env INDEX: pin one process to one GPU (none on a CPU dry run)
   if [[ "$DEVICE" == cuda ]]; then echo "CUDA_VISIBLE_DEVICES=$1"; else echo "CUDA_VISIBLE_DEVICES="; fi
 }
 
+start_group() {  # start_group CMD_ARRAY_NAME OUTDIR INDEX "GPU:methods" SECONDS LOG -> pid in $!
+  local -n cmd=$1
+  local gpu="${4%%:*}" methods="${4#*:}"
+  env $(gpu_env "$gpu") timeout "$5" "$PY" "${cmd[@]}" --out "${2}_$3" --only "$methods" "${EXTRA[@]}" >"$6" 2>&1 &
+}
+
 run_fc() {
   local secs="${FC_SECONDS:-165}" t0=$SECONDS
   header
   ls -la .carry/fc .carry/smol_a 2>&1 | head -20
-  rm -rf "$FC_OUT" "${FC_OUT}_a" "${FC_OUT}_b"
-  local common=(-m hedgehog_attention.cli finetuned-conversion --config "$FC_CFG" --device "$DEVICE")
-  env $(gpu_env 0) timeout "$secs" "$PY" "${common[@]}" --out "${FC_OUT}_a" --only "$FC_A" \
-    --set "teacher_path=$FC_OUT/teacher.pt" "${EXTRA[@]}" >"$OUT/fc_a.log" 2>&1 &
-  local pa=$!
-  # Half B starts once half A has saved the teacher (or gives up when A has died).
-  while [[ ! -f "$FC_OUT/teacher.pt" ]] && kill -0 "$pa" 2>/dev/null; do sleep 1; done
-  local pb=""
+  rm -rf "$FC_OUT" "$FC_OUT"_*
+  local common=(-m hedgehog_attention.cli finetuned-conversion --config "$FC_CFG" --device "$DEVICE"
+    --set "teacher_path=$FC_OUT/teacher.pt")
+  local groups=($FC_GROUPS) pids=() dirs=() i
+  start_group common "$FC_OUT" 0 "${groups[0]}" "$secs" "$OUT/fc_0.log"
+  pids+=($!); dirs+=("${FC_OUT}_0")
+  # The other groups start once group 0 has saved the teacher (or give up when it has died).
+  while [[ ! -f "$FC_OUT/teacher.pt" ]] && kill -0 "${pids[0]}" 2>/dev/null; do sleep 1; done
   if [[ -f "$FC_OUT/teacher.pt" ]]; then
-    echo "teacher ready after $((SECONDS - t0)) s; starting half B"
-    env $(gpu_env 1) timeout "$((secs - (SECONDS - t0)))" "$PY" "${common[@]}" --out "${FC_OUT}_b" --only "$FC_B" \
-      --set "teacher_path=$FC_OUT/teacher.pt" "${EXTRA[@]}" >"$OUT/fc_b.log" 2>&1 &
-    pb=$!
+    echo "teacher ready after $((SECONDS - t0)) s; starting groups 1..$((${#groups[@]} - 1))"
+    for ((i = 1; i < ${#groups[@]}; i++)); do
+      start_group common "$FC_OUT" "$i" "${groups[$i]}" "$((secs - (SECONDS - t0)))" "$OUT/fc_$i.log"
+      pids+=($!); dirs+=("${FC_OUT}_$i")
+    done
   else
-    echo "half A ended before saving a teacher; see fc_a.log"
+    echo "group 0 ended before saving a teacher; see fc_0.log"
   fi
-  wait "$pa"; echo "fc half A exit $?"
-  [[ -n "$pb" ]] && { wait "$pb"; echo "fc half B exit $?"; }
-  "$PY" "${common[@]}" --out "$FC_OUT" --merge "${FC_OUT}_a" "${FC_OUT}_b" "${EXTRA[@]}" >"$OUT/fc_merge.log" 2>&1
+  for i in "${!pids[@]}"; do wait "${pids[$i]}"; echo "fc group $i (${groups[$i]}) exit $?"; done
+  "$PY" "${common[@]}" --out "$FC_OUT" --merge "${dirs[@]}" "${EXTRA[@]}" >"$OUT/fc_merge.log" 2>&1
   echo "fc merge exit $? after $((SECONDS - t0)) s"
-  tar czf "$OUT/fc_results.tgz" --exclude='*.pt' "$FC_OUT" "${FC_OUT}_a" "${FC_OUT}_b" 2>/dev/null
-  tail -n 25 "$OUT/fc_merge.log"; tail -n 4 "$OUT/fc_a.log" "$OUT/fc_b.log" 2>/dev/null
+  tar czf "$OUT/fc_results.tgz" --exclude='*.pt' "$FC_OUT" "${dirs[@]}" 2>/dev/null
+  tail -n 25 "$OUT/fc_merge.log"
+  for i in "${!pids[@]}"; do tail -n 3 "$OUT/fc_$i.log"; done
 }
 
 assemble_gguf() {  # -> .carry/smol/$GGUF_NAME, checked against .carry/smol_a/SHA256SUMS
@@ -106,21 +113,20 @@ run_pc() {
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .carry/whl/gguf-*.whl \
       && export PYTHONPATH="$PYTHONPATH:/tmp/site"
   fi
-  rm -rf "$PC_OUT" "${PC_OUT}_a" "${PC_OUT}_b"
-  local common=(-m hedgehog_attention.cli pretrained-conversion --config "$PC_CFG" --device "$DEVICE")
-  local left=$((secs - (SECONDS - t0)))
-  env $(gpu_env 0) timeout "$left" "$PY" "${common[@]}" --out "${PC_OUT}_a" --only "$PC_A" \
-    --set "model.gguf=$gguf" "${EXTRA[@]}" >"$OUT/pc_a.log" 2>&1 &
-  local pa=$!
-  env $(gpu_env 1) timeout "$left" "$PY" "${common[@]}" --out "${PC_OUT}_b" --only "$PC_B" \
-    --set "model.gguf=$gguf" "${EXTRA[@]}" >"$OUT/pc_b.log" 2>&1 &
-  local pb=$!
-  wait "$pa"; echo "pc half A exit $?"
-  wait "$pb"; echo "pc half B exit $?"
-  "$PY" "${common[@]}" --out "$PC_OUT" --merge "${PC_OUT}_a" "${PC_OUT}_b" "${EXTRA[@]}" >"$OUT/pc_merge.log" 2>&1
+  rm -rf "$PC_OUT" "$PC_OUT"_*
+  local common=(-m hedgehog_attention.cli pretrained-conversion --config "$PC_CFG" --device "$DEVICE"
+    --set "model.gguf=$gguf")
+  local groups=($PC_GROUPS) pids=() dirs=() i left=$((secs - (SECONDS - t0)))
+  for i in "${!groups[@]}"; do
+    start_group common "$PC_OUT" "$i" "${groups[$i]}" "$left" "$OUT/pc_$i.log"
+    pids+=($!); dirs+=("${PC_OUT}_$i")
+  done
+  for i in "${!pids[@]}"; do wait "${pids[$i]}"; echo "pc group $i (${groups[$i]}) exit $?"; done
+  "$PY" "${common[@]}" --out "$PC_OUT" --merge "${dirs[@]}" "${EXTRA[@]}" >"$OUT/pc_merge.log" 2>&1
   echo "pc merge exit $? after $((SECONDS - t0)) s"
-  tar czf "$OUT/pc_results.tgz" --exclude='*.pt' "$PC_OUT" "${PC_OUT}_a" "${PC_OUT}_b" 2>/dev/null
-  tail -n 22 "$OUT/pc_merge.log"; tail -n 4 "$OUT/pc_a.log" "$OUT/pc_b.log" 2>/dev/null
+  tar czf "$OUT/pc_results.tgz" --exclude='*.pt' "$PC_OUT" "${dirs[@]}" 2>/dev/null
+  tail -n 22 "$OUT/pc_merge.log"
+  for i in "${!pids[@]}"; do tail -n 3 "$OUT/pc_$i.log"; done
 }
 
 prepare() {  # here, on a CPU machine with the assets installed

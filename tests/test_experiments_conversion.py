@@ -59,6 +59,18 @@ def test_finetuned_conversion_smoke(tmp_path):
     # The standalone renderer reads the same file.
     assert maps_main(["--from", str(out / "attention_maps.npz"), "--out", str(tmp_path / "maps")]) == 0
     assert (tmp_path / "maps" / "attention_maps_layer0.png").stat().st_size > 1000
+    # The entropy table holds the heads' mean of the per-panel entropies, teacher first.
+    import torch
+
+    from hedgehog_attention.experiments.attention_maps import entropy_table
+    from hedgehog_attention.metrics import attention_entropy
+
+    snaps, meta = load_snapshots(out / "attention_maps.npz")
+    table = entropy_table(snaps, meta).splitlines()
+    assert table[2].startswith("| softmax (teacher) |") and table[4].startswith("| hedgehog |")
+    w = snaps["hedgehog"]["linear"][0]  # [H, T, T]
+    want = np.mean([float(attention_entropy(torch.from_numpy(h)[None, None]).mean()) for h in w])
+    assert table[4] == f"| hedgehog | {want:.2f} |"
 
 
 def test_pretrained_conversion_smoke(tmp_path):
@@ -160,16 +172,19 @@ def test_finetuned_conversion_halves_merge(tmp_path):
             "--set", "convert.backend=reference"]  # fmt: skip
     assert fc_main([*base, "--out", str(tmp_path / "a"), "--only", "hedgehog,t2r"]) == 0
     assert (tmp_path / "teacher.pt").is_file()
-    assert fc_main([*base, "--out", str(tmp_path / "b"), "--only", "1+elu"]) == 0
+    # max_seconds=0: the first method still runs, the next is recorded as skipped.
+    assert fc_main([*base, "--out", str(tmp_path / "b"), "--only", "1+elu,t2r-hh", "--set", "max_seconds=0"]) == 0
     ra = json.loads((tmp_path / "a" / "results.json").read_text())["results"]
     rb = json.loads((tmp_path / "b" / "results.json").read_text())["results"]
     assert ra["teacher"]["test_accuracy"] == rb["teacher"]["test_accuracy"]  # the loaded teacher
     assert fc_main([*base, "--out", str(tmp_path / "m"), "--merge", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
     merged = json.loads((tmp_path / "m" / "results.json").read_text())["results"]
-    assert [m["method"] for m in merged["methods"]] == ["t2r", "hedgehog", "1+elu"]  # config order
+    assert [m["method"] for m in merged["methods"]] == ["t2r", "t2r-hh", "hedgehog"]  # config order
+    assert merged["skipped_for_time"] == ["1+elu"]
     snaps, _ = load_snapshots(tmp_path / "m" / "attention_maps.npz")
-    assert set(snaps) == {"t2r", "hedgehog", "1+elu"}
-    assert "| 1+elu | no |" in (tmp_path / "m" / "finetuned_conversion.md").read_text()
+    assert set(snaps) == {"t2r", "t2r-hh", "hedgehog"}
+    md = (tmp_path / "m" / "finetuned_conversion.md").read_text()
+    assert "| t2r-hh | yes |" in md and "Not run (max_seconds reached): 1+elu." in md
     # Merging the same half twice is refused (a method would be counted twice).
     with pytest.raises(ValueError, match="more than one run"):
         fc_main([*base, "--out", str(tmp_path / "x"), "--merge", str(tmp_path / "a"), str(tmp_path / "a")])

@@ -23,7 +23,15 @@ import torch
 from ..metrics import attention_entropy
 from ..ops import linear_attention_weights, softmax_attention_weights
 
-__all__ = ["snapshot", "save_snapshots", "load_snapshots", "plot_heatmaps", "plot_monotonicity", "main"]
+__all__ = [
+    "entropy_table",
+    "snapshot",
+    "save_snapshots",
+    "load_snapshots",
+    "plot_heatmaps",
+    "plot_monotonicity",
+    "main",
+]
 
 
 @torch.no_grad()
@@ -161,11 +169,30 @@ def plot_monotonicity(snaps: dict[str, dict[str, np.ndarray]], meta: dict, path:
     return path
 
 
+def entropy_table(snaps: dict[str, dict[str, np.ndarray]], meta: dict) -> str:
+    """Markdown table of the mean entropy (nats, over the chosen heads) of each panel row: the
+    softmax teacher and every method, per chosen layer (the numbers printed on the heat maps,
+    averaged over heads)."""
+    from .common import markdown_table
+
+    methods = list(snaps)
+    first = snaps[methods[0]]
+    layers = meta["layers"]
+    rows = [["softmax (teacher)"] + [f"{_mean_entropy(first['softmax'][li]):.2f}" for li in range(len(layers))]]
+    rows += [[m] + [f"{_mean_entropy(snaps[m]['linear'][li]):.2f}" for li in range(len(layers))] for m in methods]
+    return markdown_table(["attention"] + [f"layer {la}" for la in layers], rows)
+
+
+def _mean_entropy(w_heads: np.ndarray) -> float:
+    return float(np.mean([_entropy(w) for w in w_heads]))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hedgehog attention-maps", description=__doc__.split("\n\n")[0])
     p.add_argument("--from", dest="src", required=True, help="attention_maps.npz written by a conversion command")
     p.add_argument("--out", required=True, help="folder for the PNGs")
     p.add_argument("--title", default="attention weights")
+    p.add_argument("--table", action="store_true", help="also print the mean entropy per method and layer")
     return p
 
 
@@ -177,4 +204,6 @@ def main(argv: list[str] | None = None) -> int:
     paths.append(plot_monotonicity(snaps, meta, out / "monotonicity.png", args.title))
     for p in paths:
         print(p)
+    if args.table:
+        print(entropy_table(snaps, meta))
     return 0

@@ -139,7 +139,7 @@ class FinetunedConversionConfig:
     map_layers: list[int] = field(default_factory=lambda: [0])
     map_heads: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     teacher_path: str | None = None
-    max_seconds: float | None = None
+    max_seconds: float | None = None  # no method starts after this (from the process start), except the first
 
     def __post_init__(self) -> None:
         from ..feature_maps import available_feature_maps
@@ -677,7 +677,9 @@ def main(argv: list[str] | None = None) -> int:
     snaps = {}
     save_json({"config": config_to_dict(cfg), "environment": env, "results": results}, out / "results.json")
     for m in cfg.methods:
-        if cfg.max_seconds is not None and time.perf_counter() - t_start > cfg.max_seconds:
+        # The first method always runs (the process was started for it); later ones only in time.
+        late = cfg.max_seconds is not None and time.perf_counter() - t_start > cfg.max_seconds
+        if late and results["methods"]:
             results["skipped_for_time"].append(m.name)
             log.warning("max_seconds=%s passed: %s not run", cfg.max_seconds, m.name)
             continue
