@@ -277,11 +277,17 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=".", help="folder for attention_speed.json")
     ap.add_argument("--seq-lens", default="1024,2048,4096,8192,16384,32768,65536,131072")
-    ap.add_argument("--backends", default=",".join(BACKENDS))
+    ap.add_argument("--backends", default="sdpa,fla+torch map,triton fused")
+    ap.add_argument(
+        "--extra-backends",
+        default="chunked (torch),taylor2 (torch)",
+        help="timed after every T of --backends is done (slow ones: cut first by --time-limit)",
+    )
     ap.add_argument("--no-decode", action="store_true")
     ap.add_argument("--config", default="{}", help="JSON overrides of _launch.CONFIG for 'triton fused'")
     ap.add_argument("--sweep", default="", help="JSON {name: CONFIG overrides}: extra 'triton fused @name' rows")
     ap.add_argument("--sweep-seq-lens", default="1024,32768")
+    ap.add_argument("--pick", action="store_true", help="use the sweep's best config (last sweep T) for 'triton fused'")
     ap.add_argument("--profile-seq-lens", default="", help="per-kernel time of triton fwd+bwd at these T")
     ap.add_argument("--reps", default="10,60", help="do_bench warmup,rep in ms")
     ap.add_argument("--time-limit", type=float, default=1e9, help="start no new T row after this many seconds")
@@ -333,6 +339,17 @@ def main(argv=None):
                 print(T, name, row[name], file=sys.stderr, flush=True)
             result["sweep"].append(row)
             save()
+        if args.pick:  # normalised to the targets: fwd 1.0 ms, fwd+bwd 4.0 ms
+
+            def score(x):
+                return x.get("fwd_ms", 1e9) / 1.0 + x.get("fwdbwd_ms", 1e9) / 4.0
+
+            last = result["sweep"][-1]
+            best = min(sweep, key=lambda c: score(last[f"triton fused @{c}"]))
+            BACKEND_CONFIG["triton fused"] = dict(sweep[best], **BACKEND_CONFIG["triton fused"])
+            meta["picked"] = best
+            meta["config"] = BACKEND_CONFIG["triton fused"]
+            print("picked config", best, meta["config"], file=sys.stderr, flush=True)
     for T in (int(x) for x in args.profile_seq_lens.split(",") if x):
         saved = dict(_launch_config())
         _launch_config().update(BACKEND_CONFIG["triton fused"])
@@ -347,21 +364,23 @@ def main(argv=None):
         result["decode"] = decode_times(dev)
         print(result["decode"], file=sys.stderr, flush=True)
         save()
-    for T in (int(x) for x in args.seq_lens.split(",") if x):
-        if time.time() - t_start > args.time_limit:
-            print(f"time limit: T={T} and longer not measured", file=sys.stderr, flush=True)
-            result["meta"]["cut_at_T"] = T
-            break
-        B = TOKENS // T
-        row = {"T": T, "B": B}
-        for name in names:
-            if name in BACKEND_T and T not in BACKEND_T[name]:
-                row[name] = {}
-                continue
-            row[name] = time_backend(name, B, T, dev, with_bwd=True)
-            print(T, name, row[name], file=sys.stderr, flush=True)
-        rows.append(row)
-        save()  # after every T so that a run stopped at its time limit still leaves its rows
+    extras = [n for n in args.extra_backends.split(",") if n]
+    for pass_names in (names, extras):
+        for T in (int(x) for x in args.seq_lens.split(",") if x):
+            row = next((r for r in rows if r["T"] == T), None)
+            if row is None:
+                row = {"T": T, "B": TOKENS // T}
+                rows.append(row)
+            for name in pass_names:
+                if name in BACKEND_T and T not in BACKEND_T[name]:
+                    row[name] = {}
+                    continue
+                if time.time() - t_start > args.time_limit:
+                    row[name] = {"error": "not run (time limit)"}
+                    continue
+                row[name] = time_backend(name, TOKENS // T, T, dev, with_bwd=True)
+                print(T, name, row[name], file=sys.stderr, flush=True)
+            save()  # after every T so that a run stopped at its time limit still leaves its rows
     result["kernels"] = kernel_resources()
     save()
     print(format_table(result))

@@ -94,7 +94,9 @@ def _(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, activation, negation, causal, e
     N = cu.shape[0] - 1
     FT = _ft(q, wq, negation, fused)
     bv = min(L._pow2(DV), L._pow2(L.CONFIG["state_bv"]))
-    ns = L.segments(N, HK, max_len, (2 if (negation and fused) else 1) * -(-DV // bv))[1] if causal else 1
+    F = wq.shape[2] if fused else q.shape[3]
+    bt = L.chunk_size(F, v.dtype)
+    ns = L.segments(N, HK, max_len, (2 if (negation and fused) else 1) * -(-DV // bv), bt)[1] if causal else 1
     f32, hdt = torch.float32, L.state_dtype(v.dtype)
     return (
         q.new_empty(B, T, H, DV, dtype=v.dtype),
@@ -222,11 +224,9 @@ def _check_common(q, k, v, attention_mask, cu_seqlens, initial_state):
             raise ValueError(f"cu_seqlens needs B == 1 (sequences packed along T); got B={B}")
         cu = cu_seqlens.to(device=dev, dtype=torch.int32).contiguous()
         max_len = int((cu[1:] - cu[:-1]).max().item()) if cu.numel() > 1 else 0
-        nc = _lm().n_chunks(cu, B, T)
     else:
         cu = (torch.arange(B + 1, device=dev, dtype=torch.int32) * T).contiguous()
         max_len = T
-        nc = _lm().n_chunks(None, B, T)
     mask = None
     if attention_mask is not None:
         if attention_mask.shape != (B, T):
@@ -237,7 +237,12 @@ def _check_common(q, k, v, attention_mask, cu_seqlens, initial_state):
         s0, z0 = initial_state
         s0 = s0.to(torch.float32).contiguous()
         z0 = z0.to(torch.float32).contiguous()
-    return cu, max_len, nc, mask, s0, z0
+    return cu, max_len, mask, s0, z0
+
+
+def _n_chunks(cu: Tensor, cu_seqlens: Tensor | None, B: int, T: int, F: int, dtype: torch.dtype) -> int:
+    L = _lm()
+    return L.n_chunks(cu if cu_seqlens is not None else None, B, T, L.chunk_size(F, dtype))
 
 
 def linear_attention_triton(
@@ -270,7 +275,8 @@ def linear_attention_triton(
     Returns:
         ``(o [B, T, H, Dv], final_state or None)``.
     """
-    cu, max_len, nc, mask, s0, z0 = _check_common(fq, fk, v, attention_mask, cu_seqlens, initial_state)
+    cu, max_len, mask, s0, z0 = _check_common(fq, fk, v, attention_mask, cu_seqlens, initial_state)
+    nc = _n_chunks(cu, cu_seqlens, fq.shape[0], fq.shape[1], fq.shape[3], v.dtype)
     o, *_, s_fin, z_fin = _la_fwd(
         fq.contiguous(), fk.contiguous(), v.contiguous(), None, None, None, None, mask, cu, s0, z0,
         "softmax", False, bool(causal), float(eps), False, max_len, nc, cu_seqlens is not None,
@@ -315,7 +321,7 @@ def fused_hedgehog_attention(
     """
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {_ACTIVATIONS}; got {activation!r}")
-    cu, max_len, nc, mask, s0, z0 = _check_common(q, k, v, attention_mask, cu_seqlens, initial_state)
+    cu, max_len, mask, s0, z0 = _check_common(q, k, v, attention_mask, cu_seqlens, initial_state)
     H, D = q.shape[2], q.shape[3]
     HK = k.shape[2]
     if q.dtype != k.dtype or q.dtype != v.dtype:
@@ -329,6 +335,7 @@ def fused_hedgehog_attention(
         raise ValueError(f"q_bias must be [H, F] = {(H, F)}; got {tuple(q_bias.shape)}")
     if k_bias is not None and tuple(k_bias.shape) != (HK, F):
         raise ValueError(f"k_bias must be [Hk, F] = {(HK, F)}; got {tuple(k_bias.shape)}")
+    nc = _n_chunks(cu, cu_seqlens, q.shape[0], q.shape[1], F, v.dtype)
     o, *_, s_fin, z_fin = _la_fwd(
         q.contiguous(), k.contiguous(), v.contiguous(),
         q_weight.contiguous(), None if q_bias is None else q_bias.contiguous(),

@@ -138,10 +138,8 @@ def _load_wb(
 
 
 @triton.jit
-def _preact(
+def _ld_x(
     x_ptr,
-    w,
-    b,
     bos,
     L,
     t0,
@@ -153,25 +151,28 @@ def _preact(
     BD: tl.constexpr,
     BF: tl.constexpr,
     FUSED: tl.constexpr,
-    W_NATIVE: tl.constexpr,
-    MAP_PREC: tl.constexpr,
     EVEN: tl.constexpr,
 ):
-    """One chunk of head ``i_h``: ``(x, z)``. Fused: raw ``x [BT, BD]`` and ``z = x W + b`` fp32;
-    generic: the loaded features ``[BT, BF]`` (fp32) as both. Tokens ``t0 + i`` of the sequence
-    starting at token ``bos`` (length ``L``); rows past ``L`` load as 0."""
+    """Chunk of head ``i_h``: raw ``x [BT, BD]`` (fused) or the features ``[BT, BF]`` (generic),
+    tokens ``t0 + i`` of the sequence starting at token ``bos`` (length ``L``); 0 past ``L``."""
     if FUSED:
-        x = _ld(x_ptr + bos * (NH * D) + i_h * D, L, D, NH * D, t0, 0, BT, BD, True, not EVEN)
+        return _ld(x_ptr + bos * (NH * D) + i_h * D, L, D, NH * D, t0, 0, BT, BD, True, not EVEN)
+    else:
+        return _ld(x_ptr + bos * (NH * F) + i_h * F, L, F, NH * F, t0, 0, BT, BF, True, not EVEN)
+
+
+@triton.jit
+def _preact(x, w, b, FUSED: tl.constexpr, W_NATIVE: tl.constexpr, MAP_PREC: tl.constexpr):
+    """``z = x W + b`` (fp32 accumulation; fused) or the features as fp32 (generic)."""
+    if FUSED:
         if W_NATIVE:
             # bf16/fp16 x bf16/fp16 products are exact in the fp32 accumulator
             z = tl.dot(x, w)
         else:
             z = tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision=MAP_PREC)
-        z = z + b[None, :]
+        return z + b[None, :]
     else:
-        x = _ld(x_ptr + bos * (NH * F) + i_h * F, L, F, NH * F, t0, 0, BT, BF, True, not EVEN).to(tl.float32)
-        z = x
-    return x, z
+        return x.to(tl.float32)
 
 
 @triton.jit
@@ -390,10 +391,11 @@ def _state_kernel(
         tok = bos + offs_t
         for g in range(G):
             i_x = i_hk * G + g
-            w, b = _load_wb(w_ptr, b_ptr, i_x, D, F, BD, BF, FUSED, HAS_B, EVEN)
-            _x, z = _preact(x_ptr, w, b, bos, L, t0, i_x, NH, D, F, BT, BD, BF, FUSED, W_NATIVE, MAP_PREC, EVEN)
-            p = _feat(z, sign, t_ok, F, BF, FUSED, ACT, EVEN)
+            # every load of the step first: one memory latency per step, not one per load
+            x = _ld_x(x_ptr, bos, L, t0, i_x, NH, D, F, BT, BD, BF, FUSED, EVEN)
             u = _ld(u_ptr + bos * (NH * DV) + i_x * DV, L, DV, NH * DV, t0, v0, BT, BV, True, not EVEN)
+            w, b = _load_wb(w_ptr, b_ptr, i_x, D, F, BD, BF, FUSED, HAS_B, EVEN)
+            p = _feat(_preact(x, w, b, FUSED, W_NATIVE, MAP_PREC), sign, t_ok, F, BF, FUSED, ACT, EVEN)
             if REVERSE:
                 den = tl.load(den_ptr + tok * NH + i_x, mask=t_ok, other=1.0)
                 cd = tl.load(cd_ptr + tok * NH + i_x, mask=t_ok, other=0.0)
@@ -481,27 +483,35 @@ def _out_kernel(
     sb = ((i_n * HK + i_hk) * NSI + i_s).to(tl.int64) * FT
     hb = (i_c.to(tl.int64) * HK + i_hk) * FT
 
+    # every load first (one memory latency per program instead of one per stage), then compute
+    xq = _ld_x(q_ptr, bos, L, t0, i_h, H, D, F, BT, BD, BF, FUSED, EVEN)
     wq, bq = _load_wb(wq_ptr, bq_ptr, i_h, D, F, BD, BF, FUSED, HAS_BQ, EVEN)
-    xq, zq = _preact(q_ptr, wq, bq, bos, L, t0, i_h, H, D, F, BT, BD, BF, FUSED, W_NATIVE, MAP_PREC, EVEN)
-    qp = _feat(zq, 1.0, t_ok, F, BF, FUSED, ACT, EVEN)
-    s, z = _chunk_state(si_ptr + sb * DV, zi_ptr + sb, h_ptr + hb * DV, hz_ptr + hb, 0, F, DV, v0, BF, BV, CAUSAL,
-                        SEG, EVEN)  # fmt: skip
-    qp_d = qp.to(DOT_DT)
-    num = tl.dot(qp_d, s.to(DOT_DT), input_precision=PREC)
-    den = tl.sum(qp * z[None, :], 1)
-    if NEG:
-        qn = _feat(zq, -1.0, t_ok, F, BF, FUSED, ACT, EVEN)
-        s, z = _chunk_state(si_ptr + sb * DV, zi_ptr + sb, h_ptr + hb * DV, hz_ptr + hb, F, F, DV, v0, BF, BV, CAUSAL,
-                            SEG, EVEN)  # fmt: skip
-        qn_d = qn.to(DOT_DT)
-        num += tl.dot(qn_d, s.to(DOT_DT), input_precision=PREC)
-        den += tl.sum(qn * z[None, :], 1)
     if CAUSAL:
+        xk = _ld_x(k_ptr, bos, L, t0, i_hk, HK, D, F, BT, BD, BF, FUSED, EVEN)
         wk, bk = _load_wb(wk_ptr, bk_ptr, i_hk, D, F, BD, BF, FUSED, HAS_BK, EVEN)
-        xk, zk = _preact(k_ptr, wk, bk, bos, L, t0, i_hk, HK, D, F, BT, BD, BF, FUSED, W_NATIVE, MAP_PREC, EVEN)
-        kp = _feat(zk, 1.0, t_ok, F, BF, FUSED, ACT, EVEN)
+        vv = _ld(v_ptr + bos * (HK * DV) + i_hk * DV, L, DV, HK * DV, t0, v0, BT, BV, True, not EVEN)
         if HAS_MASK:
             mk = tl.load(mask_ptr + tok, mask=t_ok, other=0.0)
+    sp, zp = _chunk_state(si_ptr + sb * DV, zi_ptr + sb, h_ptr + hb * DV, hz_ptr + hb, 0, F, DV, v0, BF, BV, CAUSAL,
+                          SEG, EVEN)  # fmt: skip
+    if NEG:
+        sn, zn = _chunk_state(si_ptr + sb * DV, zi_ptr + sb, h_ptr + hb * DV, hz_ptr + hb, F, F, DV, v0, BF, BV,
+                              CAUSAL, SEG, EVEN)  # fmt: skip
+
+    zq = _preact(xq, wq, bq, FUSED, W_NATIVE, MAP_PREC)
+    qp = _feat(zq, 1.0, t_ok, F, BF, FUSED, ACT, EVEN)
+    qp_d = qp.to(DOT_DT)
+    num = tl.dot(qp_d, sp.to(DOT_DT), input_precision=PREC)
+    den = tl.sum(qp * zp[None, :], 1)
+    if NEG:
+        qn = _feat(zq, -1.0, t_ok, F, BF, FUSED, ACT, EVEN)
+        qn_d = qn.to(DOT_DT)
+        num += tl.dot(qn_d, sn.to(DOT_DT), input_precision=PREC)
+        den += tl.sum(qn * zn[None, :], 1)
+    if CAUSAL:
+        zk = _preact(xk, wk, bk, FUSED, W_NATIVE, MAP_PREC)
+        kp = _feat(zk, 1.0, t_ok, F, BF, FUSED, ACT, EVEN)
+        if HAS_MASK:
             kp = kp * mk[:, None]
         a = tl.dot(qp_d, tl.trans(kp.to(DOT_DT)), input_precision=PREC)
         if NEG:
@@ -510,7 +520,6 @@ def _out_kernel(
                 kn = kn * mk[:, None]
             a += tl.dot(qn_d, tl.trans(kn.to(DOT_DT)), input_precision=PREC)
         a = tl.where(offs_i[:, None] >= offs_i[None, :], a, 0.0)
-        vv = _ld(v_ptr + bos * (HK * DV) + i_hk * DV, L, DV, HK * DV, t0, v0, BT, BV, True, not EVEN)
         num += tl.dot(a.to(DOT_DT), vv.to(DOT_DT), input_precision=PREC)
         den += tl.sum(a, 1)
     den = den + eps
@@ -619,16 +628,31 @@ def _bwd_kernel(
     sb = ((i_n * HK + i_hk) * NSI + i_s).to(tl.int64) * FT
     hb = (i_c * HK + i_hk).to(tl.int64) * FT
 
-    wq, bq = _load_wb(wq_ptr, bq_ptr, i_h, D, F, BD, BF, FUSED, HAS_BQ, EVEN)
-    wk, bk = _load_wb(wk_ptr, bk_ptr, i_hk, D, F, BD, BF, FUSED, HAS_BK, EVEN)
-    # features as DOT_DT right away (bf16 for bf16 inputs, like torch's bf16 map): fewer live
-    # fp32 tiles; the map's backward uses the same rounded features
-    _xq, zq = _preact(q_ptr, wq, bq, bos, L, t0, i_h, H, D, F, BT, BD, BF, FUSED, W_NATIVE, MAP_PREC, EVEN)
-    qp = _feat(zq, 1.0, t_ok, F, BF, FUSED, ACT, EVEN).to(DOT_DT)
-    _xk, zk = _preact(k_ptr, wk, bk, bos, L, t0, i_hk, HK, D, F, BT, BD, BF, FUSED, W_NATIVE, MAP_PREC, EVEN)
-    kp_raw = _feat(zk, 1.0, t_ok, F, BF, FUSED, ACT, EVEN).to(DOT_DT)
+    # every load first (one memory latency per program instead of one per stage), then compute;
+    # (s, z) = the forward state entering the chunk (query side) or the reverse state (key side)
+    xq = _ld_x(q_ptr, bos, L, t0, i_h, H, D, F, BT, BD, BF, FUSED, EVEN)
+    xk = _ld_x(k_ptr, bos, L, t0, i_hk, HK, D, F, BT, BD, BF, FUSED, EVEN)
+    do = _ld(do_ptr + bos * (H * DV) + i_h * DV, L, DV, H * DV, t0, 0, BT, BV, True, not EVEN)
+    vv = _ld(v_ptr + bos * (HK * DV) + i_hk * DV, L, DV, HK * DV, t0, 0, BT, BV, True, not EVEN).to(DOT_DT)
+    den = tl.load(den_ptr + tok * H + i_h, mask=t_ok, other=1.0)
+    cd = tl.load(cd_ptr + tok * H + i_h, mask=t_ok, other=0.0)
     if HAS_MASK:
         mk = tl.load(mask_ptr + tok, mask=t_ok, other=0.0)
+    wq, bq = _load_wb(wq_ptr, bq_ptr, i_h, D, F, BD, BF, FUSED, HAS_BQ, EVEN)
+    wk, bk = _load_wb(wk_ptr, bk_ptr, i_hk, D, F, BD, BF, FUSED, HAS_BK, EVEN)
+    sp, zp = _chunk_state(si_ptr + sb * DV, zi_ptr + sb, h_ptr + hb * DV, hz_ptr + hb, 0, F, DV, 0, BF, BV, CAUSAL,
+                          SEG, EVEN)  # fmt: skip
+    if NEG:
+        sn, zn = _chunk_state(si_ptr + sb * DV, zi_ptr + sb, h_ptr + hb * DV, hz_ptr + hb, F, F, DV, 0, BF, BV,
+                              CAUSAL, SEG, EVEN)  # fmt: skip
+
+    # features as DOT_DT right away (bf16 for bf16 inputs, like torch's bf16 map): fewer live
+    # fp32 tiles; the map's backward uses the same rounded features
+    zq = _preact(xq, wq, bq, FUSED, W_NATIVE, MAP_PREC)
+    qp = _feat(zq, 1.0, t_ok, F, BF, FUSED, ACT, EVEN).to(DOT_DT)
+    zk = _preact(xk, wk, bk, FUSED, W_NATIVE, MAP_PREC)
+    kp_raw = _feat(zk, 1.0, t_ok, F, BF, FUSED, ACT, EVEN).to(DOT_DT)
+    if HAS_MASK:
         kp = (kp_raw * mk[:, None]).to(DOT_DT)
     else:
         kp = kp_raw
@@ -643,20 +667,12 @@ def _bwd_kernel(
         qn = qp
         kn_raw = kp_raw
         kn = kp
-    do = _ld(do_ptr + bos * (H * DV) + i_h * DV, L, DV, H * DV, t0, 0, BT, BV, True, not EVEN)
-    den = tl.load(den_ptr + tok * H + i_h, mask=t_ok, other=1.0)
-    cd = tl.load(cd_ptr + tok * H + i_h, mask=t_ok, other=0.0)
     g = (do.to(tl.float32) / den[:, None]).to(DOT_DT)
-    vv = _ld(v_ptr + bos * (HK * DV) + i_hk * DV, L, DV, HK * DV, t0, 0, BT, BV, True, not EVEN).to(DOT_DT)
     tril = offs_i[:, None] >= offs_i[None, :]
     if not KV_SIDE:
-        s, z = _chunk_state(si_ptr + sb * DV, zi_ptr + sb, h_ptr + hb * DV, hz_ptr + hb, 0, F, DV, 0, BF, BV,
-                            CAUSAL, SEG, EVEN)  # fmt: skip
-        dqp = tl.dot(g, tl.trans(s.to(DOT_DT)), input_precision=PREC) + cd[:, None] * z[None, :]
+        dqp = tl.dot(g, tl.trans(sp.to(DOT_DT)), input_precision=PREC) + cd[:, None] * zp[None, :]
         if NEG:
-            s, z = _chunk_state(si_ptr + sb * DV, zi_ptr + sb, h_ptr + hb * DV, hz_ptr + hb, F, F, DV, 0, BF, BV,
-                                CAUSAL, SEG, EVEN)  # fmt: skip
-            dqn = tl.dot(g, tl.trans(s.to(DOT_DT)), input_precision=PREC) + cd[:, None] * z[None, :]
+            dqn = tl.dot(g, tl.trans(sn.to(DOT_DT)), input_precision=PREC) + cd[:, None] * zn[None, :]
         else:
             dqn = dqp
         if CAUSAL:
@@ -686,16 +702,12 @@ def _bwd_kernel(
             dkn = dkp
             dvv = tl.zeros([BT, BV], dtype=tl.float32)
         if first:
-            r, e = _chunk_state(si_ptr + sb * DV, zi_ptr + sb, h_ptr + hb * DV, hz_ptr + hb, 0, F, DV, 0, BF, BV,
-                                CAUSAL, SEG, EVEN)  # fmt: skip
-            r = r.to(DOT_DT)
-            dkp += tl.dot(vv, tl.trans(r), input_precision=PREC) + e[None, :]
+            r = sp.to(DOT_DT)
+            dkp += tl.dot(vv, tl.trans(r), input_precision=PREC) + zp[None, :]
             dvv += tl.dot(kp, r, input_precision=PREC)
             if NEG:
-                r, e = _chunk_state(si_ptr + sb * DV, zi_ptr + sb, h_ptr + hb * DV, hz_ptr + hb, F, F, DV, 0, BF,
-                                    BV, CAUSAL, SEG, EVEN)  # fmt: skip
-                r = r.to(DOT_DT)
-                dkn += tl.dot(vv, tl.trans(r), input_precision=PREC) + e[None, :]
+                r = sn.to(DOT_DT)
+                dkn += tl.dot(vv, tl.trans(r), input_precision=PREC) + zn[None, :]
                 dvv += tl.dot(kn, r, input_precision=PREC)
         if HAS_MASK:
             dkp = dkp * mk[:, None]

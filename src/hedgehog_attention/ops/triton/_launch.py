@@ -20,21 +20,21 @@ import triton.language as tl
 
 from . import _kernels as K
 
-# Tunables (measured choices in BENCHMARKS.md). ``chunk``: tokens per chunk (BT). ``state_bv``:
-# value columns per state-walk program. ``out_bv``: value columns per output program.
-# ``min_programs``: segments are added until the state walk has this many programs (2 waves
-# over the H200's 132 SMs). ``bwd_programs``: programs of the backward kernel (each loops over
-# NC / NSPLIT chunks, accumulating dW in registers). ``*_warps``, ``*_stages``: per kernel.
-# ``poison``: fill every kernel-written buffer with NaN first (tests), so a skipped write shows.
-# Tests shrink ``chunk`` (and the V blocks) to 16 to exercise many chunks on tiny inputs.
+# Tunables (measured choices in BENCHMARKS.md). ``chunk``: tokens per chunk (BT; see
+# ``chunk_size``). ``state_bv``: value columns per state-walk program. ``out_bv``: value columns
+# per output program. ``min_programs``: segments are added until the state walk has this many
+# programs (one wave of 8-warp programs over the H200's 132 SMs). ``*_warps``, ``*_stages``:
+# per kernel. ``poison``: fill every kernel-written buffer with NaN first (tests), so a skipped
+# write shows. Tests shrink ``chunk`` (and the V blocks) to 16 to exercise many chunks on tiny
+# inputs. The defaults are the best of the H200 sweep of 2026-11-28 (run 3: BT=128 with 8 warps
+# beat BT=64 with 4 warps on fwd+bwd time and peak memory, docs/kernels.md).
 CONFIG = {
-    "chunk": 64,
+    "chunk": 128,
     "state_bv": 64,
     "out_bv": 64,
-    "min_programs": 264,
-    "bwd_programs": 1056,
-    "state_warps": 4,
-    "out_warps": 4,
+    "min_programs": 132,
+    "state_warps": 8,
+    "out_warps": 8,
     "bwd_warps": 8,
     "state_stages": 2,
     "out_stages": 1,
@@ -54,9 +54,18 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(int(n)))
 
 
-def n_chunks(cu: torch.Tensor | None, B: int, T: int) -> int:
-    """Number of ``BT``-token chunks over all sequences (host value; syncs for ``cu_seqlens``)."""
+def chunk_size(F: int, dtype: torch.dtype) -> int:
+    """Tokens per chunk: ``CONFIG["chunk"]`` for bf16 with up to 64 features per half; fp16/fp32
+    inputs run their products on fp32 operands, whose tiles are twice as large: at most 64 tokens,
+    32 with 128+ features (shared memory and registers)."""
     bt = int(CONFIG["chunk"])
+    if dtype == torch.bfloat16 and _pow2(F) <= 64:
+        return bt
+    return min(bt, 64 if (dtype == torch.bfloat16 or _pow2(F) <= 64) else 32)
+
+
+def n_chunks(cu: torch.Tensor | None, B: int, T: int, bt: int) -> int:
+    """Number of ``bt``-token chunks over all sequences (host value; syncs for ``cu_seqlens``)."""
     if cu is None:
         return B * triton.cdiv(T, bt)
     lens = (cu[1:] - cu[:-1]).long()
@@ -69,10 +78,10 @@ def state_dtype(v_dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if v_dtype == torch.bfloat16 else torch.float32
 
 
-def segments(n_seq: int, hk: int, max_len: int, n_prog: int) -> tuple[int, int]:
+def segments(n_seq: int, hk: int, max_len: int, n_prog: int, bt: int) -> tuple[int, int]:
     """``(CPS, NS)``: chunks per segment and segments per sequence for the state walk, whose
     other grid axes give ``n_seq * hk * n_prog`` programs."""
-    n_ch = max(1, triton.cdiv(max_len, int(CONFIG["chunk"])))
+    n_ch = max(1, triton.cdiv(max_len, bt))
     ns = max(1, min(n_ch, triton.cdiv(int(CONFIG["min_programs"]), n_seq * hk * n_prog)))
     cps = triton.cdiv(n_ch, ns)
     return cps, triton.cdiv(n_ch, cps)
@@ -94,7 +103,7 @@ class _Plan:
         self.FT = 2 * self.F if self.neg else self.F
         self.nhalf = 2 if self.neg else 1
         self.dev = q.device
-        self.bt = bt = int(CONFIG["chunk"])
+        self.bt = bt = chunk_size(self.F, v.dtype)
         self.nc = nc
         self.max_len = max_len
         lens = (cu[1:] - cu[:-1]).long()
@@ -143,7 +152,7 @@ class _Plan:
         are then complete and ``st`` includes it."""
         bv = min(_pow2(self.DV), _pow2(CONFIG["state_bv"]))
         nv = triton.cdiv(self.DV, bv)
-        cps, ns = segments(self.N, self.HK, self.max_len, self.nhalf * nv)
+        cps, ns = segments(self.N, self.HK, self.max_len, self.nhalf * nv, self.bt)
         f32 = torch.float32
         if store_h:
             h = _empty(self.nc, self.HK, self.FT, self.DV, device=self.dev, dtype=self.hdt)
@@ -228,6 +237,33 @@ def bwd(
     K._delta_kernel[(triton.cdiv(P.B * P.T, 64), P.H)](
         do, o, den, cd, P.B * P.T, P.H, P.DV, BT=64, BV=_pow2(P.DV), num_warps=4
     )  # fmt: skip
+    zdt = torch.bfloat16 if v.dtype == torch.bfloat16 else f32
+    c = P.consts(_pow2(P.DV))
+    wq_, bq_ = (wq if fused else q), (bq if bq is not None else q)
+    wk_, bk_ = (wk if fused else q), (bk if bk is not None else q)
+    cps = _fwd_cps(P)
+    seg = (not causal) or s_in.shape[2] > 1  # as in the forward (the reverse walk has the same segments)
+
+    def launch(kv_side, hh, hhz, si, zi, dx, dz, dv):
+        K._bwd_kernel[(P.nc, P.H)](
+            q, k, v, wq_, bq_, wk_, bk_, P.mask_, cu, P.cidx,
+            hh if causal else q, hhz if causal else q, si, zi, do, den, cd, dx, dz, dv, P.T,
+            P.H, P.HK, P.G, P.D, P.F, P.FT, P.DV, cps, si.shape[2],
+            KV_SIDE=kv_side, HAS_BQ=bq is not None, HAS_BK=bk is not None, CAUSAL=bool(causal), SEG=seg,
+            VARLEN=P.varlen, NEG=P.neg, **{n: c[n] for n in _COMMON}, BV=_pow2(P.DV),
+            num_warps=CONFIG["bwd_warps"], num_stages=CONFIG["bwd_stages"],
+        )  # fmt: skip
+
+    # query side first, and its dz freed, before the reverse states and the key side are
+    # allocated (peak memory); dz = the map's pre-activation gradients for dW = x^T dz
+    dq = _empty(q.shape, device=dev, dtype=q.dtype)
+    dzq = _empty(P.B, P.T, P.H, P.F, device=dev, dtype=zdt) if fused else q
+    launch(False, h, hz, s_in, z_in, dq, dzq, q)
+    dwq_ = dbq_ = dwk_ = dbk_ = None
+    if fused:
+        dwq_, dbq_ = _dw(q, dzq, wq, bq)
+    del dzq
+
     if ds_fin is not None or dz_fin is not None:
         if ds_fin is None:
             ds_fin = torch.zeros(P.N, P.HK, P.FT, P.DV, device=dev, dtype=f32)
@@ -240,7 +276,6 @@ def bwd(
     tot, ztot = rt.sum(2), rtz.sum(2)
     if ds_fin is not None and not init:
         tot, ztot = tot + ds_fin, ztot + dz_fin
-    cps = _fwd_cps(P)
     if causal:
         # queries after each segment (+ the final-state gradient): reverse exclusive cumsum
         r_in = tot[:, :, None] - torch.cumsum(rt, 2)
@@ -249,46 +284,24 @@ def bwd(
             raise RuntimeError("forward and backward state walks must use the same segments")
     else:
         r_in, rz_in = tot[:, :, None].contiguous(), ztot[:, :, None].contiguous()
-        dh, dhz = h, hz
 
-    # dq, and per query head dk / dv / dz_k (summed over a GQA group below; the KV tensors
-    # themselves when G == 1); dz = the map's pre-activation gradients for dW = x^T dz
-    dq = _empty(q.shape, device=dev, dtype=q.dtype)
+    # per query head dk / dv / dz_k, summed over a GQA group below (the KV tensors themselves
+    # when G == 1)
     dk = _empty(P.B, P.T, P.H, k.shape[3], device=dev, dtype=k.dtype if P.G == 1 else f32)
     dv = _empty(P.B, P.T, P.H, P.DV, device=dev, dtype=v.dtype if P.G == 1 else f32)
-    zdt = torch.bfloat16 if v.dtype == torch.bfloat16 else f32
-    if fused:
-        dzq = _empty(P.B, P.T, P.H, P.F, device=dev, dtype=zdt)
-        dzk = _empty(P.B, P.T, P.H, P.F, device=dev, dtype=zdt if P.G == 1 else f32)
-    else:
-        dzq = dzk = q
-    c = P.consts(_pow2(P.DV))
-    wq_, bq_ = (wq if fused else q), (bq if bq is not None else q)
-    wk_, bk_ = (wk if fused else q), (bk if bk is not None else q)
-    seg = (not causal) or s_in.shape[2] > 1  # as in the forward
-    for kv_side, states, dx, dz in ((False, (h, hz, s_in, z_in), dq, dzq), (True, (dh, dhz, r_in, rz_in), dk, dzk)):
-        hh, hhz, si, zi = states
-        K._bwd_kernel[(P.nc, P.H)](
-            q, k, v, wq_, bq_, wk_, bk_, P.mask_, cu, P.cidx,
-            hh if causal else q, hhz if causal else q, si, zi, do, den, cd, dx, dz, dv, P.T,
-            P.H, P.HK, P.G, P.D, P.F, P.FT, P.DV, cps, si.shape[2],
-            KV_SIDE=kv_side, HAS_BQ=bq is not None, HAS_BK=bk is not None, CAUSAL=bool(causal), SEG=seg,
-            VARLEN=P.varlen, NEG=P.neg, **{n: c[n] for n in _COMMON}, BV=_pow2(P.DV),
-            num_warps=CONFIG["bwd_warps"], num_stages=CONFIG["bwd_stages"],
-        )  # fmt: skip
+    dzk = _empty(P.B, P.T, P.H, P.F, device=dev, dtype=zdt if P.G == 1 else f32) if fused else q
+    launch(True, dh, dhz, r_in, rz_in, dk, dzk, dv)
+    del dh, dhz
     if P.G > 1:
         dk = dk.view(P.B, P.T, P.HK, P.G, -1).sum(3).to(k.dtype)
         dv = dv.view(P.B, P.T, P.HK, P.G, -1).sum(3).to(v.dtype)
         if fused:
             dzk = dzk.view(P.B, P.T, P.HK, P.G, P.F).sum(3).to(zdt)
+    if fused:
+        dwk_, dbk_ = _dw(k, dzk, wk, bk)
     ds0 = dz0 = None
     if need_ds0:
         ds0, dz0 = tot, ztot
-    if fused:
-        dwq_, dbq_ = _dw(q, dzq, wq, bq)
-        dwk_, dbk_ = _dw(k, dzk, wk, bk)
-    else:
-        dwq_ = dbq_ = dwk_ = dbk_ = None
     return dq, dk, dv, dwq_, dbq_, dwk_, dbk_, ds0, dz0
 
 
@@ -306,7 +319,7 @@ def _dw(x: torch.Tensor, dz: torch.Tensor, w: torch.Tensor, b: torch.Tensor | No
 def _fwd_cps(P: _Plan) -> int:
     """Chunks per segment of the forward state walk (the backward reads its segment states)."""
     bv = min(_pow2(P.DV), _pow2(CONFIG["state_bv"]))
-    return segments(P.N, P.HK, P.max_len, P.nhalf * triton.cdiv(P.DV, bv))[0]
+    return segments(P.N, P.HK, P.max_len, P.nhalf * triton.cdiv(P.DV, bv), P.bt)[0]
 
 
 def decode(q, k, v, wq, bq, wk, bk, s, z, *, activation, negation, eps):
