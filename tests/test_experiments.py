@@ -97,11 +97,36 @@ def test_recall_cli_smoke_writes_report(tmp_path):
     res = json.loads((out / "results.json").read_text())["summary"]
     assert {r["variant"] for r in res} == {"softmax", "hedgehog", "hedgehog-distill"}
     assert all(0 <= r["acc_mean"] <= 1 and r["entropy_mean"] > 0 for r in res)
+    assert all(r["steps"] == [8] for r in res)
+    assert (out / "weights" / "hedgehog_s0.pt").exists()
     # A rerun skips finished runs (resume at run granularity) and rebuilds the same table.
     assert recall_main(["--config", str(CONFIGS / "recall_smoke.yaml"), "--out", str(out), "--report-only"]) == 0
 
 
-def test_lm_cli_smoke_and_resume(tmp_path):
+def test_recall_resume_continues_exactly(tmp_path):
+    """Checkpoints every 4 steps; dropping the last one and the result, ``--resume`` continues from
+    step 4 and ends where the uninterrupted run ended (same accuracy, entropy and curve)."""
+    out = tmp_path / "recall"
+    args = ["--config", str(CONFIGS / "recall_smoke.yaml"), "--out", str(out), "--set", "train.steps=8",
+            "--set", "train.checkpoint_every=4", "--set", "train.keep_last=2", "--set", "train.log_every=2",
+            "--set", "variants=[{name: hedgehog, attention: hedgehog}]"]  # fmt: skip
+    assert recall_main(args) == 0
+    first = json.loads((out / "runs" / "hedgehog_s0.json").read_text())
+    ckpt = out / "ckpt" / "hedgehog_s0"
+    assert sorted(p.name for p in ckpt.glob("*.pt")) == ["ckpt-00000004.pt", "ckpt-00000008.pt"]
+    for p in ckpt.glob("ckpt-00000008.*"):
+        p.unlink()
+    (out / "runs" / "hedgehog_s0.json").unlink()
+    assert recall_main([*args, "--resume"]) == 0
+    again = json.loads((out / "runs" / "hedgehog_s0.json").read_text())
+    assert again["steps"] == 8
+    assert again["test_accuracy"] == first["test_accuracy"] and again["entropy"] == pytest.approx(first["entropy"])
+    assert [c["step"] for c in again["curve"]] == [2, 4, 6, 8]
+    for a, b in zip(again["curve"], first["curve"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["valid_acc"] == b["valid_acc"]
+
+
+def _toy_npz(tmp_path: Path) -> Path:
     rng = np.random.default_rng(0)
     # A learnable toy stream over 64 ids: a repeated pattern with noise.
     base = np.tile(np.arange(64, dtype=np.uint16), 200)
@@ -109,25 +134,54 @@ def test_lm_cli_smoke_and_resume(tmp_path):
     stream = np.where(rng.random(base.shape) < 0.1, noise, base).astype(np.uint16)
     npz = tmp_path / "toks.npz"
     np.savez(npz, train=stream, validation=stream[:2000], test=stream[2000:4000])
+    return npz
+
+
+def test_lm_cli_smoke_and_resume(tmp_path):
+    npz = _toy_npz(tmp_path)
     out = tmp_path / "lm"
     args = [
         "--config", str(CONFIGS / "lm_smoke.yaml"), "--out", str(out),
         "--set", f"data.npz_path={npz}", "--set", "data.vocab_size=64", "--set", "train.steps=30",
-        "--set", "train.log_every=15", "--set", "train.checkpoint_every=15",
+        "--set", "train.log_every=15", "--set", "train.checkpoint_every=15", "--set", "train.keep_last=2",
     ]  # fmt: skip
     assert lm_main(args) == 0
     res = {r["variant"]: r for r in json.loads((out / "results.json").read_text())["results"]}
     assert set(res) == {"softmax", "hedgehog", "elu"}
     for r in res.values():
         assert r["steps"] == 30 and r["test_ppl"] < 64  # learned something: below uniform over 64 ids
-    assert (out / "ckpt" / "softmax.pt").exists() and (out / "lm_curves.png").exists()
+        assert len(r["losses"]) == 30 and r["world_size"] == 1
+    assert (out / "ckpt" / "softmax" / "ckpt-00000015.pt").exists() and (out / "lm_curves.png").exists()
     md = (out / "lm.md").read_text()
-    assert "gap elu->softmax closed" in md and "| softmax |" in md
-    # Raising the step budget resumes from the checkpoint instead of starting over.
+    assert "gap elu->softmax closed" in md and "| softmax |" in md and "at step 30" in md
+    # As if killed after step 15: drop the last checkpoint and the result; --resume continues from
+    # step 15 and reproduces the uninterrupted run exactly (same losses, curve and perplexity).
+    for p in (out / "ckpt" / "softmax").glob("ckpt-00000030.*"):
+        p.unlink()
     (out / "runs" / "softmax.json").unlink()
-    assert lm_main([*args, "--set", "train.steps=35"]) == 0
+    assert lm_main([*args, "--resume"]) == 0
     r2 = {r["variant"]: r for r in json.loads((out / "results.json").read_text())["results"]}["softmax"]
-    assert r2["steps"] == 35 and [h["step"] for h in r2["history"]][:2] == [15, 30]
+    assert r2["steps"] == 30 and [h["step"] for h in r2["history"]] == [15, 30]
+    assert r2["losses"] == pytest.approx(res["softmax"]["losses"], rel=1e-6)
+    assert r2["test_ppl"] == pytest.approx(res["softmax"]["test_ppl"], rel=1e-6)
+    # Without --resume a run starts over (the old checkpoints are removed first).
+    (out / "runs" / "softmax.json").unlink()
+    assert lm_main([*args, "--set", "train.steps=5"]) == 0
+    assert sorted(p.name for p in (out / "ckpt" / "softmax").glob("*.pt")) == ["ckpt-00000005.pt"]
+
+
+def test_lm_token_windows():
+    from hedgehog_attention.experiments.lm import TokenWindows
+
+    stream = np.arange(23, dtype=np.uint16)
+    w = TokenWindows(stream, block=4)  # windows of 5 tokens every 4: starts 0, 4, ..., 16
+    assert len(w) == 5 and w[1].tolist() == [4, 5, 6, 7, 8] and w[4].tolist() == [16, 17, 18, 19, 20]
+    assert len(TokenWindows(stream, block=4, stride=2)) == 10  # starts 0, 2, ..., 18
+    assert len(TokenWindows(stream, 4, max_windows=2)) == 2
+    with pytest.raises(IndexError):
+        w[5]
+    with pytest.raises(ValueError, match="shorter than one window"):
+        TokenWindows(stream[:4], block=4)
 
 
 def test_gap_closed():

@@ -13,16 +13,28 @@ Data sources (``data.source``):
   ``test``): what travels to a GPU machine that has no assets.
 * ``wikitext103``: WikiText-103 through HF ``datasets`` (needs a network or a filled cache).
 
-Training draws random 1024-token windows of the training stream; evaluation scores every full
-non-overlapping block of the test stream (perplexity = exp of the mean token NLL). Nothing is
-selected on the test split; the validation split is only logged. A checkpoint (model, optimizer,
-step, RNG) is written every ``checkpoint_every`` steps and at the end; a rerun resumes from it.
+Training runs on :class:`hedgehog_attention.train.Trainer`: the training stream is cut into
+windows of ``block_size + 1`` tokens (every ``train_stride`` tokens), visited in a seeded
+per-epoch permutation, ``train.batch_size`` windows per optimizer step (the global batch, the same
+for any process count). Under ``torchrun`` every variant is trained by all ranks together (DDP,
+or FSDP2 with ``strategy: fsdp``), the data sharded by rank; only rank 0 writes files. Evaluation
+scores every full non-overlapping block of the test stream (perplexity = exp of the mean token
+NLL). Nothing is selected on the test split; the validation split is only logged. A checkpoint
+(model, optimizer, schedule, RNG, data position) is written every ``checkpoint_every`` steps and
+at the end under ``<out>/ckpt/<variant>/``; ``--resume`` continues from it (same result as an
+uninterrupted run), a run without ``--resume`` starts from step 0. Finished variants
+(``<out>/runs/<variant>.json``) are skipped.
 
 Usage::
 
     hedgehog lm --config configs/lm.yaml --prepare-data .carry/lm_tokens.npz   # once, on a CPU
-    hedgehog lm --config configs/lm.yaml --set data.source=npz --device cuda
+    hedgehog lm --config configs/lm.yaml --set data.source=npz --device cuda --workers 5
+    torchrun --nproc_per_node=2 -m hedgehog_attention.cli lm --config configs/lm.yaml --device cuda
+    hedgehog lm --config configs/lm.yaml --device cuda --resume                 # after a kill
     hedgehog lm --config configs/lm_smoke.yaml                                 # CPU, seconds
+
+``--workers N`` trains N variants at once in separate single-process runs (one process each, for
+small models that leave a GPU idle); it is for plain launches, not torchrun.
 """
 
 from __future__ import annotations
@@ -31,6 +43,7 @@ import argparse
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +51,18 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 from ..models import RotaryTransformer, TransformerConfig
+from ..train import (
+    TrainConfig,
+    Trainer,
+    TrainerCallback,
+    barrier,
+    cleanup_distributed,
+    init_distributed,
+    world_info,
+)
 from .common import (
     ConfigError,
     config_from_dict,
@@ -59,12 +82,15 @@ log = logging.getLogger("hedgehog_attention.experiments.lm")
 class LMData:
     """source: public_domain | npz | wikitext103. npz_path: token file for ``npz``.
     block_size: context (paper: 1024). max_eval_blocks: cap on scored test/validation blocks
-    (None = all). vocab_size: model vocabulary (GPT-2: 50257; every token id must be below it)."""
+    (None = all). vocab_size: model vocabulary (GPT-2: 50257; every token id must be below it).
+    train_stride: tokens between the starts of consecutive training windows (None = block_size:
+    non-overlapping windows; an epoch is one pass over the training stream)."""
 
     source: Literal["public_domain", "npz", "wikitext103"] = "public_domain"
     npz_path: str = ".carry/lm_tokens.npz"
     block_size: int = 1024
     max_eval_blocks: int | None = None
+    train_stride: int | None = None
     vocab_size: int = 50257
 
 
@@ -91,10 +117,13 @@ class LMVariant:
 
 @dataclass
 class LMTrain:
-    """App. C.2: AdamW lr 6e-4, wd 0.01; warmup then cosine to 10%."""
+    """App. C.2: AdamW lr 6e-4, wd 0.01 (on every parameter: the Trainer's one AdamW group); warmup
+    then cosine to ``min_lr_ratio``. batch_size: the GLOBAL batch (windows per optimizer step), split
+    over processes and ``grad_accum_steps``. log_every: validation every so many steps."""
 
     steps: int = 600
     batch_size: int = 8
+    grad_accum_steps: int = 1
     lr: float = 6e-4
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -104,6 +133,7 @@ class LMTrain:
     log_every: int = 100
     eval_batch_size: int = 8
     checkpoint_every: int = 200
+    keep_last: int | None = 1  # checkpoints kept per run (None: all)
     max_seconds: float | None = None
 
 
@@ -118,6 +148,7 @@ class LMConfig:
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
     out_dir: str = "runs/lm"
     workers: int = 1
+    strategy: Literal["auto", "none", "ddp", "fsdp"] = "auto"
     # Table 1's gap: (ppl[gap_low] - ppl[x]) / (ppl[gap_low] - ppl[gap_high]).
     gap_low: str = "elu"
     gap_high: str = "softmax"
@@ -174,146 +205,173 @@ def load_npz(path: str | Path) -> dict[str, np.ndarray]:
         return {k: z[k] for k in ("train", "validation", "test")}
 
 
-def eval_blocks(stream: np.ndarray, block: int, max_blocks: int | None) -> torch.Tensor:
-    """Non-overlapping ``[N, block + 1]`` windows (inputs + the next token) of a stream."""
-    n = (len(stream) - 1) // block
-    if max_blocks is not None:
-        n = min(n, max_blocks)
-    idx = torch.arange(n)[:, None] * block + torch.arange(block + 1)[None]
-    return torch.from_numpy(stream.astype(np.int64))[idx]
-
-
 # ------------------------------------------------------------------------------------ training
-def lr_at(step: int, tc: LMTrain) -> float:
-    if step < tc.warmup_steps:
-        return tc.lr * (step + 1) / tc.warmup_steps
-    frac = min(1.0, (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps))
-    return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+class TokenWindows(Dataset):
+    """Windows ``[block + 1]`` (inputs + the next token) of a token stream, one every ``stride`` tokens.
+
+    Map-style, so :class:`~hedgehog_attention.train.Trainer` shards it by rank and orders it with its
+    seeded per-epoch permutation (the samples of a step do not depend on the process count).
+    """
+
+    def __init__(self, stream: np.ndarray, block: int, stride: int | None = None, max_windows: int | None = None):
+        stride = block if stride is None else stride
+        if block < 1 or stride < 1:
+            raise ValueError(f"block and stride must be >= 1, got block={block}, stride={stride}")
+        if len(stream) < block + 1:
+            raise ValueError(f"token stream of {len(stream)} tokens is shorter than one window of {block + 1}")
+        self.stream, self.block, self.stride = stream, block, stride
+        n = (len(stream) - block - 1) // stride + 1
+        self.n = n if max_windows is None else min(n, max_windows)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if not 0 <= i < self.n:
+            raise IndexError(f"window {i} out of range [0, {self.n})")
+        s = i * self.stride
+        return torch.from_numpy(self.stream[s : s + self.block + 1].astype(np.int64))
 
 
-@torch.no_grad()
-def perplexity(model: RotaryTransformer, blocks: torch.Tensor, cfg: LMConfig, device: torch.device) -> float:
-    model.eval()
-    nll, n = 0.0, 0
-    amp = cfg.dtype == "bfloat16" and device.type == "cuda"
-    for i in range(0, blocks.shape[0], cfg.train.eval_batch_size):
-        b = blocks[i : i + cfg.train.eval_batch_size].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = model(b[:, :-1], b[:, 1:])
-        nll += out.loss.item() * b[:, 1:].numel()
-        n += b[:, 1:].numel()
-    return math.exp(nll / max(n, 1))
+def lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Trainer loss: mean next-token CE over ``batch [B, block + 1]`` (+ the weighted Eq. 3 term while
+    training; the model computes it only in train mode, so evaluation scores the plain CE)."""
+    out = model(batch[:, :-1], batch[:, 1:])
+    return out.total_loss, {"tokens": batch[:, 1:].numel()}
 
 
-def _optimizer(model: torch.nn.Module, tc: LMTrain) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=tc.lr,
-        betas=tuple(tc.betas),
-    )
+class _RunControl(TrainerCallback):
+    """Wall-clock cap (``max_seconds``; the Trainer all-reduces the stop flag across ranks) and a
+    per-step log line every ``log_every`` steps."""
+
+    def __init__(self, name: str, max_seconds: float | None) -> None:
+        self.name, self.max_seconds = name, max_seconds
+        self.stopped_by_time = False
+        self.t0 = time.perf_counter()
+        self.last_step = 0
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        self.t0 = time.perf_counter()
+
+    def on_step_end(self, trainer: Trainer, step: int, loss: float) -> None:
+        self.last_step = step
+        if self.max_seconds is not None and time.perf_counter() - self.t0 > self.max_seconds:
+            if not self.stopped_by_time:
+                log.warning("%s: stopping at step %d (max_seconds=%s)", self.name, step, self.max_seconds)
+            self.stopped_by_time = True
+            trainer.should_stop = True
 
 
-def run_variant(cfg: LMConfig, vi: int, streams: dict[str, np.ndarray], device: torch.device, out_dir: Path) -> dict:
+def train_config(cfg: LMConfig, vi: int, device: torch.device, ckpt_dir: Path, resume: bool) -> TrainConfig:
+    """The :class:`TrainConfig` of one variant: App. C.2 AdamW, warmup + cosine, global batch
+    ``train.batch_size`` split over ``world_size * grad_accum_steps`` micro-batches."""
+    tc, world = cfg.train, world_info().world_size
+    split = world * tc.grad_accum_steps
+    if tc.batch_size % split:
+        raise ValueError(
+            f"train.batch_size={tc.batch_size} (the global batch) must divide by world_size x grad_accum_steps "
+            f"= {world} x {tc.grad_accum_steps}"
+        )
+    return TrainConfig(
+        max_steps=tc.steps, lr=tc.lr, weight_decay=tc.weight_decay, betas=(tc.betas[0], tc.betas[1]),
+        micro_batch_size=tc.batch_size // split, grad_accum_steps=tc.grad_accum_steps, max_grad_norm=tc.grad_clip,
+        scheduler="cosine", warmup_steps=tc.warmup_steps, min_lr_ratio=tc.min_lr_ratio, eval_every=tc.log_every,
+        log_every=tc.log_every, checkpoint_every=tc.checkpoint_every, checkpoint_dir=str(ckpt_dir), resume=resume,
+        seed=cfg.seed, progress=False, progress_desc=cfg.variants[vi].name, strategy=cfg.strategy,
+        eval_batch_size=tc.eval_batch_size, keep_last=tc.keep_last,
+        # plain "cuda": the Trainer picks cuda:LOCAL_RANK under torchrun
+        device=device.type if device.type == "cuda" and device.index is None else str(device),
+        autocast="bf16" if cfg.dtype == "bfloat16" and device.type == "cuda" else "none",
+    )  # fmt: skip
+
+
+def _fresh_checkpoint_dir(path: Path, resume: bool) -> None:
+    """Without ``--resume`` a run starts from step 0: rank 0 removes an earlier run's checkpoints so
+    a later ``--resume`` cannot pick up a stale step."""
+    if not resume and world_info().is_main and path.exists():
+        shutil.rmtree(path)
+    barrier()
+
+
+def run_variant(
+    cfg: LMConfig, vi: int, streams: dict[str, np.ndarray], device: torch.device, out_dir: Path, resume: bool = False
+) -> dict | None:
+    """Train and score one variant on the :class:`Trainer` (one process, or every rank under
+    torchrun); rank 0 writes ``runs/<name>.json`` and returns the record, other ranks return None."""
     v, tc, block = cfg.variants[vi], cfg.train, cfg.data.block_size
     vocab = cfg.data.vocab_size
     top = max(int(a.max()) for a in streams.values())
     if top >= vocab:
         raise ValueError(f"token id {top} >= data.vocab_size={vocab}; raise data.vocab_size")
-    torch.manual_seed(cfg.seed)
-    model = RotaryTransformer(cfg.model_config(v, vocab)).to(device)
-    opt = _optimizer(model, tc)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    ckpt_path = out_dir / "ckpt" / f"{v.name}.pt"
-    step, history, elapsed = 0, [], 0.0
-    if ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        step, history, elapsed = ck["step"], ck["history"], ck["elapsed"]
-        gen.set_state(ck["generator"])
-        log.info("%s: resumed at step %d", v.name, step)
-    train = torch.from_numpy(streams["train"].astype(np.int64))
-    valid = eval_blocks(streams["validation"], block, cfg.data.max_eval_blocks)
-    amp = cfg.dtype == "bfloat16" and device.type == "cuda"
-
-    def save(final: bool = False) -> None:
-        ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-        state = {
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "step": step,
-            "history": history,
-            "elapsed": elapsed,
-            "generator": gen.get_state(),
-            "config": config_to_dict(cfg),
-            "variant": vi,
-        }
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(ckpt_path)
-
-    t0 = time.perf_counter() - elapsed
-    tokens_per_step = tc.batch_size * block
-    stopped_early = False
-    while step < tc.steps:
-        model.train()
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, tc)
-        starts = torch.randint(0, len(train) - block - 1, (tc.batch_size,), generator=gen)
-        batch = train[starts[:, None] + torch.arange(block + 1)[None]].to(device)  # (B, block + 1)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = model(batch[:, :-1], batch[:, 1:])
-        loss = out.total_loss
-        if not torch.isfinite(loss):
-            log.warning("%s: non-finite loss at step %d; stopping", v.name, step)
-            stopped_early = True
-            break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        opt.step()
-        step += 1
-        elapsed = time.perf_counter() - t0
-        if step % tc.log_every == 0 or step == tc.steps:
-            vppl = perplexity(model, valid, cfg, device)
-            history.append({"step": step, "train_loss": out.loss.item(), "valid_ppl": vppl, "seconds": elapsed})
-            log.info("%-10s step %5d loss %.3f valid ppl %.2f (%.0f s)", v.name, step, out.loss.item(), vppl, elapsed)
-        if step % tc.checkpoint_every == 0:
-            save()
-        if tc.max_seconds is not None and elapsed > tc.max_seconds:
-            log.warning("%s: stopped at step %d by max_seconds=%s", v.name, step, tc.max_seconds)
-            stopped_early = True
-            break
-    save()
-    test = eval_blocks(streams["test"], block, cfg.data.max_eval_blocks)
+    ckpt_dir = out_dir / "ckpt" / v.name
+    _fresh_checkpoint_dir(ckpt_dir, resume)
+    torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's)
+    model = RotaryTransformer(cfg.model_config(v, vocab))
+    train = TokenWindows(streams["train"], block, cfg.data.train_stride)
+    valid = TokenWindows(streams["validation"], block, max_windows=cfg.data.max_eval_blocks)
+    test = TokenWindows(streams["test"], block, max_windows=cfg.data.max_eval_blocks)
+    control = _RunControl(v.name, tc.max_seconds)
+    trainer = Trainer(
+        model, lm_loss, train, valid, train_config(cfg, vi, device, ckpt_dir, resume), callbacks=[control]
+    )
+    info = trainer.world
+    if info.is_main:
+        log.info("%s: %s, %d train windows, global batch %d on %d process(es)", v.name, trainer.strategy,
+                 len(train), trainer.global_batch_size, info.world_size)  # fmt: skip
+    error = None
+    try:
+        res = trainer.fit()
+        history, steps, losses = res.history, res.steps_done, res.losses
+    except FloatingPointError as err:  # a diverged run is recorded, not fatal to the other variants
+        log.error("%s: %s", v.name, err)
+        history, steps, losses, error = [], control.last_step, [], str(err)
+    trainer.eval_data = test
+    test_loss = trainer.evaluate()
+    trainer.eval_data = valid
+    valid_loss = trainer.evaluate()
+    if not info.is_main:
+        return None
     result = {
         "variant": v.name,
         "attention": v.attention,
-        "steps": step,
+        "steps": steps,
         "planned_steps": tc.steps,
-        "stopped_early": stopped_early,
-        "tokens_seen": step * tokens_per_step,
-        "train_seconds": elapsed,
-        "test_ppl": perplexity(model, test, cfg, device),
-        "valid_ppl": perplexity(model, valid, cfg, device),
-        "test_tokens": int(test[:, 1:].numel()),
+        "stopped_early": control.stopped_by_time or error is not None,
+        "error": error,
+        "tokens_seen": steps * tc.batch_size * block,
+        "train_seconds": history[-1]["time"] if history else float("nan"),
+        "test_ppl": math.exp(test_loss) if error is None else float("nan"),
+        "valid_ppl": math.exp(valid_loss) if error is None else float("nan"),
+        "test_tokens": len(test) * block,
         "parameters": model.num_parameters(),
         "non_embedding_parameters": model.num_parameters(non_embedding=True),
-        "history": history,
+        "world_size": info.world_size,
+        "strategy": trainer.strategy,
+        "history": [
+            {
+                "step": h["step"],
+                "train_loss": h["train_loss"],
+                "valid_ppl": math.exp(h["eval_loss"]),
+                "seconds": h["time"],
+                "tokens_per_s": h["tokens_per_s"],
+            }
+            for h in history
+            if h["eval_loss"] is not None
+        ],  # fmt: skip
+        "losses": losses,
     }
     save_json(result, out_dir / "runs" / f"{v.name}.json")
     return result
 
 
-def _job(args: tuple[dict, int, str, str]) -> str:
-    cfg_dict, vi, device_name, out_dir = args
+def _job(args: tuple[dict, int, str, str, bool]) -> str:
+    """Worker entry of ``--workers N`` (one process, one variant, no process group)."""
+    cfg_dict, vi, device_name, out_dir, resume = args
     torch.set_num_threads(2)
     setup_logging()
     cfg = config_from_dict(LMConfig, cfg_dict)
     streams = prepare_tokens(cfg)
-    run_variant(cfg, vi, streams, torch.device(device_name), Path(out_dir))
+    run_variant(cfg, vi, streams, torch.device(device_name), Path(out_dir), resume)
     return cfg.variants[vi].name
 
 
@@ -323,7 +381,27 @@ def gap_closed(ppl: float, low: float, high: float) -> float:
     return (low - ppl) / (low - high) if low != high else float("nan")
 
 
-def render_report(cfg: LMConfig, results: list[dict], env: dict, command: str, data_info: dict) -> str:
+def common_step_gap(cfg: LMConfig, results: list[dict]) -> tuple[int | None, dict[str, tuple[float, float]]]:
+    """Validation perplexity of every variant at the last logged step they all reached, and the gap
+    closed there: ``(step, {variant: (valid_ppl, gap)})``; ``(None, {})`` without a common step."""
+    curves = {r["variant"]: {h["step"]: h["valid_ppl"] for h in r["history"]} for r in results}
+    common = set.intersection(*(set(c) for c in curves.values())) if curves else set()
+    if not common:
+        return None, {}
+    step = max(common)
+    low, high = curves.get(cfg.gap_low, {}).get(step), curves.get(cfg.gap_high, {}).get(step)
+    out = {}
+    for name, c in curves.items():
+        gap = gap_closed(c[step], low, high) if low is not None and high is not None else float("nan")
+        out[name] = (c[step], gap)
+    return step, out
+
+
+def _pct(x: float) -> str:
+    return "-" if math.isnan(x) else f"{100 * x:.1f}%"
+
+
+def render_report(cfg: LMConfig, results: list[dict], env: dict, command: str, data_info: str) -> str:
     by = {r["variant"]: r for r in results}
     low, high = by.get(cfg.gap_low), by.get(cfg.gap_high)
     rows = []
@@ -335,9 +413,9 @@ def render_report(cfg: LMConfig, results: list[dict], env: dict, command: str, d
         rows.append(
             [
                 v.name,
-                f"{r['test_ppl']:.2f}",
+                f"{r['test_ppl']:.2f}" if r.get("error") is None else "diverged",
                 f"{r['valid_ppl']:.2f}",
-                "-" if math.isnan(gap) else f"{100 * gap:.1f}%",
+                _pct(gap),
                 f"{r['steps']}/{r['planned_steps']}",
                 f"{r['tokens_seen'] / 1e6:.2f}M",
                 f"{r['train_seconds']:.0f}",
@@ -347,9 +425,23 @@ def render_report(cfg: LMConfig, results: list[dict], env: dict, command: str, d
         ["attention", "test ppl", "valid ppl", f"gap {cfg.gap_low}->{cfg.gap_high} closed", "steps", "tokens", "s"],
         rows,
     )
+    step, at = common_step_gap(cfg, results)
+    equal = []
+    if step is not None:
+        equal = [
+            f"Validation perplexity at step {step}, the last logged step every variant reached:",
+            "",
+            markdown_table(
+                ["attention", f"valid ppl @ {step}", "gap closed"],
+                [[name, f"{ppl:.2f}", _pct(gap)] for name, (ppl, gap) in at.items()],
+            ),
+            "",
+        ]
+    errors = [f"- {r['variant']}: {r['error']}" for r in results if r.get("error")]
     m = cfg.model
     params = results[0]["parameters"] if results else 0
     nonemb = results[0]["non_embedding_parameters"] if results else 0
+    procs = sorted({r.get("world_size", 1) for r in results})
     return "\n".join(
         [
             "# From-scratch language modelling (Table 1 analog)",
@@ -360,16 +452,19 @@ def render_report(cfg: LMConfig, results: list[dict], env: dict, command: str, d
             "",
             f"Data: {data_info}. Context {cfg.data.block_size}.",
             f"Model: {m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads, rotary, tied embeddings; "
-            f"{params / 1e6:.1f}M parameters ({nonemb / 1e6:.1f}M without the embedding) for the softmax model.",
-            f"Training: AdamW lr {cfg.train.lr}, wd {cfg.train.weight_decay}, betas {cfg.train.betas}, "
-            f"warmup {cfg.train.warmup_steps} + cosine, batch {cfg.train.batch_size} x {cfg.data.block_size} tokens, "
-            f"{cfg.dtype}, seed {cfg.seed}; one run per attention.",
+            f"{params / 1e6:.1f}M parameters ({nonemb / 1e6:.1f}M without the embedding) for the first variant.",
+            f"Training (hedgehog_attention.train.Trainer, {'/'.join(map(str, procs))} process(es)): AdamW lr "
+            f"{cfg.train.lr}, wd {cfg.train.weight_decay}, betas {cfg.train.betas}, warmup {cfg.train.warmup_steps} + "
+            f"cosine to {cfg.train.min_lr_ratio} x lr, global batch {cfg.train.batch_size} x {cfg.data.block_size} "
+            f"tokens, {cfg.dtype}, seed {cfg.seed}; one run per attention.",
             "",
             table,
             "",
             "Gap closed = (ppl[1+ELU] - ppl[x]) / (ppl[1+ELU] - ppl[softmax]) on the test split (paper, 125M on "
             "WikiText-103: Hedgehog 68.6%).",
             "",
+            *equal,
+            *(["Runs that failed:", "", *errors, ""] if errors else []),
             "![validation perplexity](lm_curves.png)",
             "",
         ]
@@ -404,18 +499,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML/JSON file of LMConfig (configs/lm.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="override KEY=VALUE (dotted)")
     p.add_argument("--device", help="cpu | cuda | auto")
-    p.add_argument("--workers", type=int, help="variants trained in parallel processes")
+    p.add_argument("--workers", type=int, help="variants trained at once in separate single-process runs")
+    p.add_argument("--strategy", help="auto | none | ddp | fsdp (under torchrun; auto = ddp)")
     p.add_argument("--out", help="output folder")
+    p.add_argument("--resume", action="store_true", help="continue unfinished variants from their checkpoints")
     p.add_argument("--prepare-data", metavar="NPZ", help="write the token streams to NPZ and exit")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from finished runs")
     return p
+
+
+def _train_all(cfg: LMConfig, todo: list[int], streams: dict, device: torch.device, out_dir: Path, resume: bool):
+    if cfg.workers > 1 and len(todo) > 1:
+        if world_info().distributed:
+            raise ValueError("workers > 1 runs variants in separate processes; under torchrun set workers: 1")
+        import multiprocessing as mp
+
+        jobs = [(config_to_dict(cfg), i, str(device), str(out_dir), resume) for i in todo]
+        with mp.get_context("spawn").Pool(min(cfg.workers, len(jobs))) as pool:
+            for name in pool.imap_unordered(_job, jobs):
+                log.info("done %s", name)
+    else:
+        for i in todo:
+            run_variant(cfg, i, streams, device, out_dir, resume)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
-        cfg = load_config_from_cli(LMConfig, args, {"device": "device", "workers": "workers", "out": "out_dir"})
+        cfg = load_config_from_cli(
+            LMConfig, args, {"device": "device", "workers": "workers", "out": "out_dir", "strategy": "strategy"}
+        )
     except ConfigError as err:
         log.error("%s", err)
         return 2
@@ -427,8 +541,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out_dir = Path(cfg.out_dir)
     device = pick_device(cfg.device)
-    env = environment_info(device)
-    save_json({"config": config_to_dict(cfg), "environment": env}, out_dir / "config.json")
+    info = init_distributed(device=device)  # no-op outside torchrun
+    try:
+        return _main(cfg, args, argv, out_dir, device, info.is_main)
+    finally:
+        cleanup_distributed()
+
+
+def _main(cfg: LMConfig, args: argparse.Namespace, argv: list[str] | None, out_dir: Path, device: torch.device,
+          is_main: bool) -> int:  # fmt: skip
+    env = environment_info(device) | {"processes": world_info().world_size}
+    if is_main:
+        save_json({"config": config_to_dict(cfg), "environment": env}, out_dir / "config.json")
     streams = prepare_tokens(cfg)
     data_info = (
         f"{cfg.data.source} token streams: "
@@ -436,17 +560,11 @@ def main(argv: list[str] | None = None) -> int:
         + " (GPT-2 tokenizer, document-level split)"
     )
     todo = [i for i, v in enumerate(cfg.variants) if not (out_dir / "runs" / f"{v.name}.json").exists()]
+    barrier()  # every rank has looked for finished runs before rank 0 writes new ones
     if not args.report_only and todo:
-        if cfg.workers > 1 and len(todo) > 1:
-            import multiprocessing as mp
-
-            jobs = [(config_to_dict(cfg), i, str(device), str(out_dir)) for i in todo]
-            with mp.get_context("spawn").Pool(min(cfg.workers, len(jobs))) as pool:
-                for name in pool.imap_unordered(_job, jobs):
-                    log.info("done %s", name)
-        else:
-            for i in todo:
-                run_variant(cfg, i, streams, device, out_dir)
+        _train_all(cfg, todo, streams, device, out_dir, args.resume)
+    if not is_main:
+        return 0
     results = [
         json.loads((out_dir / "runs" / f"{v.name}.json").read_text())
         for v in cfg.variants

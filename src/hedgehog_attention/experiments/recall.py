@@ -8,31 +8,47 @@ on test sequences, as a markdown table and a Fig. 5-style scatter (entropy vs ac
 Hyperparameters are fixed in the config; nothing is selected on the test set (the validation
 curve printed during training uses its own sequences and is only logged).
 
-Each finished (variant, seed) run is saved to ``<out>/runs/<variant>_s<seed>.json`` (and its
-weights to ``<out>/ckpt/``); a rerun skips finished runs, so an interrupted sweep continues where
-it stopped. ``--report-only`` rebuilds the table and plot from those files.
+Each run trains on :class:`hedgehog_attention.train.Trainer` (one process, or every rank of a
+``torchrun`` launch with the global batch sharded by rank; only rank 0 writes files). Each finished
+(variant, seed) run is saved to ``<out>/runs/<variant>_s<seed>.json`` (its final weights to
+``<out>/weights/``); a rerun skips finished runs, so an interrupted sweep continues where it
+stopped, and with ``train.checkpoint_every`` set ``--resume`` continues an unfinished run from its
+checkpoint under ``<out>/ckpt/<variant>_s<seed>/``. ``--report-only`` rebuilds the table and plot.
 
 Usage::
 
-    hedgehog recall --config configs/recall.yaml --device cuda --workers 12
-    hedgehog recall --config configs/recall_smoke.yaml          # CPU, seconds
+    hedgehog recall --config configs/recall.yaml --device cuda --workers 12   # runs side by side
+    torchrun --nproc_per_node=2 -m hedgehog_attention.cli recall --config configs/recall.yaml
+    hedgehog recall --config configs/recall_smoke.yaml                        # CPU, seconds
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
-import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch.utils.data import Dataset
 
 from ..metrics import attention_entropy
 from ..models import RotaryTransformer, TransformerConfig
 from ..tasks.associative_recall import AssociativeRecallConfig, make_batch, recall_accuracy
+from ..train import (
+    TrainConfig,
+    Trainer,
+    TrainerCallback,
+    barrier,
+    cleanup_distributed,
+    init_distributed,
+    unwrap_model,
+    world_info,
+)
 from .common import (
     ConfigError,
     config_from_dict,
@@ -96,12 +112,19 @@ class RecallVariant:
 
 @dataclass
 class RecallTrain:
-    """AdamW with linear warmup then cosine decay to ``min_lr_ratio * lr``; fresh data every step."""
+    """AdamW (weight decay on every parameter: the Trainer's one group) with linear warmup then
+    cosine decay to ``min_lr_ratio * lr``; fresh sequences every step. batch_size: the GLOBAL batch,
+    split over processes and ``grad_accum_steps``. checkpoint_every: Trainer checkpoints under
+    ``<out>/ckpt/<variant>_s<seed>/`` (None: none; ``--resume`` then restarts unfinished runs)."""
 
     steps: int = 3000
     batch_size: int = 64
+    grad_accum_steps: int = 1
     lr: float = 1e-3
     weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    checkpoint_every: int | None = None
+    keep_last: int | None = 1  # checkpoints kept per run (None: all)
     warmup_steps: int = 150
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
@@ -125,6 +148,7 @@ class RecallConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     out_dir: str = "runs/recall"
     workers: int = 1
+    strategy: Literal["auto", "none", "ddp", "fsdp"] = "auto"
 
     def __post_init__(self) -> None:
         if not self.variants:
@@ -153,14 +177,6 @@ class RecallConfig:
         )
 
 
-def lr_at(step: int, tc: RecallTrain) -> float:
-    """Linear warmup to ``lr`` then cosine decay to ``min_lr_ratio * lr`` (step counts from 0)."""
-    if step < tc.warmup_steps:
-        return tc.lr * (step + 1) / tc.warmup_steps
-    frac = (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps)
-    return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
-
-
 @torch.no_grad()
 def evaluate(model: RotaryTransformer, x: torch.Tensor, y: torch.Tensor, batch: int = 256) -> float:
     model.eval()
@@ -179,61 +195,135 @@ def mean_entropy(model: RotaryTransformer, x: torch.Tensor) -> tuple[float, list
     return sum(per_layer) / len(per_layer), per_layer
 
 
-def _optimizer(model: torch.nn.Module, tc: RecallTrain) -> torch.optim.Optimizer:
-    # No weight decay on norms, biases and the feature maps' bias (GPT-2 / nanoGPT convention).
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, 0.98))
+class RecallStream(Dataset):
+    """``n`` AR sequences ``(input_ids [T], labels [T])``, drawn in chunks of ``chunk`` from
+    generators seeded by ``(seed, chunk index)``: sequence ``i`` is the same whatever process asks
+    for it, so the Trainer's rank sharding keeps the global batch of a step (read in order, without
+    shuffling: every step sees fresh sequences, as in an endless stream)."""
+
+    def __init__(self, task: AssociativeRecallConfig, n: int, seed: int, chunk: int = 4096) -> None:
+        if n < 1 or chunk < 1:
+            raise ValueError(f"n and chunk must be >= 1, got n={n}, chunk={chunk}")
+        self.task, self.n, self.seed, self.chunk = task, n, seed, chunk
+        self._cached: tuple[int, torch.Tensor, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= i < self.n:
+            raise IndexError(f"sequence {i} out of range [0, {self.n})")
+        c = i // self.chunk
+        if self._cached is None or self._cached[0] != c:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + c)
+            self._cached = (c, *make_batch(self.task, self.chunk, gen))
+        j = i % self.chunk
+        return self._cached[1][j], self._cached[2][j]
 
 
-def run_one(cfg: RecallConfig, variant: RecallVariant, seed: int, device: torch.device) -> dict:
-    """Train and evaluate one (variant, seed); returns the result record."""
+def recall_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    """Trainer loss: CE over the query positions of the micro-batch (+ the weighted Eq. 3 term of
+    the distilled variant; the model adds it in train mode only)."""
+    x, y = batch
+    out = model(x, y)
+    return out.total_loss, {"tokens": x.numel()}
+
+
+class _Curve(TrainerCallback):
+    """Validation accuracy every ``log_every`` steps (rank 0, on the unwrapped model: no collective),
+    the wall-clock cap ``max_seconds``, and a copy of the curve beside each checkpoint so a resumed
+    run keeps its earlier points."""
+
+    def __init__(self, name: str, tc: RecallTrain, vx: torch.Tensor, vy: torch.Tensor, ckpt_dir: Path | None):
+        self.name, self.tc, self.vx, self.vy, self.ckpt_dir = name, tc, vx, vy, ckpt_dir
+        self.curve: list[dict] = []
+        self.stopped_by_time = False
+        self.t0 = time.perf_counter()
+        self.last_step = 0
+        self._first = True
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        self.t0 = time.perf_counter()
+        if trainer.config.resume and self.ckpt_dir is not None and (self.ckpt_dir / "curve.json").exists():
+            self.curve = json.loads((self.ckpt_dir / "curve.json").read_text())
+
+    def on_step_end(self, trainer: Trainer, step: int, loss: float) -> None:
+        if self._first:  # drop points past the checkpoint a resumed run restarts from
+            self.curve = [p for p in self.curve if p["step"] < step]
+            self._first = False
+        self.last_step = step
+        if trainer.world.is_main and (step % self.tc.log_every == 0 or step == trainer.config.max_steps):
+            model = unwrap_model(trainer.wrapped)
+            acc = evaluate(model, self.vx.to(trainer.device), self.vy.to(trainer.device))
+            model.train(trainer.config.train_mode)
+            self.curve.append({"step": step, "loss": loss, "valid_acc": acc})
+            log.info("%-16s step %5d loss %.4f valid acc %.3f", self.name, step, loss, acc)
+        if self.tc.max_seconds is not None and time.perf_counter() - self.t0 > self.tc.max_seconds:
+            if not self.stopped_by_time:
+                log.warning("%s: stopping at step %d (max_seconds=%s)", self.name, step, self.tc.max_seconds)
+            self.stopped_by_time = True
+            trainer.should_stop = True
+
+    def on_checkpoint(self, trainer: Trainer, step: int, path: str | None) -> None:
+        if path is not None and self.ckpt_dir is not None:  # rank 0
+            save_json(self.curve, self.ckpt_dir / "curve.json")
+
+
+def train_config(
+    cfg: RecallConfig, seed: int, device: torch.device, ckpt_dir: Path | None, resume: bool
+) -> TrainConfig:
+    """The :class:`TrainConfig` of one run: AdamW, warmup + cosine, global batch ``train.batch_size``
+    split over ``world_size * grad_accum_steps`` micro-batches, fresh sequences every step."""
+    tc, world = cfg.train, world_info().world_size
+    split = world * tc.grad_accum_steps
+    if tc.batch_size % split:
+        raise ValueError(
+            f"train.batch_size={tc.batch_size} (the global batch) must divide by world_size x grad_accum_steps "
+            f"= {world} x {tc.grad_accum_steps}"
+        )
+    return TrainConfig(
+        max_steps=tc.steps, lr=tc.lr, weight_decay=tc.weight_decay, betas=(tc.betas[0], tc.betas[1]),
+        micro_batch_size=tc.batch_size // split, grad_accum_steps=tc.grad_accum_steps,
+        max_grad_norm=tc.grad_clip or None, scheduler="cosine", warmup_steps=tc.warmup_steps,
+        min_lr_ratio=tc.min_lr_ratio, log_every=tc.log_every, eval_every=tc.log_every,
+        checkpoint_every=tc.checkpoint_every, checkpoint_dir=None if ckpt_dir is None else str(ckpt_dir),
+        resume=resume, seed=seed,
+        progress=False, shuffle=False, strategy=cfg.strategy, keep_last=tc.keep_last, pin_memory=False,
+        device=device.type if device.type == "cuda" and device.index is None else str(device),
+        autocast="bf16" if cfg.dtype == "bfloat16" and device.type == "cuda" else "none",
+    )  # fmt: skip
+
+
+def run_one(
+    cfg: RecallConfig, variant: RecallVariant, seed: int, device: torch.device, ckpt_dir: Path | None = None,
+    resume: bool = False,
+) -> dict | None:  # fmt: skip
+    """Train and evaluate one (variant, seed) on the :class:`Trainer`; returns the result record on
+    rank 0 (with the final ``state_dict``), None on other ranks. ``ckpt_dir``: where the Trainer
+    checkpoints every ``train.checkpoint_every`` steps and at the end (needed for that and for
+    ``resume``; None: no checkpoints)."""
     tc, task = cfg.train, cfg.task.build()
-    torch.manual_seed(seed)
-    model = RotaryTransformer(cfg.model_config(variant)).to(device)
-    opt = _optimizer(model, tc)
-    amp = cfg.dtype == "bfloat16" and device.type == "cuda"
-    gen = torch.Generator().manual_seed(10_000 + seed)
-    vx, vy = make_batch(task, tc.valid_sequences, torch.Generator().manual_seed(VALID_DATA_SEED), device)
-    curve = []
-    t0 = time.perf_counter()
-    steps_done = 0
-    for step in range(tc.steps):
-        model.train()
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, tc)
-        x, y = make_batch(task, tc.batch_size, gen, device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = model(x, y)
-        loss = out.total_loss
-        if not torch.isfinite(loss):
-            log.warning("%s seed %d: loss %s at step %d; stopping this run", variant.name, seed, loss.item(), step)
-            break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if tc.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        opt.step()
-        steps_done = step + 1
-        if steps_done % tc.log_every == 0 or steps_done == tc.steps:
-            acc = evaluate(model, vx, vy)
-            curve.append(
-                {
-                    "step": steps_done,
-                    "loss": out.loss.item(),
-                    "aux": None if out.aux_loss is None else out.aux_loss.item(),
-                    "valid_acc": acc,
-                }
-            )
-            log.info(
-                "%-14s seed %d step %5d loss %.4f valid acc %.3f", variant.name, seed, steps_done, loss.item(), acc
-            )
-        if tc.max_seconds is not None and time.perf_counter() - t0 > tc.max_seconds:
-            log.warning("%s seed %d: stopped at step %d by max_seconds", variant.name, seed, steps_done)
-            break
-    train_seconds = time.perf_counter() - t0
-    tx, ty = make_batch(task, tc.test_sequences, torch.Generator().manual_seed(TEST_DATA_SEED), device)
+    if ckpt_dir is not None and not resume and world_info().is_main and ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)  # a fresh run must not later resume from an older run's checkpoint
+    barrier()
+    torch.manual_seed(seed)  # the model's init: same on every rank
+    model = RotaryTransformer(cfg.model_config(variant))
+    vx, vy = make_batch(task, tc.valid_sequences, torch.Generator().manual_seed(VALID_DATA_SEED))
+    curve = _Curve(variant.name, tc, vx, vy, ckpt_dir)
+    data = RecallStream(task, tc.steps * tc.batch_size, seed=10_000 + seed)
+    trainer = Trainer(model, recall_loss, data, None, train_config(cfg, seed, device, ckpt_dir, resume),
+                      callbacks=[curve])  # fmt: skip
+    error = None
+    try:
+        steps_done = trainer.fit().steps_done
+    except FloatingPointError as err:  # recorded (as the model stood before the bad step), not fatal
+        log.warning("%s seed %d: %s", variant.name, seed, err)
+        steps_done, error = curve.last_step, str(err)
+    train_seconds = time.perf_counter() - curve.t0
+    if not trainer.world.is_main:
+        return None
+    model = unwrap_model(trainer.wrapped)
+    tx, ty = make_batch(task, tc.test_sequences, torch.Generator().manual_seed(TEST_DATA_SEED), trainer.device)
     test_acc = evaluate(model, tx, ty)
     ent, ent_layers = mean_entropy(model, tx[: tc.entropy_sequences])
     return {
@@ -242,42 +332,53 @@ def run_one(cfg: RecallConfig, variant: RecallVariant, seed: int, device: torch.
         "distill_weight": variant.distill_weight,
         "seed": seed,
         "steps": steps_done,
+        "planned_steps": tc.steps,
+        "stopped_early": curve.stopped_by_time or error is not None,
+        "error": error,
         "train_seconds": train_seconds,
         "test_accuracy": test_acc,
         "entropy": ent,
         "entropy_per_layer": ent_layers,
         "uniform_entropy": float(torch.log(torch.arange(1, task.seq_len + 1, dtype=torch.float64)).mean()),
-        "curve": curve,
+        "curve": curve.curve,
         "parameters": model.num_parameters(),
+        "world_size": trainer.world.world_size,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
 
 
-def _job(args: tuple[dict, int, int, str, str]) -> str:
-    """Worker entry (picklable): run one job and write its files; returns the result path."""
-    cfg_dict, vi, seed, device_name, out_dir = args
+def _run_and_save(cfg: RecallConfig, vi: int, seed: int, device: torch.device, out: Path, resume: bool) -> str:
+    """Run one job and (rank 0) write its result JSON and final weights; returns the result path."""
+    variant = cfg.variants[vi]
+    tag = f"{variant.name}_s{seed}"
+    res = run_one(cfg, variant, seed, device, out / "ckpt" / tag, resume)
+    path = out / "runs" / f"{tag}.json"
+    if res is not None:
+        state = res.pop("state_dict")
+        (out / "weights").mkdir(parents=True, exist_ok=True)
+        torch.save({"config": config_to_dict(cfg), "variant": vi, "seed": seed, "model": state},
+                   out / "weights" / f"{tag}.pt")  # fmt: skip
+        save_json(res, path)
+    barrier()
+    return str(path)
+
+
+def _job(args: tuple[dict, int, int, str, str, bool]) -> str:
+    """``--workers`` entry (picklable): one job in its own single process."""
+    cfg_dict, vi, seed, device_name, out_dir, resume = args
     torch.set_num_threads(1)
     setup_logging()
     cfg = config_from_dict(RecallConfig, cfg_dict)
-    variant = cfg.variants[vi]
-    device = torch.device(device_name)
-    res = run_one(cfg, variant, seed, device)
-    state = res.pop("state_dict")
-    out = Path(out_dir)
-    (out / "ckpt").mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {"config": cfg_dict, "variant": vi, "seed": seed, "model": state}, out / "ckpt" / f"{variant.name}_s{seed}.pt"
-    )
-    path = out / "runs" / f"{variant.name}_s{seed}.json"
-    save_json(res, path)
-    return str(path)
+    return _run_and_save(cfg, vi, seed, torch.device(device_name), Path(out_dir), resume)
 
 
 # Rough relative cost per training step (measured on an H200 with 16 concurrent runs, 2026-11-28).
 _COST = {"taylor2": 4, "cosformer": 3, "hedgehog": 2, "hedgehog_exp": 2, "t2r": 2, "softmax": 0.5}
 
 
-def run_sweep(cfg: RecallConfig, out_dir: Path, device: torch.device) -> list[dict]:
+def run_sweep(cfg: RecallConfig, out_dir: Path, device: torch.device, resume: bool = False) -> list[dict]:
+    """Every unfinished (variant, seed): in ``workers`` parallel single-process runs, or one after
+    another (each on all ranks under torchrun). Returns the finished results (rank 0's view)."""
     cfg_dict = config_to_dict(cfg)
     jobs = []
     for vi, v in enumerate(cfg.variants):
@@ -285,11 +386,14 @@ def run_sweep(cfg: RecallConfig, out_dir: Path, device: torch.device) -> list[di
             if (out_dir / "runs" / f"{v.name}_s{s}.json").exists():
                 log.info("skip %s seed %d (already done)", v.name, s)
                 continue
-            jobs.append((cfg_dict, vi, s, str(device), str(out_dir)))
+            jobs.append((cfg_dict, vi, s, str(device), str(out_dir), resume))
+    barrier()  # every rank has listed the jobs before rank 0 writes results
     # Slowest attentions first, so a parallel sweep does not end waiting on one long run.
     jobs.sort(key=lambda j: -_COST.get(cfg.variants[j[1]].attention, 1) - cfg.variants[j[1]].distill_weight)
     t0 = time.perf_counter()
     if cfg.workers > 1 and len(jobs) > 1:
+        if world_info().distributed:
+            raise ValueError("workers > 1 runs jobs in separate processes; under torchrun set workers: 1")
         import multiprocessing as mp
 
         # spawn: CUDA cannot be re-initialized in forked children.
@@ -297,14 +401,13 @@ def run_sweep(cfg: RecallConfig, out_dir: Path, device: torch.device) -> list[di
             for p in pool.imap_unordered(_job, jobs):
                 log.info("done %s (%.0f s)", p, time.perf_counter() - t0)
     else:
-        for j in jobs:
-            log.info("done %s (%.0f s)", _job(j), time.perf_counter() - t0)
+        for _, vi, s, _, _, _ in jobs:
+            p = _run_and_save(cfg, vi, s, device, out_dir, resume)
+            log.info("done %s (%.0f s)", p, time.perf_counter() - t0)
     return collect(cfg, out_dir)
 
 
 def collect(cfg: RecallConfig, out_dir: Path) -> list[dict]:
-    import json
-
     results = []
     for v in cfg.variants:
         for s in cfg.seeds:
@@ -418,8 +521,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML/JSON file of RecallConfig (configs/recall.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="override KEY=VALUE (dotted)")
     p.add_argument("--device", help="cpu | cuda | auto (overrides the config)")
-    p.add_argument("--workers", type=int, help="parallel runs (processes) (overrides the config)")
+    p.add_argument("--workers", type=int, help="parallel single-process runs (overrides the config)")
+    p.add_argument("--strategy", help="auto | none | ddp | fsdp (under torchrun; auto = ddp)")
     p.add_argument("--out", help="output folder (overrides the config's out_dir)")
+    p.add_argument("--resume", action="store_true", help="continue unfinished runs from their checkpoints")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from finished runs")
     return p
 
@@ -428,21 +533,30 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
-        cfg = load_config_from_cli(RecallConfig, args, {"device": "device", "workers": "workers", "out": "out_dir"})
+        cfg = load_config_from_cli(
+            RecallConfig, args, {"device": "device", "workers": "workers", "out": "out_dir", "strategy": "strategy"}
+        )
     except ConfigError as err:
         log.error("%s", err)
         return 2
     out_dir = Path(cfg.out_dir)
     device = pick_device(cfg.device)
-    env = environment_info(device)
-    save_json({"config": config_to_dict(cfg), "environment": env}, out_dir / "config.json")
-    results = collect(cfg, out_dir) if args.report_only else run_sweep(cfg, out_dir, device)
-    if not results:
-        log.error("no finished runs under %s", out_dir)
-        return 1
-    command = "hedgehog recall " + " ".join(argv if argv is not None else [])
-    md = render_report(cfg, results, out_dir, env, command.strip())
-    (out_dir / "recall.md").write_text(md)
-    save_json({"summary": summarize(cfg, results), "environment": env}, out_dir / "results.json")
-    print(md)
-    return 0
+    info = init_distributed(device=device)  # no-op outside torchrun
+    try:
+        env = environment_info(device) | {"processes": info.world_size}
+        if info.is_main:
+            save_json({"config": config_to_dict(cfg), "environment": env}, out_dir / "config.json")
+        results = collect(cfg, out_dir) if args.report_only else run_sweep(cfg, out_dir, device, args.resume)
+        if not info.is_main:
+            return 0
+        if not results:
+            log.error("no finished runs under %s", out_dir)
+            return 1
+        command = "hedgehog recall " + " ".join(argv if argv is not None else [])
+        md = render_report(cfg, results, out_dir, env, command.strip())
+        (out_dir / "recall.md").write_text(md)
+        save_json({"summary": summarize(cfg, results), "environment": env}, out_dir / "results.json")
+        print(md)
+        return 0
+    finally:
+        cleanup_distributed()
