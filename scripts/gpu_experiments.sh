@@ -1,26 +1,31 @@
 #!/usr/bin/env bash
-# Full-size runs of `hedgehog recall` and `hedgehog lm` in one GPU call (device tool), concurrently:
-# recall's small models leave the GPU mostly idle, so the LM runs share it. Results are tarred to $OUT.
+# Full-size runs of `hedgehog lm` and `hedgehog recall` in one GPU call (device tool, kind nvidia-h200-x2):
+# the LM sweep on GPU 0 and the recall sweep on GPU 1 (CUDA_VISIBLE_DEVICES per job), both on the
+# Trainer, single-process runs side by side (--workers). Reports, run JSONs and logs are tarred to $OUT;
+# checkpoints (*.pt) stay on the device machine (too large to return).
 # Needs .carry/lm_tokens.npz (written by `hedgehog lm --config configs/lm.yaml --prepare-data ...`).
-# Usage (repo root):  OUT=/tmp/out bash scripts/gpu_experiments.sh [recall] [lm]
+# Usage (repo root):  OUT=/tmp/out bash scripts/gpu_experiments.sh
+#   LM_CONFIG / RECALL_CONFIG / LM_WORKERS / RECALL_WORKERS / JOB_TIMEOUT override the defaults below.
 set -uo pipefail
-export PYTHONPATH=src PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 OUT="${OUT:-/tmp/hedgehog_out}"; mkdir -p "$OUT"
-what="${*:-recall lm}"
-nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
-python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)'
-pids=()
-if [[ " $what " == *" recall "* ]]; then
-  timeout ${RECALL_TIMEOUT:-320} python3 -m hedgehog_attention.cli recall --config configs/recall.yaml --device cuda \
-    --workers 17 --out runs/recall >"$OUT/recall.log" 2>&1 &
-  pids+=($!)
-fi
-if [[ " $what " == *" lm "* ]]; then
-  timeout 330 python3 -m hedgehog_attention.cli lm --config configs/lm.yaml --device cuda \
-    --workers 5 --out runs/lm >"$OUT/lm.log" 2>&1 &
-  pids+=($!)
-fi
-for p in "${pids[@]}"; do wait "$p"; echo "job $p exit $?"; done
-# Results in one tar; checkpoints (*.pt) stay on the device machine (too large to return).
-tar czf "$OUT/results.tgz" --exclude='*.pt' runs/recall runs/lm 2>/dev/null
-ls -la "$OUT"; tail -n 25 "$OUT/recall.log" "$OUT/lm.log" 2>/dev/null
+LM_CONFIG="${LM_CONFIG:-configs/lm_gpu.yaml}"; RECALL_CONFIG="${RECALL_CONFIG:-configs/recall_gpu.yaml}"
+JOB_TIMEOUT="${JOB_TIMEOUT:-250}"
+ngpu=$(nvidia-smi -L | wc -l)
+nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee "$OUT/env.txt"
+python3 -c 'import sys, torch, triton; print("python", sys.version.split()[0], "torch", torch.__version__, "triton", triton.__version__)' | tee -a "$OUT/env.txt"
+git rev-parse --short HEAD 2>/dev/null | tee -a "$OUT/env.txt"
+lm_gpu=0; recall_gpu=$(( ngpu > 1 ? 1 : 0 ))
+CUDA_VISIBLE_DEVICES=$lm_gpu timeout -k 10 "$JOB_TIMEOUT" python3 -m hedgehog_attention.cli lm --config "$LM_CONFIG" \
+  --device cuda --workers "${LM_WORKERS:-5}" >"$OUT/lm.log" 2>&1 &
+lm_pid=$!
+CUDA_VISIBLE_DEVICES=$recall_gpu timeout -k 10 "$JOB_TIMEOUT" python3 -m hedgehog_attention.cli recall \
+  --config "$RECALL_CONFIG" --device cuda --workers "${RECALL_WORKERS:-12}" >"$OUT/recall.log" 2>&1 &
+recall_pid=$!
+( sleep 60; nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv ) >"$OUT/smi.txt" 2>&1 &
+wait $lm_pid; echo "lm exit $?" | tee -a "$OUT/env.txt"
+wait $recall_pid; echo "recall exit $?" | tee -a "$OUT/env.txt"
+lm_out=$(python3 -c "import yaml,sys; print(yaml.safe_load(open('$LM_CONFIG'))['out_dir'])")
+recall_out=$(python3 -c "import yaml,sys; print(yaml.safe_load(open('$RECALL_CONFIG'))['out_dir'])")
+tar czf "$OUT/results.tgz" --exclude='*.pt' "$lm_out" "$recall_out" 2>/dev/null
+ls -la "$OUT"; tail -n 30 "$OUT/lm.log"; tail -n 25 "$OUT/recall.log"
