@@ -148,7 +148,8 @@ class RecallConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     out_dir: str = "runs/recall"
     workers: int = 1
-    strategy: Literal["auto", "none", "ddp", "fsdp"] = "auto"
+    # No FSDP: the models are tiny, and rank 0 scores the whole model alone during training.
+    strategy: Literal["auto", "none", "ddp"] = "auto"
 
     def __post_init__(self) -> None:
         if not self.variants:
@@ -522,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], help="override KEY=VALUE (dotted)")
     p.add_argument("--device", help="cpu | cuda | auto (overrides the config)")
     p.add_argument("--workers", type=int, help="parallel single-process runs (overrides the config)")
-    p.add_argument("--strategy", help="auto | none | ddp | fsdp (under torchrun; auto = ddp)")
+    p.add_argument("--strategy", help="auto | none | ddp (under torchrun; auto = ddp)")
     p.add_argument("--out", help="output folder (overrides the config's out_dir)")
     p.add_argument("--resume", action="store_true", help="continue unfinished runs from their checkpoints")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from finished runs")
