@@ -551,8 +551,12 @@ def main(argv: list[str] | None = None) -> int:
 def _main(cfg: LMConfig, args: argparse.Namespace, argv: list[str] | None, out_dir: Path, device: torch.device,
           is_main: bool) -> int:  # fmt: skip
     env = environment_info(device) | {"processes": world_info().world_size}
-    if is_main:
-        save_json({"config": config_to_dict(cfg), "environment": env}, out_dir / "config.json")
+    command = ("hedgehog lm " + " ".join(argv if argv is not None else [])).strip()
+    if args.report_only and (out_dir / "config.json").exists():  # the training run's command and environment
+        saved = json.loads((out_dir / "config.json").read_text())
+        env, command = saved["environment"], saved.get("command", command)
+    elif is_main:
+        save_json({"config": config_to_dict(cfg), "environment": env, "command": command}, out_dir / "config.json")
     streams = prepare_tokens(cfg)
     data_info = (
         f"{cfg.data.source} token streams: "
@@ -574,7 +578,6 @@ def _main(cfg: LMConfig, args: argparse.Namespace, argv: list[str] | None, out_d
         log.error("no finished runs under %s", out_dir)
         return 1
     plot_curves(results, out_dir / "lm_curves.png")
-    command = ("hedgehog lm " + " ".join(argv if argv is not None else [])).strip()
     md = render_report(cfg, results, env, command, data_info)
     (out_dir / "lm.md").write_text(md)
     save_json({"results": results, "environment": env, "data": data_info}, out_dir / "results.json")

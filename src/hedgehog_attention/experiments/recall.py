@@ -464,6 +464,7 @@ def render_report(cfg: RecallConfig, results: list[dict], out_dir: Path, env: di
     uniform = results[0]["uniform_entropy"] if results else float("nan")
     n_seeds = sorted({r["seeds"] for r in rows})
     plot_scatter(cfg, results, rows, out_dir / "recall_scatter.png")
+    plot_curves(cfg, results, out_dir / "recall_curves.png")
     md = [
         "# Associative recall (App. B.1, Table 4, Fig. 5 analog)",
         "",
@@ -487,6 +488,8 @@ def render_report(cfg: RecallConfig, results: list[dict], out_dir: Path, env: di
         "",
         "![entropy vs accuracy](recall_scatter.png)",
         "",
+        "![validation accuracy during training](recall_curves.png)",
+        "",
     ]
     return "\n".join(md)
 
@@ -509,6 +512,34 @@ def plot_scatter(cfg: RecallConfig, results: list[dict], rows: list[dict], path:
     ax.set_xlabel("mean attention entropy (nats)")
     ax.set_ylabel("AR test accuracy (%)")
     ax.set_title("Associative recall: entropy vs accuracy (small dots: seeds)")
+    ax.legend(fontsize=7, ncol=2, loc="best")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(cfg: RecallConfig, results: list[dict], path: Path) -> None:
+    """Validation accuracy vs step, one line per run (colour = attention, style = seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    cmap = plt.get_cmap("tab20")
+    styles = ["-", "--", ":", "-."]
+    for i, v in enumerate(cfg.variants):
+        for j, r in enumerate(x for x in results if x["variant"] == v.name):
+            c = r["curve"]
+            if c:
+                ax.plot([p["step"] for p in c], [100 * p["valid_acc"] for p in c], color=cmap(i),
+                        ls=styles[j % len(styles)], marker="o", ms=2, label=v.name if j == 0 else None)  # fmt: skip
+    ax.axhline(100 * cfg.task.build().chance_accuracy, color="gray", ls=":", lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title("Associative recall: validation accuracy (line style: seed)")
     ax.legend(fontsize=7, ncol=2, loc="best")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -545,16 +576,19 @@ def main(argv: list[str] | None = None) -> int:
     info = init_distributed(device=device)  # no-op outside torchrun
     try:
         env = environment_info(device) | {"processes": info.world_size}
-        if info.is_main:
-            save_json({"config": config_to_dict(cfg), "environment": env}, out_dir / "config.json")
+        command = ("hedgehog recall " + " ".join(argv if argv is not None else [])).strip()
+        if args.report_only and (out_dir / "config.json").exists():  # the training run's command and environment
+            saved = json.loads((out_dir / "config.json").read_text())
+            env, command = saved["environment"], saved.get("command", command)
+        elif info.is_main:
+            save_json({"config": config_to_dict(cfg), "environment": env, "command": command}, out_dir / "config.json")
         results = collect(cfg, out_dir) if args.report_only else run_sweep(cfg, out_dir, device, args.resume)
         if not info.is_main:
             return 0
         if not results:
             log.error("no finished runs under %s", out_dir)
             return 1
-        command = "hedgehog recall " + " ".join(argv if argv is not None else [])
-        md = render_report(cfg, results, out_dir, env, command.strip())
+        md = render_report(cfg, results, out_dir, env, command)
         (out_dir / "recall.md").write_text(md)
         save_json({"summary": summarize(cfg, results), "environment": env}, out_dir / "results.json")
         print(md)
