@@ -378,7 +378,7 @@ def _job(args: tuple[dict, int, str, str, bool]) -> str:
 # ------------------------------------------------------------------------------------- report
 def gap_closed(ppl: float, low: float, high: float) -> float:
     """Share of the ``low -> high`` perplexity gap closed by ``ppl`` (1.0 = matches ``high``)."""
-    return (low - ppl) / (low - high) if low != high else float("nan")
+    return (low - ppl) / (low - high) + 0.0 if low != high else float("nan")  # + 0.0: no "-0.0%"
 
 
 def common_step_gap(cfg: LMConfig, results: list[dict]) -> tuple[int | None, dict[str, tuple[float, float]]]:
