@@ -31,9 +31,9 @@ TARGET = GPUTarget("cuda", 90, 32)
 INT_PTRS = ("cu_ptr", "coff_ptr", "cidx_ptr")
 FP32_PTRS = (
     "hz_ptr", "dhz_ptr", "si_ptr", "zi_ptr", "ri_ptr", "rzi_ptr", "st_ptr", "stz_ptr", "den_ptr", "cd_ptr",
-    "dwq_ptr", "dbq_ptr", "dwk_ptr", "dbk_ptr", "mask_ptr", "s_ptr", "z_ptr",
+    "mask_ptr", "s_ptr", "z_ptr", "s0_ptr", "z0_ptr",
 )  # fmt: skip
-STATE_PTRS = ("h_ptr", "dh_ptr")  # bf16 for bf16 inputs, fp32 otherwise (_launch.state_dtype)
+STATE_PTRS = ("h_ptr", "dz_ptr")  # bf16 for bf16 inputs, fp32 otherwise (_launch.state_dtype)
 KERNELS = (K._state_kernel, K._out_kernel, K._bwd_kernel)
 
 
@@ -49,6 +49,8 @@ def _ptr_type(p: str, dtype: str) -> str:
 
 def compile_kernel(fn, cons: dict, dtype: str, num_warps: int, num_stages: int = 1):
     params = list(inspect.signature(fn.fn).parameters)
+    if fn is K._state_kernel:
+        cons = dict(cons, G=cons.get("G", 1))  # a constexpr there (GQA group walked per step)
     sig = {
         p: "constexpr"
         if p in cons
@@ -77,7 +79,7 @@ def constexprs(
         BT=bt, BD=D, BF=D, BV=bv or D, FUSED=fused, HAS_MASK=mask, ACT=act, NEG=fused,
         W_NATIVE=dtype != "fp32" and fused, MAP_PREC="ieee" if dtype == "fp32" else "tf32",
         PREC="ieee" if dtype == "fp32" else "tf32", DOT_DT=dot, EVEN=True, HAS_B=True, HAS_BQ=True, HAS_BK=True,
-        CAUSAL=causal, REVERSE=False, STORE_H=causal, KV_SIDE=False,
+        CAUSAL=causal, REVERSE=False, STORE_H=causal, KV_SIDE=False, INIT=False, SEG=not causal, VARLEN=False,
     )  # fmt: skip
 
 

@@ -1,4 +1,4 @@
-"""Plot ``attention_speed.json`` like the paper's Fig. 7: time vs T (log-log) and peak memory.
+"""Plot ``attention_speed.json`` like the paper's Fig. 7: time vs T (log-log), peak memory, decode.
 
 python benchmarks/_plot_attention_speed.py path/to/attention_speed.json docs/figures/attention_speed.png
 """
@@ -26,7 +26,7 @@ def main(src: str, dst: str) -> None:
     with open(src) as f:
         res = json.load(f)
     rows = res["rows"]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.6))
     for key, ax, title in [("fwd_ms", axes[0], "forward"), ("fwdbwd_ms", axes[1], "forward + backward")]:
         for name, (label, color, marker) in STYLE.items():
             pts = [(r["T"], r[name][key]) for r in rows if name in r and key in r.get(name, {})]
@@ -47,6 +47,22 @@ def main(src: str, dst: str) -> None:
     axes[2].set_ylabel("peak memory of fwd+bwd, GB")
     axes[2].set_title("memory")
     axes[2].grid(True, alpha=0.3)
+    dec = res.get("decode") or []
+    if dec:
+        ctx = [d["context"] for d in dec]
+        for key, label, color, marker in (
+            ("sdpa_ms", "SDPA, bf16 KV cache", "k", "o"),
+            ("triton_ms", "ours, one launch", "tab:red", "D"),
+            ("triton_graph_ms", "ours, CUDA-graph replay", "tab:orange", "d"),
+        ):
+            axes[3].plot(ctx, [d[key] for d in dec], marker=marker, color=color, label=label)
+        axes[3].set_xscale("log", base=2)
+        axes[3].set_yscale("log")
+        axes[3].set_xlabel("context length")
+        axes[3].set_ylabel("ms per decode step (B=16, H=16)")
+        axes[3].set_title("decode step")
+        axes[3].grid(True, which="both", alpha=0.3)
+        axes[3].legend(fontsize=8)
     axes[0].legend(fontsize=8)
     m = res["meta"]
     fig.suptitle(f"{m['gpu']}, torch {m['torch']}, triton {m['triton']}, fla {m['fla']}, {m['date']}", fontsize=9)

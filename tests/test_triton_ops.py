@@ -9,6 +9,7 @@ initial state) under random upstream gradients.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -156,13 +157,15 @@ def _check(kern, ref, low, dtype, names):
     for i, (name, a, b) in enumerate(pairs):
         nan = bool(torch.isnan(a).any())
         err = rel(a, b)
+        if base is not None and not math.isfinite(base[i]):  # the torch baseline overflowed: no yardstick
+            bad.append(f"{name} (torch baseline not finite: choose inputs this dtype can represent)")
         if base is None:
             tol = _tol(dtype)
         else:  # at most ~2x the error of the same math in torch at that precision (+ a floor)
             tol = 2.0 * base[i] + 2e-3
         torch_err = f" torch {base[i]:.2e}" if base else ""
         rows.append(f"{name}: err {err:.2e} tol {tol:.2e}{torch_err}" + (" NaN" if nan else ""))
-        if nan or not err <= tol:
+        if nan or not math.isfinite(err) or not err <= tol:
             bad.append(name)
     # every tensor's error in the message (and printed: GPU runs use -s and may be cut short),
     # so one GPU run tells tolerance misses from NaN or bugs
@@ -209,7 +212,11 @@ def _id(c):
 @pytest.mark.parametrize("case", _CASES, ids=_id)
 def test_fused_matches_reference(case):
     B, T, H, HK, D, F, causal, act, neg, bias, kind, init, dtype = case
-    args = _inputs(B, T, H, HK, D, F, D, dtype, bias)
+    # fp16 + exp: with |x W| up to ~15 (D=128, weights 0.3) the features reach e^15 and the
+    # gradients of k and v overflow fp16 (65504) in the kernel and in torch alike (the H200
+    # failure of this case in run 2/3); smaller weights keep every value representable
+    wscale = 0.1 if (dtype == torch.float16 and act == "exp") else 0.3
+    args = _inputs(B, T, H, HK, D, F, D, dtype, bias, wscale=wscale)
     mask, cu = _mask_or_cu(kind, B, T)
     N = B if cu is None else cu.numel() - 1
     FT = 2 * F if neg else F

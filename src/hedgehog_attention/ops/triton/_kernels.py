@@ -235,7 +235,7 @@ def _load_half(ptr, zptr, row0, F, DV, v0, BF: tl.constexpr, BV: tl.constexpr, E
     offs_f = tl.arange(0, BF)
     s = _ld(ptr + row0 * DV, F, DV, DV, 0, v0, BF, BV, not EVEN, not EVEN)
     z = tl.load(zptr + row0 + offs_f, mask=offs_f < F, other=0.0)
-    return s.to(tl.float32), z
+    return s.to(tl.float32), z.to(tl.float32)
 
 
 @triton.jit
@@ -272,10 +272,11 @@ def _seq(cu_ptr, i_n, T, VARLEN: tl.constexpr):
     """First token and length of sequence ``i_n``; equal lengths ``T`` need no loads."""
     if VARLEN:
         bos = tl.load(cu_ptr + i_n).to(tl.int64)
-        eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
-        return bos, eos - bos
+        L = tl.load(cu_ptr + i_n + 1).to(tl.int64) - bos
     else:
-        return i_n.to(tl.int64) * T, T
+        bos = i_n.to(tl.int64) * T
+        L = bos * 0 + T  # int64 like the loaded lengths (both branches must return one type)
+    return bos, L
 
 
 @triton.jit
@@ -313,13 +314,13 @@ def _state_kernel(
     T,
     NH,
     HK,
-    G,
     D,
     F,
     FT,
     DV,
     CPS,
     NS,
+    G: tl.constexpr,
     BT: tl.constexpr,
     BD: tl.constexpr,
     BF: tl.constexpr,
@@ -389,7 +390,7 @@ def _state_kernel(
         offs_t = t0 + offs_i
         t_ok = offs_t < L
         tok = bos + offs_t
-        for g in range(G):
+        for g in tl.static_range(G):  # G is a constexpr: with G == 1 the weights load once
             i_x = i_hk * G + g
             # every load of the step first: one memory latency per step, not one per load
             x = _ld_x(x_ptr, bos, L, t0, i_x, NH, D, F, BT, BD, BF, FUSED, EVEN)

@@ -80,9 +80,19 @@ def state_dtype(v_dtype: torch.dtype) -> torch.dtype:
 
 def segments(n_seq: int, hk: int, max_len: int, n_prog: int, bt: int) -> tuple[int, int]:
     """``(CPS, NS)``: chunks per segment and segments per sequence for the state walk, whose
-    other grid axes give ``n_seq * hk * n_prog`` programs."""
+    other grid axes give ``p0 = n_seq * hk * n_prog`` programs. The walk is sequential, so its
+    time goes as (waves of programs) x (chunks per program): pick the ``NS`` that minimises
+    ``ceil(p0 * NS / cap) * ceil(chunks / NS)`` with ``cap = CONFIG["min_programs"]`` programs
+    running at once (132 SMs x programs per SM); the smallest such ``NS`` (fewest segments)."""
     n_ch = max(1, triton.cdiv(max_len, bt))
-    ns = max(1, min(n_ch, triton.cdiv(int(CONFIG["min_programs"]), n_seq * hk * n_prog)))
+    p0, cap = max(1, n_seq * hk * n_prog), max(1, int(CONFIG["min_programs"]))
+    best, ns = None, 1
+    for cand in range(1, n_ch + 1):
+        cost = triton.cdiv(p0 * cand, cap) * triton.cdiv(n_ch, cand)
+        if best is None or cost < best:
+            best, ns = cost, cand
+        if p0 * cand >= 4 * cap:
+            break
     cps = triton.cdiv(n_ch, ns)
     return cps, triton.cdiv(n_ch, cps)
 
@@ -169,7 +179,7 @@ class _Plan:
             den if den is not None else dummy, cd if cd is not None else dummy, self.mask_, self.cu, self.coff,
             h if h is not None else dummy, hz if hz is not None else dummy, st, stz,
             s0 if init else dummy, z0 if init else dummy, self.T,
-            x.shape[2], self.HK, self.G if reverse else 1, self.D, self.F, self.FT, self.DV, cps, ns,
+            x.shape[2], self.HK, self.D, self.F, self.FT, self.DV, cps, ns, G=self.G if reverse else 1,
             HAS_B=b is not None, REVERSE=reverse, STORE_H=store_h, INIT=init, VARLEN=self.varlen,
             **{n: c[n] for n in _COMMON}, BV=bv, num_warps=CONFIG["state_warps"], num_stages=CONFIG["state_stages"],
         )  # fmt: skip
