@@ -318,6 +318,10 @@ def fused_hedgehog_attention(
     Returns:
         ``(o [B, T, H, Dv], final_state or None)``; differentiable w.r.t. q, k, v, weights,
         biases (and the initial state).
+
+    On a GPU, fp16/fp32 inputs with ``F > 64`` run the map in PyTorch and the chunked PyTorch op
+    instead (the kernels' fp32 tiles exceed the H200's shared memory there; bf16 at any ``F`` up
+    to 128 and every dtype at ``F <= 64`` use the fused kernels).
     """
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {_ACTIVATIONS}; got {activation!r}")
@@ -335,6 +339,12 @@ def fused_hedgehog_attention(
         raise ValueError(f"q_bias must be [H, F] = {(H, F)}; got {tuple(q_bias.shape)}")
     if k_bias is not None and tuple(k_bias.shape) != (HK, F):
         raise ValueError(f"k_bias must be [Hk, F] = {(HK, F)}; got {tuple(k_bias.shape)}")
+    if _lm().needs_fallback(F, q.dtype, q.device):
+        return _fused_fallback(
+            q, k, v, q_weight, q_bias, k_weight, k_bias, activation=activation, negation=negation, causal=causal,
+            attention_mask=attention_mask, cu_seqlens=cu_seqlens, initial_state=initial_state,
+            output_final_state=output_final_state, eps=eps,
+        )  # fmt: skip
     nc = _n_chunks(cu, cu_seqlens, q.shape[0], q.shape[1], F, v.dtype)
     o, *_, s_fin, z_fin = _la_fwd(
         q.contiguous(), k.contiguous(), v.contiguous(),
@@ -344,6 +354,30 @@ def fused_hedgehog_attention(
         cu_seqlens is not None,
     )  # fmt: skip
     return o, (LinearAttentionState(s_fin, z_fin) if output_final_state else None)
+
+
+def _hedgehog_features(x: Tensor, w: Tensor, b: Tensor | None, activation: str, negation: bool) -> Tensor:
+    """The map in PyTorch, as ``HedgehogFeatureMap``: fp32 pre-activation; softmax features in the
+    input dtype, exp features in fp32 (e^30 does not fit fp16)."""
+    z = torch.einsum("bthd,hdf->bthf", x.float(), w.float())
+    if b is not None:
+        z = z + b.float()
+    halves = (z, -z) if negation else (z,)
+    if activation == "softmax":
+        return torch.cat([torch.softmax(h, dim=-1) for h in halves], dim=-1).to(x.dtype)
+    return torch.cat([torch.exp(h.clamp(-30.0, 30.0)) for h in halves], dim=-1)
+
+
+def _fused_fallback(q, k, v, wq, bq, wk, bk, *, activation, negation, causal, **kw):
+    """fp16/fp32 inputs with more than 64 features per half on a GPU: the map in PyTorch and the
+    chunked PyTorch op (the fused kernels' fp32 operand tiles need more shared memory than the
+    H200's 227 KB there: 237-311 KB, ``docs/kernels.md``). Same signature and results."""
+    from .. import linear_attention  # the core dispatcher (cu_seqlens, masks, states)
+
+    fq = _hedgehog_features(q, wq, bq, activation, negation)
+    fk = _hedgehog_features(k, wk, bk, activation, negation)
+    o, st = linear_attention(fq, fk, v, causal=causal, backend="chunked", **kw)
+    return o.to(v.dtype), st
 
 
 def fused_hedgehog_decode_step(

@@ -40,6 +40,7 @@ CONFIG = {
     "out_stages": 1,
     "bwd_stages": 1,
     "poison": False,
+    "fallback": "auto",
 }
 
 _COMMON = ("BT", "BD", "BF", "FUSED", "HAS_MASK", "ACT", "W_NATIVE", "MAP_PREC", "PREC", "DOT_DT", "EVEN")
@@ -62,6 +63,17 @@ def chunk_size(F: int, dtype: torch.dtype) -> int:
     if dtype == torch.bfloat16 and _pow2(F) <= 64:
         return bt
     return min(bt, 64 if (dtype == torch.bfloat16 or _pow2(F) <= 64) else 32)
+
+
+def needs_fallback(F: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """fp16/fp32 (fp32 operand tiles) with more than 64 features per half on a GPU: the fused
+    kernels need 237-311 KB of shared memory there (ptxas for sm_90, and the H200's
+    OutOfResources of 2026-11-28, run 4), over the 227 KB an H200 block may use.
+    ``CONFIG["fallback"]``: "auto" (that rule), "always" (tests), "never"."""
+    mode = CONFIG["fallback"]
+    if mode != "auto":
+        return mode == "always"
+    return device.type == "cuda" and dtype != torch.bfloat16 and _pow2(F) > 64
 
 
 def n_chunks(cu: torch.Tensor | None, B: int, T: int, bt: int) -> int:
