@@ -1,6 +1,9 @@
 """Plot ``attention_speed.json`` like the paper's Fig. 7: time vs T (log-log), peak memory, decode.
 
 python benchmarks/_plot_attention_speed.py path/to/attention_speed.json docs/figures/attention_speed.png
+
+Also reads a "combined" JSON (``{"series": {key: {"label", "runs", "points": [[T, fwd, fwdbwd, GB]]}}}``)
+that gathers points of several runs, each series naming its runs.
 """
 
 from __future__ import annotations
@@ -22,9 +25,32 @@ STYLE = {
 }
 
 
+SERIES_STYLE = {
+    "sdpa": ("k", "o", "-"),
+    "sdpa_run3": ("k", "o", ":"),
+    "fla": ("tab:blue", "s", "-"),
+    "chunked": ("tab:green", "^", "-"),
+    "taylor": ("tab:purple", "v", "-"),
+    "old": ("tab:red", "D", "--"),
+    "new": ("tab:red", "D", "-"),
+    "new_fwd_run3": ("tab:orange", "d", ":"),
+}
+
+
+def _rows_from_series(res):
+    """Turn a combined JSON into per-series point lists keyed like STYLE (label with runs)."""
+    out = {}
+    for key, sr in res["series"].items():
+        color, marker, ls = SERIES_STYLE.get(key, ("gray", ".", "-"))
+        out[key] = (f"{sr['label']} [{sr['runs']}]", color, marker, ls, sr["points"])
+    return out
+
+
 def main(src: str, dst: str) -> None:
     with open(src) as f:
         res = json.load(f)
+    if "series" in res:
+        return _main_series(res, dst)
     rows = res["rows"]
     fig, axes = plt.subplots(1, 4, figsize=(21, 4.6))
     for key, ax, title in [("fwd_ms", axes[0], "forward"), ("fwdbwd_ms", axes[1], "forward + backward")]:
@@ -67,6 +93,48 @@ def main(src: str, dst: str) -> None:
     m = res["meta"]
     fig.suptitle(f"{m['gpu']}, torch {m['torch']}, triton {m['triton']}, fla {m['fla']}, {m['date']}", fontsize=9)
     fig.tight_layout()
+    fig.savefig(dst, dpi=110)
+
+
+def _main_series(res, dst: str) -> None:
+    series = _rows_from_series(res)
+    fig, axes = plt.subplots(1, 4, figsize=(22, 5.2))
+    for col, ax, title in [(1, axes[0], "forward"), (2, axes[1], "forward + backward"), (3, axes[2], "memory")]:
+        for label, color, marker, ls, pts in series.values():
+            xy = [(p[0], p[col]) for p in pts if p[col] is not None]
+            if xy:
+                ax.plot(*zip(*xy), marker=marker, color=color, linestyle=ls, label=label)
+        ax.set_xscale("log", base=2)
+        if col < 3:
+            ax.set_yscale("log")
+            ax.set_ylabel("ms (median)")
+            ax.set_title(f"{title}, B*T={res['meta']['tokens']}, H=16, D=64, bf16, causal")
+        else:
+            ax.set_ylabel("peak memory of fwd+bwd, GB")
+            ax.set_title("memory")
+        ax.set_xlabel("sequence length T")
+        ax.grid(True, which="both", alpha=0.3)
+    dec = res.get("decode") or []
+    if dec:
+        ctx = [d["context"] for d in dec]
+        for key, label, color, marker in (
+            ("sdpa_ms", "SDPA, bf16 KV cache", "k", "o"),
+            ("triton_ms", "ours, one launch (host busy compiling tests)", "tab:red", "D"),
+            ("triton_graph_ms", "ours, CUDA-graph replay", "tab:orange", "d"),
+        ):
+            axes[3].plot(ctx, [d[key] for d in dec], marker=marker, color=color, label=label)
+        axes[3].set_xscale("log", base=2)
+        axes[3].set_yscale("log")
+        axes[3].set_xlabel("context length")
+        axes[3].set_ylabel("ms per decode step (B=16, H=16)")
+        axes[3].set_title("decode step (run 4)")
+        axes[3].grid(True, which="both", alpha=0.3)
+        axes[3].legend(fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7.5)
+    m = res["meta"]
+    fig.suptitle(f"{m['gpu']}, torch {m['torch']}, triton {m['triton']}, fla {m['fla']}; {m['note']}", fontsize=8)
+    fig.tight_layout(rect=(0, 0.13, 1, 0.96))
     fig.savefig(dst, dpi=110)
 
 

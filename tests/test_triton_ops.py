@@ -1,6 +1,6 @@
 """Triton kernels (backend "triton") against the float64 quadratic reference.
 
-Without CUDA the kernels run under ``TRITON_INTERPRET=1`` on tiny shapes with 16-token chunks
+Without CUDA the kernels run under ``TRITON_INTERPRET=1`` on tiny shapes with 32-token chunks
 (many chunks and several segments per sequence); with CUDA the same checks run at real sizes
 (``D`` 64/128, thousands of tokens, bf16/fp16/fp32). Every kernel-written buffer is poisoned
 with NaN first. Compared: outputs, final state and the gradients of q, k, v, W, b (and the
@@ -41,10 +41,13 @@ def _config():
     saved = dict(_launch.CONFIG)
     _launch.CONFIG["poison"] = True
     if not CUDA:
-        _launch.CONFIG["chunk"] = 16
+        _launch.CONFIG["chunk"] = 32
         # several value blocks per state-walk / output program when Dv > 16
         _launch.CONFIG["state_bv"] = 16
         _launch.CONFIG["out_bv"] = 16
+        # a few segments per sequence (the interpreter pays per program; the split itself is
+        # checked by test_segment_split_is_invisible)
+        _launch.CONFIG["min_programs"] = 16
     yield
     _launch.CONFIG.clear()
     _launch.CONFIG.update(saved)

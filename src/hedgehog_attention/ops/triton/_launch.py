@@ -25,7 +25,7 @@ from . import _kernels as K
 # per output program. ``min_programs``: segments are added until the state walk has this many
 # programs (one wave of 8-warp programs over the H200's 132 SMs). ``*_warps``, ``*_stages``:
 # per kernel. ``poison``: fill every kernel-written buffer with NaN first (tests), so a skipped
-# write shows. Tests shrink ``chunk`` (and the V blocks) to 16 to exercise many chunks on tiny
+# write shows. Tests shrink ``chunk`` to 32 (and the V blocks to 16) to exercise many chunks on tiny
 # inputs. The defaults are the best of the H200 sweep of 2026-11-28 (run 3: BT=128 with 8 warps
 # beat BT=64 with 4 warps on fwd+bwd time and peak memory, docs/kernels.md).
 CONFIG = {
