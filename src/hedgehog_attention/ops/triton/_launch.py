@@ -26,8 +26,9 @@ from . import _kernels as K
 # programs (one wave of 8-warp programs over the H200's 132 SMs). ``*_warps``, ``*_stages``:
 # per kernel. ``poison``: fill every kernel-written buffer with NaN first (tests), so a skipped
 # write shows. Tests shrink ``chunk`` to 32 (and the V blocks to 16) to exercise many chunks on tiny
-# inputs. The defaults are the best of the H200 sweep of 2026-11-28 (run 3: BT=128 with 8 warps
-# beat BT=64 with 4 warps on fwd+bwd time and peak memory, docs/kernels.md).
+# inputs. The defaults are the config picked on the H200 on 2026-11-28 (run 4, T=4096: BT=128,
+# 8 warps, 3 stages in the state walk: fwd 2.13 ms, fwd+bwd 7.76 ms, 2.30 GB; BT=64 / 4 warps:
+# 1.94 / 9.16 ms, 3.13 GB; docs/kernels.md).
 CONFIG = {
     "chunk": 128,
     "state_bv": 64,
@@ -36,7 +37,7 @@ CONFIG = {
     "state_warps": 8,
     "out_warps": 8,
     "bwd_warps": 8,
-    "state_stages": 2,
+    "state_stages": 3,
     "out_stages": 1,
     "bwd_stages": 1,
     "poison": False,
