@@ -22,8 +22,8 @@ from . import _kernels as K
 
 # Tunables (measured choices in BENCHMARKS.md). ``chunk``: tokens per chunk (BT; see
 # ``chunk_size``). ``state_bv``: value columns per state-walk program. ``out_bv``: value columns
-# per output program. ``min_programs``: segments are added until the state walk has this many
-# programs (one wave of 8-warp programs over the H200's 132 SMs). ``*_warps``, ``*_stages``:
+# per output program. ``min_programs``: state-walk programs resident at once (one 8-warp program
+# on each of the H200's 132 SMs), which sets the segments per sequence (``segments``). ``*_warps``, ``*_stages``:
 # per kernel. ``poison``: fill every kernel-written buffer with NaN first (tests), so a skipped
 # write shows. Tests shrink ``chunk`` to 32 (and the V blocks to 16) to exercise many chunks on tiny
 # inputs. The defaults are the config picked on the H200 on 2026-11-28 (run 4, T=4096: BT=128,
@@ -129,15 +129,18 @@ class _Plan:
         self.bt = bt = chunk_size(self.F, v.dtype)
         self.nc = nc
         self.max_len = max_len
-        lens = (cu[1:] - cu[:-1]).long()
-        nch = (lens + bt - 1) // bt
-        self.coff = torch.cat([nch.new_zeros(1), torch.cumsum(nch, 0)]).to(torch.int32)
-        # (sequence, chunk-in-sequence) of every global chunk; output_size avoids a host sync
-        seq = torch.repeat_interleave(torch.arange(self.N, device=self.dev), nch, output_size=nc)
-        self.cidx = torch.stack([seq, torch.arange(nc, device=self.dev) - self.coff[seq].long()], 1)
-        self.cidx = self.cidx.to(torch.int32).contiguous()
         self.cu = cu
         self.varlen = bool(varlen)
+        if self.varlen:
+            lens = (cu[1:] - cu[:-1]).long()
+            nch = (lens + bt - 1) // bt
+            self.coff = torch.cat([nch.new_zeros(1), torch.cumsum(nch, 0)]).to(torch.int32)
+            # (sequence, chunk-in-sequence) of every global chunk; output_size avoids a host sync
+            seq = torch.repeat_interleave(torch.arange(self.N, device=self.dev), nch, output_size=nc)
+            self.cidx = torch.stack([seq, torch.arange(nc, device=self.dev) - self.coff[seq].long()], 1)
+            self.cidx = self.cidx.to(torch.int32).contiguous()
+        else:  # equal lengths: the kernels compute both from the chunk index (never read)
+            self.coff = self.cidx = cu
         self.mask = mask
         half = v.dtype in (torch.float16, torch.bfloat16)
         self.hdt = state_dtype(v.dtype)
