@@ -224,7 +224,9 @@ class RecallStream(Dataset):
 
 def recall_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
     """Trainer loss: CE over the query positions of the micro-batch (+ the weighted Eq. 3 term of
-    the distilled variant; the model adds it in train mode only)."""
+    the distilled variant; the model adds it in train mode only). The number of queries varies per
+    sequence, so with several micro-batches (ranks, accumulation) the step loss is the mean of the
+    micro-batch means, not exactly the token mean of one big batch (unlike ``hedgehog lm``)."""
     x, y = batch
     out = model(x, y)
     return out.total_loss, {"tokens": x.numel()}
