@@ -119,6 +119,27 @@ def test_frozen_params_untouched_and_not_in_optimizer():
     torch.testing.assert_close(model.teacher.weight, before, rtol=0, atol=0)
 
 
+def test_decay_matrices_only_exempts_biases():
+    """With zero gradients AdamW changes a parameter only through decoupled weight decay:
+    p <- p * (1 - lr * wd). decay_matrices_only must apply that to weights and not to biases."""
+
+    def zero_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        return model(batch) * 0.0
+
+    lr, wd = 0.1, 0.5
+    for only in (False, True):
+        model = TinyNet()
+        before = {n: p.detach().clone() for n, p in model.blocks.named_parameters()}
+        cfg = make_config(max_steps=1, lr=lr, weight_decay=wd, decay_matrices_only=only, max_grad_norm=None)
+        tr = Trainer(model, zero_loss, Points(40), None, cfg)
+        assert sum(len(g["params"]) for g in tr.optimizer.param_groups) == 4
+        tr.fit()
+        for name, p in model.blocks.named_parameters():
+            decayed = not (only and name.endswith("bias"))
+            factor = 1 - lr * wd if decayed else 1.0
+            torch.testing.assert_close(p.detach(), before[name] * factor, rtol=1e-12, atol=1e-12, msg=name)
+
+
 def test_params_subset_freezes_the_rest():
     model = TinyNet()
     tr = Trainer(model, loss_fn, Points(40), None, make_config(max_steps=2), params=model.blocks[0].parameters())

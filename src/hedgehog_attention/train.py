@@ -215,6 +215,9 @@ class TrainConfig:
     """optimizer steps to run (steps, not epochs; the data loops over epochs as needed)"""
     lr: float = 1e-2
     weight_decay: float = 0.0
+    decay_matrices_only: bool = False
+    """apply weight_decay only to parameters with >= 2 dims (biases and norm gains get none: the
+    GPT-2/nanoGPT convention the from-scratch experiments use)"""
     betas: tuple[float, float] = (0.9, 0.999)
     micro_batch_size: int = 8
     """samples per forward, per process"""
@@ -662,8 +665,14 @@ class Trainer:
         self.wrapped = self._wrap(model)
         named = dict(self.model.named_parameters())
         self.params = [named[name] for name in self.trainable_names]
+        groups: list[dict[str, Any]] | list[nn.Parameter] = self.params
+        if config.decay_matrices_only:
+            groups = [
+                {"params": [p for p in self.params if p.dim() >= 2], "weight_decay": config.weight_decay},
+                {"params": [p for p in self.params if p.dim() < 2], "weight_decay": 0.0},
+            ]
         self.optimizer = torch.optim.AdamW(
-            self.params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay,
+            groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay,
             foreach=None if self.strategy != "fsdp" else False,  # plain loop over DTensor shards: the safe path
         )  # fmt: skip
         self.schedule = LRSchedule(config)

@@ -274,6 +274,7 @@ def train_config(cfg: LMConfig, vi: int, device: torch.device, ckpt_dir: Path, r
         )
     return TrainConfig(
         max_steps=tc.steps, lr=tc.lr, weight_decay=tc.weight_decay, betas=(tc.betas[0], tc.betas[1]),
+        decay_matrices_only=True,  # no decay on biases / norm gains (GPT-2 convention)
         micro_batch_size=tc.batch_size // split, grad_accum_steps=tc.grad_accum_steps, max_grad_norm=tc.grad_clip,
         scheduler="cosine", warmup_steps=tc.warmup_steps, min_lr_ratio=tc.min_lr_ratio, eval_every=tc.log_every,
         log_every=tc.log_every, checkpoint_every=tc.checkpoint_every, checkpoint_dir=str(ckpt_dir), resume=resume,

@@ -286,6 +286,7 @@ def train_config(
         )
     return TrainConfig(
         max_steps=tc.steps, lr=tc.lr, weight_decay=tc.weight_decay, betas=(tc.betas[0], tc.betas[1]),
+        decay_matrices_only=True,  # no decay on biases / norm gains (GPT-2 convention)
         micro_batch_size=tc.batch_size // split, grad_accum_steps=tc.grad_accum_steps,
         max_grad_norm=tc.grad_clip or None, scheduler="cosine", warmup_steps=tc.warmup_steps,
         min_lr_ratio=tc.min_lr_ratio, log_every=tc.log_every, eval_every=tc.log_every,
