@@ -55,6 +55,47 @@ def test_distillation_loss_equals_direct_eq3(causal, chunk):
     torch.testing.assert_close(got, eq3_direct(q, k, fq, fk, causal, mask))
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_unpadded_loss_and_gradients_equal_direct_eq3(causal):
+    """Without a mask the loss uses a [1, T, T] mask broadcast over the batch and skips the NaN
+    guard of key-less queries: value and map gradients still equal the loop formula (float64; odd
+    T, GQA, several checkpointed chunks), and an all-ones mask gives the same loss."""
+    torch.manual_seed(3)
+    q = torch.randn(3, 11, 4, 5, dtype=torch.float64)
+    k = torch.randn(3, 11, 2, 5, dtype=torch.float64)
+    att = LinearAttention(4, 5, num_kv_heads=2, causal=causal).double()
+    grads = []
+    for fn in ("chunked", "direct"):
+        att.zero_grad()
+        fq, fk = att.features(q, k)
+        if fn == "chunked":
+            loss = attention_distillation_loss(q, k, fq, fk, causal=causal, query_chunk_size=4)
+            ones = attention_distillation_loss(
+                q, k, fq, fk, causal=causal, attention_mask=torch.ones(3, 11, dtype=torch.bool), query_chunk_size=4
+            )
+            torch.testing.assert_close(loss, ones, rtol=1e-14, atol=0)
+        else:
+            loss = eq3_direct(q, k, fq, fk, causal)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in att.parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b)
+
+
+def test_loss_with_low_precision_teacher_matches_float64():
+    """bf16 teacher q, k (as captured from a bf16 model) are cast once to float32 inside the loss:
+    same value as casting them up front in float64, to float32 accuracy."""
+    torch.manual_seed(4)
+    q = torch.randn(2, 13, 2, 8).to(torch.bfloat16)
+    k = torch.randn(2, 13, 2, 8).to(torch.bfloat16)
+    att = LinearAttention(2, 8, causal=True)
+    fq, fk = att.features(q.float(), k.float())
+    got = attention_distillation_loss(q, k, fq, fk, causal=True, query_chunk_size=5)
+    want = attention_distillation_loss(q.double(), k.double(), fq.double(), fk.double(), causal=True)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
 def test_chunked_loss_gradients_match_unchunked():
     q, k = torch.randn(2, 2, 40, 2, 8, dtype=torch.float64).unbind(0)
     att = LinearAttention(2, 8, causal=True).double()

@@ -187,6 +187,28 @@ def test_key_padding_mask_rejects_non_padding_patterns():
         key_padding_mask(window[None, None], t, causal=True)
 
 
+def test_key_padding_mask_memo_follows_the_tensor_and_its_version():
+    """Layers of one forward share the mask tensor, so the check runs once; the memo must miss
+    for another tensor, another length or causality, and after an in-place change."""
+    t = 5
+    m = torch.ones(2, t, dtype=torch.long)
+    assert key_padding_mask(m, t, causal=True) is None
+    assert key_padding_mask(m, t, causal=True) is None  # memo hit
+    m[1, 3:] = 0  # in place: version bump -> recomputed
+    assert torch.equal(key_padding_mask(m, t, causal=True), m.bool())
+    assert torch.equal(key_padding_mask(m, 2, causal=True), m[:, -2:].bool())  # other q_len
+    other = torch.ones(2, t, dtype=torch.long)
+    assert key_padding_mask(other, t, causal=True) is None  # other tensor
+    assert torch.equal(key_padding_mask(m, t, causal=True), m.bool())
+    window = torch.tril(torch.ones(t, t, dtype=torch.bool)) & ~torch.tril(torch.ones(t, t, dtype=torch.bool), -2)
+    for _ in range(2):  # a rejected mask is not memoized: it raises every time
+        with pytest.raises(ValueError, match="padding masks only"):
+            key_padding_mask(window[None, None], t, causal=True)
+    with torch.inference_mode():  # inference tensors have no version counter: computed every time
+        im = torch.ones(1, t)
+        assert key_padding_mask(im, t, causal=True) is None
+
+
 # ------------------------------------------------------------------------------------- distillation
 def _batches(n: int, b: int, t: int, seed: int) -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": ids(b, t, seed + i), "attention_mask": torch.ones(b, t, dtype=torch.long)} for i in range(n)]

@@ -25,19 +25,25 @@ __all__ = [
 ]
 
 
-def _chunk_ce(q_c, k, fq_c, fk, vis_c, scale: float, eps: float, group: int):
-    """CE summed over the queries of one chunk. Shapes: q_c [B, c, H, D], k [B, T, Hk, D], vis_c [B, c, T]."""
+def _chunk_ce(q_c, k, fq_c, fk, hide_c, scale: float, eps: float, group: int, padded: bool):
+    """CE summed over the queries of one chunk.
+
+    Shapes: ``q_c [B, c, H, D]``, ``k [B, T, Hk, D]``, ``fq_c [B, c, H, F]``, ``fk [B, T, Hk, F]``
+    (``k``, ``fk`` already in the compute dtype), ``hide_c [B or 1, c, T]`` (True = key not visible).
+    ``padded``: some query may see no key at all (its softmax row is NaN and is zeroed).
+    """
     b, c, h, _ = q_c.shape
     hk = k.shape[2]
-    cd = torch.float64 if q_c.dtype == torch.float64 else torch.float32
+    cd = k.dtype
     qg = q_c.to(cd).view(b, c, hk, group, -1)
-    s = torch.einsum("bikgd,bjkd->bkgij", qg, k.to(cd)).reshape(b, h, c, -1) * scale
-    vis = vis_c[:, None]  # (B, 1, c, T)
-    p = torch.softmax(s.masked_fill(~vis, float("-inf")), dim=-1)
-    p = torch.nan_to_num(p, nan=0.0)  # padded queries: no keys, no loss
+    s = torch.einsum("bikgd,bjkd->bkgij", qg, k).reshape(b, h, c, -1) * scale
+    hide = hide_c[:, None]  # (B or 1, 1, c, T)
+    p = torch.softmax(s.masked_fill(hide, float("-inf")), dim=-1)
+    if padded:
+        p = torch.nan_to_num(p, nan=0.0)  # padded queries: no keys, no loss
     fqg = fq_c.to(cd).view(b, c, hk, group, -1)
-    a = torch.einsum("bikgf,bjkf->bkgij", fqg, fk.to(cd)).reshape(b, h, c, -1)
-    a = a.masked_fill(~vis, 0.0)
+    a = torch.einsum("bikgf,bjkf->bkgij", fqg, fk).reshape(b, h, c, -1)
+    a = a.masked_fill(hide, 0.0)
     log_w = torch.log(a.clamp_min(eps)) - torch.log(a.sum(-1, keepdim=True).clamp_min(eps))
     return -(p * log_w).sum()
 
@@ -82,19 +88,29 @@ def attention_distillation_loss(
         raise ValueError(f"H={h} must be a multiple of Hk={k.shape[2]}")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     q, k = q.detach(), k.detach()
-    vis = visibility_mask(b, t, causal=causal, attention_mask=attention_mask, device=q.device)
-    n_valid = vis.any(-1).sum() * h  # queries with at least one visible key, over heads
+    cd = torch.float64 if fq.dtype == torch.float64 else torch.float32
+    # Computed once per call, not per chunk (and again in each chunk's checkpointed recompute): the
+    # keys in the compute dtype and the hidden-key mask. Without padding the mask is the same for
+    # every sequence: [1, T, T], broadcast over the batch.
+    q_, k_, fk_ = q.to(cd), k.to(cd), fk.to(cd)
+    padded = attention_mask is not None
+    vis = visibility_mask(b if padded else 1, t, causal=causal, attention_mask=attention_mask, device=q.device)
+    if padded:
+        n_valid = vis.any(-1).sum().clamp_min(1) * h  # queries with at least one visible key, x heads
+    else:
+        n_valid = max(b * t * h, 1)  # every query sees itself (causal) or all keys: no reduction kernel
+    hide = ~vis
     group = h // k.shape[2]
-    total = fq.new_zeros((), dtype=torch.float64 if fq.dtype == torch.float64 else torch.float32)
+    total = fq.new_zeros((), dtype=cd)
     use_ckpt = torch.is_grad_enabled() and (fq.requires_grad or fk.requires_grad) and t > query_chunk_size
     for i0 in range(0, t, query_chunk_size):
         i1 = min(t, i0 + query_chunk_size)
-        args = (q[:, i0:i1], k, fq[:, i0:i1], fk, vis[:, i0:i1], scale, eps, group)
+        args = (q_[:, i0:i1], k_, fq[:, i0:i1], fk_, hide[:, i0:i1], scale, eps, group, padded)
         if use_ckpt:
             total = total + checkpoint(_chunk_ce, *args, use_reentrant=False)
         else:
             total = total + _chunk_ce(*args)
-    return total / n_valid.clamp_min(1)
+    return total / n_valid
 
 
 def attention_output_mse(

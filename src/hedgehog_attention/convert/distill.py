@@ -165,13 +165,19 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def _forward(model: nn.Module, batch: Batch):
-    """``model(**batch)`` without labels and without a KV cache (nothing here decodes); ``model``
-    may be a DDP wrapper (called as is, so that DDP prepares its gradient sync)."""
+    """``model(**batch)`` without labels, without a KV cache (nothing here decodes) and, for causal
+    LMs, with the logits of the last position only; ``model`` may be a DDP wrapper (called as is,
+    so that DDP prepares its gradient sync)."""
     from ..train import unwrap_model
 
     kwargs = _to({k: t for k, t in batch.items() if k != "labels"}, _device(model))
-    if "use_cache" in inspect.signature(unwrap_model(model).forward).parameters:
+    params = inspect.signature(unwrap_model(model).forward).parameters
+    if "use_cache" in params:
         kwargs["use_cache"] = False
+    if "logits_to_keep" in params:
+        # no caller reads the logits (the layers report q, k, v): the LM head of the last position
+        # only, not a [B, T, vocab] matmul and its float32 copy every step (vocab 49k for SmolLM2)
+        kwargs["logits_to_keep"] = 1
     return model(**kwargs)
 
 
