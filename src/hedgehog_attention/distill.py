@@ -25,18 +25,19 @@ __all__ = [
 ]
 
 
-def _chunk_ce(q_c, k, fq_c, fk, hide_c, scale: float, eps: float, group: int, padded: bool):
+def _chunk_ce(q_c, k, fq_c, fk, hide_c, eps: float, group: int, padded: bool):
     """CE summed over the queries of one chunk.
 
-    Shapes: ``q_c [B, c, H, D]``, ``k [B, T, Hk, D]``, ``fq_c [B, c, H, F]``, ``fk [B, T, Hk, F]``
-    (``k``, ``fk`` already in the compute dtype), ``hide_c [B or 1, c, T]`` (True = key not visible).
+    Shapes: ``q_c [B, c, H, D]`` (times the softmax scale), ``k [B, T, Hk, D]``, ``fq_c [B, c, H, F]``,
+    ``fk [B, T, Hk, F]`` (``q_c``, ``k``, ``fk`` in the compute dtype), ``hide_c [B or 1, c, T]``
+    (True = key not visible).
     ``padded``: some query may see no key at all (its softmax row is NaN and is zeroed).
     """
     b, c, h, _ = q_c.shape
     hk = k.shape[2]
     cd = k.dtype
-    qg = q_c.to(cd).view(b, c, hk, group, -1)
-    s = torch.einsum("bikgd,bjkd->bkgij", qg, k).reshape(b, h, c, -1) * scale
+    qg = q_c.view(b, c, hk, group, -1)
+    s = torch.einsum("bikgd,bjkd->bkgij", qg, k).reshape(b, h, c, -1)
     hide = hide_c[:, None]  # (B or 1, 1, c, T)
     p = torch.softmax(s.masked_fill(hide, float("-inf")), dim=-1)
     if padded:
@@ -92,7 +93,9 @@ def attention_distillation_loss(
     # Computed once per call, not per chunk (and again in each chunk's checkpointed recompute): the
     # keys in the compute dtype and the hidden-key mask. Without padding the mask is the same for
     # every sequence: [1, T, T], broadcast over the batch.
-    q_, k_, fk_ = q.to(cd), k.to(cd), fk.to(cd)
+    # the temperature goes on q (B*T*H*D products, not B*H*T*T per chunk and again in its
+    # recompute); exact for a power-of-two scale such as 1/sqrt(64), float rounding otherwise
+    q_, k_, fk_ = q.to(cd) * scale, k.to(cd), fk.to(cd)
     padded = attention_mask is not None
     vis = visibility_mask(b if padded else 1, t, causal=causal, attention_mask=attention_mask, device=q.device)
     if padded:
@@ -105,7 +108,7 @@ def attention_distillation_loss(
     use_ckpt = torch.is_grad_enabled() and (fq.requires_grad or fk.requires_grad) and t > query_chunk_size
     for i0 in range(0, t, query_chunk_size):
         i1 = min(t, i0 + query_chunk_size)
-        args = (q_[:, i0:i1], k_, fq[:, i0:i1], fk_, hide[:, i0:i1], scale, eps, group, padded)
+        args = (q_[:, i0:i1], k_, fq[:, i0:i1], fk_, hide[:, i0:i1], eps, group, padded)
         if use_ckpt:
             total = total + checkpoint(_chunk_ce, *args, use_reentrant=False)
         else:

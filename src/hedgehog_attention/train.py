@@ -969,6 +969,9 @@ class Trainer:
             loss_sum = torch.zeros(2, dtype=torch.float64, device=self.device)  # [sum of micro losses, tokens]
             for a in range(c.grad_accum_steps):
                 epoch, step_in_epoch, batch = next(data)
+                # counted on the loader's (host) batch: the sum of a device mask is a host sync that
+                # waits for the previous micro-step's backward and stalls the CPU every step
+                host_tokens = _count_tokens(batch)
                 batch = _to_device(batch, self.device)
                 last = a == c.grad_accum_steps - 1
                 if last:
@@ -980,7 +983,7 @@ class Trainer:
                     loss, metrics = self._call_loss(batch)
                     (loss / c.grad_accum_steps).backward()
                 loss_sum[0] += loss.detach().double()
-                loss_sum[1] += float(metrics.get("tokens", _count_tokens(batch)))
+                loss_sum[1] += float(metrics["tokens"]) if "tokens" in metrics else host_tokens
             if self.strategy == "ddp" and self._forward_calls == 0:
                 raise RuntimeError(
                     "loss_fn never called the model it was given with gradients enabled: under DDP the gradient "
