@@ -257,3 +257,92 @@ def setup_logging(verbose: bool = True) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+
+
+# ---- Trainer settings shared by the from-scratch experiments (lm, recall) ---------------------------
+
+
+def micro_batch_size(global_batch: int, grad_accum_steps: int) -> int:
+    """Per-process micro-batch that keeps ``global_batch`` samples per optimizer step under the
+    current world size (torchrun) and ``grad_accum_steps``; raises when it does not divide."""
+    from ..train import world_info
+
+    world = world_info().world_size
+    split = world * grad_accum_steps
+    if global_batch % split:
+        raise ValueError(
+            f"train.batch_size={global_batch} (the global batch) must divide by world_size x grad_accum_steps "
+            f"= {world} x {grad_accum_steps}"
+        )
+    return global_batch // split
+
+
+def trainer_placement(device: torch.device, dtype: str) -> dict[str, str]:
+    """``device`` / ``autocast`` arguments of :class:`~hedgehog_attention.train.TrainConfig`.
+
+    A plain ``cuda`` stays plain so that the Trainer picks ``cuda:LOCAL_RANK`` under torchrun;
+    bf16 autocast only on CUDA (the CPU runs keep fp32)."""
+    return {
+        "device": device.type if device.type == "cuda" and device.index is None else str(device),
+        "autocast": "bf16" if dtype == "bfloat16" and device.type == "cuda" else "none",
+    }
+
+
+# ---- Merging method subsets run separately (e.g. on two GPUs) ----------------------------------------
+
+
+def merge_method_runs(
+    dirs: list[Path],
+    out: Path,
+    *,
+    config: dict,
+    method_order: list[str],
+    check_same_setup: typing.Callable[[dict, dict, Path], None],
+) -> tuple[dict, dict, dict, dict]:
+    """Combine the ``results.json`` (+ ``attention_maps.npz``) of runs that each did a subset of
+    the methods of one experiment, into ``out``; methods end up in ``method_order``.
+
+    ``check_same_setup(first, other, dir)`` raises ``ValueError`` when ``other`` (the results of
+    ``dir``) was not measured against the same baseline as ``first``. A method present in two
+    runs raises ``ValueError``; folders without ``results.json`` are skipped with a warning.
+    Returns ``(results, environment, snapshots, snapshot_meta)``."""
+    import copy
+
+    from .attention_maps import load_snapshots, save_snapshots
+
+    results: dict[str, Any] | None = None
+    env: dict = {}
+    snaps: dict = {}
+    meta: dict = {}
+    skipped: list[str] = []
+    for d in dirs:
+        path = d / "results.json"
+        if not path.is_file():
+            log.warning("merge: %s has no results.json (run did not finish a method); skipped", d)
+            continue
+        saved = json.loads(path.read_text())
+        r = saved["results"]
+        if results is None:
+            results, env = copy.deepcopy(r), saved["environment"]
+            results["methods"] = []
+        else:
+            check_same_setup(results, r, d)
+        skipped.extend(r.get("skipped_for_time", []))
+        for m in r["methods"]:
+            if any(x["method"] == m["method"] for x in results["methods"]):
+                raise ValueError(f"merge: method {m['method']!r} appears in more than one run")
+            results["methods"].append(m)
+        if (d / "attention_maps.npz").is_file():
+            s, meta = load_snapshots(d / "attention_maps.npz")
+            snaps.update(s)
+    if results is None:
+        raise FileNotFoundError(f"merge: none of {[str(d) for d in dirs]} has a results.json")
+    rank = {name: i for i, name in enumerate(method_order)}
+    results["methods"].sort(key=lambda r: rank.get(r["method"], len(rank)))
+    names = [r["method"] for r in results["methods"]]
+    results["skipped_for_time"] = [m for m in dict.fromkeys(skipped) if m not in names]
+    snaps = {m: snaps[m] for m in names if m in snaps}
+    save_json({"config": config, "environment": env, "results": results}, out / "results.json")
+    if snaps:
+        save_snapshots(snaps, meta, out / "attention_maps.npz")
+    return results, env, snaps, meta

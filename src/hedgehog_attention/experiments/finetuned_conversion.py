@@ -56,6 +56,7 @@ from .common import (
     environment_info,
     load_config_from_cli,
     markdown_table,
+    merge_method_runs,
     pick_device,
     save_json,
     setup_logging,
@@ -541,58 +542,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _sort_methods(cfg: FinetunedConversionConfig, methods: list[dict]) -> list[dict]:
-    order = {m.name: i for i, m in enumerate(cfg.methods)}
-    return sorted(methods, key=lambda r: order.get(r["method"], len(order)))
-
-
 def merge_runs(cfg: FinetunedConversionConfig, dirs: list[Path], out: Path) -> tuple[dict, dict, dict, dict]:
     """Combine ``results.json`` + ``attention_maps.npz`` of runs that shared one teacher.
 
     Raises ``ValueError`` when their teachers differ (test accuracy by more than 0.5 points) or a
     method appears twice.
     """
-    from .attention_maps import load_snapshots
 
-    results: dict[str, Any] | None = None
-    env: dict = {}
-    snaps: dict = {}
-    meta: dict = {}
-    skipped: list[str] = []
-    for d in dirs:
-        path = d / "results.json"
-        if not path.is_file():
-            log.warning("merge: %s has no results.json (run did not finish a method); skipped", d)
-            continue
-        saved = json.loads(path.read_text())
-        r = saved["results"]
-        if results is None:
-            results, env = copy.deepcopy(r), saved["environment"]
-            results["methods"] = []
-        elif abs(r["teacher"]["test_accuracy"] - results["teacher"]["test_accuracy"]) > 0.005:
-            # The same weights scored on another GPU may flip a borderline review or two, no more.
+    def same_teacher(first: dict, other: dict, d: Path) -> None:
+        # The same weights scored on another GPU may flip a borderline review or two, no more.
+        if abs(other["teacher"]["test_accuracy"] - first["teacher"]["test_accuracy"]) > 0.005:
             raise ValueError(
-                f"merge: {d} has another teacher (test accuracy {r['teacher']['test_accuracy']} vs "
-                f"{results['teacher']['test_accuracy']}); share one with teacher_path"
+                f"merge: {d} has another teacher (test accuracy {other['teacher']['test_accuracy']} vs "
+                f"{first['teacher']['test_accuracy']}); share one with teacher_path"
             )
-        skipped.extend(r.get("skipped_for_time", []))
-        for m in r["methods"]:
-            if any(x["method"] == m["method"] for x in results["methods"]):
-                raise ValueError(f"merge: method {m['method']!r} appears in more than one run")
-            results["methods"].append(m)
-        if (d / "attention_maps.npz").is_file():
-            s, meta = load_snapshots(d / "attention_maps.npz")
-            snaps.update(s)
-    if results is None:
-        raise FileNotFoundError(f"merge: none of {[str(d) for d in dirs]} has a results.json")
-    results["methods"] = _sort_methods(cfg, results["methods"])
-    order = [r["method"] for r in results["methods"]]
-    results["skipped_for_time"] = [m for m in dict.fromkeys(skipped) if m not in order]
-    snaps = {m: snaps[m] for m in order if m in snaps}
-    save_json({"config": config_to_dict(cfg), "environment": env, "results": results}, out / "results.json")
-    if snaps:
-        save_snapshots(snaps, meta, out / "attention_maps.npz")
-    return results, env, snaps, meta
+
+    return merge_method_runs(
+        dirs, out, config=config_to_dict(cfg), method_order=[m.name for m in cfg.methods],
+        check_same_setup=same_teacher,
+    )  # fmt: skip
 
 
 def _write_figures(snaps: dict, meta: dict, out: Path) -> None:

@@ -70,9 +70,11 @@ from .common import (
     environment_info,
     load_config_from_cli,
     markdown_table,
+    micro_batch_size,
     pick_device,
     save_json,
     setup_logging,
+    trainer_placement,
 )
 
 log = logging.getLogger("hedgehog_attention.experiments.lm")
@@ -265,24 +267,17 @@ class _RunControl(TrainerCallback):
 def train_config(cfg: LMConfig, vi: int, device: torch.device, ckpt_dir: Path, resume: bool) -> TrainConfig:
     """The :class:`TrainConfig` of one variant: App. C.2 AdamW, warmup + cosine, global batch
     ``train.batch_size`` split over ``world_size * grad_accum_steps`` micro-batches."""
-    tc, world = cfg.train, world_info().world_size
-    split = world * tc.grad_accum_steps
-    if tc.batch_size % split:
-        raise ValueError(
-            f"train.batch_size={tc.batch_size} (the global batch) must divide by world_size x grad_accum_steps "
-            f"= {world} x {tc.grad_accum_steps}"
-        )
+    tc = cfg.train
     return TrainConfig(
         max_steps=tc.steps, lr=tc.lr, weight_decay=tc.weight_decay, betas=(tc.betas[0], tc.betas[1]),
         decay_matrices_only=True,  # no decay on biases / norm gains (GPT-2 convention)
-        micro_batch_size=tc.batch_size // split, grad_accum_steps=tc.grad_accum_steps, max_grad_norm=tc.grad_clip,
+        micro_batch_size=micro_batch_size(tc.batch_size, tc.grad_accum_steps), grad_accum_steps=tc.grad_accum_steps,
+        max_grad_norm=tc.grad_clip,
         scheduler="cosine", warmup_steps=tc.warmup_steps, min_lr_ratio=tc.min_lr_ratio, eval_every=tc.log_every,
         log_every=tc.log_every, checkpoint_every=tc.checkpoint_every, checkpoint_dir=str(ckpt_dir), resume=resume,
         seed=cfg.seed, progress=False, progress_desc=cfg.variants[vi].name, strategy=cfg.strategy,
         eval_batch_size=tc.eval_batch_size, keep_last=tc.keep_last,
-        # plain "cuda": the Trainer picks cuda:LOCAL_RANK under torchrun
-        device=device.type if device.type == "cuda" and device.index is None else str(device),
-        autocast="bf16" if cfg.dtype == "bfloat16" and device.type == "cuda" else "none",
+        **trainer_placement(device, cfg.dtype),
     )  # fmt: skip
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import math
 import time
@@ -47,6 +46,7 @@ from .common import (
     environment_info,
     load_config_from_cli,
     markdown_table,
+    merge_method_runs,
     pick_device,
     save_json,
     setup_logging,
@@ -393,47 +393,18 @@ def merge_runs(cfg: PretrainedConversionConfig, dirs: list[Path], out: Path) -> 
     Raises ``ValueError`` when their original perplexities differ by more than 0.1% (another model
     or data) or a method appears twice.
     """
-    from .attention_maps import load_snapshots
 
-    results: dict[str, Any] | None = None
-    env: dict = {}
-    snaps: dict = {}
-    meta: dict = {}
-    skipped: list[str] = []
-    for d in dirs:
-        path = d / "results.json"
-        if not path.is_file():
-            log.warning("merge: %s has no results.json; skipped", d)
-            continue
-        saved = json.loads(path.read_text())
-        r = saved["results"]
-        if results is None:
-            results, env = copy.deepcopy(r), saved["environment"]
-            results["methods"] = []
-        elif abs(r["original_test_ppl"] / results["original_test_ppl"] - 1) > 1e-3:
+    def same_original(first: dict, other: dict, d: Path) -> None:
+        if abs(other["original_test_ppl"] / first["original_test_ppl"] - 1) > 1e-3:
             raise ValueError(
-                f"merge: {d} measured another original model (ppl {r['original_test_ppl']} vs "
-                f"{results['original_test_ppl']})"
+                f"merge: {d} measured another original model (ppl {other['original_test_ppl']} vs "
+                f"{first['original_test_ppl']})"
             )
-        skipped.extend(r.get("skipped_for_time", []))
-        for m in r["methods"]:
-            if any(x["method"] == m["method"] for x in results["methods"]):
-                raise ValueError(f"merge: method {m['method']!r} appears in more than one run")
-            results["methods"].append(m)
-        if (d / "attention_maps.npz").is_file():
-            s_, meta = load_snapshots(d / "attention_maps.npz")
-            snaps.update(s_)
-    if results is None:
-        raise FileNotFoundError(f"merge: none of {[str(d) for d in dirs]} has a results.json")
-    order = {m.name: i for i, m in enumerate(cfg.methods)}
-    results["methods"].sort(key=lambda r: order.get(r["method"], len(order)))
-    names = [r["method"] for r in results["methods"]]
-    results["skipped_for_time"] = [m for m in dict.fromkeys(skipped) if m not in names]
-    snaps = {m: snaps[m] for m in names if m in snaps}
-    save_json({"config": config_to_dict(cfg), "environment": env, "results": results}, out / "results.json")
-    if snaps:
-        save_snapshots(snaps, meta, out / "attention_maps.npz")
-    return results, env, snaps, meta
+
+    return merge_method_runs(
+        dirs, out, config=config_to_dict(cfg), method_order=[m.name for m in cfg.methods],
+        check_same_setup=same_original,
+    )  # fmt: skip
 
 
 def _write_figures(snaps: dict, meta: dict, out: Path) -> None:
