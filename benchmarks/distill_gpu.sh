@@ -15,11 +15,12 @@ PY=python3; command -v python3 >/dev/null || PY=python
 { date -u +%FT%TZ; nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader
   $PY -c "import torch,transformers;print('torch',torch.__version__,'cuda',torch.version.cuda,'nccl',torch.cuda.nccl.version(),'transformers',transformers.__version__,'gpus',torch.cuda.device_count())"
   git log -1 --format='commit %H' 2>/dev/null; git status --short src benchmarks 2>/dev/null | head; } | tee "$OUT/env.txt"
-timeout 60 $PY benchmarks/distill_scaling.py build /tmp/smol --tokenizer "$TOK" || exit 1
-P="benchmarks/distill_scaling.py profile --model /tmp/smol --device cuda --dtype bf16 --batch 8 --seq-len 512 --top 30"
+DEV=${DEV:-cuda}; SEQ=${SEQ:-512}; GB=${GB:-8 32}; PGB=${PGB:-8}  # DEV=cpu SEQ=64 GB=4 PGB=2 LAYERS=2: a dry run
+timeout 60 $PY benchmarks/distill_scaling.py build /tmp/smol --tokenizer "$TOK" ${LAYERS:+--layers $LAYERS} || exit 1
+P="benchmarks/distill_scaling.py profile --model /tmp/smol --device $DEV --dtype ${DTYPE:-bf16} --batch $PGB --seq-len $SEQ --top 30"
 CUDA_VISIBLE_DEVICES=0 timeout 60 $PY $P --out "$OUT/profile_after" 2>&1 | tee "$OUT/profile_after.log" | head -24
-timeout ${SCALING_TIMEOUT:-190} $PY benchmarks/distill_scaling.py scaling --model /tmp/smol --text "$TEXT" --device cuda \
-  --dtype bf16 --seq-len 512 --global-batches 8 32 --nprocs 1 2 --weak --per-gpu-batch 8 --steps "$STEPS" \
+timeout ${SCALING_TIMEOUT:-190} $PY benchmarks/distill_scaling.py scaling --model /tmp/smol --text "$TEXT" --device $DEV \
+  --dtype ${DTYPE:-bf16} --seq-len $SEQ --global-batches $GB --nprocs 1 2 --weak --per-gpu-batch $PGB --steps "$STEPS" \
   --timeout 80 --out "$OUT/scaling" 2>&1 | grep -v "^|" | tee "$OUT/scaling.log"
 cat "$OUT/scaling/distill_scaling.md" 2>/dev/null
 if [ -n "$BASE_SRC" ]; then  # the same profile on the sources before the fixes

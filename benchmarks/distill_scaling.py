@@ -214,7 +214,7 @@ def profile(args) -> None:
              if k in names}  # fmt: skip
     n_ops = sum(e.count for e in ev if e.key.startswith("aten::"))
     res = {"device": str(dev), "layers": model.config.num_hidden_layers, "batch": args.batch,
-           "seq_len": args.seq_len, "loss": float(loss), "wall_ms_per_step_unprofiled": wall * 1e3,
+           "seq_len": args.seq_len, "loss": float(loss.detach()), "wall_ms_per_step_unprofiled": wall * 1e3,
            "wall_ms_profiled_step": wall_prof * 1e3, "aten_ops_per_step": n_ops,
            "host_syncs": syncs}  # fmt: skip
     if dev.type == "cuda":
@@ -282,6 +282,8 @@ def main(argv=None) -> None:
     elif args.cmd == "scaling":
         if args.out is None:
             ap.error("scaling needs --out")
+        if args.steps - 2 * args.skip < 10 or args.skip % 10 or args.steps % 10:
+            ap.error("--steps and --skip must be multiples of 10 (the history's log_every) with steps >= 2 * skip + 10")
         scaling(args)
     else:
         profile(args)
