@@ -182,6 +182,23 @@ def profile(args) -> None:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=1e-2)
     loss_fn = _online_loss_fn(DistillConfig())
+    # named ranges in the profile: each layer's maps + Eq. 3 (forward part), and the teacher forward
+    import hedgehog_attention.convert.distill as cd
+
+    inner_ll = cd.layer_losses
+
+    def layer_losses(*a, **k):
+        with torch.profiler.record_function("hh::layer_losses(features+eq3, fwd)"):
+            return inner_ll(*a, **k)
+
+    cd.layer_losses = layer_losses
+    inner_fwd = cd._forward
+
+    def forward(*a, **k):
+        with torch.profiler.record_function("hh::model_forward(teacher+losses, fwd)"):
+            return inner_fwd(*a, **k)
+
+    cd._forward = forward
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq_len), device=dev)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
@@ -217,6 +234,11 @@ def profile(args) -> None:
            "seq_len": args.seq_len, "loss": float(loss.detach()), "wall_ms_per_step_unprofiled": wall * 1e3,
            "wall_ms_profiled_step": wall_prof * 1e3, "aten_ops_per_step": n_ops,
            "host_syncs": syncs}  # fmt: skip
+    res["ranges"] = {
+        e.key: {"count": e.count, "cpu_total_ms": e.cpu_time_total / 1e3, "device_total_ms": e.device_time_total / 1e3}
+        for e in ev
+        if e.key.startswith("hh::")
+    }
     if dev.type == "cuda":
         kern = [e for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
         res["cuda_kernels_per_step"] = len(kern)
