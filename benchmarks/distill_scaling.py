@@ -227,7 +227,8 @@ def profile(args) -> None:
     ev = prof.key_averages()
     names = {e.key: e for e in ev}
     syncs = {k: names[k].count for k in ("aten::_local_scalar_dense", "aten::item", "aten::equal",
-                                          "aten::is_nonzero", "cudaStreamSynchronize", "cudaDeviceSynchronize")
+                                          "aten::is_nonzero", "cudaStreamSynchronize", "cudaDeviceSynchronize",
+                                          "cudaMemcpyAsync")
              if k in names}  # fmt: skip
     n_ops = sum(e.count for e in ev if e.key.startswith("aten::"))
     res = {"device": str(dev), "layers": model.config.num_hidden_layers, "batch": args.batch,
