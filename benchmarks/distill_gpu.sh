@@ -6,6 +6,9 @@
 #   2. torchrun 1 vs 2 GPUs at global batches 8x512 and 32x512 plus weak scaling (8x512 per GPU).
 # Needs: a tokenizer folder ($TOK, default .carry/hh-smollm2: tokenizer.json, tokenizer_config.json)
 # and a plain-text file ($TEXT, default .carry/hh-smollm2/kjv.txt). Logs and JSON go to $OUT.
+# Time on an H200 x2 host (measured 2026-11-28): build ~15 s, each profile ~20 s, each torchrun
+# ~25 s of start-up + eval plus STEPS x 0.3-0.4 s: the whole plan at STEPS=50 needs ~300 s (the
+# 240 s call of that day finished the profiles and 3 of the 5 torchruns).
 set -o pipefail
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=4
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1

@@ -27,6 +27,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -62,7 +63,9 @@ def _torchrun() -> list[str]:
 
 
 def run_one(args, nproc: int, global_batch: int, tag: str) -> dict:
-    outdir = Path(args.out) / f"run_{tag}"
+    # the CLI's report folder (json, md, png) stays in /tmp; only its report.json is copied to --out
+    # (a device call brings back a limited number of files)
+    outdir = Path(tempfile.gettempdir()) / "distill_scaling" / f"run_{tag}"
     cmd = _torchrun() + [
         f"--nproc_per_node={nproc}", f"--master_port={29500 + (os.getpid() + hash(tag)) % 400}",
         "-m", "hedgehog_attention.cli", "linearize",
@@ -89,6 +92,7 @@ def run_one(args, nproc: int, global_batch: int, tag: str) -> dict:
         row["error"] = f"no report: {e!r}; see {log.name}"
         print(row, flush=True)
         return row
+    shutil.copy(outdir / "report.json", Path(args.out) / f"distill_{tag}.json")
     hist = {r["step"]: r for r in d["history"]}
     a, b = hist.get(args.skip), hist.get(args.steps - args.skip)
     if a is None or b is None:
@@ -241,7 +245,15 @@ def profile(args) -> None:
         if e.key.startswith("hh::")
     }
     if dev.type == "cuda":
-        kern = [e for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+        # GPU-side events, without the GPU copies of the named ranges (user annotations: they span
+        # many kernels and would count them twice; run 2026-11-28 17:20 still counted them)
+        kern = [
+            e
+            for e in prof.events()
+            if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA
+            and not getattr(e, "is_user_annotation", False)
+            and not e.name.startswith(("hh::", "Optimizer."))
+        ]
         res["cuda_kernels_per_step"] = len(kern)
         res["cuda_kernel_time_ms"] = sum(e.time_range.elapsed_us() for e in kern) / 1e3  # kernel intervals, summed
         launches = [e for e in ev if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")]
