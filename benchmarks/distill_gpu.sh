@@ -8,7 +8,8 @@
 # and a plain-text file ($TEXT, default .carry/hh-smollm2/kjv.txt). Logs and JSON go to $OUT.
 # Time on an H200 x2 host (measured 2026-11-28): build ~15 s, each profile ~20 s, each torchrun
 # ~25 s of start-up + eval plus STEPS x 0.3-0.4 s: the whole plan at STEPS=50 needs ~300 s (the
-# 240 s call of that day finished the profiles and 3 of the 5 torchruns).
+# 240 s call of that day finished the profiles and 3 of the 5 torchruns). AB=1 with BASE_SRC: also
+# an alternating before/after step-time A/B (4 processes, ~25 s each).
 set -o pipefail
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=4
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -26,6 +27,12 @@ timeout ${SCALING_TIMEOUT:-190} $PY benchmarks/distill_scaling.py scaling --mode
   --dtype ${DTYPE:-bf16} --seq-len $SEQ --global-batches $GB --nprocs 1 2 --weak --per-gpu-batch $PGB --steps "$STEPS" \
   --timeout 80 --out "$OUT/scaling" 2>&1 | grep -v "^|" | tee "$OUT/scaling.log"
 cat "$OUT/scaling/distill_scaling.md" 2>/dev/null
+if [ -n "$BASE_SRC" ] && [ "${AB:-0}" = 1 ]; then  # alternating A/B of the step time, 20 steps per process
+  for i in 1 2; do for src in "$BASE_SRC" src; do
+    echo -n "A/B round $i, $src: "; CUDA_VISIBLE_DEVICES=0 PYTHONPATH=$PWD/$src timeout 40 $PY $P --warmup 3 --timed 20 \
+      --top 0 2>&1 | grep -o '"wall_ms_per_step_unprofiled": [0-9.]*'
+  done; done | tee "$OUT/ab.log"
+fi
 if [ -n "$BASE_SRC" ]; then  # the same profile on the sources before the fixes
   CUDA_VISIBLE_DEVICES=0 PYTHONPATH=$PWD/$BASE_SRC timeout 45 $PY $P --out "$OUT/profile_before" 2>&1 \
     | tee "$OUT/profile_before.log" | head -24
