@@ -49,7 +49,7 @@ from typing import Any, Literal
 
 import torch
 
-from .attention_maps import plot_heatmaps, plot_monotonicity, save_snapshots, snapshot
+from .attention_maps import snapshot
 from .common import (
     ConfigError,
     config_to_dict,
@@ -58,11 +58,12 @@ from .common import (
     markdown_table,
     merge_method_runs,
     pick_device,
-    save_json,
     setup_logging,
 )
+from .method_sweep import run_methods, write_figures, write_report
 
 log = logging.getLogger("hedgehog_attention.experiments.finetuned_conversion")
+TITLE = "finetuned conversion"  # figure titles
 
 
 @dataclass
@@ -563,13 +564,6 @@ def merge_runs(cfg: FinetunedConversionConfig, dirs: list[Path], out: Path) -> t
     )  # fmt: skip
 
 
-def _write_figures(snaps: dict, meta: dict, out: Path) -> None:
-    if not snaps:
-        return
-    plot_heatmaps(snaps, meta, out, "finetuned conversion")
-    plot_monotonicity(snaps, meta, out / "monotonicity.png", "finetuned conversion")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
@@ -590,17 +584,12 @@ def main(argv: list[str] | None = None) -> int:
     command = ("hedgehog finetuned-conversion " + " ".join(run_args)).strip()
     if args.merge:
         results, env, snaps, meta = merge_runs(cfg, [Path(d) for d in args.merge], out)
-        _write_figures(snaps, meta, out)
-        md = render(cfg, results, env, command)
-        (out / "finetuned_conversion.md").write_text(md)
-        print(md)
-        return 0
+        write_figures(snaps, meta, out, TITLE)
+        return write_report(render(cfg, results, env, command), out / "finetuned_conversion.md")
     if args.report_only:
         saved = json.loads((out / "results.json").read_text())
         md = render(cfg, saved["results"], saved["environment"], command)
-        (out / "finetuned_conversion.md").write_text(md)
-        print(md)
-        return 0
+        return write_report(md, out / "finetuned_conversion.md")
     t_start = time.perf_counter()
     device = pick_device(cfg.device)
     env = environment_info(device)
@@ -642,27 +631,11 @@ def main(argv: list[str] | None = None) -> int:
     ids = sample["input_ids"][0][sample["attention_mask"][0].bool()].tolist()
     tokens = tok.convert_ids_to_tokens(ids) if tok is not None else [str(i) for i in ids]
     meta = {"layers": cfg.map_layers, "heads": cfg.map_heads, "tokens": tokens}
-    snaps = {}
-    save_json({"config": config_to_dict(cfg), "environment": env, "results": results}, out / "results.json")
-    for m in cfg.methods:
-        # The first method always runs (the process was started for it); later ones only in time.
-        late = cfg.max_seconds is not None and time.perf_counter() - t_start > cfg.max_seconds
-        if late and results["methods"]:
-            results["skipped_for_time"].append(m.name)
-            log.warning("max_seconds=%s passed: %s not run", cfg.max_seconds, m.name)
-            continue
-        r = convert_one(teacher, m, train_b, dev_b, test_b, sample, cfg)
-        snaps[m.name] = r.pop("_maps")
-        results["methods"].append(r)
-        log.info(
-            "%s: test accuracy %.4f (%.1f%% of teacher)", m.name, r["test_accuracy"], 100 * r["test_accuracy"] / t_acc
-        )
-        # Saved after every method, so a run cut short still leaves a report (--report-only / --merge).
-        save_json({"config": config_to_dict(cfg), "environment": env, "results": results}, out / "results.json")
-        save_snapshots(snaps, meta, out / "attention_maps.npz")
-    save_json({"config": config_to_dict(cfg), "environment": env, "results": results}, out / "results.json")
-    _write_figures(snaps, meta, out)
-    md = render(cfg, results, env, command)
-    (out / "finetuned_conversion.md").write_text(md)
-    print(md)
-    return 0
+    snaps = run_methods(
+        cfg.methods, lambda m: convert_one(teacher, m, train_b, dev_b, test_b, sample, cfg),
+        results=results, config=config_to_dict(cfg), environment=env, snapshot_meta=meta, out=out,
+        max_seconds=cfg.max_seconds, t_start=t_start,
+        describe=lambda r: f"test accuracy {r['test_accuracy']:.4f} ({r['test_accuracy'] / t_acc:.1%} of teacher)",
+    )  # fmt: skip
+    write_figures(snaps, meta, out, TITLE)
+    return write_report(render(cfg, results, env, command), out / "finetuned_conversion.md")

@@ -39,7 +39,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from .attention_maps import plot_heatmaps, plot_monotonicity, save_snapshots, snapshot
+from .attention_maps import snapshot
 from .common import (
     ConfigError,
     config_to_dict,
@@ -48,12 +48,13 @@ from .common import (
     markdown_table,
     merge_method_runs,
     pick_device,
-    save_json,
     setup_logging,
 )
 from .finetuned_conversion import select_methods
+from .method_sweep import run_methods, write_figures, write_report
 
 log = logging.getLogger("hedgehog_attention.experiments.pretrained_conversion")
+TITLE = "pretrained conversion"  # figure titles
 
 
 @dataclass
@@ -407,13 +408,6 @@ def merge_runs(cfg: PretrainedConversionConfig, dirs: list[Path], out: Path) -> 
     )  # fmt: skip
 
 
-def _write_figures(snaps: dict, meta: dict, out: Path) -> None:
-    if not snaps:
-        return
-    plot_heatmaps(snaps, meta, out, "pretrained conversion")
-    plot_monotonicity(snaps, meta, out / "monotonicity.png", "pretrained conversion")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
@@ -432,11 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     command = ("hedgehog pretrained-conversion " + " ".join(argv if argv is not None else [])).strip()
     if args.merge:
         results, env, snaps, meta = merge_runs(cfg, [Path(d) for d in args.merge], out)
-        _write_figures(snaps, meta, out)
-        md = render(cfg, results, env, command)
-        (out / "pretrained_conversion.md").write_text(md)
-        print(md)
-        return 0
+        write_figures(snaps, meta, out, TITLE)
+        return write_report(render(cfg, results, env, command), out / "pretrained_conversion.md")
     t_start = time.perf_counter()
     device = pick_device(cfg.device)
     if device.type == "cuda":
@@ -461,27 +452,11 @@ def main(argv: list[str] | None = None) -> int:
     ids = sample["input_ids"][0].tolist()
     tokens = tok.convert_ids_to_tokens(ids) if tok is not None else [str(i) for i in ids]
     meta = {"layers": cfg.map_layers, "heads": cfg.map_heads, "tokens": tokens}
-    snaps = {}
-    save_json({"config": config_to_dict(cfg), "environment": env, "results": results}, out / "results.json")
-    for m in cfg.methods:
-        # The first method always runs (the process was started for it); later ones only in time.
-        late = cfg.max_seconds is not None and time.perf_counter() - t_start > cfg.max_seconds
-        if late and results["methods"]:
-            results["skipped_for_time"].append(m.name)
-            log.warning("max_seconds=%s passed: %s not run", cfg.max_seconds, m.name)
-            continue
-        r = convert_one(model, m, train_b, valid_b, test_b, sample, cfg)
-        maps = r.pop("_maps")
-        if maps is not None:
-            snaps[m.name] = maps
-        results["methods"].append(r)
-        log.info("%s: test ppl %.2f (%.0f s)", m.name, r["test_ppl"], r["seconds"])
-        # Saved after every method, so a run cut short still leaves a report (--merge).
-        save_json({"config": config_to_dict(cfg), "environment": env, "results": results}, out / "results.json")
-        save_snapshots(snaps, meta, out / "attention_maps.npz")
-    save_json({"config": config_to_dict(cfg), "environment": env, "results": results}, out / "results.json")
-    _write_figures(snaps, meta, out)
-    md = render(cfg, results, env, command)
-    (out / "pretrained_conversion.md").write_text(md)
-    print(md)
-    return 0
+    snaps = run_methods(
+        cfg.methods, lambda m: convert_one(model, m, train_b, valid_b, test_b, sample, cfg),
+        results=results, config=config_to_dict(cfg), environment=env, snapshot_meta=meta, out=out,
+        max_seconds=cfg.max_seconds, t_start=t_start,
+        describe=lambda r: f"test ppl {r['test_ppl']:.2f} ({r['seconds']:.0f} s)",
+    )  # fmt: skip
+    write_figures(snaps, meta, out, TITLE)
+    return write_report(render(cfg, results, env, command), out / "pretrained_conversion.md")
