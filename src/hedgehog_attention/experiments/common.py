@@ -346,3 +346,48 @@ def merge_method_runs(
     if snaps:
         save_snapshots(snaps, meta, out / "attention_maps.npz")
     return results, env, snaps, meta
+
+
+# ---- CLI and bookkeeping shared by the from-scratch training experiments (lm, recall) ---------------
+
+
+def add_training_arguments(p, *, config_help: str, strategies: str) -> None:
+    """The flags every training experiment takes: config + overrides, device, run placement,
+    output folder, resume and report-only (shortcut flags override the config's fields)."""
+    p.add_argument("--config", required=True, help=config_help)
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="override KEY=VALUE (dotted)")
+    p.add_argument("--device", help="cpu | cuda | auto (overrides the config)")
+    p.add_argument("--workers", type=int, help="runs trained at once in separate single-process runs")
+    p.add_argument("--strategy", help=f"{strategies} (under torchrun; auto = ddp)")
+    p.add_argument("--out", help="output folder (overrides the config's out_dir)")
+    p.add_argument("--resume", action="store_true", help="continue unfinished runs from their checkpoints")
+    p.add_argument("--report-only", action="store_true", help="rebuild the report from finished runs")
+
+
+TRAINING_SHORTCUTS = {"device": "device", "workers": "workers", "out": "out_dir", "strategy": "strategy"}
+"""``load_config_from_cli`` shortcuts for the flags of :func:`add_training_arguments`."""
+
+
+def record_run(
+    cfg: Any, out_dir: Path, env: dict, command: str, *, report_only: bool, is_main: bool
+) -> tuple[dict, str]:
+    """A training run writes its config, environment and command to ``out_dir/config.json`` (rank
+    0); ``--report-only`` reads them back so the rebuilt report names the run that produced the
+    numbers, not the report command. Returns ``(environment, command)`` for the report."""
+    path = out_dir / "config.json"
+    if report_only and path.exists():
+        saved = json.loads(path.read_text())
+        return saved["environment"], saved.get("command", command)
+    if is_main:
+        save_json({"config": config_to_dict(cfg), "environment": env, "command": command}, path)
+    return env, command
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 120) -> None:
+    """Lay out, write (creating the folder) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)

@@ -64,7 +64,9 @@ from ..train import (
     world_info,
 )
 from .common import (
+    TRAINING_SHORTCUTS,
     ConfigError,
+    add_training_arguments,
     config_from_dict,
     config_to_dict,
     environment_info,
@@ -72,6 +74,8 @@ from .common import (
     markdown_table,
     micro_batch_size,
     pick_device,
+    record_run,
+    save_figure,
     save_json,
     setup_logging,
     trainer_placement,
@@ -484,23 +488,15 @@ def plot_curves(results: list[dict], path: Path) -> None:
     ax.set_title("From-scratch LM: validation perplexity")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hedgehog lm", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="YAML/JSON file of LMConfig (configs/lm.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], help="override KEY=VALUE (dotted)")
-    p.add_argument("--device", help="cpu | cuda | auto")
-    p.add_argument("--workers", type=int, help="variants trained at once in separate single-process runs")
-    p.add_argument("--strategy", help="auto | none | ddp | fsdp (under torchrun; auto = ddp)")
-    p.add_argument("--out", help="output folder")
-    p.add_argument("--resume", action="store_true", help="continue unfinished variants from their checkpoints")
+    add_training_arguments(
+        p, config_help="YAML/JSON file of LMConfig (configs/lm.yaml)", strategies="auto | none | ddp | fsdp"
+    )
     p.add_argument("--prepare-data", metavar="NPZ", help="write the token streams to NPZ and exit")
-    p.add_argument("--report-only", action="store_true", help="rebuild the report from finished runs")
     return p
 
 
@@ -523,9 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
-        cfg = load_config_from_cli(
-            LMConfig, args, {"device": "device", "workers": "workers", "out": "out_dir", "strategy": "strategy"}
-        )
+        cfg = load_config_from_cli(LMConfig, args, TRAINING_SHORTCUTS)
     except ConfigError as err:
         log.error("%s", err)
         return 2
@@ -548,11 +542,7 @@ def _main(cfg: LMConfig, args: argparse.Namespace, argv: list[str] | None, out_d
           is_main: bool) -> int:  # fmt: skip
     env = environment_info(device) | {"processes": world_info().world_size}
     command = ("hedgehog lm " + " ".join(argv if argv is not None else [])).strip()
-    if args.report_only and (out_dir / "config.json").exists():  # the training run's command and environment
-        saved = json.loads((out_dir / "config.json").read_text())
-        env, command = saved["environment"], saved.get("command", command)
-    elif is_main:
-        save_json({"config": config_to_dict(cfg), "environment": env, "command": command}, out_dir / "config.json")
+    env, command = record_run(cfg, out_dir, env, command, report_only=args.report_only, is_main=is_main)
     streams = prepare_tokens(cfg)
     data_info = (
         f"{cfg.data.source} token streams: "

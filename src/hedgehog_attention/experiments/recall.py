@@ -50,7 +50,9 @@ from ..train import (
     world_info,
 )
 from .common import (
+    TRAINING_SHORTCUTS,
     ConfigError,
+    add_training_arguments,
     config_from_dict,
     config_to_dict,
     environment_info,
@@ -58,6 +60,8 @@ from .common import (
     markdown_table,
     micro_batch_size,
     pick_device,
+    record_run,
+    save_figure,
     save_json,
     setup_logging,
     trainer_placement,
@@ -512,10 +516,7 @@ def plot_scatter(cfg: RecallConfig, results: list[dict], rows: list[dict], path:
     ax.set_title("Associative recall: entropy vs accuracy (small dots: seeds)")
     ax.legend(fontsize=7, ncol=2, loc="best")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_curves(cfg: RecallConfig, results: list[dict], path: Path) -> None:
@@ -540,22 +541,14 @@ def plot_curves(cfg: RecallConfig, results: list[dict], path: Path) -> None:
     ax.set_title("Associative recall: validation accuracy (line style: seed)")
     ax.legend(fontsize=7, ncol=2, loc="best")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hedgehog recall", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="YAML/JSON file of RecallConfig (configs/recall.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], help="override KEY=VALUE (dotted)")
-    p.add_argument("--device", help="cpu | cuda | auto (overrides the config)")
-    p.add_argument("--workers", type=int, help="parallel single-process runs (overrides the config)")
-    p.add_argument("--strategy", help="auto | none | ddp (under torchrun; auto = ddp)")
-    p.add_argument("--out", help="output folder (overrides the config's out_dir)")
-    p.add_argument("--resume", action="store_true", help="continue unfinished runs from their checkpoints")
-    p.add_argument("--report-only", action="store_true", help="rebuild the report from finished runs")
+    add_training_arguments(
+        p, config_help="YAML/JSON file of RecallConfig (configs/recall.yaml)", strategies="auto | none | ddp"
+    )
     return p
 
 
@@ -563,9 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
-        cfg = load_config_from_cli(
-            RecallConfig, args, {"device": "device", "workers": "workers", "out": "out_dir", "strategy": "strategy"}
-        )
+        cfg = load_config_from_cli(RecallConfig, args, TRAINING_SHORTCUTS)
     except ConfigError as err:
         log.error("%s", err)
         return 2
@@ -575,11 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         env = environment_info(device) | {"processes": info.world_size}
         command = ("hedgehog recall " + " ".join(argv if argv is not None else [])).strip()
-        if args.report_only and (out_dir / "config.json").exists():  # the training run's command and environment
-            saved = json.loads((out_dir / "config.json").read_text())
-            env, command = saved["environment"], saved.get("command", command)
-        elif info.is_main:
-            save_json({"config": config_to_dict(cfg), "environment": env, "command": command}, out_dir / "config.json")
+        env, command = record_run(cfg, out_dir, env, command, report_only=args.report_only, is_main=info.is_main)
         results = collect(cfg, out_dir) if args.report_only else run_sweep(cfg, out_dir, device, args.resume)
         if not info.is_main:
             return 0
