@@ -54,13 +54,12 @@ from .common import (
     ConfigError,
     config_to_dict,
     environment_info,
-    load_config_from_cli,
     markdown_table,
     merge_method_runs,
     pick_device,
     setup_logging,
 )
-from .method_sweep import run_methods, write_figures, write_report
+from .method_sweep import load_sweep_config, run_methods, write_figures, write_report
 
 log = logging.getLogger("hedgehog_attention.experiments.finetuned_conversion")
 TITLE = "finetuned conversion"  # figure titles
@@ -513,16 +512,6 @@ def render(cfg: FinetunedConversionConfig, results: dict, env: dict, command: st
     )
 
 
-def select_methods(methods: list, names: str) -> list:
-    """The methods named in ``names`` (comma-separated), in config order; unknown names raise."""
-    wanted = [n.strip() for n in names.split(",") if n.strip()]
-    known = [m.name for m in methods]
-    unknown = [n for n in wanted if n not in known]
-    if unknown or not wanted:
-        raise ValueError(f"--only {names!r}: unknown or no method names {unknown}; the config has {known}")
-    return [m for m in methods if m.name in wanted]
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hedgehog finetuned-conversion", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="YAML/JSON of FinetunedConversionConfig")
@@ -568,9 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
-        cfg = load_config_from_cli(FinetunedConversionConfig, args, {"device": "device", "out": "out_dir"})
-        if args.only:
-            cfg.methods = select_methods(cfg.methods, args.only)
+        cfg = load_sweep_config(FinetunedConversionConfig, args)
     except (ConfigError, ValueError) as err:
         log.error("%s", err)
         return 2

@@ -11,9 +11,28 @@ from pathlib import Path
 from typing import Any
 
 from .attention_maps import plot_heatmaps, plot_monotonicity, save_snapshots
-from .common import save_json
+from .common import load_config_from_cli, save_json
 
 log = logging.getLogger("hedgehog_attention.experiments")
+
+
+def select_methods(methods: list, names: str) -> list:
+    """The methods named in ``names`` (comma-separated), in config order; unknown names raise."""
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    known = [m.name for m in methods]
+    unknown = [n for n in wanted if n not in known]
+    if unknown or not wanted:
+        raise ValueError(f"--only {names!r}: unknown or no method names {unknown}; the config has {known}")
+    return [m for m in methods if m.name in wanted]
+
+
+def load_sweep_config(cls: type, args: Any) -> Any:
+    """``--config`` + ``--set`` + ``--device``/``--out``, then ``--only`` (a subset of the config's
+    methods, e.g. one process per GPU). Raises ``ConfigError``/``ValueError`` on bad input."""
+    cfg = load_config_from_cli(cls, args, {"device": "device", "out": "out_dir"})
+    if args.only:
+        cfg.methods = select_methods(cfg.methods, args.only)
+    return cfg
 
 
 def run_methods(

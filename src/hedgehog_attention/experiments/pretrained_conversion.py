@@ -44,14 +44,12 @@ from .common import (
     ConfigError,
     config_to_dict,
     environment_info,
-    load_config_from_cli,
     markdown_table,
     merge_method_runs,
     pick_device,
     setup_logging,
 )
-from .finetuned_conversion import select_methods
-from .method_sweep import run_methods, write_figures, write_report
+from .method_sweep import load_sweep_config, run_methods, write_figures, write_report
 
 log = logging.getLogger("hedgehog_attention.experiments.pretrained_conversion")
 TITLE = "pretrained conversion"  # figure titles
@@ -412,9 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
-        cfg = load_config_from_cli(PretrainedConversionConfig, args, {"device": "device", "out": "out_dir"})
-        if args.only:
-            cfg.methods = select_methods(cfg.methods, args.only)
+        cfg = load_sweep_config(PretrainedConversionConfig, args)
     except (ConfigError, ValueError) as err:
         log.error("%s", err)
         return 2
