@@ -1,0 +1,51 @@
+"""Multi-seed summary of conversion runs (experiments/seeds.py)."""
+
+import json
+import math
+
+import pytest
+
+from hedgehog_attention.experiments.seeds import load_seed_runs, main, seeds_markdown, summarize_seeds
+
+
+def _write(tmp_path, seed, teacher, methods):
+    p = tmp_path / f"seed{seed}.json"
+    p.write_text(
+        json.dumps({"config": {"seed": seed}, "results": {"teacher": {"test_accuracy": teacher}, "methods": methods}})
+    )
+    return p
+
+
+def test_mean_std_and_pct_of_teacher_per_seed(tmp_path):
+    a = _write(
+        tmp_path,
+        0,
+        0.8,
+        [{"method": "hedgehog", "test_accuracy": 0.8, "kl": 0.1}, {"method": "t2r", "test_accuracy": 0.6}],
+    )
+    b = _write(tmp_path, 1, 0.9, [{"method": "hedgehog", "test_accuracy": 0.72, "kl": 0.3}])
+    s = summarize_seeds(load_seed_runs([a, b]))
+    hh = s["methods"]["hedgehog"]
+    assert hh["test_accuracy"]["values"] == [0.8, 0.72]
+    assert hh["test_accuracy"]["mean"] == pytest.approx(0.76)
+    assert hh["test_accuracy"]["std"] == pytest.approx(math.sqrt(2 * 0.04**2))
+    # % of teacher per seed against that seed's teacher: 1.0 and 0.8
+    assert hh["pct_of_teacher"]["values"] == pytest.approx([1.0, 0.8])
+    assert hh["kl"]["mean"] == pytest.approx(0.2)
+    # a method present in one seed only: n = 1, no std
+    assert s["methods"]["t2r"]["test_accuracy"]["n"] == 1 and math.isnan(s["methods"]["t2r"]["test_accuracy"]["std"])
+    md = seeds_markdown(s)
+    assert "| hedgehog | 76.0 ± 5.7 (2) | 90.0 ± 14.1 (2) |" in md and "80.0, 72.0" in md
+    out = tmp_path / "t.md"
+    main([str(a), str(b), "--out", str(out)])
+    assert out.read_text() == md and json.loads(out.with_suffix(".json").read_text())["seeds"] == [0, 1]
+
+
+def test_rejects_duplicate_seeds_and_foreign_files(tmp_path):
+    a = _write(tmp_path, 0, 0.8, [{"method": "x", "test_accuracy": 0.5}])
+    with pytest.raises(ValueError, match="distinct seeds"):
+        load_seed_runs([a, a])
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"results": {"methods": []}}))
+    with pytest.raises(ValueError, match="not a conversion results file"):
+        load_seed_runs([bad])
