@@ -6,6 +6,8 @@
 # Summarise afterwards (CPU): python -m hedgehog_attention.experiments.seeds <seed dirs>/results.json --out ...
 # Usage (repo root):  OUT=/tmp/out GPU=3 SEEDS="1 2" FC_SECONDS=430 bash scripts/gpu_fc_seeds.sh
 set -uo pipefail
+# 8 processes share the host with other jobs: a few CPU threads each (torch defaults to all cores)
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
 OUT="${OUT:-/tmp/hedgehog_out}"; mkdir -p "$OUT"
 GPU="${GPU:-0}"; SEEDS="${SEEDS:-1 2}"; FC_SECONDS="${FC_SECONDS:-430}"
 # no method starts later than this into a process (each process runs 2-3 methods one after another)
