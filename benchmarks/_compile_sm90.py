@@ -80,13 +80,26 @@ def constexprs(
         W_NATIVE=dtype != "fp32" and fused, MAP_PREC="ieee" if dtype == "fp32" else "tf32",
         PREC="ieee" if dtype == "fp32" else "tf32", DOT_DT=dot, EVEN=True, HAS_B=True, HAS_BQ=True, HAS_BK=True,
         CAUSAL=causal, REVERSE=False, STORE_H=causal, KV_SIDE=False, INIT=False, SEG=not causal, VARLEN=False,
+        FEAT_LP=False, PERSIST=False, P_STAGES=1,
     )  # fmt: skip
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--all", action="store_true")
+    ap.add_argument("--variants", action="store_true", help="the output kernel's sweep variants only")
     args = ap.parse_args()
+    if args.variants:
+        for bt, nw, extra in (
+            (128, 8, dict(FEAT_LP=True)),
+            (128, 8, dict(PERSIST=True, P_STAGES=2)),
+            (128, 4, dict(PERSIST=True, P_STAGES=2)),
+            (64, 4, dict(PERSIST=True, P_STAGES=3)),
+        ):
+            cons = dict(constexprs("bf16", 64, "softmax", True, True, False, 64, bt), **extra)
+            c = compile_kernel(K._out_kernel, cons, "bf16", nw, 1)
+            print(f"BT={bt} _out_kernel warps={nw} {extra}: {resources(c)}", flush=True)
+        return
     if not args.all:
         for bt in (64, 128):
             for fn, nw, ns, bv in (

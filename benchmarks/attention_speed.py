@@ -139,6 +139,31 @@ BACKEND_T = {
     "chunked (torch)": {1024, 2048, 4096, 8192, 16384},
 }
 REPS = {"warmup": 10, "rep": 60}
+# named ``--sweep`` sets (launcher CONFIG overrides of "triton fused"; defaults in _launch.CONFIG)
+_BT64 = {"chunk": 64, "state_warps": 4, "out_warps": 4, "bwd_warps": 4, "min_programs": 264}
+SWEEPS = {
+    # session 3, call 1: occupancy (warps, value blocks, BT), memory (recompute_h), precision of
+    # the live feature tiles, and a fully parallel state walk (one segment per chunk + cumsum)
+    "call1": {  # in order of priority (a time limit cuts the tail)
+        "base": {},
+        "bt64w4": _BT64,
+        "persist2": {"out_persist": 2, "out_persist_stages": 2},
+        "rec": {"recompute_h": True},
+        "ow4": {"out_warps": 4},
+        "lp": {"out_feat_lowp": True},
+        "bw4": {"bwd_warps": 4},
+        "scan_torch": {"min_programs": 10**9},
+        "sbv32": {"state_bv": 32, "min_programs": 264},
+        "obv32": {"out_bv": 32},
+        "ow4lp": {"out_warps": 4, "out_feat_lowp": True},
+        "bt64w4rec": dict(_BT64, recompute_h=True),
+        "bt64w4lp": dict(_BT64, out_feat_lowp=True),
+        "sw4": {"state_warps": 4},
+        "bt64sw8": dict(_BT64, state_warps=8, min_programs=132),
+        "persist1s3": {"out_persist": 1, "out_persist_stages": 3},
+        "bt64persist2": dict(_BT64, out_persist=2, out_persist_stages=2),
+    },
+}
 
 
 def _bench(fn, grad_to_none=None):
@@ -243,13 +268,27 @@ def profile_kernels(T, dev, n_iter=5):
                 x.grad = None
             fwd().backward(do)
         torch.cuda.synchronize()
+    out = _kernel_times(prof, n_iter, "")
+    # the forward alone (no_grad): separates the forward walk from the reverse one (same kernel)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with torch.no_grad():
+            for _ in range(n_iter):
+                fwd()
+        torch.cuda.synchronize()
+    out.update(_kernel_times(prof, n_iter, "fwd only: "))
+    return out
+
+
+def _kernel_times(prof, n_iter, prefix):
     out = {}
     for e in prof.key_averages():
         if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0):
             t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
             if t:
-                out[e.key[:60]] = round(t / 1e3 / n_iter, 4)
-    return dict(sorted(out.items(), key=lambda kv: -kv[1])[:14])
+                out[prefix + e.key[:60]] = round(t / 1e3 / n_iter, 4)
+    top = dict(sorted(out.items(), key=lambda kv: -kv[1])[:14])
+    top[prefix + "sum"] = round(sum(out.values()), 4)
+    return top
 
 
 def kernel_resources():
@@ -285,12 +324,15 @@ def main(argv=None):
     )
     ap.add_argument("--no-decode", action="store_true")
     ap.add_argument("--config", default="{}", help="JSON overrides of _launch.CONFIG for 'triton fused'")
-    ap.add_argument("--sweep", default="", help="JSON {name: CONFIG overrides}: extra 'triton fused @name' rows")
+    ap.add_argument("--sweep", default="", help="JSON {name: CONFIG overrides} or a SWEEPS name")
     ap.add_argument("--sweep-seq-lens", default="1024,32768")
     ap.add_argument("--pick", action="store_true", help="use the sweep's best config (last sweep T) for 'triton fused'")
     ap.add_argument("--profile-seq-lens", default="", help="per-kernel time of triton fwd+bwd at these T")
     ap.add_argument("--reps", default="10,60", help="do_bench warmup,rep in ms")
     ap.add_argument("--time-limit", type=float, default=1e9, help="start no new T row after this many seconds")
+    ap.add_argument("--sweep-time-limit", type=float, default=1e9, help="start no new sweep variant after this")
+    ap.add_argument("--sweep-profile", action="store_true", help="per-kernel times of every sweep variant")
+    ap.add_argument("--warm-fla", action="store_true", help="run fla once at T=1024 before anything is timed")
     args = ap.parse_args(argv)
     t_start = time.time()
     REPS["warmup"], REPS["rep"] = (int(x) for x in args.reps.split(","))
@@ -328,15 +370,40 @@ def main(argv=None):
         result["meta"]["elapsed_s"] = round(time.time() - t_start, 1)
         (p / "attention_speed.json").write_text(json.dumps(result, indent=1))
 
+    if args.warm_fla:  # fla compiles and autotunes on its first calls: before anything is timed
+        t0 = time.time()
+        r = time_backend("fla+torch map", TOKENS // 1024, 1024, dev, with_bwd=True)
+        meta["fla_warm_s"] = round(time.time() - t0, 1)
+        print("fla warm-up", meta["fla_warm_s"], "s", r, file=sys.stderr, flush=True)
     if args.sweep:  # configuration sweep of the fused kernel first: it picks the config
-        sweep = json.loads(args.sweep)
-        for T in (int(x) for x in args.sweep_seq_lens.split(",") if x):
+        sweep = SWEEPS[args.sweep] if args.sweep in SWEEPS else json.loads(args.sweep)
+        result["sweep_profile"], result["sweep_kernels"] = {}, {}
+        for i, T in enumerate(int(x) for x in args.sweep_seq_lens.split(",") if x):
             row = {"T": T, "B": TOKENS // T}
             for cname, cfg in sweep.items():
                 name = f"triton fused @{cname}"
+                if time.time() - t_start > args.sweep_time_limit:
+                    row[name] = {"error": "not run (time limit)"}
+                    continue
                 BACKEND_CONFIG[name] = cfg
+                before = set(kernel_resources())
                 row[name] = time_backend(name, TOKENS // T, T, dev, with_bwd=True)
                 print(T, name, row[name], file=sys.stderr, flush=True)
+                if i == 0:  # registers of the kernels this variant compiled; per-kernel times
+                    result["sweep_kernels"][cname] = sorted(set(kernel_resources()) - before)
+                    if args.sweep_profile and "error" not in row[name]:
+                        saved = dict(_launch_config())
+                        _launch_config().update(cfg)
+                        try:
+                            result["sweep_profile"][cname] = profile_kernels(T, dev, n_iter=3)
+                        except Exception as e:  # report, keep sweeping
+                            result["sweep_profile"][cname] = {"error": f"{type(e).__name__}: {e}"[:200]}
+                        finally:
+                            _launch_config().clear()
+                            _launch_config().update(saved)
+                    print(" ", cname, result["sweep_kernels"][cname], result["sweep_profile"].get(cname),
+                          file=sys.stderr, flush=True)  # fmt: skip
+                save()
             result["sweep"].append(row)
             save()
         if args.pick:  # normalised to the targets: fwd 1.0 ms, fwd+bwd 4.0 ms
@@ -412,7 +479,13 @@ def format_table(result) -> str:
         f"{m['gpu']}, torch {m['torch']}, triton {m['triton']}, fla {m['fla']}, {m['date']}; "
         f"B*T={m['tokens']}, H={m['heads']}, D={m['head_dim']}, bf16, causal; ms = median do_bench",
     ]
-    for key in ("sweep", "rows"):
+    for r in result["sweep"]:  # one line per variant
+        lines += ["", "| T | variant | fwd ms | f+b ms | GB |", "|---|---|---|---|---|"]
+        for n, x in r.items():
+            if n not in ("T", "B"):
+                lines.append(f"| {r['T']} | {n.split('@')[-1]} | {_f(x, 'fwd_ms')} | {_f(x, 'fwdbwd_ms')} | "
+                             f"{_f(x, 'peak_gb')} |")  # fmt: skip
+    for key in ("rows",):
         rows = result[key]
         if not rows:
             continue
@@ -433,6 +506,9 @@ def format_table(result) -> str:
                 cells += [_ratio(s, t, "fwd_ms"), _ratio(s, t, "fwdbwd_ms"), _ratio(f, t, "fwd_ms"),
                           _ratio(f, t, "fwdbwd_ms")]  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
+    for cname, prof in result.get("sweep_profile", {}).items():
+        lines += ["", f"sweep {cname} kernels (ms per fwd+bwd): " + ", ".join(f"{k}: {v}" for k, v in prof.items())]
+        lines += ["  " + x for x in result.get("sweep_kernels", {}).get(cname, [])]
     for T, prof in result.get("profile", {}).items():
         lines += ["", f"profile T={T} (ms per fwd+bwd): " + ", ".join(f"{k}: {v}" for k, v in prof.items())]
     if result["decode"]:

@@ -275,6 +275,25 @@ def test_segment_split_is_invisible(min_programs, init):
     _check(kern, ref, low, torch.float32, _NAMES + (["S0", "z0"] if init else []))
 
 
+@pytest.mark.parametrize("kind", ["mask", "cu"])
+def test_recomputed_chunk_states_match_reference(kind):
+    """``CONFIG["recompute_h"]``: the backward recomputes the forward's chunk states instead of
+    keeping them (memory); same outputs and gradients, with padding or packed sequences, several
+    segments, and the variant knobs of the tuning sweep on (rounded features in the output
+    kernel; with ``cu_seqlens`` also the persistent output kernel)."""
+    _launch.CONFIG.update(recompute_h=True, out_feat_lowp=True, out_persist=1 if kind == "cu" else 0)
+    B, T, H, HK, D = (2, 3000, 4, 2, 64) if CUDA else (2, 45, 2, 1, 16)
+    if kind == "cu":
+        B = 1
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    args = _inputs(B, T, H, HK, D, D, D, dtype, True)
+    mask, cu = _mask_or_cu(kind, B, T)
+    kern, ref, low = _run_fused(
+        args, activation="softmax", negation=True, causal=True, mask=mask, cu=cu, init=None, dtype=dtype
+    )
+    _check(kern, ref, low, dtype, _NAMES)
+
+
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
 @pytest.mark.parametrize("kind", ["none", "mask", "cu"])
 def test_generic_features_path(causal, kind):

@@ -173,6 +173,9 @@ def _(do, ds_fin, dz_fin, q, k, v, wq, bq, wk, bk, mask, cu, o, den, h, hz, s_in
 def _setup_context(ctx, inputs, output):
     q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, activation, negation, causal, eps, fused, max_len, nc, varlen = inputs
     o, den, h, hz, s_in, z_in, _, _ = output
+    if causal and s0 is None and _lm().CONFIG["recompute_h"]:
+        # the backward recomputes the chunk states (one more forward walk) instead of holding them
+        h, hz = h.new_empty(0), hz.new_empty(0)
     ctx.save_for_backward(q, k, v, wq, bq, wk, bk, mask, cu, o, den, h, hz, s_in, z_in)
     ctx.args = (activation, negation, causal, fused, max_len, nc, varlen)
     ctx.need_ds0 = s0 is not None and (ctx.needs_input_grad[9] or ctx.needs_input_grad[10])

@@ -413,7 +413,131 @@ def _state_kernel(
     tl.store(stz_ptr + sb + offs_f, b_z, mask=offs_f < tl.where(i_v == 0, F, 0))  # one value block writes z
 
 
-@triton.jit(do_not_specialize=["T", "CPS", "NSI"])
+@triton.jit
+def _out_item(
+    i_c,
+    i_vh,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    wq_ptr,
+    bq_ptr,
+    wk_ptr,
+    bk_ptr,
+    mask_ptr,
+    cu_ptr,
+    cidx_ptr,
+    h_ptr,
+    hz_ptr,
+    si_ptr,
+    zi_ptr,
+    o_ptr,
+    den_ptr,
+    eps,
+    T,
+    H,
+    HK,
+    G,
+    D,
+    F,
+    FT,
+    DV,
+    CPS,
+    NSI,
+    BT: tl.constexpr,
+    BD: tl.constexpr,
+    BF: tl.constexpr,
+    BV: tl.constexpr,
+    FUSED: tl.constexpr,
+    HAS_BQ: tl.constexpr,
+    HAS_BK: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    SEG: tl.constexpr,
+    VARLEN: tl.constexpr,
+    ACT: tl.constexpr,
+    NEG: tl.constexpr,
+    FEAT_LP: tl.constexpr,
+    W_NATIVE: tl.constexpr,
+    MAP_PREC: tl.constexpr,
+    PREC: tl.constexpr,
+    DOT_DT: tl.constexpr,
+    EVEN: tl.constexpr,
+):
+    """Outputs of one chunk, one query head, one value block (grid ``(NC, NV * H)``).
+
+    ``o = (phi_q S + tril(phi_q phi_k^T) v) / (phi_q z + rowsum(tril(...)) + eps)`` with
+    ``S = si[n, hk, segment] + h[chunk]`` (causal) or ``si[n, hk, 0]`` (bidirectional: the whole
+    sequence's state, no intra-chunk part). Also stores the normalizer ``den`` (fp32). Without
+    ``SEG`` (causal, one segment, no initial state) ``si`` is zero and not read.
+    """
+    i_h = i_vh % H
+    i_v = i_vh // H
+    i_hk = i_h // G
+    i_n, i_t, bos, L = _chunk(cidx_ptr, cu_ptr, i_c, T, BT, VARLEN)
+    offs_i = tl.arange(0, BT)
+    t0 = i_t * BT
+    offs_t = t0 + offs_i
+    t_ok = offs_t < L
+    tok = bos + offs_t
+    v0 = i_v * BV
+    i_s = tl.minimum(i_t // CPS, NSI - 1)
+    sb = ((i_n * HK + i_hk) * NSI + i_s).to(tl.int64) * FT
+    hb = (i_c.to(tl.int64) * HK + i_hk) * FT
+
+    # every load first (one memory latency per program instead of one per stage), then compute
+    xq = _ld_x(q_ptr, bos, L, t0, i_h, H, D, F, BT, BD, BF, FUSED, EVEN)
+    wq, bq = _load_wb(wq_ptr, bq_ptr, i_h, D, F, BD, BF, FUSED, HAS_BQ, EVEN)
+    if CAUSAL:
+        xk = _ld_x(k_ptr, bos, L, t0, i_hk, HK, D, F, BT, BD, BF, FUSED, EVEN)
+        wk, bk = _load_wb(wk_ptr, bk_ptr, i_hk, D, F, BD, BF, FUSED, HAS_BK, EVEN)
+        vv = _ld(v_ptr + bos * (HK * DV) + i_hk * DV, L, DV, HK * DV, t0, v0, BT, BV, True, not EVEN)
+        if HAS_MASK:
+            mk = tl.load(mask_ptr + tok, mask=t_ok, other=0.0)
+    sp, zp = _chunk_state(si_ptr + sb * DV, zi_ptr + sb, h_ptr + hb * DV, hz_ptr + hb, 0, F, DV, v0, BF, BV, CAUSAL,
+                          SEG, EVEN)  # fmt: skip
+    if NEG:
+        sn, zn = _chunk_state(si_ptr + sb * DV, zi_ptr + sb, h_ptr + hb * DV, hz_ptr + hb, F, F, DV, v0, BF, BV,
+                              CAUSAL, SEG, EVEN)  # fmt: skip
+
+    zq = _preact(xq, wq, bq, FUSED, W_NATIVE, MAP_PREC)
+    qp = _feat(zq, 1.0, t_ok, F, BF, FUSED, ACT, EVEN)
+    qp_d = qp.to(DOT_DT)
+    if FEAT_LP:  # keep only the rounded features live (the normaliser from them too)
+        qp = qp_d.to(tl.float32)
+    num = tl.dot(qp_d, sp.to(DOT_DT), input_precision=PREC)
+    den = tl.sum(qp * zp[None, :], 1)
+    if NEG:
+        qn = _feat(zq, -1.0, t_ok, F, BF, FUSED, ACT, EVEN)
+        qn_d = qn.to(DOT_DT)
+        if FEAT_LP:
+            qn = qn_d.to(tl.float32)
+        num += tl.dot(qn_d, sn.to(DOT_DT), input_precision=PREC)
+        den += tl.sum(qn * zn[None, :], 1)
+    if CAUSAL:
+        zk = _preact(xk, wk, bk, FUSED, W_NATIVE, MAP_PREC)
+        kp = _feat(zk, 1.0, t_ok, F, BF, FUSED, ACT, EVEN)
+        if HAS_MASK:
+            kp = kp * mk[:, None]
+        a = tl.dot(qp_d, tl.trans(kp.to(DOT_DT)), input_precision=PREC)
+        if NEG:
+            kn = _feat(zk, -1.0, t_ok, F, BF, FUSED, ACT, EVEN)
+            if HAS_MASK:
+                kn = kn * mk[:, None]
+            a += tl.dot(qn_d, tl.trans(kn.to(DOT_DT)), input_precision=PREC)
+        a = tl.where(offs_i[:, None] >= offs_i[None, :], a, 0.0)
+        num += tl.dot(a.to(DOT_DT), vv.to(DOT_DT), input_precision=PREC)
+        den += tl.sum(a, 1)
+    den = den + eps
+    o = num / den[:, None]
+    if HAS_MASK:
+        mq = tl.load(mask_ptr + tok, mask=t_ok, other=0.0)
+        o = tl.where(mq[:, None] != 0, o, 0.0)
+    _st(o_ptr + bos * (H * DV) + i_h * DV, o, L, DV, H * DV, t0, v0, BT, BV, True, not EVEN)
+    tl.store(den_ptr + tok * H + i_h, den, mask=offs_t < tl.where(i_v == 0, L, 0))  # one value block
+
+
+@triton.jit(do_not_specialize=["T", "CPS", "NSI", "NITEMS"])
 def _out_kernel(
     q_ptr,
     k_ptr,
@@ -455,81 +579,36 @@ def _out_kernel(
     VARLEN: tl.constexpr,
     ACT: tl.constexpr,
     NEG: tl.constexpr,
+    FEAT_LP: tl.constexpr,
     W_NATIVE: tl.constexpr,
     MAP_PREC: tl.constexpr,
     PREC: tl.constexpr,
     DOT_DT: tl.constexpr,
     EVEN: tl.constexpr,
+    NITEMS,
+    PERSIST: tl.constexpr,
+    P_STAGES: tl.constexpr,
 ):
-    """Outputs of one chunk, one query head, one value block (grid ``(NC, NV * H)``).
-
-    ``o = (phi_q S + tril(phi_q phi_k^T) v) / (phi_q z + rowsum(tril(...)) + eps)`` with
-    ``S = si[n, hk, segment] + h[chunk]`` (causal) or ``si[n, hk, 0]`` (bidirectional: the whole
-    sequence's state, no intra-chunk part). Also stores the normalizer ``den`` (fp32). Without
-    ``SEG`` (causal, one segment, no initial state) ``si`` is zero and not read.
-    """
-    i_c = tl.program_id(0)
-    i_vh = tl.program_id(1)
-    i_h = i_vh % H
-    i_v = i_vh // H
-    i_hk = i_h // G
-    i_n, i_t, bos, L = _chunk(cidx_ptr, cu_ptr, i_c, T, BT, VARLEN)
-    offs_i = tl.arange(0, BT)
-    t0 = i_t * BT
-    offs_t = t0 + offs_i
-    t_ok = offs_t < L
-    tok = bos + offs_t
-    v0 = i_v * BV
-    i_s = tl.minimum(i_t // CPS, NSI - 1)
-    sb = ((i_n * HK + i_hk) * NSI + i_s).to(tl.int64) * FT
-    hb = (i_c.to(tl.int64) * HK + i_hk) * FT
-
-    # every load first (one memory latency per program instead of one per stage), then compute
-    xq = _ld_x(q_ptr, bos, L, t0, i_h, H, D, F, BT, BD, BF, FUSED, EVEN)
-    wq, bq = _load_wb(wq_ptr, bq_ptr, i_h, D, F, BD, BF, FUSED, HAS_BQ, EVEN)
-    if CAUSAL:
-        xk = _ld_x(k_ptr, bos, L, t0, i_hk, HK, D, F, BT, BD, BF, FUSED, EVEN)
-        wk, bk = _load_wb(wk_ptr, bk_ptr, i_hk, D, F, BD, BF, FUSED, HAS_BK, EVEN)
-        vv = _ld(v_ptr + bos * (HK * DV) + i_hk * DV, L, DV, HK * DV, t0, v0, BT, BV, True, not EVEN)
-        if HAS_MASK:
-            mk = tl.load(mask_ptr + tok, mask=t_ok, other=0.0)
-    sp, zp = _chunk_state(si_ptr + sb * DV, zi_ptr + sb, h_ptr + hb * DV, hz_ptr + hb, 0, F, DV, v0, BF, BV, CAUSAL,
-                          SEG, EVEN)  # fmt: skip
-    if NEG:
-        sn, zn = _chunk_state(si_ptr + sb * DV, zi_ptr + sb, h_ptr + hb * DV, hz_ptr + hb, F, F, DV, v0, BF, BV,
-                              CAUSAL, SEG, EVEN)  # fmt: skip
-
-    zq = _preact(xq, wq, bq, FUSED, W_NATIVE, MAP_PREC)
-    qp = _feat(zq, 1.0, t_ok, F, BF, FUSED, ACT, EVEN)
-    qp_d = qp.to(DOT_DT)
-    num = tl.dot(qp_d, sp.to(DOT_DT), input_precision=PREC)
-    den = tl.sum(qp * zp[None, :], 1)
-    if NEG:
-        qn = _feat(zq, -1.0, t_ok, F, BF, FUSED, ACT, EVEN)
-        qn_d = qn.to(DOT_DT)
-        num += tl.dot(qn_d, sn.to(DOT_DT), input_precision=PREC)
-        den += tl.sum(qn * zn[None, :], 1)
-    if CAUSAL:
-        zk = _preact(xk, wk, bk, FUSED, W_NATIVE, MAP_PREC)
-        kp = _feat(zk, 1.0, t_ok, F, BF, FUSED, ACT, EVEN)
-        if HAS_MASK:
-            kp = kp * mk[:, None]
-        a = tl.dot(qp_d, tl.trans(kp.to(DOT_DT)), input_precision=PREC)
-        if NEG:
-            kn = _feat(zk, -1.0, t_ok, F, BF, FUSED, ACT, EVEN)
-            if HAS_MASK:
-                kn = kn * mk[:, None]
-            a += tl.dot(qn_d, tl.trans(kn.to(DOT_DT)), input_precision=PREC)
-        a = tl.where(offs_i[:, None] >= offs_i[None, :], a, 0.0)
-        num += tl.dot(a.to(DOT_DT), vv.to(DOT_DT), input_precision=PREC)
-        den += tl.sum(a, 1)
-    den = den + eps
-    o = num / den[:, None]
-    if HAS_MASK:
-        mq = tl.load(mask_ptr + tok, mask=t_ok, other=0.0)
-        o = tl.where(mq[:, None] != 0, o, 0.0)
-    _st(o_ptr + bos * (H * DV) + i_h * DV, o, L, DV, H * DV, t0, v0, BT, BV, True, not EVEN)
-    tl.store(den_ptr + tok * H + i_h, den, mask=offs_t < tl.where(i_v == 0, L, 0))  # one value block
+    """Grid ``(NC, NV * H)``: one (chunk, query head, value block) per program (``_out_item``).
+    ``PERSIST``: a 1-D grid of fewer programs, each looping over items ``i = pid, pid + P, ...``
+    (``i % NC`` chunk, ``i // NC`` head/value block) with ``P_STAGES`` software-pipeline stages,
+    so that the loads of the next item can be issued under the math of the current one."""
+    if PERSIST:
+        NC = NITEMS // (H * tl.cdiv(DV, BV))
+        for it in tl.range(tl.program_id(0), NITEMS, tl.num_programs(0), num_stages=P_STAGES):
+            _out_item(
+                it % NC, it // NC,
+                q_ptr, k_ptr, v_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, mask_ptr, cu_ptr, cidx_ptr, h_ptr, hz_ptr, si_ptr,
+                zi_ptr, o_ptr, den_ptr, eps, T, H, HK, G, D, F, FT, DV, CPS, NSI, BT, BD, BF, BV, FUSED, HAS_BQ, HAS_BK,
+                HAS_MASK, CAUSAL, SEG, VARLEN, ACT, NEG, FEAT_LP, W_NATIVE, MAP_PREC, PREC, DOT_DT, EVEN,
+            )  # fmt: skip
+    else:
+        _out_item(
+            tl.program_id(0), tl.program_id(1),
+            q_ptr, k_ptr, v_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, mask_ptr, cu_ptr, cidx_ptr, h_ptr, hz_ptr, si_ptr,
+            zi_ptr, o_ptr, den_ptr, eps, T, H, HK, G, D, F, FT, DV, CPS, NSI, BT, BD, BF, BV, FUSED, HAS_BQ, HAS_BK,
+            HAS_MASK, CAUSAL, SEG, VARLEN, ACT, NEG, FEAT_LP, W_NATIVE, MAP_PREC, PREC, DOT_DT, EVEN,
+        )  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["NTOK"])

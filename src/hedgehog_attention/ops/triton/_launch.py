@@ -42,7 +42,23 @@ CONFIG = {
     "bwd_stages": 1,
     "poison": False,
     "fallback": "auto",
+    # causal, no initial state: do not keep the forward's chunk states ``h`` for the backward
+    # (recomputed there by one more forward walk): -|h| of peak memory (0.27 GB at BT = 128)
+    "recompute_h": False,
+    # output kernel: features rounded to the product dtype right after the map (bf16 inputs),
+    # the normaliser from the rounded features (as the backward does): fewer live fp32 tiles
+    "out_feat_lowp": False,
+    # output kernel persistent over (chunk, head) items: this many programs per SM (0: one
+    # program per item), each looping with ``out_persist_stages`` software-pipeline stages
+    "out_persist": 0,
+    "out_persist_stages": 2,
 }
+
+
+def _n_sm(dev: torch.device) -> int:
+    """Streaming multiprocessors (4 under the CPU interpreter: a few programs, many items each)."""
+    return torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
+
 
 _COMMON = ("BT", "BD", "BF", "FUSED", "HAS_MASK", "ACT", "W_NATIVE", "MAP_PREC", "PREC", "DOT_DT", "EVEN")
 
@@ -224,7 +240,9 @@ def fwd(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, *, activation, negation, caus
         z0 = torch.zeros(P.N, P.HK, P.FT, device=dev, dtype=torch.float32)
     s_fin = st.sum(2) + s0
     z_fin = stz.sum(2) + z0
-    if causal:
+    if causal and st.shape[2] == 1:  # one segment: no segment state (SEG off), only its shape
+        s_in, z_in = torch.zeros_like(st), torch.zeros_like(stz)
+    elif causal:
         s_in = torch.cumsum(st, 2) - st + s0[:, :, None]
         z_in = torch.cumsum(stz, 2) - stz + z0[:, :, None]
     else:
@@ -238,11 +256,16 @@ def fwd(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, *, activation, negation, caus
     o = _empty(P.B, P.T, P.H, P.DV, device=dev, dtype=v.dtype)
     den = _empty(P.B * P.T, P.H, device=dev, dtype=torch.float32)
     c = P.consts(bv)
-    K._out_kernel[(P.nc, nv * P.H)](
+    n_items = P.nc * nv * P.H
+    persist = int(CONFIG["out_persist"]) > 0
+    grid = (min(n_items, int(CONFIG["out_persist"]) * _n_sm(dev)),) if persist else (P.nc, nv * P.H)
+    K._out_kernel[grid](
         q, k, v, wq if fused else q, bq if bq is not None else q, wk if fused else q, bk if bk is not None else q,
         P.mask_, cu, P.cidx, h if causal else q, hz if causal else q, s_in, z_in, o, den, float(eps), P.T,
         P.H, P.HK, P.G, P.D, P.F, P.FT, P.DV, cps, s_in.shape[2],
         HAS_BQ=bq is not None, HAS_BK=bk is not None, CAUSAL=bool(causal), SEG=seg, VARLEN=P.varlen, NEG=P.neg,
+        FEAT_LP=bool(CONFIG["out_feat_lowp"]), NITEMS=n_items, PERSIST=persist,
+        P_STAGES=int(CONFIG["out_persist_stages"]),
         **{n: c[n] for n in _COMMON}, BV=bv, num_warps=CONFIG["out_warps"], num_stages=CONFIG["out_stages"],
     )  # fmt: skip
     return o, den, h, hz, s_in, z_in, s_fin, z_fin
@@ -282,9 +305,14 @@ def bwd(
 
     # query side first, and its dz freed, before the reverse states and the key side are
     # allocated (peak memory); dz = the map's pre-activation gradients for dW = x^T dz
+    if causal and h.numel() == 0:  # forward states not kept (CONFIG["recompute_h"]): one more walk
+        h, hz = P.state_walk(
+            k, wk if fused else None, bk if fused else None, v, None, None, None, None, reverse=False, store_h=True
+        )[:2]
     dq = _empty(q.shape, device=dev, dtype=q.dtype)
     dzq = _empty(P.B, P.T, P.H, P.F, device=dev, dtype=zdt) if fused else q
     launch(False, h, hz, s_in, z_in, dq, dzq, q)
+    del h, hz  # (a recomputed h is freed here, before the reverse states)
     dwq_ = dbq_ = dwk_ = dbk_ = None
     if fused:
         dwq_, dbq_ = _dw(q, dzq, wq, bq)
