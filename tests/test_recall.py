@@ -97,3 +97,107 @@ def test_softmax_transformer_learns_recall():
     assert res["uniform_entropy"] == pytest.approx(torch.log(torch.arange(1.0, 17)).mean().item())
     assert res["entropy"] < res["uniform_entropy"] - 0.5
     assert not math.isnan(res["entropy"])
+
+
+def _tiny_cfg(engine: str, **variant) -> RecallConfig:
+    return RecallConfig(
+        task=RecallTask(vocab_size=16, seq_len=32),
+        model=RecallModel(d_model=32, n_layers=2, n_heads=2, backend="reference"),
+        train=RecallTrain(
+            steps=10,
+            batch_size=24,
+            lr=3e-3,
+            weight_decay=0.1,
+            warmup_steps=3,
+            log_every=5,
+            valid_sequences=32,
+            test_sequences=64,
+            entropy_sequences=8,
+            engine=engine,
+        ),  # fmt: skip
+        variants=[RecallVariant("v", **variant)],
+        seeds=[0],
+        device="cpu",
+    )
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [{"attention": "softmax"}, {"attention": "hedgehog", "distill_weight": 1.0}, {"attention": "cosformer"}],
+    ids=["softmax", "hedgehog-distill", "cosformer"],
+)
+def test_graph_engine_loop_matches_trainer(variant):
+    """fit_graphed's loop (eager on CPU; on CUDA the same step is captured) reproduces the Trainer:
+    same schedule, weight-decay groups, clipping and data order -> same losses and weights."""
+    a = run_one(_tiny_cfg("trainer", **variant), _tiny_cfg("trainer", **variant).variants[0], 0, torch.device("cpu"))
+    b = run_one(_tiny_cfg("graph", **variant), _tiny_cfg("graph", **variant).variants[0], 0, torch.device("cpu"))
+    assert a["engine"] == "trainer" and b["engine"] == "eager-loop"
+    assert a["steps"] == b["steps"] == 10
+    assert [p["step"] for p in a["curve"]] == [p["step"] for p in b["curve"]] == [5, 10]
+    assert [p["loss"] for p in b["curve"]] == pytest.approx([p["loss"] for p in a["curve"]], rel=1e-5)
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][k], v, rtol=1e-5, atol=1e-6)
+    assert b["test_accuracy"] == pytest.approx(a["test_accuracy"], abs=1e-3)
+    # the weights moved: the comparison is not between two untrained models
+    torch.manual_seed(0)
+    from hedgehog_attention.models import RotaryTransformer
+
+    init = RotaryTransformer(_tiny_cfg("trainer", **variant).model_config(_tiny_cfg("trainer", **variant).variants[0]))
+    assert (init.state_dict()["embed.weight"] - a["state_dict"]["embed.weight"]).abs().max() > 1e-3
+
+
+def test_recall_stream_batch_equals_items_across_chunks():
+    from hedgehog_attention.experiments.recall import RecallStream
+
+    s = RecallStream(AssociativeRecallConfig(vocab_size=8, seq_len=16), n=50, seed=3, chunk=7)
+    x, y = s.batch(5, 20)  # spans chunks 0..3
+    assert x.shape == y.shape == (20, 16)
+    for r, i in enumerate(range(5, 25)):
+        xi, yi = s[i]
+        assert torch.equal(x[r], xi) and torch.equal(y[r], yi)
+    with pytest.raises(IndexError):
+        s.batch(45, 10)
+
+
+def test_variant_overrides_and_validation():
+    cfg = _tiny_cfg("trainer", attention="hedgehog", train={"lr": 1e-2, "batch_size": 8}, model={"d_model": 16})
+    v = cfg.variants[0]
+    assert (cfg.train_for(v).lr, cfg.train_for(v).batch_size, cfg.train_for(v).steps) == (1e-2, 8, 10)
+    assert cfg.train.lr == 3e-3  # the shared settings are unchanged
+    assert cfg.model_config(v).d_model == 16
+    from hedgehog_attention.experiments.common import ConfigError
+
+    with pytest.raises(ConfigError, match="no_such"):
+        _tiny_cfg("trainer", attention="hedgehog", train={"no_such": 1})
+    with pytest.raises(ConfigError):
+        _tiny_cfg("trainer", attention="hedgehog", train={"engine": "warp"})
+
+
+def test_shards_split_the_jobs(tmp_path, monkeypatch):
+    """--shard i/n: disjoint job sets that together are the whole sweep."""
+    import hedgehog_attention.experiments.recall as rec
+
+    cfg = RecallConfig(
+        task=RecallTask(16, 32), model=RecallModel(d_model=16, n_layers=1, n_heads=2),
+        variants=[RecallVariant(f"v{i}", a) for i, a in enumerate(["softmax", "hedgehog", "taylor2", "elu", "relu"])],
+        seeds=[0, 1], device="cpu",
+    )  # fmt: skip
+    ran: list[list[tuple[int, int]]] = []
+    for i in range(3):
+        got: list[tuple[int, int]] = []
+        monkeypatch.setattr(rec, "_run_and_save", lambda c, vi, s, d, o, r, got=got: got.append((vi, s)) or "")
+        rec.run_sweep(cfg, tmp_path, torch.device("cpu"), shard=(i, 3))
+        ran.append(got)
+    flat = [j for g in ran for j in g]
+    assert sorted(flat) == sorted((vi, s) for vi in range(5) for s in (0, 1))
+    assert max(len(g) for g in ran) - min(len(g) for g in ran) <= 1
+    with pytest.raises(ValueError, match="shard"):
+        rec.run_sweep(cfg, tmp_path, torch.device("cpu"), shard=(3, 3))
+
+
+def test_benchmark_step_runs_on_cpu():
+    from hedgehog_attention.experiments.recall import benchmark_step
+
+    cfg = _tiny_cfg("trainer", attention="hedgehog")
+    out = benchmark_step(cfg, cfg.variants[0], torch.device("cpu"), steps=3, check_steps=2)
+    assert out["eager_steps_per_s"] > 0 and "graph_steps_per_s" not in out  # graphs: CUDA only

@@ -107,6 +107,8 @@ class RecallVariant:
     name: label in tables and file names. attention: ``softmax`` or a feature-map name.
     feature_map_kwargs: registry arguments. distill_weight: weight of the auxiliary Eq. 3 term
     against the softmax of the model's own q, k (0 = end to end). tie_qk: one map for q and k.
+    train / model: per-variant overrides of ``RecallTrain`` / ``RecallModel`` fields (e.g.
+    ``{lr: 3.0e-3}``), so one config can hold a recipe probe (same attention, several learning rates).
     """
 
     name: str
@@ -114,11 +116,13 @@ class RecallVariant:
     feature_map_kwargs: dict[str, Any] = field(default_factory=dict)
     distill_weight: float = 0.0
     tie_qk: bool = False
+    train: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class RecallTrain:
-    """AdamW (weight decay on every parameter: the Trainer's one group) with linear warmup then
+    """AdamW (weight decay on matrices only, none on biases / norm gains) with linear warmup then
     cosine decay to ``min_lr_ratio * lr``; fresh sequences every step. batch_size: the GLOBAL batch,
     split over processes and ``grad_accum_steps``. checkpoint_every: Trainer checkpoints under
     ``<out>/ckpt/<variant>_s<seed>/`` (None: none; ``--resume`` then restarts unfinished runs)."""
@@ -139,6 +143,10 @@ class RecallTrain:
     test_sequences: int = 1024
     entropy_sequences: int = 64
     max_seconds: float | None = None  # per run; a run stopped early records the steps it made
+    # "trainer": the shared Trainer (DDP, checkpoints, resume). "graph": fit_graphed, one process,
+    # the whole step as one CUDA graph on a GPU (same schedule, grouping, clipping and data order;
+    # no checkpoints; eager on CPU). A run asking for "graph" under torchrun uses the Trainer.
+    engine: Literal["trainer", "graph"] = "trainer"
 
 
 @dataclass
@@ -166,21 +174,31 @@ class RecallConfig:
         if not self.seeds:
             raise ValueError("seeds is empty")
         for v in self.variants:  # fail at load time, not in a worker minutes later
+            self.train_for(v)
             self.model_config(v)
 
+    def train_for(self, v: RecallVariant) -> RecallTrain:
+        """``train`` with the variant's overrides (checked like config keys)."""
+        return config_from_dict(RecallTrain, {**config_to_dict(self.train), **v.train}, f"variants[{v.name}].train")
+
+    def model_for(self, v: RecallVariant) -> RecallModel:
+        """``model`` with the variant's overrides."""
+        return config_from_dict(RecallModel, {**config_to_dict(self.model), **v.model}, f"variants[{v.name}].model")
+
     def model_config(self, v: RecallVariant) -> TransformerConfig:
+        m = self.model_for(v)
         return TransformerConfig(
             vocab_size=self.task.vocab_size,
-            d_model=self.model.d_model,
-            n_layers=self.model.n_layers,
-            n_heads=self.model.n_heads,
+            d_model=m.d_model,
+            n_layers=m.n_layers,
+            n_heads=m.n_heads,
             max_seq_len=self.task.seq_len,
             attention=v.attention,
             feature_map_kwargs=dict(v.feature_map_kwargs),
             tie_qk=v.tie_qk,
             distill_weight=v.distill_weight,
-            mlp_ratio=self.model.mlp_ratio,
-            backend=self.model.backend,
+            mlp_ratio=m.mlp_ratio,
+            backend=m.backend,
         )
 
 
@@ -226,6 +244,22 @@ class RecallStream(Dataset):
             self._cached = (c, *make_batch(self.task, self.chunk, gen))
         j = i % self.chunk
         return self._cached[1][j], self._cached[2][j]
+
+    def batch(self, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequences ``start .. start + n - 1`` as ``(input_ids [n, T], labels [n, T])``: the same
+        rows as ``[self[i] for i in range(start, start + n)]``, sliced from whole chunks."""
+        if n < 1 or start < 0 or start + n > self.n:
+            raise IndexError(f"batch [{start}, {start + n}) out of range [0, {self.n})")
+        xs, ys, i = [], [], start
+        while i < start + n:
+            self[i]  # loads chunk i // chunk
+            assert self._cached is not None
+            j = i % self.chunk
+            take = min(self.chunk - j, start + n - i)
+            xs.append(self._cached[1][j : j + take])
+            ys.append(self._cached[2][j : j + take])
+            i += take
+        return torch.cat(xs), torch.cat(ys)
 
 
 def recall_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
@@ -279,11 +313,13 @@ class _Curve(TrainerCallback):
 
 
 def train_config(
-    cfg: RecallConfig, seed: int, device: torch.device, ckpt_dir: Path | None, resume: bool
-) -> TrainConfig:
+    cfg: RecallConfig, seed: int, device: torch.device, ckpt_dir: Path | None, resume: bool,
+    tc: RecallTrain | None = None,
+) -> TrainConfig:  # fmt: skip
     """The :class:`TrainConfig` of one run: AdamW, warmup + cosine, global batch ``train.batch_size``
-    split over ``world_size * grad_accum_steps`` micro-batches, fresh sequences every step."""
-    tc = cfg.train
+    split over ``world_size * grad_accum_steps`` micro-batches, fresh sequences every step.
+    ``tc``: the run's training settings (default ``cfg.train``; a variant's: ``cfg.train_for(v)``)."""
+    tc = cfg.train if tc is None else tc
     return TrainConfig(
         max_steps=tc.steps, lr=tc.lr, weight_decay=tc.weight_decay, betas=(tc.betas[0], tc.betas[1]),
         decay_matrices_only=True,  # no decay on biases / norm gains (GPT-2 convention)
@@ -297,6 +333,153 @@ def train_config(
     )  # fmt: skip
 
 
+def fit_graphed(
+    model: RotaryTransformer, tc: RecallTrain, tcfg: TrainConfig, data: RecallStream, device: torch.device,
+    curve: _Curve, check_steps: int = 3,
+) -> tuple[int, str | None, dict]:  # fmt: skip
+    """Train ``model`` as the Trainer would for one process (AdamW with weight decay on matrices
+    only, ``LRSchedule`` of ``tcfg``, clipping, zero_grad(set_to_none), sequences read in order), but
+    with no host sync per step and, on CUDA, the whole step (forward, backward, clip, AdamW with a
+    tensor lr) captured once as a CUDA graph and replayed: a 0.8M-parameter model is launch-bound.
+
+    The graph is checked before it is used: from one saved state, ``check_steps`` eager steps and
+    ``check_steps`` replays on the same batches must give the same losses (else the saved state is
+    restored and the run continues eagerly; both recorded in the returned info). Validation points
+    and the ``max_seconds`` cap as the Trainer path's ``_Curve``; a non-finite loss is noticed at
+    the next validation point (not at once as in the Trainer). Returns ``(steps_done, error, info)``.
+    """
+    from ..train import LRSchedule
+
+    is_cuda = device.type == "cuda"
+    sched = LRSchedule(tcfg)
+    model.to(device).train()
+    params = list(model.parameters())
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    lr_t = torch.tensor(sched.lr(0), dtype=torch.float32, device=device) if is_cuda else None
+    opt = torch.optim.AdamW(
+        groups, lr=lr_t if lr_t is not None else sched.lr(0), betas=(tc.betas[0], tc.betas[1]),
+        weight_decay=tc.weight_decay, foreach=True, capturable=is_cuda,
+    )  # fmt: skip
+    bsz = tc.batch_size
+    sx, sy = (t.to(device) for t in data.batch(0, bsz))  # static inputs of the graph
+    vx, vy = curve.vx.to(device), curve.vy.to(device)
+
+    def set_step(step: int) -> None:
+        lr = sched.lr(step)
+        if lr_t is not None:
+            lr_t.fill_(lr)
+        else:
+            for g in opt.param_groups:
+                g["lr"] = lr
+        x, y = data.batch(step * bsz, bsz)
+        sx.copy_(x, non_blocking=True)
+        sy.copy_(y, non_blocking=True)
+
+    def one_step() -> torch.Tensor:
+        loss = model(sx, sy).total_loss
+        loss.backward()
+        if tc.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+        opt.step()
+        return loss.detach()
+
+    info: dict = {"engine": "graph" if is_cuda else "eager-loop", "graph_check": None}
+    graph, static_loss = None, None
+    step, error, last_loss = 0, None, None
+    while step < tc.steps:
+        if is_cuda and graph is None and step == 1 and info["graph_check"] is None and tc.steps > 1 + check_steps:
+            graph, static_loss, info["graph_check"] = _capture_checked(
+                model, opt, one_step, set_step, step, check_steps, device
+            )
+            if graph is not None:
+                step += check_steps  # the checked replays were real steps
+                last_loss = static_loss
+            else:
+                info["engine"] = "eager-loop (graph check failed)"
+                log.warning("%s: CUDA graph check failed (%s); continuing eagerly", curve.name, info["graph_check"])
+        else:
+            set_step(step)
+            if graph is not None:
+                graph.replay()
+                last_loss = static_loss
+            else:
+                last_loss = one_step()
+                opt.zero_grad(set_to_none=True)
+            step += 1
+        if step % tc.log_every == 0 or step >= tc.steps:
+            assert last_loss is not None
+            loss_val = float(last_loss)  # the only host sync: at validation points
+            if not torch.isfinite(torch.tensor(loss_val)):
+                error = f"training loss is {loss_val} at step {step} (noticed at a validation point)"
+                log.warning("%s: %s", curve.name, error)
+                break
+            acc = evaluate(model, vx, vy)
+            model.train()
+            curve.curve.append({"step": step, "loss": loss_val, "valid_acc": acc})
+            log.info("%-16s step %5d loss %.4f valid acc %.3f", curve.name, step, loss_val, acc)
+        curve.last_step = step
+        if tc.max_seconds is not None and time.perf_counter() - curve.t0 > tc.max_seconds:
+            log.warning("%s: stopping at step %d (max_seconds=%s)", curve.name, step, tc.max_seconds)
+            curve.stopped_by_time = True
+            break
+    if is_cuda:
+        torch.cuda.synchronize(device)
+    return step, error, info
+
+
+def _capture_checked(model, opt, one_step, set_step, step: int, k: int, device: torch.device):
+    """Capture ``one_step`` as a CUDA graph and check it against ``k`` eager steps from the same
+    state (steps ``step .. step + k - 1``). Returns ``(graph, static_loss, check)``; on a failed
+    check or capture ``(None, None, check)`` with the state restored to before ``step``."""
+    opt.zero_grad(set_to_none=True)
+    saved = [t.detach().clone() for t in _state_tensors(model, opt)]
+
+    def restore() -> None:
+        with torch.no_grad():
+            for t, v in zip(_state_tensors(model, opt), saved):
+                t.copy_(v)
+
+    eager = []
+    for i in range(k):
+        set_step(step + i)
+        eager.append(float(one_step()))
+        opt.zero_grad(set_to_none=True)
+    restore()
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up (allocations, autotuning) off the capture
+            for i in range(3):
+                set_step(step + i % k)
+                one_step()
+                opt.zero_grad(set_to_none=True)
+        torch.cuda.current_stream(device).wait_stream(side)
+        restore()
+        graph = torch.cuda.CUDAGraph()
+        opt.zero_grad(set_to_none=True)
+        with torch.cuda.graph(graph):
+            static_loss = one_step()
+        replayed = []
+        for i in range(k):
+            set_step(step + i)
+            graph.replay()
+            replayed.append(float(static_loss))
+    except RuntimeError as err:  # capture not supported by some op: fall back
+        restore()
+        opt.zero_grad(set_to_none=True)
+        return None, None, {"ok": False, "error": str(err)[:500]}
+    diff = max(abs(a - b) for a, b in zip(eager, replayed))
+    check = {"ok": diff <= 1e-4 * max(1.0, abs(eager[0])), "eager": eager, "graph": replayed, "max_diff": diff}
+    if not check["ok"]:
+        restore()
+        opt.zero_grad(set_to_none=True)  # the replays' gradients must not add to the next eager step's
+        return None, None, check
+    return graph, static_loss, check
+
+
 def run_one(
     cfg: RecallConfig, variant: RecallVariant, seed: int, device: torch.device, ckpt_dir: Path | None = None,
     resume: bool = False,
@@ -305,7 +488,7 @@ def run_one(
     rank 0 (with the final ``state_dict``), None on other ranks. ``ckpt_dir``: where the Trainer
     checkpoints every ``train.checkpoint_every`` steps and at the end (needed for that and for
     ``resume``; None: no checkpoints)."""
-    tc, task = cfg.train, cfg.task.build()
+    tc, task = cfg.train_for(variant), cfg.task.build()
     if ckpt_dir is not None and not resume and world_info().is_main and ckpt_dir.exists():
         shutil.rmtree(ckpt_dir)  # a fresh run must not later resume from an older run's checkpoint
     barrier()
@@ -314,20 +497,30 @@ def run_one(
     vx, vy = make_batch(task, tc.valid_sequences, torch.Generator().manual_seed(VALID_DATA_SEED))
     curve = _Curve(variant.name, tc, vx, vy, ckpt_dir)
     data = RecallStream(task, tc.steps * tc.batch_size, seed=10_000 + seed)
-    trainer = Trainer(model, recall_loss, data, None, train_config(cfg, seed, device, ckpt_dir, resume),
-                      callbacks=[curve])  # fmt: skip
-    error = None
-    try:
-        steps_done = trainer.fit().steps_done
-    except FloatingPointError as err:  # recorded (as the model stood before the bad step), not fatal
-        log.warning("%s seed %d: %s", variant.name, seed, err)
-        steps_done, error = curve.last_step, str(err)
+    tcfg = train_config(cfg, seed, device, ckpt_dir, resume, tc)
+    use_graph = tc.engine == "graph" and not world_info().distributed
+    is_main = world_info().is_main
+    if not use_graph:
+        trainer = Trainer(model, recall_loss, data, None, tcfg, callbacks=[curve])
+    error, engine_info = None, {"engine": "trainer"}
+    if use_graph:
+        curve.t0 = time.perf_counter()
+        steps_done, error, engine_info = fit_graphed(model, tc, tcfg, data, device, curve)
+    else:
+        try:
+            steps_done = trainer.fit().steps_done
+        except FloatingPointError as err:  # recorded (as the model stood before the bad step), not fatal
+            log.warning("%s seed %d: %s", variant.name, seed, err)
+            steps_done, error = curve.last_step, str(err)
     train_seconds = time.perf_counter() - curve.t0
-    if not trainer.world.is_main:
+    if not is_main:
         return None
-    model = unwrap_model(trainer.wrapped)
-    tx, ty = make_batch(task, tc.test_sequences, torch.Generator().manual_seed(TEST_DATA_SEED), trainer.device)
+    model = model if use_graph else unwrap_model(trainer.wrapped)
+    eval_device = device if use_graph else trainer.device
+    tx, ty = make_batch(task, tc.test_sequences, torch.Generator().manual_seed(TEST_DATA_SEED), eval_device)
     test_acc = evaluate(model, tx, ty)
+    # Final validation accuracy: what recipe probes select on (never the test accuracy).
+    valid_acc = evaluate(model, vx.to(eval_device), vy.to(eval_device))
     ent, ent_layers = mean_entropy(model, tx[: tc.entropy_sequences])
     return {
         "variant": variant.name,
@@ -340,14 +533,127 @@ def run_one(
         "error": error,
         "train_seconds": train_seconds,
         "test_accuracy": test_acc,
+        "valid_accuracy": valid_acc,
+        "lr": tc.lr,
+        "batch_size": tc.batch_size,
+        "d_model": cfg.model_for(variant).d_model,
         "entropy": ent,
         "entropy_per_layer": ent_layers,
         "uniform_entropy": float(torch.log(torch.arange(1, task.seq_len + 1, dtype=torch.float64)).mean()),
         "curve": curve.curve,
         "parameters": model.num_parameters(),
-        "world_size": trainer.world.world_size,
+        "world_size": world_info().world_size,
+        **engine_info,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
+
+
+def _step_parts(model: RotaryTransformer, lr: torch.Tensor | float, tc: RecallTrain, capturable: bool):
+    """AdamW with the Trainer's grouping (weight decay on matrices only) for :func:`benchmark_step`."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    kw = {"capturable": True, "foreach": True} if capturable else {}
+    return torch.optim.AdamW(groups, lr=lr, betas=(tc.betas[0], tc.betas[1]), **kw)
+
+
+def benchmark_step(
+    cfg: RecallConfig, variant: RecallVariant, device: torch.device, steps: int = 100, check_steps: int = 6
+) -> dict:
+    """Time one training step of ``variant`` (constant lr, fresh batches) the eager way (a host sync
+    per step, as the Trainer) and, on CUDA, as one captured CUDA graph (forward + backward + clip +
+    AdamW, replayed with no host work but the batch copy). Also checks the graph computes the same
+    step: from one saved state, ``check_steps`` eager steps and ``check_steps`` replays on the same
+    batches must give the same losses (``max_loss_diff``). Returns steps/s of both and the check.
+    Used to decide whether a graphed training loop is worth it; training runs use the Trainer."""
+    tc, task = cfg.train_for(variant), cfg.task.build()
+    torch.manual_seed(0)
+    model = RotaryTransformer(cfg.model_config(variant)).to(device)
+    model.train()
+    is_cuda = device.type == "cuda"
+    lr = torch.tensor(tc.lr, device=device) if is_cuda else tc.lr
+    opt = _step_parts(model, lr, tc, capturable=is_cuda)
+    params = [p for p in model.parameters()]
+    gen = torch.Generator().manual_seed(123)
+    pool = [make_batch(task, tc.batch_size, gen) for _ in range(8)]  # host batches, reused in turn
+    sx, sy = (t.to(device) for t in pool[0])  # static input buffers of the graph
+
+    def step() -> torch.Tensor:
+        loss = model(sx, sy).total_loss
+        loss.backward()
+        if tc.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)  # foreach, no host sync
+        opt.step()
+        return loss.detach()
+
+    def load(i: int) -> None:
+        sx.copy_(pool[i % len(pool)][0], non_blocking=True)
+        sy.copy_(pool[i % len(pool)][1], non_blocking=True)
+
+    def sync() -> None:
+        if is_cuda:
+            torch.cuda.synchronize(device)
+
+    load(0)
+    step()  # creates the optimizer state
+    opt.zero_grad(set_to_none=True)
+    snapshot = [t.detach().clone() for t in _state_tensors(model, opt)]
+    eager_losses = []
+    for i in range(check_steps):
+        load(i)
+        eager_losses.append(float(step()))  # float(): the Trainer's per-step host sync
+        opt.zero_grad(set_to_none=True)
+    sync()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        load(i)
+        float(step())
+        opt.zero_grad(set_to_none=True)
+    sync()
+    out = {"variant": variant.name, "eager_steps_per_s": steps / (time.perf_counter() - t0), "steps": steps}
+    if not is_cuda:
+        return out
+    # Whole-step capture (PyTorch's "whole network capture" recipe): warm up on a side stream,
+    # restore the saved state in place (the graph keeps these addresses), then capture once.
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for i in range(3):
+            load(i)
+            step()
+            opt.zero_grad(set_to_none=True)
+    torch.cuda.current_stream(device).wait_stream(side)
+    with torch.no_grad():
+        for t, saved in zip(_state_tensors(model, opt), snapshot):
+            t.copy_(saved)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        static_loss = step()
+    graph_losses = []
+    for i in range(check_steps):
+        load(i)
+        graph.replay()
+        graph_losses.append(float(static_loss))
+    sync()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        load(i)
+        graph.replay()
+    sync()
+    out["graph_steps_per_s"] = steps / (time.perf_counter() - t0)
+    out["eager_losses"], out["graph_losses"] = eager_losses, graph_losses
+    out["max_loss_diff"] = max(abs(a - b) for a, b in zip(eager_losses, graph_losses))
+    return out
+
+
+def _state_tensors(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Parameters and AdamW state tensors (exp_avg, exp_avg_sq, step), in a fixed order."""
+    out = [p.data for p in model.parameters()]
+    for p in model.parameters():
+        st = opt.state.get(p, {})
+        out += [st[k] for k in sorted(st) if isinstance(st[k], torch.Tensor)]
+    return out
 
 
 def _run_and_save(cfg: RecallConfig, vi: int, seed: int, device: torch.device, out: Path, resume: bool) -> str:
@@ -379,9 +685,16 @@ def _job(args: tuple[dict, int, int, str, str, bool]) -> str:
 _COST = {"taylor2": 4, "cosformer": 3, "hedgehog": 2, "hedgehog_exp": 2, "t2r": 2, "softmax": 0.5}
 
 
-def run_sweep(cfg: RecallConfig, out_dir: Path, device: torch.device, resume: bool = False) -> list[dict]:
+def run_sweep(
+    cfg: RecallConfig, out_dir: Path, device: torch.device, resume: bool = False, shard: tuple[int, int] = (0, 1)
+) -> list[dict]:
     """Every unfinished (variant, seed): in ``workers`` parallel single-process runs, or one after
-    another (each on all ranks under torchrun). Returns the finished results (rank 0's view)."""
+    another (each on all ranks under torchrun). Returns the finished results (rank 0's view).
+    ``shard = (i, n)``: only every n-th job of the cost-sorted list, from the i-th (one GPU of n, each
+    running this with its own ``CUDA_VISIBLE_DEVICES`` into the same ``out_dir``)."""
+    i_shard, n_shard = shard
+    if not 0 <= i_shard < n_shard:
+        raise ValueError(f"shard must be I/N with 0 <= I < N, got {i_shard}/{n_shard}")
     cfg_dict = config_to_dict(cfg)
     jobs = []
     for vi, v in enumerate(cfg.variants):
@@ -393,6 +706,7 @@ def run_sweep(cfg: RecallConfig, out_dir: Path, device: torch.device, resume: bo
     barrier()  # every rank has listed the jobs before rank 0 writes results
     # Slowest attentions first, so a parallel sweep does not end waiting on one long run.
     jobs.sort(key=lambda j: -_COST.get(cfg.variants[j[1]].attention, 1) - cfg.variants[j[1]].distill_weight)
+    jobs = jobs[i_shard::n_shard]  # round-robin over the cost-sorted list: shards of similar cost
     t0 = time.perf_counter()
     if cfg.workers > 1 and len(jobs) > 1:
         if world_info().distributed:
@@ -436,6 +750,10 @@ def summarize(cfg: RecallConfig, results: list[dict]) -> list[dict]:
                 "acc_mean": float(accs.mean()),
                 "acc_std": float(accs.std()) if len(rs) > 1 else 0.0,
                 "acc_per_seed": [r["test_accuracy"] for r in rs],
+                "valid_acc_per_seed": [r.get("valid_accuracy", float("nan")) for r in rs],
+                "lr": cfg.train_for(v).lr,
+                "batch_size": cfg.train_for(v).batch_size,
+                "steps_per_s": float(sum(r["steps"] / max(r["train_seconds"], 1e-9) for r in rs) / len(rs)),
                 "entropy_mean": float(ents.mean()),
                 "entropy_std": float(ents.std()) if len(rs) > 1 else 0.0,
                 "steps": sorted({r["steps"] for r in rs}),
@@ -450,15 +768,28 @@ def render_report(cfg: RecallConfig, results: list[dict], out_dir: Path, env: di
     rows = summarize(cfg, results)
     task = cfg.task.build()
     table = markdown_table(
-        ["attention", "test accuracy (mean ± std)", "per seed", "entropy (nats)", "steps", "s/run"],
+        [
+            "attention",
+            "lr",
+            "test accuracy (mean ± std)",
+            "per seed",
+            "valid acc per seed",
+            "entropy (nats)",
+            "steps",
+            "s/run",
+            "steps/s",
+        ],
         [
             [
                 r["variant"],
+                f"{r['lr']:g}",
                 f"{100 * r['acc_mean']:.1f} ± {100 * r['acc_std']:.1f}",
                 " / ".join(f"{100 * a:.1f}" for a in r["acc_per_seed"]),
+                " / ".join(f"{100 * a:.1f}" for a in r["valid_acc_per_seed"]),
                 f"{r['entropy_mean']:.3f} ± {r['entropy_std']:.3f}",
                 ",".join(map(str, r["steps"])),
                 f"{r['train_seconds']:.0f}",
+                f"{r['steps_per_s']:.1f}",
             ]
             for r in rows
         ],
@@ -549,6 +880,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_arguments(
         p, config_help="YAML/JSON file of RecallConfig (configs/recall.yaml)", strategies="auto | none | ddp"
     )
+    p.add_argument(
+        "--shard",
+        default="0/1",
+        metavar="I/N",
+        help="run only every N-th job from the I-th (one process per GPU into the same --out)",
+    )
+    p.add_argument("--bench-steps", type=int, default=0, metavar="N",
+                   help="instead of training: time N steps of each variant, eager vs CUDA graph "
+                   "(benchmark_step), write <out>/bench.json")  # fmt: skip
     return p
 
 
@@ -560,14 +900,26 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         log.error("%s", err)
         return 2
+    parts = args.shard.split("/")
+    if len(parts) != 2 or not all(x.isdigit() for x in parts) or not int(parts[0]) < int(parts[1]):
+        log.error("--shard must be I/N with 0 <= I < N (e.g. 0/2), got %r", args.shard)
+        return 2
+    shard = (int(parts[0]), int(parts[1]))
     out_dir = Path(cfg.out_dir)
     device = pick_device(cfg.device)
+    if args.bench_steps > 0:
+        rows = []
+        for v in cfg.variants:
+            rows.append(benchmark_step(cfg, v, device, steps=args.bench_steps))
+            log.info("bench %s", json.dumps(rows[-1]))
+        save_json({"bench": rows, "environment": environment_info(device)}, out_dir / "bench.json")
+        return 0
     info = init_distributed(device=device)  # no-op outside torchrun
     try:
         env = environment_info(device) | {"processes": info.world_size}
         command = ("hedgehog recall " + " ".join(argv if argv is not None else [])).strip()
         env, command = record_run(cfg, out_dir, env, command, report_only=args.report_only, is_main=info.is_main)
-        results = collect(cfg, out_dir) if args.report_only else run_sweep(cfg, out_dir, device, args.resume)
+        results = collect(cfg, out_dir) if args.report_only else run_sweep(cfg, out_dir, device, args.resume, shard)
         if not info.is_main:
             return 0
         if not results:
