@@ -80,7 +80,7 @@ def constexprs(
         W_NATIVE=dtype != "fp32" and fused, MAP_PREC="ieee" if dtype == "fp32" else "tf32",
         PREC="ieee" if dtype == "fp32" else "tf32", DOT_DT=dot, EVEN=True, HAS_B=True, HAS_BQ=True, HAS_BK=True,
         CAUSAL=causal, REVERSE=False, STORE_H=causal, KV_SIDE=False, INIT=False, SEG=not causal, VARLEN=False,
-        FEAT_LP=False, PERSIST=False, P_STAGES=1,
+        FEAT_LP=False, PERSIST=False, P_STAGES=1, FUSE_CD=False,
     )  # fmt: skip
 
 
@@ -99,6 +99,11 @@ def main() -> None:
             cons = dict(constexprs("bf16", 64, "softmax", True, True, False, 64, bt), **extra)
             c = compile_kernel(K._out_kernel, cons, "bf16", nw, 1)
             print(f"BT={bt} _out_kernel warps={nw} {extra}: {resources(c)}", flush=True)
+        for kv in (False, True):
+            cons = dict(constexprs("bf16", 64, "softmax", True, True, False, 64, 128), KV_SIDE=kv, PERSIST=True,
+                        P_STAGES=2)  # fmt: skip
+            c = compile_kernel(K._bwd_kernel, cons, "bf16", 8, 1)
+            print(f"BT=128 _bwd_kernel kv={kv} warps=8 persistent, 2 stages: {resources(c)}", flush=True)
         return
     if not args.all:
         for bt in (64, 128):

@@ -148,7 +148,9 @@ SWEEPS = {
         "base": {},
         "bt64w4": _BT64,
         "persist2": {"out_persist": 2, "out_persist_stages": 2},
+        "bpersist2": {"bwd_persist": 2, "bwd_persist_stages": 2},
         "rec": {"recompute_h": True},
+        "fusecd": {"fuse_delta": True},
         "ow4": {"out_warps": 4},
         "lp": {"out_feat_lowp": True},
         "bw4": {"bwd_warps": 4},
@@ -162,6 +164,7 @@ SWEEPS = {
         "bt64sw8": dict(_BT64, state_warps=8, min_programs=132),
         "persist1s3": {"out_persist": 1, "out_persist_stages": 3},
         "bt64persist2": dict(_BT64, out_persist=2, out_persist_stages=2),
+        "bt64bpersist2": dict(_BT64, bwd_persist=2, bwd_persist_stages=2),
     },
 }
 

@@ -280,8 +280,10 @@ def test_recomputed_chunk_states_match_reference(kind):
     """``CONFIG["recompute_h"]``: the backward recomputes the forward's chunk states instead of
     keeping them (memory); same outputs and gradients, with padding or packed sequences, several
     segments, and the variant knobs of the tuning sweep on (rounded features in the output
-    kernel; with ``cu_seqlens`` also the persistent output kernel)."""
-    _launch.CONFIG.update(recompute_h=True, out_feat_lowp=True, out_persist=1 if kind == "cu" else 0)
+    kernel, cd computed in the backward kernel; with ``cu_seqlens`` also the persistent output and backward kernels)."""
+    _launch.CONFIG.update(recompute_h=True, out_feat_lowp=True, fuse_delta=True)
+    if kind == "cu":
+        _launch.CONFIG.update(out_persist=1, bwd_persist=1)
     B, T, H, HK, D = (2, 3000, 4, 2, 64) if CUDA else (2, 45, 2, 1, 16)
     if kind == "cu":
         B = 1

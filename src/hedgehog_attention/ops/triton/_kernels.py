@@ -626,8 +626,10 @@ def _delta_kernel(do_ptr, o_ptr, den_ptr, cd_ptr, NTOK, H, DV, BT: tl.constexpr,
     tl.store(cd_ptr + offs_t * H + i_h, -tl.sum(do * o, 1) / den, mask=t_ok)
 
 
-@triton.jit(do_not_specialize=["T", "CPS", "NSI"])
-def _bwd_kernel(
+@triton.jit
+def _bwd_item(
+    i_c,
+    i_h,
     q_ptr,
     k_ptr,
     v_ptr,
@@ -645,6 +647,7 @@ def _bwd_kernel(
     do_ptr,
     den_ptr,
     cd_ptr,
+    o_ptr,
     dx_ptr,
     dz_ptr,
     dv_ptr,
@@ -677,6 +680,7 @@ def _bwd_kernel(
     PREC: tl.constexpr,
     DOT_DT: tl.constexpr,
     EVEN: tl.constexpr,
+    FUSE_CD: tl.constexpr,
 ):
     """Gradients of one chunk and one query head (grid ``(NC, H)``, all of Dv, no loop).
 
@@ -694,8 +698,6 @@ def _bwd_kernel(
     The two sides are two launches of this kernel (fewer live tiles than one kernel doing both;
     each recomputes both maps). ``dW = x^T dz`` and ``db`` are one batched matmul in the launcher.
     """
-    i_c = tl.program_id(0)
-    i_h = tl.program_id(1)
     i_hk = i_h // G
     first = (i_h % G) == 0
     offs_i = tl.arange(0, BT)
@@ -715,7 +717,13 @@ def _bwd_kernel(
     do = _ld(do_ptr + bos * (H * DV) + i_h * DV, L, DV, H * DV, t0, 0, BT, BV, True, not EVEN)
     vv = _ld(v_ptr + bos * (HK * DV) + i_hk * DV, L, DV, HK * DV, t0, 0, BT, BV, True, not EVEN).to(DOT_DT)
     den = tl.load(den_ptr + tok * H + i_h, mask=t_ok, other=1.0)
-    cd = tl.load(cd_ptr + tok * H + i_h, mask=t_ok, other=0.0)
+    if FUSE_CD and not KV_SIDE:
+        # the delta kernel folded in: cd = -(do . o) / den, stored for the reverse walk / key side
+        oo = _ld(o_ptr + bos * (H * DV) + i_h * DV, L, DV, H * DV, t0, 0, BT, BV, True, not EVEN).to(tl.float32)
+        cd = -tl.sum(do.to(tl.float32) * oo, 1) / den
+        tl.store(cd_ptr + tok * H + i_h, cd, mask=t_ok)
+    else:
+        cd = tl.load(cd_ptr + tok * H + i_h, mask=t_ok, other=0.0)
     if HAS_MASK:
         mk = tl.load(mask_ptr + tok, mask=t_ok, other=0.0)
     wq, bq = _load_wb(wq_ptr, bq_ptr, i_h, D, F, BD, BF, FUSED, HAS_BQ, EVEN)
@@ -795,6 +803,86 @@ def _bwd_kernel(
         _st(dv_ptr + bos * (H * DV) + i_h * DV, dvv, L, DV, H * DV, t0, 0, BT, BV, True, not EVEN)
         _map_bwd(zk, kp_raw.to(tl.float32), kn_raw.to(tl.float32), dkp, dkn, t_ok, wk, dx_ptr, dz_ptr, bos, L, t0, i_h,
                  H, D, F, BT, BD, BF, FUSED, ACT, NEG, MAP_PREC, EVEN)  # fmt: skip
+
+
+@triton.jit(do_not_specialize=["T", "CPS", "NSI", "NITEMS"])
+def _bwd_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    wq_ptr,
+    bq_ptr,
+    wk_ptr,
+    bk_ptr,
+    mask_ptr,
+    cu_ptr,
+    cidx_ptr,
+    h_ptr,
+    hz_ptr,
+    si_ptr,
+    zi_ptr,
+    do_ptr,
+    den_ptr,
+    cd_ptr,
+    o_ptr,
+    dx_ptr,
+    dz_ptr,
+    dv_ptr,
+    T,
+    H,
+    HK,
+    G,
+    D,
+    F,
+    FT,
+    DV,
+    CPS,
+    NSI,
+    BT: tl.constexpr,
+    BD: tl.constexpr,
+    BF: tl.constexpr,
+    BV: tl.constexpr,
+    KV_SIDE: tl.constexpr,
+    FUSED: tl.constexpr,
+    HAS_BQ: tl.constexpr,
+    HAS_BK: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    SEG: tl.constexpr,
+    VARLEN: tl.constexpr,
+    ACT: tl.constexpr,
+    NEG: tl.constexpr,
+    W_NATIVE: tl.constexpr,
+    MAP_PREC: tl.constexpr,
+    PREC: tl.constexpr,
+    DOT_DT: tl.constexpr,
+    EVEN: tl.constexpr,
+    FUSE_CD: tl.constexpr,
+    NITEMS,
+    PERSIST: tl.constexpr,
+    P_STAGES: tl.constexpr,
+):
+    """Grid ``(NC, H)``: one (chunk, query head) per program (``_bwd_item``). ``PERSIST``: a 1-D
+    grid of fewer programs looping over items ``i = pid, pid + P, ...`` (``i % NC`` chunk,
+    ``i // NC`` query head) with ``P_STAGES`` software-pipeline stages."""
+    if PERSIST:
+        NC = NITEMS // H
+        for it in tl.range(tl.program_id(0), NITEMS, tl.num_programs(0), num_stages=P_STAGES):
+            _bwd_item(
+                it % NC, it // NC,
+                q_ptr, k_ptr, v_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, mask_ptr, cu_ptr, cidx_ptr, h_ptr, hz_ptr,
+                si_ptr, zi_ptr, do_ptr, den_ptr, cd_ptr, o_ptr, dx_ptr, dz_ptr, dv_ptr, T, H, HK, G, D, F, FT, DV,
+                CPS, NSI, BT, BD, BF, BV, KV_SIDE, FUSED, HAS_BQ, HAS_BK, HAS_MASK, CAUSAL, SEG, VARLEN, ACT, NEG,
+                W_NATIVE, MAP_PREC, PREC, DOT_DT, EVEN, FUSE_CD,
+            )  # fmt: skip
+    else:
+        _bwd_item(
+            tl.program_id(0), tl.program_id(1),
+            q_ptr, k_ptr, v_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, mask_ptr, cu_ptr, cidx_ptr, h_ptr, hz_ptr, si_ptr,
+            zi_ptr, do_ptr, den_ptr, cd_ptr, o_ptr, dx_ptr, dz_ptr, dv_ptr, T, H, HK, G, D, F, FT, DV, CPS, NSI, BT,
+            BD, BF, BV, KV_SIDE, FUSED, HAS_BQ, HAS_BK, HAS_MASK, CAUSAL, SEG, VARLEN, ACT, NEG, W_NATIVE, MAP_PREC,
+            PREC, DOT_DT, EVEN, FUSE_CD,
+        )  # fmt: skip
 
 
 @triton.jit

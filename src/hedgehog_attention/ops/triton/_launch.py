@@ -52,6 +52,11 @@ CONFIG = {
     # program per item), each looping with ``out_persist_stages`` software-pipeline stages
     "out_persist": 0,
     "out_persist_stages": 2,
+    # the same for both backward launches
+    "bwd_persist": 0,
+    "bwd_persist_stages": 2,
+    # compute cd = -(do . o) / den in the query-side backward launch (no _delta_kernel)
+    "fuse_delta": False,
 }
 
 
@@ -283,9 +288,11 @@ def bwd(
     if mask is not None:  # padded queries output a constant 0: no gradient flows through them
         do = do * mask.view(P.B, P.T, 1, 1).to(do.dtype)
     cd = _empty(P.B * P.T, P.H, device=dev, dtype=f32)
-    K._delta_kernel[(triton.cdiv(P.B * P.T, 64), P.H)](
-        do, o, den, cd, P.B * P.T, P.H, P.DV, BT=64, BV=_pow2(P.DV), num_warps=4
-    )  # fmt: skip
+    fuse_cd = bool(CONFIG["fuse_delta"])
+    if not fuse_cd:
+        K._delta_kernel[(triton.cdiv(P.B * P.T, 64), P.H)](
+            do, o, den, cd, P.B * P.T, P.H, P.DV, BT=64, BV=_pow2(P.DV), num_warps=4
+        )  # fmt: skip
     zdt = torch.bfloat16 if v.dtype == torch.bfloat16 else f32
     c = P.consts(_pow2(P.DV))
     wq_, bq_ = (wq if fused else q), (bq if bq is not None else q)
@@ -293,13 +300,18 @@ def bwd(
     cps = _fwd_cps(P)
     seg = (not causal) or s_in.shape[2] > 1  # as in the forward (the reverse walk has the same segments)
 
+    n_items = P.nc * P.H
+    persist = int(CONFIG["bwd_persist"]) > 0
+    grid = (min(n_items, int(CONFIG["bwd_persist"]) * _n_sm(dev)),) if persist else (P.nc, P.H)
+
     def launch(kv_side, hh, hhz, si, zi, dx, dz, dv):
-        K._bwd_kernel[(P.nc, P.H)](
+        K._bwd_kernel[grid](
             q, k, v, wq_, bq_, wk_, bk_, P.mask_, cu, P.cidx,
-            hh if causal else q, hhz if causal else q, si, zi, do, den, cd, dx, dz, dv, P.T,
+            hh if causal else q, hhz if causal else q, si, zi, do, den, cd, o, dx, dz, dv, P.T,
             P.H, P.HK, P.G, P.D, P.F, P.FT, P.DV, cps, si.shape[2],
             KV_SIDE=kv_side, HAS_BQ=bq is not None, HAS_BK=bk is not None, CAUSAL=bool(causal), SEG=seg,
-            VARLEN=P.varlen, NEG=P.neg, **{n: c[n] for n in _COMMON}, BV=_pow2(P.DV),
+            VARLEN=P.varlen, NEG=P.neg, **{n: c[n] for n in _COMMON}, BV=_pow2(P.DV), NITEMS=n_items,
+            PERSIST=persist, P_STAGES=int(CONFIG["bwd_persist_stages"]), FUSE_CD=fuse_cd,
             num_warps=CONFIG["bwd_warps"], num_stages=CONFIG["bwd_stages"],
         )  # fmt: skip
 
