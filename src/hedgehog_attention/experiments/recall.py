@@ -860,27 +860,35 @@ def plot_scatter(cfg: RecallConfig, results: list[dict], rows: list[dict], path:
 
 
 def plot_curves(cfg: RecallConfig, results: list[dict], path: Path) -> None:
-    """Validation accuracy vs step, one line per run (colour = attention, style = seed)."""
+    """Validation accuracy vs step: one panel per attention (small multiples), one line per seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    cmap = plt.get_cmap("tab20")
-    styles = ["-", "--", ":", "-."]
-    for i, v in enumerate(cfg.variants):
-        for j, r in enumerate(x for x in results if x["variant"] == v.name):
+    variants = [v for v in cfg.variants if any(r["variant"] == v.name for r in results)] or cfg.variants
+    ncol = min(4, len(variants))
+    nrow = -(-len(variants) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 2.4 * nrow), sharex=True, sharey=True, squeeze=False)
+    chance = 100 * cfg.task.build().chance_accuracy
+    for ax, v in zip(axes.flat, variants):
+        for r in (x for x in results if x["variant"] == v.name):
             c = r["curve"]
             if c:
-                ax.plot([p["step"] for p in c], [100 * p["valid_acc"] for p in c], color=cmap(i),
-                        ls=styles[j % len(styles)], marker="o", ms=2, label=v.name if j == 0 else None)  # fmt: skip
-    ax.axhline(100 * cfg.task.build().chance_accuracy, color="gray", ls=":", lw=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation accuracy (%)")
-    ax.set_title("Associative recall: validation accuracy (line style: seed)")
-    ax.legend(fontsize=7, ncol=2, loc="best")
-    ax.grid(alpha=0.3)
+                ax.plot([p["step"] for p in c], [100 * p["valid_acc"] for p in c], marker="o", ms=2,
+                        label=f"seed {r['seed']}")  # fmt: skip
+        ax.axhline(chance, color="gray", ls=":", lw=1)
+        ax.set_title(v.name, fontsize=9)
+        ax.set_ylim(0, 102)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(variants) :]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("step")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("valid acc (%)")
+    axes.flat[0].legend(fontsize=7, loc="upper left")
+    fig.suptitle("Associative recall: validation accuracy during training (dotted: chance)", fontsize=10)
     save_figure(fig, path)
 
 
