@@ -4,16 +4,17 @@
 # all writing into the config's out_dir), each running its share of the (variant, seed) runs side by side
 # (--workers). Every run is capped (--set train.max_seconds, computed from the wall budget) so that it
 # records its steps and results before the budget ends; then one --report-only builds the table and plots.
-# Writes back at most two files: $OUT/r_results.tgz (report, run JSONs, logs, env; + weights when
-# WEIGHTS=1 and they fit) and $OUT/r_log.txt (the tail of every log).
+# Writes back at most two files: $OUT/r_results.tgz (report, run JSONs, logs, env) and $OUT/r_log.txt (the
+# tail of every log), or with WEIGHTS=1 $OUT/r_weights.tgz (final weights in bfloat16, as many as fit in
+# 15 MiB) instead of r_log.txt.
 #
 # Usage (repo root):
 #   RECALL_CONFIG=configs/recall_probe.yaml GPUS=1,2 OUT=/tmp/out bash scripts/gpu_recall.sh
 # Env: RECALL_CONFIG (config), GPUS (comma list of physical GPU ids; default $CUDA_VISIBLE_DEVICES, else 0),
 #   WALL (s from start until everything is written, default 455), WORKERS (runs at once per GPU, default 8),
 #   DEVICE (cuda; cpu for a smoke test), STARTUP (s reserved for process spawn/imports, default 30),
-#   POST (s reserved after training for evaluation, report and tar, default 40), WEIGHTS (1: add final
-#   weights to the tarball if under 15 MiB compressed), PYTHON (interpreter, default python3),
+#   POST (s reserved after training for evaluation, report and tar, default 40), WEIGHTS (1: return final
+#   weights as r_weights.tgz), PYTHON (interpreter, default python3),
 #   EXTRA (extra args for every shard, e.g. "--set train.steps=3000").
 set -uo pipefail
 T0=$(date +%s)
@@ -61,11 +62,31 @@ kill "$smi_pid" 2>/dev/null
 timeout -k 5 40 $PY -m hedgehog_attention.cli recall --config "$CFG" --device "$DEVICE" --report-only $EXTRA \
   >"$LOGS/report.log" 2>&1
 echo "report exit $? at $(elapsed)s" | tee -a "$LOGS/env.txt"
+for f in "$LOGS"/*.txt "$LOGS"/*.log; do echo "=== $f"; tail -n 40 "$f"; done >"$LOGS/r_log.txt" 2>&1
 cp -r "$LOGS" "$out_dir/logs" 2>/dev/null
 tar czf "$OUT/r_results.tgz" --exclude='*.pt' --exclude='ckpt' "$out_dir"
-if [[ "${WEIGHTS:-0}" == 1 ]]; then  # weights too, when the result stays under 15 MiB
-  tar czf "$LOGS/with_weights.tgz" --exclude='ckpt' "$out_dir" &&
-    (( $(stat -c %s "$LOGS/with_weights.tgz") < 15 * 1024 * 1024 )) && mv "$LOGS/with_weights.tgz" "$OUT/r_results.tgz"
+if [[ "${WEIGHTS:-0}" == 1 ]]; then
+  # Second file = final weights (bfloat16 state dicts + config), lowest seed first in config order, as many
+  # as fit in 15 MiB; the log tail is then only inside r_results.tgz (at most 2 files come back).
+  timeout -k 5 60 $PY - "$out_dir" "$LOGS/w" <<'PYEOF' && tar czf "$OUT/r_weights.tgz" -C "$LOGS" w
+import sys, json, pathlib, torch
+src, dst = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]); dst.mkdir(parents=True, exist_ok=True)
+cfg = json.loads((src / "config.json").read_text())["config"]
+names = [v["name"] for v in cfg["variants"]]
+files = sorted((src / "weights").glob("*.pt"), key=lambda p: (int(p.stem.rsplit("_s", 1)[1]), names.index(p.stem.rsplit("_s", 1)[0])))
+total, kept = 0, []
+for f in files:
+    d = torch.load(f, map_location="cpu")
+    d["model"] = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in d["model"].items()}
+    d["note"] = "final weights cast to bfloat16 for transfer (trained in float32); no optimizer state"
+    out = dst / f.name
+    torch.save(d, out)
+    if total + out.stat().st_size > 15 * 2**20:
+        out.unlink(); continue
+    total += out.stat().st_size; kept.append(f.name)
+print("weights kept:", kept, total)
+PYEOF
+else
+  cp "$LOGS/r_log.txt" "$OUT/r_log.txt"
 fi
-for f in "$LOGS"/*.txt "$LOGS"/*.log; do echo "=== $f"; tail -n 40 "$f"; done >"$OUT/r_log.txt" 2>&1
 ls -la "$OUT"; echo "done at $(elapsed)s"
