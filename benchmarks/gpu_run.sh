@@ -4,7 +4,10 @@
 # (benchmarks/attention_speed.py: fla warmed first, then the config sweep, then the full table).
 # Usage (repository root, carry .whl = the fla 0.6.0 wheels):
 #   bash benchmarks/gpu_run.sh TEST_SECONDS BENCH_SECONDS [attention_speed.py args]
-# Env: NPROC (pytest processes, default 4), PREFIX (file prefix under $OUT, default k_).
+# Env: NPROC (pytest processes, default 4), PREFIX (file prefix under $OUT, default k_),
+#   SWEEP_S / SWEEP_ARGS: a separate attention_speed.py process for the config sweep (run before
+#   the main one, so that a variant that crashes the compiler cannot take the main table with it;
+#   its JSON lands in sweep/attention_speed.json), limited to SWEEP_S seconds.
 # Writes back exactly two files: $OUT/${PREFIX}log.txt (everything printed) and
 # $OUT/${PREFIX}results.tgz (JSON, pytest log, bench stderr, nvidia-smi, versions).
 set -o pipefail
@@ -37,6 +40,12 @@ main() {
     cat "$W"/test_ids_part_*.log > "$W/pytest.log"
     echo "tests took $(( SECONDS - t0 )) s"
     grep -E "CHECK FAIL|passed|failed|FAILED|Error|exit" "$W/pytest.log" | cut -c1-600
+  fi
+  if [[ -n "$SWEEP_ARGS" ]] && (( ${SWEEP_S:-0} > 0 )); then
+    mkdir -p "$W/sweep"
+    timeout "$SWEEP_S" python3 benchmarks/attention_speed.py --out "$W/sweep" --backends "" --extra-backends "" --seq-lens "" \
+      --no-decode $SWEEP_ARGS 2>&1
+    echo "sweep exit $?"
   fi
   if (( BENCH_S > 0 )); then
     # progress lines (stderr) and the final table (stdout) both into the log: a run cut by the
