@@ -2,7 +2,7 @@
 # More seeds of the finetuned conversion (issue #5 item 3) on ONE GPU: each seed is a full run of
 # `scripts/gpu_conversion.sh fc` (own teacher, own dev split, the 9 methods in 4 processes), the seeds
 # side by side. Needs .carry/fc (carried; `hedgehog finetuned-conversion --pack .carry/fc`).
-# Back under $OUT: c_fc_seeds.tgz (reports, results.json, logs; no checkpoints) and c_fc_seeds.log.
+# Back under $OUT: c_fc_seeds.tgz (reports, results.json, logs incl. summary.log; no checkpoints), one file.
 # Summarise afterwards (CPU): python -m hedgehog_attention.experiments.seeds <seed dirs>/results.json --out ...
 # Usage (repo root):  OUT=/tmp/out GPU=3 SEEDS="1 2" FC_SECONDS=430 bash scripts/gpu_fc_seeds.sh
 set -uo pipefail
@@ -22,6 +22,6 @@ for s in $SEEDS; do
   pids+=($!)
 done
 for p in "${pids[@]}"; do wait "$p"; done
-for s in $SEEDS; do echo "== seed $s"; tail -n 14 "$work/seed$s.log"; done | tee "$OUT/c_fc_seeds.log"
+for s in $SEEDS; do echo "== seed $s"; tail -n 14 "$work/seed$s.log"; done | tee "$work/summary.log"
 tar czf "$OUT/c_fc_seeds.tgz" --exclude='*.pt' "$work" runs/finetuned_conversion_gpu_seed* 2>/dev/null
 ls -la "$OUT"
