@@ -99,6 +99,16 @@ def main() -> None:
             cons = dict(constexprs("bf16", 64, "softmax", True, True, False, 64, bt), **extra)
             c = compile_kernel(K._out_kernel, cons, "bf16", nw, 1)
             print(f"BT={bt} _out_kernel warps={nw} {extra}: {resources(c)}", flush=True)
+        for rev in (False, True):
+            cons = dict(BT=128, BR=32, BV=64, REVERSE=rev, INIT=False, VARLEN=False, STAGES=3)
+            params = list(inspect.signature(K._scan_kernel.fn).parameters)
+            sig = {p: "constexpr" if p in cons else ("*bf16" if p == "h_ptr" else "*fp32" if p.endswith("_ptr") and
+                   p not in INT_PTRS else "*i32" if p.endswith("_ptr") else "i32") for p in params}  # fmt: skip
+            src = ASTSource(
+                fn=K._scan_kernel, signature=sig, constexprs={(params.index(k),): v for k, v in cons.items()}
+            )
+            c = triton.compile(src, target=TARGET, options={"num_warps": 4, "num_stages": 1})
+            print(f"_scan_kernel reverse={rev} warps=4: {resources(c)}", flush=True)
         for kv in (False, True):
             cons = dict(constexprs("bf16", 64, "softmax", True, True, False, 64, 128), KV_SIDE=kv, PERSIST=True,
                         P_STAGES=2)  # fmt: skip

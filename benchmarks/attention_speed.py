@@ -147,6 +147,7 @@ SWEEPS = {
     "call1": {  # in order of priority (a time limit cuts the tail)
         "base": {},
         "bt64w4": _BT64,
+        "scan": {"scan": True},
         "persist2": {"out_persist": 2, "out_persist_stages": 2},
         "bpersist2": {"bwd_persist": 2, "bwd_persist_stages": 2},
         "rec": {"recompute_h": True},
@@ -165,6 +166,8 @@ SWEEPS = {
         "persist1s3": {"out_persist": 1, "out_persist_stages": 3},
         "bt64persist2": dict(_BT64, out_persist=2, out_persist_stages=2),
         "bt64bpersist2": dict(_BT64, bwd_persist=2, bwd_persist_stages=2),
+        "scanrec": {"scan": True, "recompute_h": True},
+        "bt64scan": dict(_BT64, scan=True),
     },
 }
 

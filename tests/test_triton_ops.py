@@ -257,15 +257,17 @@ def test_pytorch_fallback_matches_reference(kind):
 
 
 @pytest.mark.parametrize(
-    "min_programs, init",
-    [(1, True), (1, False), (10_000, True)],
-    ids=["one-segment-init", "one-segment", "many-segments-init"],
+    "min_programs, init, scan",
+    [(1, True, False), (1, False, False), (10_000, True, False), (1, True, True)],
+    ids=["one-segment-init", "one-segment", "many-segments-init", "two-level-scan-init"],
 )
-def test_segment_split_is_invisible(min_programs, init):
+def test_segment_split_is_invisible(min_programs, init, scan):
     """The number of segments per sequence changes the schedule, not the result. One segment:
     the walks start from the initial state / final-state gradient (or 0) and the output and
-    backward kernels read the chunk states alone; several: the segment states are added."""
+    backward kernels read the chunk states alone; several: the segment states are added.
+    ``scan``: the two-level walk (parallel local states + add-only scan from the initial state)."""
     _launch.CONFIG["min_programs"] = min_programs
+    _launch.CONFIG["scan"] = scan
     B, T, H, D = (2, 2000, 2, 64) if CUDA else (2, 50, 2, 16)
     args = _inputs(B, T, H, H, D, D, D, torch.float32, True)
     st0 = (torch.rand(B, H, 2 * D, D, device=DEV), torch.rand(B, H, 2 * D, device=DEV)) if init else None
@@ -280,10 +282,13 @@ def test_recomputed_chunk_states_match_reference(kind):
     """``CONFIG["recompute_h"]``: the backward recomputes the forward's chunk states instead of
     keeping them (memory); same outputs and gradients, with padding or packed sequences, several
     segments, and the variant knobs of the tuning sweep on (rounded features in the output
-    kernel, cd computed in the backward kernel; with ``cu_seqlens`` also the persistent output and backward kernels)."""
+    kernel, cd computed in the backward kernel; with ``cu_seqlens`` also the persistent output and
+    backward kernels, with padding the two-level state walk)."""
     _launch.CONFIG.update(recompute_h=True, out_feat_lowp=True, fuse_delta=True)
     if kind == "cu":
         _launch.CONFIG.update(out_persist=1, bwd_persist=1)
+    else:
+        _launch.CONFIG.update(scan=True)
     B, T, H, HK, D = (2, 3000, 4, 2, 64) if CUDA else (2, 45, 2, 1, 16)
     if kind == "cu":
         B = 1

@@ -413,6 +413,78 @@ def _state_kernel(
     tl.store(stz_ptr + sb + offs_f, b_z, mask=offs_f < tl.where(i_v == 0, F, 0))  # one value block writes z
 
 
+@triton.jit(do_not_specialize=["T", "NS"])
+def _scan_kernel(
+    loc_ptr,
+    locz_ptr,
+    h_ptr,
+    hz_ptr,
+    st_ptr,
+    stz_ptr,
+    s0_ptr,
+    z0_ptr,
+    cu_ptr,
+    coff_ptr,
+    T,
+    HK,
+    FT,
+    DV,
+    NS,
+    BT: tl.constexpr,
+    BR: tl.constexpr,
+    BV: tl.constexpr,
+    REVERSE: tl.constexpr,
+    INIT: tl.constexpr,
+    VARLEN: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    """Second level of the two-level state walk (``CONFIG["scan"]``): an add-only scan over the
+    chunks' local states ``loc [N, HK, NS, FT, DV]`` (fp32, ``NS`` = chunks of the longest
+    sequence; written fully in parallel by ``_state_kernel`` with one chunk per segment).
+    Stores the state entering every chunk, ``h[coff[n] + c] = s0 + sum_{c' < c} loc[c']``
+    (``c' > c`` when ``REVERSE``), into ``h [NC, HK, FT, DV]`` / ``hz [NC, HK, FT]``, and the total
+    into ``st [N, HK, 1, FT, DV]`` / ``stz``. Grid: ``(N * HK, cdiv(FT, BR), cdiv(DV, BV))``; the
+    loads of a step do not depend on the running sum, so ``STAGES`` pipeline stages overlap them."""
+    i_nh = tl.program_id(0)
+    i_r = tl.program_id(1)
+    i_v = tl.program_id(2)
+    i_n = i_nh // HK
+    i_hk = i_nh % HK
+    bos, L = _seq(cu_ptr, i_n, T, VARLEN)
+    nch = tl.cdiv(L, BT)
+    if VARLEN:
+        coff = tl.load(coff_ptr + i_n).to(tl.int64)
+    else:
+        coff = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    rows = i_r * BR + tl.arange(0, BR)
+    cols = i_v * BV + tl.arange(0, BV)
+    m = (rows < FT)[:, None] & (cols < DV)[None, :]
+    zm = rows < tl.where(i_v == 0, FT, 0)  # one value block carries the normaliser
+    base = i_nh.to(tl.int64)
+    tile = rows[:, None] * DV + cols[None, :]
+    if INIT:
+        run = tl.load(s0_ptr + base * FT * DV + tile, mask=m, other=0.0).to(tl.float32)
+        runz = tl.load(z0_ptr + base * FT + rows, mask=zm, other=0.0).to(tl.float32)
+    else:
+        run = tl.zeros([BR, BV], dtype=tl.float32)
+        runz = tl.zeros([BR], dtype=tl.float32)
+    for jj in tl.range(0, nch, num_stages=STAGES):
+        if REVERSE:
+            c = nch - 1 - jj
+        else:
+            c = jj
+        lb = (base * NS + c) * FT
+        lo = tl.load(loc_ptr + lb * DV + tile, mask=m, other=0.0)
+        loz = tl.load(locz_ptr + lb + rows, mask=zm, other=0.0)
+        hb = ((coff + c) * HK + i_hk) * FT
+        tl.store(h_ptr + hb * DV + tile, run.to(h_ptr.dtype.element_ty), mask=m)
+        tl.store(hz_ptr + hb + rows, runz, mask=zm)
+        run += lo
+        runz += loz
+    tl.store(st_ptr + base * FT * DV + tile, run, mask=m)
+    tl.store(stz_ptr + base * FT + rows, runz, mask=zm)
+
+
 @triton.jit
 def _out_item(
     i_c,

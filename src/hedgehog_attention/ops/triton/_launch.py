@@ -57,6 +57,11 @@ CONFIG = {
     "bwd_persist_stages": 2,
     # compute cd = -(do . o) / den in the query-side backward launch (no _delta_kernel)
     "fuse_delta": False,
+    # causal state walks in two levels: every chunk's local state fully in parallel, then an
+    # add-only scan over the chunks (``_scan_kernel``, ``scan_stages`` pipeline stages) instead
+    # of the sequential segment walk
+    "scan": False,
+    "scan_stages": 3,
 }
 
 
@@ -199,6 +204,8 @@ class _Plan:
         are then complete and ``st`` includes it."""
         bv = min(_pow2(self.DV), _pow2(CONFIG["state_bv"]))
         nv = triton.cdiv(self.DV, bv)
+        if store_h and CONFIG["scan"]:
+            return self._scan_walk(x, w, b, u, den, cd, s0, z0, reverse=reverse, bv=bv, nv=nv)
         cps, ns = segments(self.N, self.HK, self.max_len, self.nhalf * nv, self.bt)
         f32 = torch.float32
         if store_h:
@@ -221,6 +228,41 @@ class _Plan:
             **{n: c[n] for n in _COMMON}, BV=bv, num_warps=CONFIG["state_warps"], num_stages=CONFIG["state_stages"],
         )  # fmt: skip
         return h, hz, st, stz, cps, init
+
+    def _scan_walk(self, x, w, b, u, den, cd, s0, z0, *, reverse, bv, nv):
+        """Two-level walk (``CONFIG["scan"]``): ``_state_kernel`` with one chunk per segment gives
+        every chunk's local state ``loc [N, HK, NS, FT, DV]`` (fp32) fully in parallel, then
+        ``_scan_kernel`` sums them in chunk order into the chunk states ``h`` (starting from
+        ``(s0, z0)`` when given) and the totals ``st [N, HK, 1, FT, DV]``. Same returns as
+        ``state_walk``; one "segment" of ``ns`` chunks, ``init`` = a start state was given."""
+        f32, dev = torch.float32, self.dev
+        ns = max(1, triton.cdiv(self.max_len, self.bt))
+        loc = _empty(self.N, self.HK, ns, self.FT, self.DV, device=dev, dtype=f32)
+        locz = _empty(self.N, self.HK, ns, self.FT, device=dev, dtype=f32)
+        c = self.consts(bv)
+        dummy = x
+        K._state_kernel[(self.N * self.HK * ns, self.nhalf * nv)](
+            x, w if w is not None else dummy, b if b is not None else dummy, u,
+            den if den is not None else dummy, cd if cd is not None else dummy, self.mask_, self.cu, self.coff,
+            dummy, dummy, loc, locz, dummy, dummy, self.T,
+            x.shape[2], self.HK, self.D, self.F, self.FT, self.DV, 1, ns, G=self.G if reverse else 1,
+            HAS_B=b is not None, REVERSE=reverse, STORE_H=False, INIT=False, VARLEN=self.varlen,
+            **{n: c[n] for n in _COMMON}, BV=bv, num_warps=CONFIG["state_warps"], num_stages=CONFIG["state_stages"],
+        )  # fmt: skip
+        h = _empty(self.nc, self.HK, self.FT, self.DV, device=dev, dtype=self.hdt)
+        hz = _empty(self.nc, self.HK, self.FT, device=dev, dtype=f32)
+        st = _empty(self.N, self.HK, 1, self.FT, self.DV, device=dev, dtype=f32)
+        stz = _empty(self.N, self.HK, 1, self.FT, device=dev, dtype=f32)
+        init = s0 is not None
+        # enough programs for the sequential chunk loop: rows in blocks of 32, or 16 when few
+        br = 32 if self.N * self.HK * triton.cdiv(self.FT, 32) >= 1024 else 16
+        bvs = min(_pow2(self.DV), 64)
+        K._scan_kernel[(self.N * self.HK, triton.cdiv(self.FT, br), triton.cdiv(self.DV, bvs))](
+            loc, locz, h, hz, st, stz, s0 if init else loc, z0 if init else locz, self.cu, self.coff, self.T,
+            self.HK, self.FT, self.DV, ns, BT=self.bt, BR=br, BV=bvs, REVERSE=reverse, INIT=init,
+            VARLEN=self.varlen, STAGES=int(CONFIG["scan_stages"]), num_warps=4,
+        )  # fmt: skip
+        return h, hz, st, stz, ns, init
 
 
 def fwd(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, *, activation, negation, causal, eps, fused, max_len, nc, varlen):
@@ -384,6 +426,8 @@ def _dw(x: torch.Tensor, dz: torch.Tensor, w: torch.Tensor, b: torch.Tensor | No
 
 def _fwd_cps(P: _Plan) -> int:
     """Chunks per segment of the forward state walk (the backward reads its segment states)."""
+    if CONFIG["scan"]:  # one "segment" (the two-level walk stores complete chunk states)
+        return max(1, triton.cdiv(P.max_len, P.bt))
     bv = min(_pow2(P.DV), _pow2(CONFIG["state_bv"]))
     return segments(P.N, P.HK, P.max_len, P.nhalf * triton.cdiv(P.DV, bv), P.bt)[0]
 
