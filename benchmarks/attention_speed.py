@@ -302,7 +302,7 @@ def kernel_resources():
     from hedgehog_attention.ops.triton import _kernels as K
 
     out = []
-    for name in ("_state_kernel", "_out_kernel", "_bwd_kernel", "_delta_kernel", "_decode_kernel"):
+    for name in ("_state_kernel", "_scan_kernel", "_out_kernel", "_bwd_kernel", "_delta_kernel", "_decode_kernel"):
         fn = getattr(K, name)
         try:
             for cache in getattr(fn, "device_caches", {}).values():
