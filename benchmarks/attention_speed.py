@@ -20,6 +20,7 @@ import pathlib
 import platform
 import sys
 import time
+import zlib
 from collections.abc import Callable
 
 import torch
@@ -307,11 +308,14 @@ def kernel_resources():
         try:
             for cache in getattr(fn, "device_caches", {}).values():
                 kc = cache[0] if isinstance(cache, tuple) else cache
-                for ck in kc.values():
+                for key, ck in kc.items():
                     md = ck.metadata
+                    # the specialization key (constexprs) as a short hash: tells variants apart;
+                    # shared memory too (a second program per SM needs registers and shared memory)
                     out.append(
-                        f"{name} w{getattr(md, 'num_warps', '?')} s{getattr(md, 'num_stages', '?')}: "
-                        f"regs {getattr(ck, 'n_regs', '?')} spills {getattr(ck, 'n_spills', '?')}"
+                        f"{name} w{getattr(md, 'num_warps', '?')} s{getattr(md, 'num_stages', '?')} "
+                        f"#{zlib.crc32(str(key).encode()) % 10**6:06d}: regs {getattr(ck, 'n_regs', '?')} "
+                        f"spills {getattr(ck, 'n_spills', '?')} smem {getattr(md, 'shared', '?')}"
                     )
         except Exception as e:  # report, never fail the run over introspection
             out.append(f"{name}: {type(e).__name__} {e}"[:120])
