@@ -80,7 +80,7 @@ def constexprs(
         W_NATIVE=dtype != "fp32" and fused, MAP_PREC="ieee" if dtype == "fp32" else "tf32",
         PREC="ieee" if dtype == "fp32" else "tf32", DOT_DT=dot, EVEN=True, HAS_B=True, HAS_BQ=True, HAS_BK=True,
         CAUSAL=causal, REVERSE=False, STORE_H=causal, KV_SIDE=False, INIT=False, SEG=not causal, VARLEN=False,
-        FEAT_LP=False, PERSIST=False, P_STAGES=1, FUSE_CD=False,
+        FEAT_LP=False, PERSIST=False, P_STAGES=1, FUSE_CD=False, SPLIT=1,
     )  # fmt: skip
 
 
@@ -109,6 +109,15 @@ def main() -> None:
             )
             c = triton.compile(src, target=TARGET, options={"num_warps": 4, "num_stages": 1})
             print(f"_scan_kernel reverse={rev} warps=4: {resources(c)}", flush=True)
+        for split in (1, 2):
+            cons = dict(constexprs("bf16", 64, "softmax", True, True, False, 64, 128), SPLIT=split)
+            c = compile_kernel(K._out_kernel, cons, "bf16", 8, 1)
+            print(f"BT=128 _out_kernel split={split} warps=8: {resources(c)}", flush=True)
+            for kv in (False, True):
+                for nw in (4, 8):
+                    cons = dict(constexprs("bf16", 64, "softmax", True, True, False, 64, 128), KV_SIDE=kv, SPLIT=split)
+                    c = compile_kernel(K._bwd_kernel, cons, "bf16", nw, 1)
+                    print(f"BT=128 _bwd_kernel kv={kv} split={split} warps={nw}: {resources(c)}", flush=True)
         for kv in (False, True):
             cons = dict(constexprs("bf16", 64, "softmax", True, True, False, 64, 128), KV_SIDE=kv, PERSIST=True,
                         P_STAGES=2)  # fmt: skip

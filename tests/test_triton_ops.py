@@ -282,9 +282,9 @@ def test_recomputed_chunk_states_match_reference(kind):
     """``CONFIG["recompute_h"]``: the backward recomputes the forward's chunk states instead of
     keeping them (memory); same outputs and gradients, with padding or packed sequences, several
     segments, and the variant knobs of the tuning sweep on (rounded features in the output
-    kernel, cd computed in the backward kernel; with ``cu_seqlens`` also the persistent output and
-    backward kernels, with padding the two-level state walk)."""
-    _launch.CONFIG.update(recompute_h=True, out_feat_lowp=True, fuse_delta=True)
+    kernel, cd computed in the backward kernel, programs over half chunks; with ``cu_seqlens``
+    also the persistent output and backward kernels, with padding the two-level state walk)."""
+    _launch.CONFIG.update(recompute_h=True, out_feat_lowp=True, fuse_delta=True, out_split=2, bwd_split=2)
     if kind == "cu":
         _launch.CONFIG.update(out_persist=1, bwd_persist=1)
     else:

@@ -488,6 +488,7 @@ def _scan_kernel(
 @triton.jit
 def _out_item(
     i_c,
+    i_sub,
     i_vh,
     q_ptr,
     k_ptr,
@@ -530,6 +531,7 @@ def _out_item(
     ACT: tl.constexpr,
     NEG: tl.constexpr,
     FEAT_LP: tl.constexpr,
+    BS: tl.constexpr,
     W_NATIVE: tl.constexpr,
     MAP_PREC: tl.constexpr,
     PREC: tl.constexpr,
@@ -542,23 +544,29 @@ def _out_item(
     ``S = si[n, hk, segment] + h[chunk]`` (causal) or ``si[n, hk, 0]`` (bidirectional: the whole
     sequence's state, no intra-chunk part). Also stores the normalizer ``den`` (fp32). Without
     ``SEG`` (causal, one segment, no initial state) ``si`` is zero and not read.
+    ``BS`` < ``BT``: the program computes the ``BS`` queries of sub-block ``i_sub`` of the chunk
+    (keys: the whole chunk, causally masked): smaller tiles, more programs, same chunk states.
     """
     i_h = i_vh % H
     i_v = i_vh // H
     i_hk = i_h // G
     i_n, i_t, bos, L = _chunk(cidx_ptr, cu_ptr, i_c, T, BT, VARLEN)
-    offs_i = tl.arange(0, BT)
+    offs_i = tl.arange(0, BT)  # keys: the whole chunk
     t0 = i_t * BT
     offs_t = t0 + offs_i
     t_ok = offs_t < L
     tok = bos + offs_t
+    offs_s = i_sub * BS + tl.arange(0, BS)  # queries: this program's sub-block
+    tq = t0 + offs_s
+    tq_ok = tq < L
+    tokq = bos + tq
     v0 = i_v * BV
     i_s = tl.minimum(i_t // CPS, NSI - 1)
     sb = ((i_n * HK + i_hk) * NSI + i_s).to(tl.int64) * FT
     hb = (i_c.to(tl.int64) * HK + i_hk) * FT
 
     # every load first (one memory latency per program instead of one per stage), then compute
-    xq = _ld_x(q_ptr, bos, L, t0, i_h, H, D, F, BT, BD, BF, FUSED, EVEN)
+    xq = _ld_x(q_ptr, bos, L, t0 + i_sub * BS, i_h, H, D, F, BS, BD, BF, FUSED, EVEN)
     wq, bq = _load_wb(wq_ptr, bq_ptr, i_h, D, F, BD, BF, FUSED, HAS_BQ, EVEN)
     if CAUSAL:
         xk = _ld_x(k_ptr, bos, L, t0, i_hk, HK, D, F, BT, BD, BF, FUSED, EVEN)
@@ -573,14 +581,14 @@ def _out_item(
                               CAUSAL, SEG, EVEN)  # fmt: skip
 
     zq = _preact(xq, wq, bq, FUSED, W_NATIVE, MAP_PREC)
-    qp = _feat(zq, 1.0, t_ok, F, BF, FUSED, ACT, EVEN)
+    qp = _feat(zq, 1.0, tq_ok, F, BF, FUSED, ACT, EVEN)
     qp_d = qp.to(DOT_DT)
     if FEAT_LP:  # keep only the rounded features live (the normaliser from them too)
         qp = qp_d.to(tl.float32)
     num = tl.dot(qp_d, sp.to(DOT_DT), input_precision=PREC)
     den = tl.sum(qp * zp[None, :], 1)
     if NEG:
-        qn = _feat(zq, -1.0, t_ok, F, BF, FUSED, ACT, EVEN)
+        qn = _feat(zq, -1.0, tq_ok, F, BF, FUSED, ACT, EVEN)
         qn_d = qn.to(DOT_DT)
         if FEAT_LP:
             qn = qn_d.to(tl.float32)
@@ -597,16 +605,16 @@ def _out_item(
             if HAS_MASK:
                 kn = kn * mk[:, None]
             a += tl.dot(qn_d, tl.trans(kn.to(DOT_DT)), input_precision=PREC)
-        a = tl.where(offs_i[:, None] >= offs_i[None, :], a, 0.0)
+        a = tl.where(offs_s[:, None] >= offs_i[None, :], a, 0.0)
         num += tl.dot(a.to(DOT_DT), vv.to(DOT_DT), input_precision=PREC)
         den += tl.sum(a, 1)
     den = den + eps
     o = num / den[:, None]
     if HAS_MASK:
-        mq = tl.load(mask_ptr + tok, mask=t_ok, other=0.0)
+        mq = tl.load(mask_ptr + tokq, mask=tq_ok, other=0.0)
         o = tl.where(mq[:, None] != 0, o, 0.0)
-    _st(o_ptr + bos * (H * DV) + i_h * DV, o, L, DV, H * DV, t0, v0, BT, BV, True, not EVEN)
-    tl.store(den_ptr + tok * H + i_h, den, mask=offs_t < tl.where(i_v == 0, L, 0))  # one value block
+    _st(o_ptr + bos * (H * DV) + i_h * DV, o, L, DV, H * DV, t0 + i_sub * BS, v0, BS, BV, True, not EVEN)
+    tl.store(den_ptr + tokq * H + i_h, den, mask=tq < tl.where(i_v == 0, L, 0))  # one value block
 
 
 @triton.jit(do_not_specialize=["T", "CPS", "NSI", "NITEMS"])
@@ -660,26 +668,28 @@ def _out_kernel(
     NITEMS,
     PERSIST: tl.constexpr,
     P_STAGES: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
-    """Grid ``(NC, NV * H)``: one (chunk, query head, value block) per program (``_out_item``).
+    """Grid ``(NC * SPLIT, NV * H)``: one (chunk, query sub-block of ``BT // SPLIT`` tokens, query
+    head, value block) per program (``_out_item``).
     ``PERSIST``: a 1-D grid of fewer programs, each looping over items ``i = pid, pid + P, ...``
     (``i % NC`` chunk, ``i // NC`` head/value block) with ``P_STAGES`` software-pipeline stages,
     so that the loads of the next item can be issued under the math of the current one."""
     if PERSIST:
-        NC = NITEMS // (H * tl.cdiv(DV, BV))
+        NC = NITEMS // (H * tl.cdiv(DV, BV))  # chunks x sub-blocks
         for it in tl.range(tl.program_id(0), NITEMS, tl.num_programs(0), num_stages=P_STAGES):
             _out_item(
-                it % NC, it // NC,
+                (it % NC) // SPLIT, (it % NC) % SPLIT, it // NC,
                 q_ptr, k_ptr, v_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, mask_ptr, cu_ptr, cidx_ptr, h_ptr, hz_ptr, si_ptr,
                 zi_ptr, o_ptr, den_ptr, eps, T, H, HK, G, D, F, FT, DV, CPS, NSI, BT, BD, BF, BV, FUSED, HAS_BQ, HAS_BK,
-                HAS_MASK, CAUSAL, SEG, VARLEN, ACT, NEG, FEAT_LP, W_NATIVE, MAP_PREC, PREC, DOT_DT, EVEN,
+                HAS_MASK, CAUSAL, SEG, VARLEN, ACT, NEG, FEAT_LP, BT // SPLIT, W_NATIVE, MAP_PREC, PREC, DOT_DT, EVEN,
             )  # fmt: skip
     else:
         _out_item(
-            tl.program_id(0), tl.program_id(1),
+            tl.program_id(0) // SPLIT, tl.program_id(0) % SPLIT, tl.program_id(1),
             q_ptr, k_ptr, v_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, mask_ptr, cu_ptr, cidx_ptr, h_ptr, hz_ptr, si_ptr,
             zi_ptr, o_ptr, den_ptr, eps, T, H, HK, G, D, F, FT, DV, CPS, NSI, BT, BD, BF, BV, FUSED, HAS_BQ, HAS_BK,
-            HAS_MASK, CAUSAL, SEG, VARLEN, ACT, NEG, FEAT_LP, W_NATIVE, MAP_PREC, PREC, DOT_DT, EVEN,
+            HAS_MASK, CAUSAL, SEG, VARLEN, ACT, NEG, FEAT_LP, BT // SPLIT, W_NATIVE, MAP_PREC, PREC, DOT_DT, EVEN,
         )  # fmt: skip
 
 
@@ -701,6 +711,7 @@ def _delta_kernel(do_ptr, o_ptr, den_ptr, cd_ptr, NTOK, H, DV, BT: tl.constexpr,
 @triton.jit
 def _bwd_item(
     i_c,
+    i_sub,
     i_h,
     q_ptr,
     k_ptr,
@@ -753,6 +764,7 @@ def _bwd_item(
     DOT_DT: tl.constexpr,
     EVEN: tl.constexpr,
     FUSE_CD: tl.constexpr,
+    BS: tl.constexpr,
 ):
     """Gradients of one chunk and one query head (grid ``(NC, H)``, all of Dv, no loop).
 
@@ -769,35 +781,52 @@ def _bwd_item(
 
     The two sides are two launches of this kernel (fewer live tiles than one kernel doing both;
     each recomputes both maps). ``dW = x^T dz`` and ``db`` are one batched matmul in the launcher.
+    ``BS`` < ``BT``: the program's own rows (queries on the query side, keys on the key side) are
+    the ``BS`` tokens of sub-block ``i_sub``; the other side's rows are the whole chunk (causally
+    masked): smaller tiles, more programs, the same chunk states.
     """
     i_hk = i_h // G
     first = (i_h % G) == 0
-    offs_i = tl.arange(0, BT)
     i_n, i_t, bos, L = _chunk(cidx_ptr, cu_ptr, i_c, T, BT, VARLEN)
     t0 = i_t * BT
-    offs_t = t0 + offs_i
-    t_ok = offs_t < L
-    tok = bos + offs_t
+    # rows of the query-type tiles (q, do, den, cd) and of the key-type tiles (k, v, mask):
+    # the own side is sub-block i_sub (BS rows), the other side the whole chunk (BT rows)
+    if KV_SIDE:
+        BQ: tl.constexpr = BT
+        BK: tl.constexpr = BS
+        q0 = t0
+        k0 = t0 + i_sub * BS
+    else:
+        BQ: tl.constexpr = BS
+        BK: tl.constexpr = BT
+        q0 = t0 + i_sub * BS
+        k0 = t0
+    offs_q = q0 + tl.arange(0, BQ)
+    offs_k = k0 + tl.arange(0, BK)
+    tq_ok = offs_q < L
+    tk_ok = offs_k < L
+    tokq = bos + offs_q
+    tokk = bos + offs_k
     i_s = tl.minimum(i_t // CPS, NSI - 1)
     sb = ((i_n * HK + i_hk) * NSI + i_s).to(tl.int64) * FT
     hb = (i_c * HK + i_hk).to(tl.int64) * FT
 
     # every load first (one memory latency per program instead of one per stage), then compute;
     # (s, z) = the forward state entering the chunk (query side) or the reverse state (key side)
-    xq = _ld_x(q_ptr, bos, L, t0, i_h, H, D, F, BT, BD, BF, FUSED, EVEN)
-    xk = _ld_x(k_ptr, bos, L, t0, i_hk, HK, D, F, BT, BD, BF, FUSED, EVEN)
-    do = _ld(do_ptr + bos * (H * DV) + i_h * DV, L, DV, H * DV, t0, 0, BT, BV, True, not EVEN)
-    vv = _ld(v_ptr + bos * (HK * DV) + i_hk * DV, L, DV, HK * DV, t0, 0, BT, BV, True, not EVEN).to(DOT_DT)
-    den = tl.load(den_ptr + tok * H + i_h, mask=t_ok, other=1.0)
+    xq = _ld_x(q_ptr, bos, L, q0, i_h, H, D, F, BQ, BD, BF, FUSED, EVEN)
+    xk = _ld_x(k_ptr, bos, L, k0, i_hk, HK, D, F, BK, BD, BF, FUSED, EVEN)
+    do = _ld(do_ptr + bos * (H * DV) + i_h * DV, L, DV, H * DV, q0, 0, BQ, BV, True, not EVEN)
+    vv = _ld(v_ptr + bos * (HK * DV) + i_hk * DV, L, DV, HK * DV, k0, 0, BK, BV, True, not EVEN).to(DOT_DT)
+    den = tl.load(den_ptr + tokq * H + i_h, mask=tq_ok, other=1.0)
     if FUSE_CD and not KV_SIDE:
         # the delta kernel folded in: cd = -(do . o) / den, stored for the reverse walk / key side
-        oo = _ld(o_ptr + bos * (H * DV) + i_h * DV, L, DV, H * DV, t0, 0, BT, BV, True, not EVEN).to(tl.float32)
+        oo = _ld(o_ptr + bos * (H * DV) + i_h * DV, L, DV, H * DV, q0, 0, BQ, BV, True, not EVEN).to(tl.float32)
         cd = -tl.sum(do.to(tl.float32) * oo, 1) / den
-        tl.store(cd_ptr + tok * H + i_h, cd, mask=t_ok)
+        tl.store(cd_ptr + tokq * H + i_h, cd, mask=tq_ok)
     else:
-        cd = tl.load(cd_ptr + tok * H + i_h, mask=t_ok, other=0.0)
+        cd = tl.load(cd_ptr + tokq * H + i_h, mask=tq_ok, other=0.0)
     if HAS_MASK:
-        mk = tl.load(mask_ptr + tok, mask=t_ok, other=0.0)
+        mk = tl.load(mask_ptr + tokk, mask=tk_ok, other=0.0)
     wq, bq = _load_wb(wq_ptr, bq_ptr, i_h, D, F, BD, BF, FUSED, HAS_BQ, EVEN)
     wk, bk = _load_wb(wk_ptr, bk_ptr, i_hk, D, F, BD, BF, FUSED, HAS_BK, EVEN)
     sp, zp = _chunk_state(si_ptr + sb * DV, zi_ptr + sb, h_ptr + hb * DV, hz_ptr + hb, 0, F, DV, 0, BF, BV, CAUSAL,
@@ -809,16 +838,16 @@ def _bwd_item(
     # features as DOT_DT right away (bf16 for bf16 inputs, like torch's bf16 map): fewer live
     # fp32 tiles; the map's backward uses the same rounded features
     zq = _preact(xq, wq, bq, FUSED, W_NATIVE, MAP_PREC)
-    qp = _feat(zq, 1.0, t_ok, F, BF, FUSED, ACT, EVEN).to(DOT_DT)
+    qp = _feat(zq, 1.0, tq_ok, F, BF, FUSED, ACT, EVEN).to(DOT_DT)
     zk = _preact(xk, wk, bk, FUSED, W_NATIVE, MAP_PREC)
-    kp_raw = _feat(zk, 1.0, t_ok, F, BF, FUSED, ACT, EVEN).to(DOT_DT)
+    kp_raw = _feat(zk, 1.0, tk_ok, F, BF, FUSED, ACT, EVEN).to(DOT_DT)
     if HAS_MASK:
         kp = (kp_raw * mk[:, None]).to(DOT_DT)
     else:
         kp = kp_raw
     if NEG:
-        qn = _feat(zq, -1.0, t_ok, F, BF, FUSED, ACT, EVEN).to(DOT_DT)
-        kn_raw = _feat(zk, -1.0, t_ok, F, BF, FUSED, ACT, EVEN).to(DOT_DT)
+        qn = _feat(zq, -1.0, tq_ok, F, BF, FUSED, ACT, EVEN).to(DOT_DT)
+        kn_raw = _feat(zk, -1.0, tk_ok, F, BF, FUSED, ACT, EVEN).to(DOT_DT)
         if HAS_MASK:
             kn = (kn_raw * mk[:, None]).to(DOT_DT)
         else:
@@ -828,7 +857,7 @@ def _bwd_item(
         kn_raw = kp_raw
         kn = kp
     g = (do.to(tl.float32) / den[:, None]).to(DOT_DT)
-    tril = offs_i[:, None] >= offs_i[None, :]
+    tril = offs_q[:, None] >= offs_k[None, :]  # [BQ, BK]: key at or before the query
     if not KV_SIDE:
         dqp = tl.dot(g, tl.trans(sp.to(DOT_DT)), input_precision=PREC) + cd[:, None] * zp[None, :]
         if NEG:
@@ -841,8 +870,8 @@ def _bwd_item(
             dqp += tl.dot(da, kp, input_precision=PREC)
             if NEG:
                 dqn += tl.dot(da, kn, input_precision=PREC)
-        _map_bwd(zq, qp.to(tl.float32), qn.to(tl.float32), dqp, dqn, t_ok, wq, dx_ptr, dz_ptr, bos, L, t0, i_h, H, D,
-                 F, BT, BD, BF, FUSED, ACT, NEG, MAP_PREC, EVEN)  # fmt: skip
+        _map_bwd(zq, qp.to(tl.float32), qn.to(tl.float32), dqp, dqn, tq_ok, wq, dx_ptr, dz_ptr, bos, L, q0, i_h, H, D,
+                 F, BQ, BD, BF, FUSED, ACT, NEG, MAP_PREC, EVEN)  # fmt: skip
     else:
         if CAUSAL:
             # rows: keys s, columns: queries t (t >= s)
@@ -858,9 +887,9 @@ def _bwd_item(
             at = tl.where(tl.trans(tril), at, 0.0).to(DOT_DT)
             dvv = tl.dot(at, g, input_precision=PREC)
         else:
-            dkp = tl.zeros([BT, BF], dtype=tl.float32)
+            dkp = tl.zeros([BK, BF], dtype=tl.float32)
             dkn = dkp
-            dvv = tl.zeros([BT, BV], dtype=tl.float32)
+            dvv = tl.zeros([BK, BV], dtype=tl.float32)
         if first:
             r = sp.to(DOT_DT)
             dkp += tl.dot(vv, tl.trans(r), input_precision=PREC) + zp[None, :]
@@ -872,9 +901,9 @@ def _bwd_item(
         if HAS_MASK:
             dkp = dkp * mk[:, None]
             dkn = dkn * mk[:, None]
-        _st(dv_ptr + bos * (H * DV) + i_h * DV, dvv, L, DV, H * DV, t0, 0, BT, BV, True, not EVEN)
-        _map_bwd(zk, kp_raw.to(tl.float32), kn_raw.to(tl.float32), dkp, dkn, t_ok, wk, dx_ptr, dz_ptr, bos, L, t0, i_h,
-                 H, D, F, BT, BD, BF, FUSED, ACT, NEG, MAP_PREC, EVEN)  # fmt: skip
+        _st(dv_ptr + bos * (H * DV) + i_h * DV, dvv, L, DV, H * DV, k0, 0, BK, BV, True, not EVEN)
+        _map_bwd(zk, kp_raw.to(tl.float32), kn_raw.to(tl.float32), dkp, dkn, tk_ok, wk, dx_ptr, dz_ptr, bos, L, k0, i_h,
+                 H, D, F, BK, BD, BF, FUSED, ACT, NEG, MAP_PREC, EVEN)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["T", "CPS", "NSI", "NITEMS"])
@@ -933,27 +962,29 @@ def _bwd_kernel(
     NITEMS,
     PERSIST: tl.constexpr,
     P_STAGES: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
-    """Grid ``(NC, H)``: one (chunk, query head) per program (``_bwd_item``). ``PERSIST``: a 1-D
+    """Grid ``(NC * SPLIT, H)``: one (chunk, sub-block of ``BT // SPLIT`` own rows, query head) per
+    program (``_bwd_item``). ``PERSIST``: a 1-D
     grid of fewer programs looping over items ``i = pid, pid + P, ...`` (``i % NC`` chunk,
     ``i // NC`` query head) with ``P_STAGES`` software-pipeline stages."""
     if PERSIST:
-        NC = NITEMS // H
+        NC = NITEMS // H  # chunks x sub-blocks
         for it in tl.range(tl.program_id(0), NITEMS, tl.num_programs(0), num_stages=P_STAGES):
             _bwd_item(
-                it % NC, it // NC,
+                (it % NC) // SPLIT, (it % NC) % SPLIT, it // NC,
                 q_ptr, k_ptr, v_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, mask_ptr, cu_ptr, cidx_ptr, h_ptr, hz_ptr,
                 si_ptr, zi_ptr, do_ptr, den_ptr, cd_ptr, o_ptr, dx_ptr, dz_ptr, dv_ptr, T, H, HK, G, D, F, FT, DV,
                 CPS, NSI, BT, BD, BF, BV, KV_SIDE, FUSED, HAS_BQ, HAS_BK, HAS_MASK, CAUSAL, SEG, VARLEN, ACT, NEG,
-                W_NATIVE, MAP_PREC, PREC, DOT_DT, EVEN, FUSE_CD,
+                W_NATIVE, MAP_PREC, PREC, DOT_DT, EVEN, FUSE_CD, BT // SPLIT,
             )  # fmt: skip
     else:
         _bwd_item(
-            tl.program_id(0), tl.program_id(1),
+            tl.program_id(0) // SPLIT, tl.program_id(0) % SPLIT, tl.program_id(1),
             q_ptr, k_ptr, v_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, mask_ptr, cu_ptr, cidx_ptr, h_ptr, hz_ptr, si_ptr,
             zi_ptr, do_ptr, den_ptr, cd_ptr, o_ptr, dx_ptr, dz_ptr, dv_ptr, T, H, HK, G, D, F, FT, DV, CPS, NSI, BT,
             BD, BF, BV, KV_SIDE, FUSED, HAS_BQ, HAS_BK, HAS_MASK, CAUSAL, SEG, VARLEN, ACT, NEG, W_NATIVE, MAP_PREC,
-            PREC, DOT_DT, EVEN, FUSE_CD,
+            PREC, DOT_DT, EVEN, FUSE_CD, BT // SPLIT,
         )  # fmt: skip
 
 

@@ -62,7 +62,22 @@ CONFIG = {
     # of the sequential segment walk
     "scan": False,
     "scan_stages": 3,
+    # sub-blocks per chunk in the output / backward programs: each program owns BT // split rows
+    # (queries; keys on the backward's key side) against the whole chunk (smaller tiles, more
+    # programs, the chunk states and the walk of BT-token chunks)
+    "out_split": 1,
+    "bwd_split": 1,
 }
+
+
+def _split(key: str, bt: int) -> int:
+    """``CONFIG[key]`` sub-blocks per chunk, at most down to 16-row tiles (``tl.dot``'s minimum)."""
+    split = max(1, int(CONFIG[key]))
+    if split & (split - 1):
+        raise ValueError(f"CONFIG[{key!r}] must be a power of two, got {split}")
+    while split > 1 and bt // split < 16:
+        split //= 2
+    return split
 
 
 def _n_sm(dev: torch.device) -> int:
@@ -303,15 +318,16 @@ def fwd(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, *, activation, negation, caus
     o = _empty(P.B, P.T, P.H, P.DV, device=dev, dtype=v.dtype)
     den = _empty(P.B * P.T, P.H, device=dev, dtype=torch.float32)
     c = P.consts(bv)
-    n_items = P.nc * nv * P.H
+    split = _split("out_split", P.bt)
+    n_items = P.nc * split * nv * P.H
     persist = int(CONFIG["out_persist"]) > 0
-    grid = (min(n_items, int(CONFIG["out_persist"]) * _n_sm(dev)),) if persist else (P.nc, nv * P.H)
+    grid = (min(n_items, int(CONFIG["out_persist"]) * _n_sm(dev)),) if persist else (P.nc * split, nv * P.H)
     K._out_kernel[grid](
         q, k, v, wq if fused else q, bq if bq is not None else q, wk if fused else q, bk if bk is not None else q,
         P.mask_, cu, P.cidx, h if causal else q, hz if causal else q, s_in, z_in, o, den, float(eps), P.T,
         P.H, P.HK, P.G, P.D, P.F, P.FT, P.DV, cps, s_in.shape[2],
         HAS_BQ=bq is not None, HAS_BK=bk is not None, CAUSAL=bool(causal), SEG=seg, VARLEN=P.varlen, NEG=P.neg,
-        FEAT_LP=bool(CONFIG["out_feat_lowp"]), NITEMS=n_items, PERSIST=persist,
+        FEAT_LP=bool(CONFIG["out_feat_lowp"]), NITEMS=n_items, PERSIST=persist, SPLIT=split,
         P_STAGES=int(CONFIG["out_persist_stages"]),
         **{n: c[n] for n in _COMMON}, BV=bv, num_warps=CONFIG["out_warps"], num_stages=CONFIG["out_stages"],
     )  # fmt: skip
@@ -342,9 +358,10 @@ def bwd(
     cps = _fwd_cps(P)
     seg = (not causal) or s_in.shape[2] > 1  # as in the forward (the reverse walk has the same segments)
 
-    n_items = P.nc * P.H
+    split = _split("bwd_split", P.bt)
+    n_items = P.nc * split * P.H
     persist = int(CONFIG["bwd_persist"]) > 0
-    grid = (min(n_items, int(CONFIG["bwd_persist"]) * _n_sm(dev)),) if persist else (P.nc, P.H)
+    grid = (min(n_items, int(CONFIG["bwd_persist"]) * _n_sm(dev)),) if persist else (P.nc * split, P.H)
 
     def launch(kv_side, hh, hhz, si, zi, dx, dz, dv):
         K._bwd_kernel[grid](
@@ -353,7 +370,7 @@ def bwd(
             P.H, P.HK, P.G, P.D, P.F, P.FT, P.DV, cps, si.shape[2],
             KV_SIDE=kv_side, HAS_BQ=bq is not None, HAS_BK=bk is not None, CAUSAL=bool(causal), SEG=seg,
             VARLEN=P.varlen, NEG=P.neg, **{n: c[n] for n in _COMMON}, BV=_pow2(P.DV), NITEMS=n_items,
-            PERSIST=persist, P_STAGES=int(CONFIG["bwd_persist_stages"]), FUSE_CD=fuse_cd,
+            PERSIST=persist, P_STAGES=int(CONFIG["bwd_persist_stages"]), FUSE_CD=fuse_cd, SPLIT=split,
             num_warps=CONFIG["bwd_warps"], num_stages=CONFIG["bwd_stages"],
         )  # fmt: skip
 
