@@ -300,6 +300,30 @@ def _kernel_times(prof, n_iter, prefix):
     return top
 
 
+def _same_function(cfg, B, T, dev, ref):
+    """Relative difference of o and dq (fixed seed inputs) between this config and the first
+    variant of the sweep (stored in ``ref`` on its first call): a GPU check, at full size, that a
+    variant computes the same function (bf16: differences of a few 1e-3 are rounding)."""
+    saved = dict(_launch_config())
+    _launch_config().update(cfg)
+    try:
+        torch.manual_seed(0)
+        fwd, leaves = make_triton(B, T, dev, True)
+        o = fwd()
+        o.backward(torch.randn_like(o))
+        cur = {"o": o.detach().float(), "dq": leaves[0].grad.float()}
+        del fwd, leaves, o
+        if not ref:
+            ref.update(cur)
+            return {"o": 0.0, "dq": 0.0}
+        return {k: float((cur[k] - ref[k]).norm() / ref[k].norm()) for k in ref}
+    except Exception as e:  # report, keep sweeping
+        return {"error": f"{type(e).__name__}: {e}"[:200]}
+    finally:
+        _launch_config().clear()
+        _launch_config().update(saved)
+
+
 def kernel_resources():
     """Registers and spills of every compiled variant of our kernels (triton's CompiledKernel)."""
     from hedgehog_attention.ops.triton import _kernels as K
@@ -390,6 +414,7 @@ def main(argv=None):
     if args.sweep:  # configuration sweep of the fused kernel first: it picks the config
         sweep = SWEEPS[args.sweep] if args.sweep in SWEEPS else json.loads(args.sweep)
         result["sweep_profile"], result["sweep_kernels"] = {}, {}
+        ref = {}  # the first variant's o and dq on fixed inputs: every variant must compute the same
         for i, T in enumerate(int(x) for x in args.sweep_seq_lens.split(",") if x):
             row = {"T": T, "B": TOKENS // T}
             for cname, cfg in sweep.items():
@@ -403,6 +428,7 @@ def main(argv=None):
                 print(T, name, row[name], file=sys.stderr, flush=True)
                 if i == 0:  # registers of the kernels this variant compiled; per-kernel times
                     result["sweep_kernels"][cname] = sorted(set(kernel_resources()) - before)
+                    row[name]["vs_first"] = _same_function(cfg, TOKENS // T, T, dev, ref)
                     if args.sweep_profile and "error" not in row[name]:
                         saved = dict(_launch_config())
                         _launch_config().update(cfg)
@@ -492,11 +518,13 @@ def format_table(result) -> str:
         f"B*T={m['tokens']}, H={m['heads']}, D={m['head_dim']}, bf16, causal; ms = median do_bench",
     ]
     for r in result["sweep"]:  # one line per variant
-        lines += ["", "| T | variant | fwd ms | f+b ms | GB |", "|---|---|---|---|---|"]
+        lines += ["", "| T | variant | fwd ms | f+b ms | GB | rel. diff o / dq vs first |", "|---|---|---|---|---|---|"]
         for n, x in r.items():
             if n not in ("T", "B"):
+                vf = x.get("vs_first", {}) if isinstance(x, dict) else {}
+                dif = f"{vf['o']:.1e} / {vf['dq']:.1e}" if "o" in vf else vf.get("error", "-")[:30]
                 lines.append(f"| {r['T']} | {n.split('@')[-1]} | {_f(x, 'fwd_ms')} | {_f(x, 'fwdbwd_ms')} | "
-                             f"{_f(x, 'peak_gb')} |")  # fmt: skip
+                             f"{_f(x, 'peak_gb')} | {dif} |")  # fmt: skip
     for key in ("rows",):
         rows = result[key]
         if not rows:
