@@ -138,8 +138,9 @@ prepare() {  # here, on a CPU machine with the assets installed
   mkdir -p .carry/smol_a .carry/smol_b .carry/whl
   sha256sum "$src" | awk -v n="$GGUF_NAME" '{print $1 "  " n}' >.carry/smol_a/SHA256SUMS
   xz -9e -T2 -c "$src" >/tmp/smol_gguf.xz || return 1
-  # Split so that each call's carry (plus the ~1.5 MB working tree) stays under 64 MiB.
-  local cut=${SMOL_A_BYTES:-28500000}
+  # Split so that each call's carry (plus the ~4 MB working tree and the call's other carries) stays
+  # under 64 MiB: ~45 MB each way (run 4 used 28.5 + 61.9 MB, which left call 2 under 2 MB of room).
+  local cut=${SMOL_A_BYTES:-45000000}
   head -c "$cut" /tmp/smol_gguf.xz >.carry/smol_a/part_a
   tail -c +"$((cut + 1))" /tmp/smol_gguf.xz >.carry/smol_b/part_b
   rm -f /tmp/smol_gguf.xz
