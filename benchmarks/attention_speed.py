@@ -369,11 +369,12 @@ def main(argv=None):
     ap.add_argument("--sweep-time-limit", type=float, default=1e9, help="start no new sweep variant after this")
     ap.add_argument("--sweep-profile", action="store_true", help="per-kernel times of every sweep variant")
     ap.add_argument("--warm-fla", action="store_true", help="run fla once at T=1024 before anything is timed")
+    ap.add_argument("--device", default="cuda", help="cpu only for a smoke run of this script (TRITON_INTERPRET=1)")
     args = ap.parse_args(argv)
     t_start = time.time()
     REPS["warmup"], REPS["rep"] = (int(x) for x in args.reps.split(","))
     BACKEND_CONFIG["triton fused"] = json.loads(args.config)
-    dev = torch.device("cuda")
+    dev = torch.device(args.device)
     import triton
 
     meta = {
@@ -460,6 +461,8 @@ def main(argv=None):
         _launch_config().update(BACKEND_CONFIG["triton fused"])
         try:
             result["profile"][str(T)] = profile_kernels(T, dev)
+        except Exception as e:  # report, go on with the table
+            result["profile"][str(T)] = {"error": f"{type(e).__name__}: {e}"[:200]}
         finally:
             _launch_config().clear()
             _launch_config().update(saved)
