@@ -297,16 +297,19 @@ def fwd(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, *, activation, negation, caus
     h, hz, st, stz, cps, init = P.state_walk(
         k, wk if fused else None, bk if fused else None, v, None, None, s0, z0, reverse=False, store_h=causal
     )
-    if s0 is None or init:  # init: the walk started from (s0, z0), st includes it
-        s0 = torch.zeros(P.N, P.HK, P.FT, P.DV, device=dev, dtype=torch.float32)
-        z0 = torch.zeros(P.N, P.HK, P.FT, device=dev, dtype=torch.float32)
-    s_fin = st.sum(2) + s0
-    z_fin = stz.sum(2) + z0
-    if causal and st.shape[2] == 1:  # one segment: no segment state (SEG off), only its shape
-        s_in, z_in = torch.zeros_like(st), torch.zeros_like(stz)
+    add0 = s0 is not None and not init  # init: the walk started from (s0, z0), st includes it
+    s_fin, z_fin = st.sum(2), stz.sum(2)
+    if add0:
+        s_fin, z_fin = s_fin + s0, z_fin + z0
+    if causal and st.shape[2] == 1:
+        # one segment: the chunk states are complete and the output kernel does not read s_in
+        # (SEG off): pass st for its shape instead of allocating zeros (memory at small T)
+        s_in, z_in = st, stz
     elif causal:
-        s_in = torch.cumsum(st, 2) - st + s0[:, :, None]
-        z_in = torch.cumsum(stz, 2) - stz + z0[:, :, None]
+        s_in = torch.cumsum(st, 2) - st
+        z_in = torch.cumsum(stz, 2) - stz
+        if add0:
+            s_in, z_in = s_in + s0[:, :, None], z_in + z0[:, :, None]
     else:
         s_in, z_in = s_fin[:, :, None].clone(), z_fin[:, :, None].clone()  # outputs may not alias
         h = q.new_empty(0, dtype=P.hdt)
@@ -398,13 +401,18 @@ def bwd(
     dh, dhz, rt, rtz, cps_r, init = P.state_walk(
         q, wq if fused else None, bq if fused else None, do, den, cd, ds_fin, dz_fin, reverse=True, store_h=causal
     )
-    tot, ztot = rt.sum(2), rtz.sum(2)
-    if ds_fin is not None and not init:
-        tot, ztot = tot + ds_fin, ztot + dz_fin
-    if causal:
+    tot = ztot = None
+    if need_ds0 or not causal or rt.shape[2] > 1:  # the totals (not kept when nothing reads them)
+        tot, ztot = rt.sum(2), rtz.sum(2)
+        if ds_fin is not None and not init:
+            tot, ztot = tot + ds_fin, ztot + dz_fin
+    if causal and rt.shape[2] == 1:  # complete chunk states, r_in not read (as s_in above)
+        r_in, rz_in = rt, rtz
+    elif causal:
         # queries after each segment (+ the final-state gradient): reverse exclusive cumsum
         r_in = tot[:, :, None] - torch.cumsum(rt, 2)
         rz_in = ztot[:, :, None] - torch.cumsum(rtz, 2)
+    if causal:
         if cps_r != cps:
             raise RuntimeError("forward and backward state walks must use the same segments")
     else:
