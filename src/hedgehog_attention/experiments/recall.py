@@ -850,6 +850,8 @@ def plot_scatter(cfg: RecallConfig, results: list[dict], rows: list[dict], path:
             [p["entropy"] for p in pts], [100 * p["test_accuracy"] for p in pts], color=cmap(i), alpha=0.35, s=18
         )
         ax.scatter(r["entropy_mean"], 100 * r["acc_mean"], color=cmap(i), s=60, edgecolor="k", label=r["variant"])
+        ax.annotate(r["variant"], (r["entropy_mean"], 100 * r["acc_mean"]), fontsize=6, xytext=(3, 3),
+                    textcoords="offset points")  # fmt: skip
     ax.axhline(100 * cfg.task.build().chance_accuracy, color="gray", ls=":", lw=1, label="chance")
     ax.set_xlabel("mean attention entropy (nats)")
     ax.set_ylabel("AR test accuracy (%)")
