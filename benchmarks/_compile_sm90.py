@@ -80,49 +80,27 @@ def constexprs(
         W_NATIVE=dtype != "fp32" and fused, MAP_PREC="ieee" if dtype == "fp32" else "tf32",
         PREC="ieee" if dtype == "fp32" else "tf32", DOT_DT=dot, EVEN=True, HAS_B=True, HAS_BQ=True, HAS_BK=True,
         CAUSAL=causal, REVERSE=False, STORE_H=causal, KV_SIDE=False, INIT=False, SEG=not causal, VARLEN=False,
-        FEAT_LP=False, PERSIST=False, P_STAGES=1, FUSE_CD=False, SPLIT=1,
+        PERSIST=False, P_STAGES=1, FUSE_CD=False, SPLIT=1,
     )  # fmt: skip
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--all", action="store_true")
-    ap.add_argument("--variants", action="store_true", help="the output kernel's sweep variants only")
+    ap.add_argument("--variants", action="store_true", help="the persistent / split variants only")
     args = ap.parse_args()
     if args.variants:
-        for bt, nw, extra in (
-            (128, 8, dict(FEAT_LP=True)),
-            (128, 8, dict(PERSIST=True, P_STAGES=2)),
-            (128, 4, dict(PERSIST=True, P_STAGES=2)),
-            (64, 4, dict(PERSIST=True, P_STAGES=3)),
-        ):
+        for bt, nw, extra in ((128, 8, dict(PERSIST=True, P_STAGES=2)), (128, 8, dict(SPLIT=2)),
+                              (128, 8, dict(SPLIT=2, PERSIST=True, P_STAGES=2))):  # fmt: skip
             cons = dict(constexprs("bf16", 64, "softmax", True, True, False, 64, bt), **extra)
             c = compile_kernel(K._out_kernel, cons, "bf16", nw, 1)
             print(f"BT={bt} _out_kernel warps={nw} {extra}: {resources(c)}", flush=True)
-        for rev in (False, True):
-            cons = dict(BT=128, BR=32, BV=64, REVERSE=rev, INIT=False, VARLEN=False, STAGES=3)
-            params = list(inspect.signature(K._scan_kernel.fn).parameters)
-            sig = {p: "constexpr" if p in cons else ("*bf16" if p == "h_ptr" else "*fp32" if p.endswith("_ptr") and
-                   p not in INT_PTRS else "*i32" if p.endswith("_ptr") else "i32") for p in params}  # fmt: skip
-            src = ASTSource(
-                fn=K._scan_kernel, signature=sig, constexprs={(params.index(k),): v for k, v in cons.items()}
-            )
-            c = triton.compile(src, target=TARGET, options={"num_warps": 4, "num_stages": 1})
-            print(f"_scan_kernel reverse={rev} warps=4: {resources(c)}", flush=True)
         for split in (1, 2):
-            cons = dict(constexprs("bf16", 64, "softmax", True, True, False, 64, 128), SPLIT=split)
-            c = compile_kernel(K._out_kernel, cons, "bf16", 8, 1)
-            print(f"BT=128 _out_kernel split={split} warps=8: {resources(c)}", flush=True)
             for kv in (False, True):
                 for nw in (4, 8):
                     cons = dict(constexprs("bf16", 64, "softmax", True, True, False, 64, 128), KV_SIDE=kv, SPLIT=split)
                     c = compile_kernel(K._bwd_kernel, cons, "bf16", nw, 1)
                     print(f"BT=128 _bwd_kernel kv={kv} split={split} warps={nw}: {resources(c)}", flush=True)
-        for kv in (False, True):
-            cons = dict(constexprs("bf16", 64, "softmax", True, True, False, 64, 128), KV_SIDE=kv, PERSIST=True,
-                        P_STAGES=2)  # fmt: skip
-            c = compile_kernel(K._bwd_kernel, cons, "bf16", 8, 1)
-            print(f"BT=128 _bwd_kernel kv={kv} warps=8 persistent, 2 stages: {resources(c)}", flush=True)
         return
     if not args.all:
         for bt in (64, 128):

@@ -4,7 +4,7 @@
 # (benchmarks/attention_speed.py: fla warmed first, then the config sweep, then the full table).
 # Usage (repository root, carry .whl = the fla 0.6.0 wheels):
 #   bash benchmarks/gpu_run.sh TEST_SECONDS BENCH_SECONDS [attention_speed.py args]
-# Env: NPROC (pytest processes, default 4), PREFIX (file prefix under $OUT, default k_),
+# Env: NPROC (pytest processes, default 8), PREFIX (file prefix under $OUT, default k_),
 #   SWEEP_S / SWEEP_ARGS: a separate attention_speed.py process for the config sweep (run before
 #   the main one, so that a variant that crashes the compiler cannot take the main table with it;
 #   its JSON lands in sweep/attention_speed.json), limited to SWEEP_S seconds.
@@ -12,7 +12,7 @@
 # $OUT/${PREFIX}results.tgz (JSON, pytest log, bench stderr, nvidia-smi, versions).
 set -o pipefail
 TEST_S=${1:-95}; BENCH_S=${2:-330}; shift 2 || true
-OUT=${OUT:-/tmp/out}; PREFIX=${PREFIX:-k_}; NPROC=${NPROC:-4}
+OUT=${OUT:-/tmp/out}; PREFIX=${PREFIX:-k_}; NPROC=${NPROC:-8}
 W=/tmp/${PREFIX}work; rm -rf "$W"; mkdir -p "$W" "$OUT"
 LOG="$OUT/${PREFIX}log.txt"
 export PYTHONUNBUFFERED=1
@@ -32,14 +32,17 @@ main() {
     local t0=$SECONDS ids=$W/test_ids
     python3 -m pytest --collect-only -q -p no:cacheprovider tests/test_triton_ops.py | grep "::" > "$ids"
     split -n r/"$NPROC" "$ids" "$W/test_ids_part_"
+    # SIGINT at the limit: pytest then still prints its summary (failures with their causes)
     for f in "$W"/test_ids_part_*; do
-      ( timeout "$TEST_S" xargs -a "$f" python3 -m pytest -q -s -rf -p no:cacheprovider > "$f.log" 2>&1
+      ( mapfile -t part < "$f"
+        timeout -s INT -k 20 "$TEST_S" python3 -m pytest -q -s -rf --tb=short -p no:cacheprovider "${part[@]}" \
+          > "$f.log" 2>&1
         echo "pytest part exit $?" >> "$f.log" ) &
     done
     wait
     cat "$W"/test_ids_part_*.log > "$W/pytest.log"
     echo "tests took $(( SECONDS - t0 )) s"
-    grep -E "CHECK FAIL|passed|failed|FAILED|Error|exit" "$W/pytest.log" | cut -c1-600
+    grep -E "CHECK FAIL|passed|failed|FAILED|Error|exit|Interrupt" "$W/pytest.log" | cut -c1-600
   fi
   if [[ -n "$SWEEP_ARGS" ]] && (( ${SWEEP_S:-0} > 0 )); then
     mkdir -p "$W/sweep"

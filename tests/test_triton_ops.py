@@ -48,6 +48,10 @@ def _config():
         # a few segments per sequence (the interpreter pays per program; the split itself is
         # checked by test_segment_split_is_invisible)
         _launch.CONFIG["min_programs"] = 16
+        # the interpreter pays per kernel run: no recompute walk and no persistent loop in the
+        # bulk of the cases (both are GPU defaults; their own tests below turn them on)
+        _launch.CONFIG["recompute_h"] = False
+        _launch.CONFIG["out_persist"] = 0
     yield
     _launch.CONFIG.clear()
     _launch.CONFIG.update(saved)
@@ -256,18 +260,32 @@ def test_pytorch_fallback_matches_reference(kind):
     _check(kern, ref, low, torch.float32, _NAMES + ["S0", "z0"])
 
 
+_PLAIN = dict(recompute_h=False, out_persist=0, fuse_delta=False)  # the launch knobs off
+_GPU_DEFAULTS = dict(recompute_h=True, out_persist=2, fuse_delta=True)  # _launch.CONFIG's
+
+
 @pytest.mark.parametrize(
-    "min_programs, init, scan",
-    [(1, True, False), (1, False, False), (10_000, True, False), (1, True, True)],
-    ids=["one-segment-init", "one-segment", "many-segments-init", "two-level-scan-init"],
+    "min_programs, init, knobs",
+    [
+        (1, True, {}),
+        (1, False, _GPU_DEFAULTS),
+        (1, False, _PLAIN),
+        (10_000, True, _GPU_DEFAULTS),
+    ],
+    ids=[
+        "one-segment-init",
+        "one-segment-gpu-defaults",
+        "one-segment-plain",
+        "many-segments-init-gpu-defaults",
+    ],
 )
-def test_segment_split_is_invisible(min_programs, init, scan):
+def test_segment_split_is_invisible(min_programs, init, knobs):
     """The number of segments per sequence changes the schedule, not the result. One segment:
     the walks start from the initial state / final-state gradient (or 0) and the output and
     backward kernels read the chunk states alone; several: the segment states are added.
-    ``scan``: the two-level walk (parallel local states + add-only scan from the initial state)."""
+    ``plain``: kept chunk states, one output program per item, the separate delta kernel."""
     _launch.CONFIG["min_programs"] = min_programs
-    _launch.CONFIG["scan"] = scan
+    _launch.CONFIG.update(knobs)
     B, T, H, D = (2, 2000, 2, 64) if CUDA else (2, 50, 2, 16)
     args = _inputs(B, T, H, H, D, D, D, torch.float32, True)
     st0 = (torch.rand(B, H, 2 * D, D, device=DEV), torch.rand(B, H, 2 * D, device=DEV)) if init else None
@@ -279,16 +297,12 @@ def test_segment_split_is_invisible(min_programs, init, scan):
 
 @pytest.mark.parametrize("kind", ["mask", "cu"])
 def test_recomputed_chunk_states_match_reference(kind):
-    """``CONFIG["recompute_h"]``: the backward recomputes the forward's chunk states instead of
-    keeping them (memory); same outputs and gradients, with padding or packed sequences, several
-    segments, and the variant knobs of the tuning sweep on (rounded features in the output
-    kernel, cd computed in the backward kernel, programs over half chunks; with ``cu_seqlens``
-    also the persistent output and backward kernels, with padding the two-level state walk)."""
-    _launch.CONFIG.update(recompute_h=True, out_feat_lowp=True, fuse_delta=True, out_split=2, bwd_split=2)
-    if kind == "cu":
-        _launch.CONFIG.update(out_persist=1, bwd_persist=1)
-    else:
-        _launch.CONFIG.update(scan=True)
+    """The GPU defaults and the sweep's knobs together: chunk states recomputed in the backward
+    instead of kept (``recompute_h``), the output kernel persistent over (chunk, head) items,
+    ``cd`` computed in the backward kernel, and output and backward programs over half chunks
+    (``*_split``); same outputs and gradients, with padding or packed sequences, GQA and several
+    segments."""
+    _launch.CONFIG.update(recompute_h=True, out_persist=2, fuse_delta=True, out_split=2, bwd_split=2)
     B, T, H, HK, D = (2, 3000, 4, 2, 64) if CUDA else (2, 45, 2, 1, 16)
     if kind == "cu":
         B = 1
@@ -360,6 +374,33 @@ def test_decode_steps_continue_prefill(act):
     assert not torch.isnan(dec).any()
     assert rel(pre, full[:, :P]) <= 2e-5
     assert rel(dec, full[:, P:]) <= 2e-5
+
+
+def test_out_of_shared_memory_falls_back_to_one_stage():
+    """A pipelined launch that does not fit in shared memory (``OutOfResources`` at launch) is
+    relaunched with one stage, and that specialisation keeps one stage; unstaged ones re-raise."""
+    from triton.runtime.errors import OutOfResources
+
+    class Fake:  # stands in for a JIT function: kernel[grid](*args, **kw)
+        def __init__(self, name, limit_stages):
+            self.fn = type("fn", (), {"__name__": name})
+            self.limit, self.calls = limit_stages, []
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                self.calls.append((kw["num_stages"], kw.get("P_STAGES")))
+                if max(kw["num_stages"], kw.get("P_STAGES", 1)) > self.limit:
+                    raise OutOfResources(263680, 232448, "shared memory")
+
+            return launch
+
+    k = Fake("fake_staged_kernel", limit_stages=1)
+    for _ in range(2):
+        _launch._run(k, (4,), 1, X=1, num_stages=3, P_STAGES=2)
+    assert k.calls == [(3, 2), (1, 1), (1, 1)]  # the second launch goes straight to one stage
+    k = Fake("fake_unfit_kernel", limit_stages=0)
+    with pytest.raises(OutOfResources):
+        _launch._run(k, (4,), 1, X=1, num_stages=1)
 
 
 def test_rejects_bad_arguments():

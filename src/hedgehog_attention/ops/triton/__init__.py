@@ -97,8 +97,6 @@ def _(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, activation, negation, causal, e
     F = wq.shape[2] if fused else q.shape[3]
     bt = L.chunk_size(F, v.dtype)
     ns = L.segments(N, HK, max_len, (2 if (negation and fused) else 1) * -(-DV // bv), bt)[1] if causal else 1
-    if causal and L.CONFIG["scan"]:  # the two-level walk: one "segment" per sequence
-        ns = 1
     f32, hdt = torch.float32, L.state_dtype(v.dtype)
     return (
         q.new_empty(B, T, H, DV, dtype=v.dtype),

@@ -413,78 +413,6 @@ def _state_kernel(
     tl.store(stz_ptr + sb + offs_f, b_z, mask=offs_f < tl.where(i_v == 0, F, 0))  # one value block writes z
 
 
-@triton.jit(do_not_specialize=["T", "NS"])
-def _scan_kernel(
-    loc_ptr,
-    locz_ptr,
-    h_ptr,
-    hz_ptr,
-    st_ptr,
-    stz_ptr,
-    s0_ptr,
-    z0_ptr,
-    cu_ptr,
-    coff_ptr,
-    T,
-    HK,
-    FT,
-    DV,
-    NS,
-    BT: tl.constexpr,
-    BR: tl.constexpr,
-    BV: tl.constexpr,
-    REVERSE: tl.constexpr,
-    INIT: tl.constexpr,
-    VARLEN: tl.constexpr,
-    STAGES: tl.constexpr,
-):
-    """Second level of the two-level state walk (``CONFIG["scan"]``): an add-only scan over the
-    chunks' local states ``loc [N, HK, NS, FT, DV]`` (fp32, ``NS`` = chunks of the longest
-    sequence; written fully in parallel by ``_state_kernel`` with one chunk per segment).
-    Stores the state entering every chunk, ``h[coff[n] + c] = s0 + sum_{c' < c} loc[c']``
-    (``c' > c`` when ``REVERSE``), into ``h [NC, HK, FT, DV]`` / ``hz [NC, HK, FT]``, and the total
-    into ``st [N, HK, 1, FT, DV]`` / ``stz``. Grid: ``(N * HK, cdiv(FT, BR), cdiv(DV, BV))``; the
-    loads of a step do not depend on the running sum, so ``STAGES`` pipeline stages overlap them."""
-    i_nh = tl.program_id(0)
-    i_r = tl.program_id(1)
-    i_v = tl.program_id(2)
-    i_n = i_nh // HK
-    i_hk = i_nh % HK
-    bos, L = _seq(cu_ptr, i_n, T, VARLEN)
-    nch = tl.cdiv(L, BT)
-    if VARLEN:
-        coff = tl.load(coff_ptr + i_n).to(tl.int64)
-    else:
-        coff = i_n.to(tl.int64) * tl.cdiv(T, BT)
-    rows = i_r * BR + tl.arange(0, BR)
-    cols = i_v * BV + tl.arange(0, BV)
-    m = (rows < FT)[:, None] & (cols < DV)[None, :]
-    zm = rows < tl.where(i_v == 0, FT, 0)  # one value block carries the normaliser
-    base = i_nh.to(tl.int64)
-    tile = rows[:, None] * DV + cols[None, :]
-    if INIT:
-        run = tl.load(s0_ptr + base * FT * DV + tile, mask=m, other=0.0).to(tl.float32)
-        runz = tl.load(z0_ptr + base * FT + rows, mask=zm, other=0.0).to(tl.float32)
-    else:
-        run = tl.zeros([BR, BV], dtype=tl.float32)
-        runz = tl.zeros([BR], dtype=tl.float32)
-    for jj in tl.range(0, nch, num_stages=STAGES):
-        if REVERSE:
-            c = nch - 1 - jj
-        else:
-            c = jj
-        lb = (base * NS + c) * FT
-        lo = tl.load(loc_ptr + lb * DV + tile, mask=m, other=0.0)
-        loz = tl.load(locz_ptr + lb + rows, mask=zm, other=0.0)
-        hb = ((coff + c) * HK + i_hk) * FT
-        tl.store(h_ptr + hb * DV + tile, run.to(h_ptr.dtype.element_ty), mask=m)
-        tl.store(hz_ptr + hb + rows, runz, mask=zm)
-        run += lo
-        runz += loz
-    tl.store(st_ptr + base * FT * DV + tile, run, mask=m)
-    tl.store(stz_ptr + base * FT + rows, runz, mask=zm)
-
-
 @triton.jit
 def _out_item(
     i_c,
@@ -530,7 +458,6 @@ def _out_item(
     VARLEN: tl.constexpr,
     ACT: tl.constexpr,
     NEG: tl.constexpr,
-    FEAT_LP: tl.constexpr,
     BS: tl.constexpr,
     W_NATIVE: tl.constexpr,
     MAP_PREC: tl.constexpr,
@@ -583,15 +510,11 @@ def _out_item(
     zq = _preact(xq, wq, bq, FUSED, W_NATIVE, MAP_PREC)
     qp = _feat(zq, 1.0, tq_ok, F, BF, FUSED, ACT, EVEN)
     qp_d = qp.to(DOT_DT)
-    if FEAT_LP:  # keep only the rounded features live (the normaliser from them too)
-        qp = qp_d.to(tl.float32)
     num = tl.dot(qp_d, sp.to(DOT_DT), input_precision=PREC)
     den = tl.sum(qp * zp[None, :], 1)
     if NEG:
         qn = _feat(zq, -1.0, tq_ok, F, BF, FUSED, ACT, EVEN)
         qn_d = qn.to(DOT_DT)
-        if FEAT_LP:
-            qn = qn_d.to(tl.float32)
         num += tl.dot(qn_d, sn.to(DOT_DT), input_precision=PREC)
         den += tl.sum(qn * zn[None, :], 1)
     if CAUSAL:
@@ -659,7 +582,6 @@ def _out_kernel(
     VARLEN: tl.constexpr,
     ACT: tl.constexpr,
     NEG: tl.constexpr,
-    FEAT_LP: tl.constexpr,
     W_NATIVE: tl.constexpr,
     MAP_PREC: tl.constexpr,
     PREC: tl.constexpr,
@@ -682,14 +604,14 @@ def _out_kernel(
                 (it % NC) // SPLIT, (it % NC) % SPLIT, it // NC,
                 q_ptr, k_ptr, v_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, mask_ptr, cu_ptr, cidx_ptr, h_ptr, hz_ptr, si_ptr,
                 zi_ptr, o_ptr, den_ptr, eps, T, H, HK, G, D, F, FT, DV, CPS, NSI, BT, BD, BF, BV, FUSED, HAS_BQ, HAS_BK,
-                HAS_MASK, CAUSAL, SEG, VARLEN, ACT, NEG, FEAT_LP, BT // SPLIT, W_NATIVE, MAP_PREC, PREC, DOT_DT, EVEN,
+                HAS_MASK, CAUSAL, SEG, VARLEN, ACT, NEG, BT // SPLIT, W_NATIVE, MAP_PREC, PREC, DOT_DT, EVEN,
             )  # fmt: skip
     else:
         _out_item(
             tl.program_id(0) // SPLIT, tl.program_id(0) % SPLIT, tl.program_id(1),
             q_ptr, k_ptr, v_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, mask_ptr, cu_ptr, cidx_ptr, h_ptr, hz_ptr, si_ptr,
             zi_ptr, o_ptr, den_ptr, eps, T, H, HK, G, D, F, FT, DV, CPS, NSI, BT, BD, BF, BV, FUSED, HAS_BQ, HAS_BK,
-            HAS_MASK, CAUSAL, SEG, VARLEN, ACT, NEG, FEAT_LP, BT // SPLIT, W_NATIVE, MAP_PREC, PREC, DOT_DT, EVEN,
+            HAS_MASK, CAUSAL, SEG, VARLEN, ACT, NEG, BT // SPLIT, W_NATIVE, MAP_PREC, PREC, DOT_DT, EVEN,
         )  # fmt: skip
 
 
@@ -708,11 +630,8 @@ def _delta_kernel(do_ptr, o_ptr, den_ptr, cd_ptr, NTOK, H, DV, BT: tl.constexpr,
     tl.store(cd_ptr + offs_t * H + i_h, -tl.sum(do * o, 1) / den, mask=t_ok)
 
 
-@triton.jit
-def _bwd_item(
-    i_c,
-    i_sub,
-    i_h,
+@triton.jit(do_not_specialize=["T", "CPS", "NSI"])
+def _bwd_kernel(
     q_ptr,
     k_ptr,
     v_ptr,
@@ -764,7 +683,7 @@ def _bwd_item(
     DOT_DT: tl.constexpr,
     EVEN: tl.constexpr,
     FUSE_CD: tl.constexpr,
-    BS: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     """Gradients of one chunk and one query head (grid ``(NC, H)``, all of Dv, no loop).
 
@@ -781,10 +700,15 @@ def _bwd_item(
 
     The two sides are two launches of this kernel (fewer live tiles than one kernel doing both;
     each recomputes both maps). ``dW = x^T dz`` and ``db`` are one batched matmul in the launcher.
-    ``BS`` < ``BT``: the program's own rows (queries on the query side, keys on the key side) are
-    the ``BS`` tokens of sub-block ``i_sub``; the other side's rows are the whole chunk (causally
-    masked): smaller tiles, more programs, the same chunk states.
+    ``SPLIT`` > 1 (grid ``(NC * SPLIT, H)``): the program's own rows (queries on the query side,
+    keys on the key side) are the ``BS = BT // SPLIT`` tokens of sub-block ``i_sub`` of the chunk;
+    the other side's rows are the whole chunk (causally masked): smaller tiles, more programs,
+    the same chunk states.
     """
+    i_c = tl.program_id(0) // SPLIT
+    i_sub = tl.program_id(0) % SPLIT
+    i_h = tl.program_id(1)
+    BS: tl.constexpr = BT // SPLIT
     i_hk = i_h // G
     first = (i_h % G) == 0
     i_n, i_t, bos, L = _chunk(cidx_ptr, cu_ptr, i_c, T, BT, VARLEN)
@@ -904,88 +828,6 @@ def _bwd_item(
         _st(dv_ptr + bos * (H * DV) + i_h * DV, dvv, L, DV, H * DV, k0, 0, BK, BV, True, not EVEN)
         _map_bwd(zk, kp_raw.to(tl.float32), kn_raw.to(tl.float32), dkp, dkn, tk_ok, wk, dx_ptr, dz_ptr, bos, L, k0, i_h,
                  H, D, F, BK, BD, BF, FUSED, ACT, NEG, MAP_PREC, EVEN)  # fmt: skip
-
-
-@triton.jit(do_not_specialize=["T", "CPS", "NSI", "NITEMS"])
-def _bwd_kernel(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    wq_ptr,
-    bq_ptr,
-    wk_ptr,
-    bk_ptr,
-    mask_ptr,
-    cu_ptr,
-    cidx_ptr,
-    h_ptr,
-    hz_ptr,
-    si_ptr,
-    zi_ptr,
-    do_ptr,
-    den_ptr,
-    cd_ptr,
-    o_ptr,
-    dx_ptr,
-    dz_ptr,
-    dv_ptr,
-    T,
-    H,
-    HK,
-    G,
-    D,
-    F,
-    FT,
-    DV,
-    CPS,
-    NSI,
-    BT: tl.constexpr,
-    BD: tl.constexpr,
-    BF: tl.constexpr,
-    BV: tl.constexpr,
-    KV_SIDE: tl.constexpr,
-    FUSED: tl.constexpr,
-    HAS_BQ: tl.constexpr,
-    HAS_BK: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    SEG: tl.constexpr,
-    VARLEN: tl.constexpr,
-    ACT: tl.constexpr,
-    NEG: tl.constexpr,
-    W_NATIVE: tl.constexpr,
-    MAP_PREC: tl.constexpr,
-    PREC: tl.constexpr,
-    DOT_DT: tl.constexpr,
-    EVEN: tl.constexpr,
-    FUSE_CD: tl.constexpr,
-    NITEMS,
-    PERSIST: tl.constexpr,
-    P_STAGES: tl.constexpr,
-    SPLIT: tl.constexpr,
-):
-    """Grid ``(NC * SPLIT, H)``: one (chunk, sub-block of ``BT // SPLIT`` own rows, query head) per
-    program (``_bwd_item``). ``PERSIST``: a 1-D
-    grid of fewer programs looping over items ``i = pid, pid + P, ...`` (``i % NC`` chunk,
-    ``i // NC`` query head) with ``P_STAGES`` software-pipeline stages."""
-    if PERSIST:
-        NC = NITEMS // H  # chunks x sub-blocks
-        for it in tl.range(tl.program_id(0), NITEMS, tl.num_programs(0), num_stages=P_STAGES):
-            _bwd_item(
-                (it % NC) // SPLIT, (it % NC) % SPLIT, it // NC,
-                q_ptr, k_ptr, v_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, mask_ptr, cu_ptr, cidx_ptr, h_ptr, hz_ptr,
-                si_ptr, zi_ptr, do_ptr, den_ptr, cd_ptr, o_ptr, dx_ptr, dz_ptr, dv_ptr, T, H, HK, G, D, F, FT, DV,
-                CPS, NSI, BT, BD, BF, BV, KV_SIDE, FUSED, HAS_BQ, HAS_BK, HAS_MASK, CAUSAL, SEG, VARLEN, ACT, NEG,
-                W_NATIVE, MAP_PREC, PREC, DOT_DT, EVEN, FUSE_CD, BT // SPLIT,
-            )  # fmt: skip
-    else:
-        _bwd_item(
-            tl.program_id(0) // SPLIT, tl.program_id(0) % SPLIT, tl.program_id(1),
-            q_ptr, k_ptr, v_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, mask_ptr, cu_ptr, cidx_ptr, h_ptr, hz_ptr, si_ptr,
-            zi_ptr, do_ptr, den_ptr, cd_ptr, o_ptr, dx_ptr, dz_ptr, dv_ptr, T, H, HK, G, D, F, FT, DV, CPS, NSI, BT,
-            BD, BF, BV, KV_SIDE, FUSED, HAS_BQ, HAS_BK, HAS_MASK, CAUSAL, SEG, VARLEN, ACT, NEG, W_NATIVE, MAP_PREC,
-            PREC, DOT_DT, EVEN, FUSE_CD, BT // SPLIT,
-        )  # fmt: skip
 
 
 @triton.jit

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+import triton.runtime.errors
 
 from . import _kernels as K
 
@@ -26,9 +27,12 @@ from . import _kernels as K
 # on each of the H200's 132 SMs), which sets the segments per sequence (``segments``). ``*_warps``, ``*_stages``:
 # per kernel. ``poison``: fill every kernel-written buffer with NaN first (tests), so a skipped
 # write shows. Tests shrink ``chunk`` to 32 (and the V blocks to 16) to exercise many chunks on tiny
-# inputs. The defaults are the config picked on the H200 on 2026-11-28 (run 4, T=4096: BT=128,
-# 8 warps, 3 stages in the state walk: fwd 2.13 ms, fwd+bwd 7.76 ms, 2.30 GB; BT=64 / 4 warps:
-# 1.94 / 9.16 ms, 3.13 GB; docs/kernels.md).
+# inputs. The defaults follow the 23-variant sweep on the H200 of 2026-11-28 18:10 (run 5, T=4096,
+# docs/kernels.md): BT=128, 8 warps, 3 stages in the state walk (run 4), the output kernel
+# persistent with 2 programs per SM (output kernel 1.24 -> 1.00 ms), cd in the backward kernel
+# (-0.06 ms), and the chunk states recomputed in the backward (+0.75 ms, -0.28 GB: peak memory
+# 2.02 GB, under SDPA's 2.16). Slower there: the two-level scan, 4 warps, value blocks of 32,
+# persistent backward launches, rounded features (no change).
 CONFIG = {
     "chunk": 128,
     "state_bv": 64,
@@ -44,30 +48,40 @@ CONFIG = {
     "fallback": "auto",
     # causal, no initial state: do not keep the forward's chunk states ``h`` for the backward
     # (recomputed there by one more forward walk): -|h| of peak memory (0.27 GB at BT = 128)
-    "recompute_h": False,
-    # output kernel: features rounded to the product dtype right after the map (bf16 inputs),
-    # the normaliser from the rounded features (as the backward does): fewer live fp32 tiles
-    "out_feat_lowp": False,
+    "recompute_h": True,
     # output kernel persistent over (chunk, head) items: this many programs per SM (0: one
     # program per item), each looping with ``out_persist_stages`` software-pipeline stages
-    "out_persist": 0,
+    "out_persist": 2,
     "out_persist_stages": 2,
-    # the same for both backward launches
-    "bwd_persist": 0,
-    "bwd_persist_stages": 2,
     # compute cd = -(do . o) / den in the query-side backward launch (no _delta_kernel)
-    "fuse_delta": False,
-    # causal state walks in two levels: every chunk's local state fully in parallel, then an
-    # add-only scan over the chunks (``_scan_kernel``, ``scan_stages`` pipeline stages) instead
-    # of the sequential segment walk
-    "scan": False,
-    "scan_stages": 3,
+    "fuse_delta": True,
     # sub-blocks per chunk in the output / backward programs: each program owns BT // split rows
     # (queries; keys on the backward's key side) against the whole chunk (smaller tiles, more
     # programs, the chunk states and the walk of BT-token chunks)
     "out_split": 1,
     "bwd_split": 1,
 }
+
+
+_UNSTAGED: set = set()  # specialisations whose pipelined variant did not fit in shared memory
+
+
+def _run(kernel, grid, *args, **kw):
+    """``kernel[grid](*args, **kw)``; if the software-pipelined variant (``num_stages`` /
+    ``P_STAGES`` > 1) needs more shared memory than a block may have (``OutOfResources`` at
+    launch, before anything runs: e.g. the reverse walk over a GQA group of 2 heads with 3 stages,
+    H200 run of 2026-11-28 18:09), launch it with one stage; remembered per specialisation."""
+    key = (kernel.fn.__name__, tuple(sorted((k, str(v)) for k, v in kw.items())))
+    if key in _UNSTAGED:
+        kw = dict(kw, num_stages=1, **({"P_STAGES": 1} if "P_STAGES" in kw else {}))
+    try:
+        kernel[grid](*args, **kw)
+    except triton.runtime.errors.OutOfResources:
+        staged = kw.get("num_stages", 1) > 1 or kw.get("P_STAGES", 1) > 1
+        if not staged:
+            raise
+        _UNSTAGED.add(key)
+        kernel[grid](*args, **dict(kw, num_stages=1, **({"P_STAGES": 1} if "P_STAGES" in kw else {})))
 
 
 def _split(key: str, bt: int) -> int:
@@ -219,8 +233,6 @@ class _Plan:
         are then complete and ``st`` includes it."""
         bv = min(_pow2(self.DV), _pow2(CONFIG["state_bv"]))
         nv = triton.cdiv(self.DV, bv)
-        if store_h and CONFIG["scan"]:
-            return self._scan_walk(x, w, b, u, den, cd, s0, z0, reverse=reverse, bv=bv, nv=nv)
         cps, ns = segments(self.N, self.HK, self.max_len, self.nhalf * nv, self.bt)
         f32 = torch.float32
         if store_h:
@@ -233,7 +245,7 @@ class _Plan:
         c = self.consts(bv)
         dummy = x
         init = store_h and ns == 1 and s0 is not None
-        K._state_kernel[(self.N * self.HK * ns, self.nhalf * nv)](
+        _run(K._state_kernel, (self.N * self.HK * ns, self.nhalf * nv),
             x, w if w is not None else dummy, b if b is not None else dummy, u,
             den if den is not None else dummy, cd if cd is not None else dummy, self.mask_, self.cu, self.coff,
             h if h is not None else dummy, hz if hz is not None else dummy, st, stz,
@@ -243,41 +255,6 @@ class _Plan:
             **{n: c[n] for n in _COMMON}, BV=bv, num_warps=CONFIG["state_warps"], num_stages=CONFIG["state_stages"],
         )  # fmt: skip
         return h, hz, st, stz, cps, init
-
-    def _scan_walk(self, x, w, b, u, den, cd, s0, z0, *, reverse, bv, nv):
-        """Two-level walk (``CONFIG["scan"]``): ``_state_kernel`` with one chunk per segment gives
-        every chunk's local state ``loc [N, HK, NS, FT, DV]`` (fp32) fully in parallel, then
-        ``_scan_kernel`` sums them in chunk order into the chunk states ``h`` (starting from
-        ``(s0, z0)`` when given) and the totals ``st [N, HK, 1, FT, DV]``. Same returns as
-        ``state_walk``; one "segment" of ``ns`` chunks, ``init`` = a start state was given."""
-        f32, dev = torch.float32, self.dev
-        ns = max(1, triton.cdiv(self.max_len, self.bt))
-        loc = _empty(self.N, self.HK, ns, self.FT, self.DV, device=dev, dtype=f32)
-        locz = _empty(self.N, self.HK, ns, self.FT, device=dev, dtype=f32)
-        c = self.consts(bv)
-        dummy = x
-        K._state_kernel[(self.N * self.HK * ns, self.nhalf * nv)](
-            x, w if w is not None else dummy, b if b is not None else dummy, u,
-            den if den is not None else dummy, cd if cd is not None else dummy, self.mask_, self.cu, self.coff,
-            dummy, dummy, loc, locz, dummy, dummy, self.T,
-            x.shape[2], self.HK, self.D, self.F, self.FT, self.DV, 1, ns, G=self.G if reverse else 1,
-            HAS_B=b is not None, REVERSE=reverse, STORE_H=False, INIT=False, VARLEN=self.varlen,
-            **{n: c[n] for n in _COMMON}, BV=bv, num_warps=CONFIG["state_warps"], num_stages=CONFIG["state_stages"],
-        )  # fmt: skip
-        h = _empty(self.nc, self.HK, self.FT, self.DV, device=dev, dtype=self.hdt)
-        hz = _empty(self.nc, self.HK, self.FT, device=dev, dtype=f32)
-        st = _empty(self.N, self.HK, 1, self.FT, self.DV, device=dev, dtype=f32)
-        stz = _empty(self.N, self.HK, 1, self.FT, device=dev, dtype=f32)
-        init = s0 is not None
-        # enough programs for the sequential chunk loop: rows in blocks of 32, or 16 when few
-        br = 32 if self.N * self.HK * triton.cdiv(self.FT, 32) >= 1024 else 16
-        bvs = min(_pow2(self.DV), 64)
-        K._scan_kernel[(self.N * self.HK, triton.cdiv(self.FT, br), triton.cdiv(self.DV, bvs))](
-            loc, locz, h, hz, st, stz, s0 if init else loc, z0 if init else locz, self.cu, self.coff, self.T,
-            self.HK, self.FT, self.DV, ns, BT=self.bt, BR=br, BV=bvs, REVERSE=reverse, INIT=init,
-            VARLEN=self.varlen, STAGES=int(CONFIG["scan_stages"]), num_warps=4,
-        )  # fmt: skip
-        return h, hz, st, stz, ns, init
 
 
 def fwd(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, *, activation, negation, causal, eps, fused, max_len, nc, varlen):
@@ -325,12 +302,12 @@ def fwd(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, *, activation, negation, caus
     n_items = P.nc * split * nv * P.H
     persist = int(CONFIG["out_persist"]) > 0
     grid = (min(n_items, int(CONFIG["out_persist"]) * _n_sm(dev)),) if persist else (P.nc * split, nv * P.H)
-    K._out_kernel[grid](
+    _run(K._out_kernel, grid,
         q, k, v, wq if fused else q, bq if bq is not None else q, wk if fused else q, bk if bk is not None else q,
         P.mask_, cu, P.cidx, h if causal else q, hz if causal else q, s_in, z_in, o, den, float(eps), P.T,
         P.H, P.HK, P.G, P.D, P.F, P.FT, P.DV, cps, s_in.shape[2],
         HAS_BQ=bq is not None, HAS_BK=bk is not None, CAUSAL=bool(causal), SEG=seg, VARLEN=P.varlen, NEG=P.neg,
-        FEAT_LP=bool(CONFIG["out_feat_lowp"]), NITEMS=n_items, PERSIST=persist, SPLIT=split,
+        NITEMS=n_items, PERSIST=persist, SPLIT=split,
         P_STAGES=int(CONFIG["out_persist_stages"]),
         **{n: c[n] for n in _COMMON}, BV=bv, num_warps=CONFIG["out_warps"], num_stages=CONFIG["out_stages"],
     )  # fmt: skip
@@ -362,18 +339,14 @@ def bwd(
     seg = (not causal) or s_in.shape[2] > 1  # as in the forward (the reverse walk has the same segments)
 
     split = _split("bwd_split", P.bt)
-    n_items = P.nc * split * P.H
-    persist = int(CONFIG["bwd_persist"]) > 0
-    grid = (min(n_items, int(CONFIG["bwd_persist"]) * _n_sm(dev)),) if persist else (P.nc * split, P.H)
 
     def launch(kv_side, hh, hhz, si, zi, dx, dz, dv):
-        K._bwd_kernel[grid](
+        _run(K._bwd_kernel, (P.nc * split, P.H),
             q, k, v, wq_, bq_, wk_, bk_, P.mask_, cu, P.cidx,
             hh if causal else q, hhz if causal else q, si, zi, do, den, cd, o, dx, dz, dv, P.T,
             P.H, P.HK, P.G, P.D, P.F, P.FT, P.DV, cps, si.shape[2],
             KV_SIDE=kv_side, HAS_BQ=bq is not None, HAS_BK=bk is not None, CAUSAL=bool(causal), SEG=seg,
-            VARLEN=P.varlen, NEG=P.neg, **{n: c[n] for n in _COMMON}, BV=_pow2(P.DV), NITEMS=n_items,
-            PERSIST=persist, P_STAGES=int(CONFIG["bwd_persist_stages"]), FUSE_CD=fuse_cd, SPLIT=split,
+            VARLEN=P.varlen, NEG=P.neg, **{n: c[n] for n in _COMMON}, BV=_pow2(P.DV), FUSE_CD=fuse_cd, SPLIT=split,
             num_warps=CONFIG["bwd_warps"], num_stages=CONFIG["bwd_stages"],
         )  # fmt: skip
 
@@ -451,8 +424,6 @@ def _dw(x: torch.Tensor, dz: torch.Tensor, w: torch.Tensor, b: torch.Tensor | No
 
 def _fwd_cps(P: _Plan) -> int:
     """Chunks per segment of the forward state walk (the backward reads its segment states)."""
-    if CONFIG["scan"]:  # one "segment" (the two-level walk stores complete chunk states)
-        return max(1, triton.cdiv(P.max_len, P.bt))
     bv = min(_pow2(P.DV), _pow2(CONFIG["state_bv"]))
     return segments(P.N, P.HK, P.max_len, P.nhalf * triton.cdiv(P.DV, bv), P.bt)[0]
 
