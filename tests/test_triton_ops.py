@@ -48,9 +48,8 @@ def _config():
         # a few segments per sequence (the interpreter pays per program; the split itself is
         # checked by test_segment_split_is_invisible)
         _launch.CONFIG["min_programs"] = 16
-        # the interpreter pays per kernel run: no recompute walk and no persistent loop in the
-        # bulk of the cases (both are GPU defaults; their own tests below turn them on)
-        _launch.CONFIG["recompute_h"] = False
+        # the interpreter pays per nested kernel call: no persistent output loop in the bulk of
+        # the cases (a GPU default; its own tests below turn it on)
         _launch.CONFIG["out_persist"] = 0
     yield
     _launch.CONFIG.clear()
@@ -261,7 +260,7 @@ def test_pytorch_fallback_matches_reference(kind):
 
 
 _PLAIN = dict(recompute_h=False, out_persist=0, fuse_delta=False)  # the launch knobs off
-_GPU_DEFAULTS = dict(recompute_h=True, out_persist=2, fuse_delta=True)  # _launch.CONFIG's
+_GPU_DEFAULTS = dict(recompute_h=False, out_persist=2, fuse_delta=True)  # _launch.CONFIG's
 
 
 @pytest.mark.parametrize(
@@ -297,8 +296,8 @@ def test_segment_split_is_invisible(min_programs, init, knobs):
 
 @pytest.mark.parametrize("kind", ["mask", "cu"])
 def test_recomputed_chunk_states_match_reference(kind):
-    """The GPU defaults and the sweep's knobs together: chunk states recomputed in the backward
-    instead of kept (``recompute_h``), the output kernel persistent over (chunk, head) items,
+    """The sweep's knobs together: chunk states recomputed in the backward instead of held
+    (``recompute_h``), the output kernel persistent over (chunk, head) items,
     ``cd`` computed in the backward kernel, and output and backward programs over half chunks
     (``*_split``); same outputs and gradients, with padding or packed sequences, GQA and several
     segments."""
@@ -313,6 +312,19 @@ def test_recomputed_chunk_states_match_reference(kind):
         args, activation="softmax", negation=True, causal=True, mask=mask, cu=cu, init=None, dtype=dtype
     )
     _check(kern, ref, low, dtype, _NAMES)
+
+
+def test_second_backward_gives_the_same_gradients():
+    """The chunk states are handed to the first backward and dropped there; a second backward
+    through the same graph (``retain_graph``) recomputes them: the same gradients."""
+    q, k, v, wq, bq, wk, bk = (x.requires_grad_() for x in _inputs(2, 40, 2, 1, 16, 16, 16, torch.float32, True))
+    o, _ = fused_hedgehog_attention(q, k, v, wq, bq, wk, bk, causal=True)
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(5)).to(DEV)
+    leaves = [q, k, v, wq, bq, wk, bk]
+    g1 = torch.autograd.grad(o, leaves, do, retain_graph=True)
+    g2 = torch.autograd.grad(o, leaves, do)
+    for a, b in zip(g1, g2):
+        assert not torch.isnan(a).any() and rel(b, a) <= 1e-6
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])

@@ -11,7 +11,7 @@ returns, fp32 state ``(S [N, Hk, F', Dv], z [N, Hk, F'])``, the one masking rule
 * :func:`fused_hedgehog_decode_step` -- one token per sequence, state updated in place.
 
 Both attention functions go through ``torch.library.custom_op`` ops with registered autograd
-(``hedgehog_attention::triton_la_fwd`` / ``triton_la_bwd``), so ``torch.compile`` traces them
+(``hedgehog_attention::triton_la_fwd`` / ``triton_la_bwd_q`` / ``triton_la_bwd_kv``), so ``torch.compile`` traces them
 as opaque calls. Design, byte/FLOP counts and measured speed: ``docs/kernels.md``.
 """
 
@@ -110,11 +110,9 @@ def _(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, activation, negation, causal, e
     )
 
 
-@torch.library.custom_op("hedgehog_attention::triton_la_bwd", mutates_args=())
-def _la_bwd(
+@torch.library.custom_op("hedgehog_attention::triton_la_bwd_q", mutates_args=())
+def _la_bwd_q(
     do: Tensor,
-    ds_fin: Tensor | None,
-    dz_fin: Tensor | None,
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -137,20 +135,63 @@ def _la_bwd(
     max_len: int,
     nc: int,
     varlen: bool,
+) -> list[Tensor]:
+    """Query side of the backward: ``[dq, dwq, dbq, cd]`` (empty tensors where n/a)."""
+    g = _lm().bwd_q(
+        do, q, k, v, wq, bq, wk, bk, mask, cu, o, den, h, hz, s_in, z_in,
+        activation=activation, negation=negation, causal=causal, fused=fused, max_len=max_len, nc=nc, varlen=varlen,
+    )  # fmt: skip
+    # custom ops cannot return None: absent gradients travel as empty tensors
+    return [x if x is not None else q.new_empty(0) for x in g]
+
+
+@_la_bwd_q.register_fake
+def _(do, q, k, v, wq, bq, wk, bk, mask, cu, o, den, h, hz, s_in, z_in, activation, negation, causal, fused, max_len,
+      nc, varlen):  # fmt: skip
+    def like(t):
+        return torch.empty_like(t) if (fused and t is not None) else q.new_empty(0)
+
+    return [torch.empty_like(q), like(wq), like(bq), torch.empty_like(den)]
+
+
+@torch.library.custom_op("hedgehog_attention::triton_la_bwd_kv", mutates_args=())
+def _la_bwd_kv(
+    do: Tensor,
+    ds_fin: Tensor | None,
+    dz_fin: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    wq: Tensor | None,
+    bq: Tensor | None,
+    wk: Tensor | None,
+    bk: Tensor | None,
+    mask: Tensor | None,
+    cu: Tensor,
+    den: Tensor,
+    cd: Tensor,
+    s_in: Tensor,
+    activation: str,
+    negation: bool,
+    causal: bool,
+    fused: bool,
+    max_len: int,
+    nc: int,
+    varlen: bool,
     need_ds0: bool,
 ) -> list[Tensor]:
-    grads = _lm().bwd(
-        do, ds_fin, dz_fin, q, k, v, wq, bq, wk, bk, mask, cu, o, den, h, hz, s_in, z_in,
+    """Key side of the backward: ``[dk, dv, dwk, dbk, ds0, dz0]`` (empty tensors where n/a)."""
+    g = _lm().bwd_kv(
+        do, ds_fin, dz_fin, q, k, v, wq, bq, wk, bk, mask, cu, den, cd, s_in,
         activation=activation, negation=negation, causal=causal, fused=fused, max_len=max_len, nc=nc,
         varlen=varlen, need_ds0=need_ds0,
     )  # fmt: skip
-    # custom ops cannot return None: absent gradients travel as empty tensors
-    return [g if g is not None else q.new_empty(0) for g in grads]
+    return [x if x is not None else q.new_empty(0) for x in g]
 
 
-@_la_bwd.register_fake
-def _(do, ds_fin, dz_fin, q, k, v, wq, bq, wk, bk, mask, cu, o, den, h, hz, s_in, z_in, activation, negation, causal,
-      fused, max_len, nc, varlen, need_ds0):  # fmt: skip
+@_la_bwd_kv.register_fake
+def _(do, ds_fin, dz_fin, q, k, v, wq, bq, wk, bk, mask, cu, den, cd, s_in, activation, negation, causal, fused,
+      max_len, nc, varlen, need_ds0):  # fmt: skip
     N, HK = cu.shape[0] - 1, k.shape[2]
     FT, DV = s_in.shape[3], v.shape[3]
 
@@ -158,11 +199,8 @@ def _(do, ds_fin, dz_fin, q, k, v, wq, bq, wk, bk, mask, cu, o, den, h, hz, s_in
         return torch.empty_like(t) if (fused and t is not None) else q.new_empty(0)
 
     return [
-        torch.empty_like(q),
         torch.empty_like(k),
         torch.empty_like(v),
-        like(wq),
-        like(bq),
         like(wk),
         like(bk),
         q.new_empty(N, HK, FT, DV, dtype=torch.float32) if need_ds0 else q.new_empty(0),
@@ -170,28 +208,44 @@ def _(do, ds_fin, dz_fin, q, k, v, wq, bq, wk, bk, mask, cu, o, den, h, hz, s_in
     ]
 
 
+def _plain(t: Tensor) -> bool:
+    """An eager, plain tensor (not a fake / functional tensor of a torch.compile trace)."""
+    return type(t) is torch.Tensor and not torch.compiler.is_compiling()
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, activation, negation, causal, eps, fused, max_len, nc, varlen = inputs
     o, den, h, hz, s_in, z_in, _, _ = output
-    if causal and s0 is None and _lm().CONFIG["recompute_h"]:
-        # the backward recomputes the chunk states (one more forward walk) instead of holding them
-        h, hz = h.new_empty(0), hz.new_empty(0)
+    ctx.h = None
+    if causal and s0 is None:
+        # The chunk states are needed by the query side of the backward only. Eager: held on
+        # ctx (not saved), handed to the query side and dropped before the key side allocates
+        # its states (peak memory); a second backward (retain_graph) recomputes them, as does
+        # CONFIG["recompute_h"] (never held). Under torch.compile they are saved as usual.
+        if _lm().CONFIG["recompute_h"]:
+            h, hz = h.new_empty(0), hz.new_empty(0)
+        elif _plain(h):
+            ctx.h = [h, hz]
+            h, hz = h.new_empty(0), hz.new_empty(0)
     ctx.save_for_backward(q, k, v, wq, bq, wk, bk, mask, cu, o, den, h, hz, s_in, z_in)
     ctx.args = (activation, negation, causal, fused, max_len, nc, varlen)
     ctx.need_ds0 = s0 is not None and (ctx.needs_input_grad[9] or ctx.needs_input_grad[10])
-    ctx.mark_non_differentiable(den, h, hz, s_in, z_in)
+    ctx.mark_non_differentiable(den, output[2], output[3], s_in, z_in)
 
 
 def _backward(ctx, do, _dden, _dh, _dhz, _ds_in, _dz_in, ds_fin, dz_fin):
     q, k, v, wq, bq, wk, bk, mask, cu, o, den, h, hz, s_in, z_in = ctx.saved_tensors
     activation, negation, causal, fused, max_len, nc, varlen = ctx.args
+    if ctx.h is not None:  # held chunk states: taken (a later backward recomputes them)
+        (h, hz), ctx.h = ctx.h, None
     if do is None:
         do = torch.zeros_like(o)
-    g = _la_bwd(
-        do, ds_fin, dz_fin, q, k, v, wq, bq, wk, bk, mask, cu, o, den, h, hz, s_in, z_in,
-        activation, negation, causal, fused, max_len, nc, varlen, ctx.need_ds0,
-    )  # fmt: skip
-    dq, dk, dv, dwq, dbq, dwk, dbk, ds0, dz0 = (x if x.numel() or x.dim() != 1 else None for x in g)
+    a = (activation, negation, causal, fused, max_len, nc, varlen)
+    gq = _la_bwd_q(do, q, k, v, wq, bq, wk, bk, mask, cu, o, den, h, hz, s_in, z_in, *a)
+    del h, hz  # the last references: the chunk states are freed before the key side runs
+    gkv = _la_bwd_kv(do, ds_fin, dz_fin, q, k, v, wq, bq, wk, bk, mask, cu, den, gq[3], s_in, *a, ctx.need_ds0)
+    dq, dwq, dbq = (x if x.numel() or x.dim() != 1 else None for x in gq[:3])
+    dk, dv, dwk, dbk, ds0, dz0 = (x if x.numel() or x.dim() != 1 else None for x in gkv)
     if not fused:
         dwq = dbq = dwk = dbk = None
     if bq is None:

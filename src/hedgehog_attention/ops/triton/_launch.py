@@ -47,8 +47,10 @@ CONFIG = {
     "poison": False,
     "fallback": "auto",
     # causal, no initial state: do not keep the forward's chunk states ``h`` for the backward
-    # (recomputed there by one more forward walk): -|h| of peak memory (0.27 GB at BT = 128)
-    "recompute_h": True,
+    # at all (recomputed there by one more forward walk). Off: they are held (not saved) and
+    # freed after the query side, before the key side allocates its states, which gives the
+    # same peak memory without the extra walk (see _setup_context in __init__.py)
+    "recompute_h": False,
     # output kernel persistent over (chunk, head) items: this many programs per SM (0: one
     # program per item), each looping with ``out_persist_stages`` software-pipeline stages
     "out_persist": 2,
@@ -314,33 +316,23 @@ def fwd(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, *, activation, negation, caus
     return o, den, h, hz, s_in, z_in, s_fin, z_fin
 
 
-def bwd(
-    do, ds_fin, dz_fin, q, k, v, wq, bq, wk, bk, mask, cu, o, den, h, hz, s_in, z_in,
-    *, activation, negation, causal, fused, max_len, nc, varlen, need_ds0,
-):  # fmt: skip
-    """Backward launcher; returns ``(dq, dk, dv, dwq, dbq, dwk, dbk, ds0, dz0)`` (None where n/a)."""
+def _bwd_plan(do, q, k, v, wq, bq, wk, bk, mask, cu, s_in, *, activation, negation, causal, fused, max_len, nc, varlen):
+    """Plan of a backward launch, ``do`` with padded queries zeroed (their output is a constant
+    0: no gradient flows through them), and the launcher of ``_bwd_kernel`` for one side."""
     P = _Plan(q, k, v, wq, bq, bk, mask, cu, activation=activation, negation=negation, fused=fused,
               max_len=max_len, nc=nc, varlen=varlen)  # fmt: skip
-    dev, f32 = P.dev, torch.float32
     do = do.contiguous()
-    if mask is not None:  # padded queries output a constant 0: no gradient flows through them
+    if mask is not None:
         do = do * mask.view(P.B, P.T, 1, 1).to(do.dtype)
-    cd = _empty(P.B * P.T, P.H, device=dev, dtype=f32)
-    fuse_cd = bool(CONFIG["fuse_delta"])
-    if not fuse_cd:
-        K._delta_kernel[(triton.cdiv(P.B * P.T, 64), P.H)](
-            do, o, den, cd, P.B * P.T, P.H, P.DV, BT=64, BV=_pow2(P.DV), num_warps=4
-        )  # fmt: skip
-    zdt = torch.bfloat16 if v.dtype == torch.bfloat16 else f32
     c = P.consts(_pow2(P.DV))
-    wq_, bq_ = (wq if fused else q), (bq if bq is not None else q)
-    wk_, bk_ = (wk if fused else q), (bk if bk is not None else q)
     cps = _fwd_cps(P)
     seg = (not causal) or s_in.shape[2] > 1  # as in the forward (the reverse walk has the same segments)
-
     split = _split("bwd_split", P.bt)
 
-    def launch(kv_side, hh, hhz, si, zi, dx, dz, dv):
+    wq_, bq_ = (wq if fused else q), (bq if bq is not None else q)
+    wk_, bk_ = (wk if fused else q), (bk if bk is not None else q)
+
+    def launch(kv_side, hh, hhz, si, zi, den, cd, o, dx, dz, dv, fuse_cd):
         _run(K._bwd_kernel, (P.nc * split, P.H),
             q, k, v, wq_, bq_, wk_, bk_, P.mask_, cu, P.cidx,
             hh if causal else q, hhz if causal else q, si, zi, do, den, cd, o, dx, dz, dv, P.T,
@@ -350,21 +342,54 @@ def bwd(
             num_warps=CONFIG["bwd_warps"], num_stages=CONFIG["bwd_stages"],
         )  # fmt: skip
 
-    # query side first, and its dz freed, before the reverse states and the key side are
-    # allocated (peak memory); dz = the map's pre-activation gradients for dW = x^T dz
-    if causal and h.numel() == 0:  # forward states not kept (CONFIG["recompute_h"]): one more walk
+    return P, do, cps, launch
+
+
+def bwd_q(
+    do, q, k, v, wq, bq, wk, bk, mask, cu, o, den, h, hz, s_in, z_in,
+    *, activation, negation, causal, fused, max_len, nc, varlen,
+):  # fmt: skip
+    """Query side of the backward: returns ``(dq, dwq, dbq, cd)`` (``dwq``/``dbq`` None unless
+    fused) with ``cd = -(do . o) / den [B*T, H]`` fp32 for the key side. ``h`` empty (causal):
+    the forward's chunk states were not kept; one more forward walk recomputes them. The caller
+    drops its last reference to ``h`` after this returns, so that the chunk states are freed
+    before the key side allocates its own (peak memory)."""
+    P, do, _, launch = _bwd_plan(do, q, k, v, wq, bq, wk, bk, mask, cu, s_in, activation=activation, negation=negation,
+                                 causal=causal, fused=fused, max_len=max_len, nc=nc, varlen=varlen)  # fmt: skip
+    dev, f32 = P.dev, torch.float32
+    cd = _empty(P.B * P.T, P.H, device=dev, dtype=f32)
+    fuse_cd = bool(CONFIG["fuse_delta"])
+    if not fuse_cd:
+        K._delta_kernel[(triton.cdiv(P.B * P.T, 64), P.H)](
+            do, o, den, cd, P.B * P.T, P.H, P.DV, BT=64, BV=_pow2(P.DV), num_warps=4
+        )  # fmt: skip
+    if causal and h.numel() == 0:
         h, hz = P.state_walk(
             k, wk if fused else None, bk if fused else None, v, None, None, None, None, reverse=False, store_h=True
         )[:2]
+    zdt = torch.bfloat16 if v.dtype == torch.bfloat16 else f32
     dq = _empty(q.shape, device=dev, dtype=q.dtype)
+    # dz = the map's pre-activation gradients for dW = x^T dz (freed before the key side)
     dzq = _empty(P.B, P.T, P.H, P.F, device=dev, dtype=zdt) if fused else q
-    launch(False, h, hz, s_in, z_in, dq, dzq, q)
-    del h, hz  # (a recomputed h is freed here, before the reverse states)
-    dwq_ = dbq_ = dwk_ = dbk_ = None
+    launch(False, h, hz, s_in, z_in, den, cd, o, dq, dzq, q, fuse_cd)
+    del h, hz
+    dwq_ = dbq_ = None
     if fused:
         dwq_, dbq_ = _dw(q, dzq, wq, bq)
-    del dzq
+    return dq, dwq_, dbq_, cd
 
+
+def bwd_kv(
+    do, ds_fin, dz_fin, q, k, v, wq, bq, wk, bk, mask, cu, den, cd, s_in,
+    *, activation, negation, causal, fused, max_len, nc, varlen, need_ds0,
+):  # fmt: skip
+    """Key side of the backward: the reverse state walk, then ``(dk, dv, dwk, dbk, ds0, dz0)``
+    (None where n/a; ``ds0``/``dz0`` the initial-state gradient when ``need_ds0``)."""
+    P, do, cps, launch = _bwd_plan(do, q, k, v, wq, bq, wk, bk, mask, cu, s_in, activation=activation,
+                                   negation=negation, causal=causal, fused=fused, max_len=max_len, nc=nc,
+                                   varlen=varlen)  # fmt: skip
+    dev, f32 = P.dev, torch.float32
+    zdt = torch.bfloat16 if v.dtype == torch.bfloat16 else f32
     if ds_fin is not None or dz_fin is not None:
         if ds_fin is None:
             ds_fin = torch.zeros(P.N, P.HK, P.FT, P.DV, device=dev, dtype=f32)
@@ -379,36 +404,36 @@ def bwd(
         tot, ztot = rt.sum(2), rtz.sum(2)
         if ds_fin is not None and not init:
             tot, ztot = tot + ds_fin, ztot + dz_fin
-    if causal and rt.shape[2] == 1:  # complete chunk states, r_in not read (as s_in above)
+    if causal and rt.shape[2] == 1:  # complete chunk states, r_in not read (as s_in in fwd)
         r_in, rz_in = rt, rtz
     elif causal:
         # queries after each segment (+ the final-state gradient): reverse exclusive cumsum
         r_in = tot[:, :, None] - torch.cumsum(rt, 2)
         rz_in = ztot[:, :, None] - torch.cumsum(rtz, 2)
-    if causal:
-        if cps_r != cps:
-            raise RuntimeError("forward and backward state walks must use the same segments")
     else:
         r_in, rz_in = tot[:, :, None].contiguous(), ztot[:, :, None].contiguous()
+    if causal and cps_r != cps:
+        raise RuntimeError("forward and backward state walks must use the same segments")
 
     # per query head dk / dv / dz_k, summed over a GQA group below (the KV tensors themselves
     # when G == 1)
     dk = _empty(P.B, P.T, P.H, k.shape[3], device=dev, dtype=k.dtype if P.G == 1 else f32)
     dv = _empty(P.B, P.T, P.H, P.DV, device=dev, dtype=v.dtype if P.G == 1 else f32)
     dzk = _empty(P.B, P.T, P.H, P.F, device=dev, dtype=zdt if P.G == 1 else f32) if fused else q
-    launch(True, dh, dhz, r_in, rz_in, dk, dzk, dv)
+    launch(True, dh, dhz, r_in, rz_in, den, cd, do, dk, dzk, dv, False)
     del dh, dhz
     if P.G > 1:
         dk = dk.view(P.B, P.T, P.HK, P.G, -1).sum(3).to(k.dtype)
         dv = dv.view(P.B, P.T, P.HK, P.G, -1).sum(3).to(v.dtype)
         if fused:
             dzk = dzk.view(P.B, P.T, P.HK, P.G, P.F).sum(3).to(zdt)
+    dwk_ = dbk_ = None
     if fused:
         dwk_, dbk_ = _dw(k, dzk, wk, bk)
     ds0 = dz0 = None
     if need_ds0:
         ds0, dz0 = tot, ztot
-    return dq, dk, dv, dwq_, dbq_, dwk_, dbk_, ds0, dz0
+    return dk, dv, dwk_, dbk_, ds0, dz0
 
 
 def _dw(x: torch.Tensor, dz: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
