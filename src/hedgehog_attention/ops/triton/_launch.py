@@ -30,9 +30,10 @@ from . import _kernels as K
 # inputs. The defaults follow the 23-variant sweep on the H200 of 2026-11-28 18:10 (run 5, T=4096,
 # docs/kernels.md): BT=128, 8 warps, 3 stages in the state walk (run 4), the output kernel
 # persistent with 2 programs per SM (output kernel 1.24 -> 1.00 ms), cd in the backward kernel
-# (-0.06 ms), and the chunk states recomputed in the backward (+0.75 ms, -0.28 GB: peak memory
-# 2.02 GB, under SDPA's 2.16). Slower there: the two-level scan, 4 warps, value blocks of 32,
-# persistent backward launches, rounded features (no change).
+# (-0.06 ms). Peak memory: the forward chunk states are dropped after the query side of the
+# backward (``__init__._setup_context``; run 5 measured the same saving, 2.30 -> 2.02 GB, with
+# them recomputed, +0.75 ms). Slower there: a two-level scan for the walk, 4 warps, value blocks
+# of 32, persistent backward launches; rounded features: no change (all since removed).
 CONFIG = {
     "chunk": 128,
     "state_bv": 64,
