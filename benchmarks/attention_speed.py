@@ -310,9 +310,9 @@ def kernel_resources():
     from hedgehog_attention.ops.triton import _kernels as K
 
     out = []
-    for name in ("_state_kernel", "_scan_kernel", "_out_kernel", "_bwd_kernel", "_delta_kernel", "_decode_kernel"):
-        fn = getattr(K, name)
+    for name in ("_state_kernel", "_out_kernel", "_bwd_kernel", "_delta_kernel", "_decode_kernel"):
         try:
+            fn = getattr(K, name)
             for cache in getattr(fn, "device_caches", {}).values():
                 kc = cache[0] if isinstance(cache, tuple) else cache
                 for key, ck in kc.items():
