@@ -58,6 +58,8 @@ def main(src: str, dst: str) -> None:
             pts = [(r["T"], r[name][key]) for r in rows if name in r and key in r.get(name, {})]
             if pts:
                 ax.plot(*zip(*pts), marker=marker, color=color, label=label)
+        target = {"fwd_ms": 1.0, "fwdbwd_ms": 4.0}[key]  # the targets for the fused kernel
+        ax.axhline(target, color="tab:red", linestyle=":", linewidth=1, label=f"target for ours ({target:g} ms)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel(f"sequence length T (B*T = {res['meta']['tokens']} tokens)")
@@ -68,6 +70,10 @@ def main(src: str, dst: str) -> None:
         pts = [(r["T"], r[name]["peak_gb"]) for r in rows if name in r and "peak_gb" in r.get(name, {})]
         if pts:
             axes[2].plot(*zip(*pts), marker=marker, color=color, label=label)
+    sd = [r["sdpa"]["peak_gb"] for r in rows if "peak_gb" in r.get("sdpa", {})]
+    if sd:  # the memory target: no more than SDPA
+        axes[2].axhline(max(sd), color="k", linestyle=":", linewidth=1, label="target for ours (SDPA's)")
+    axes[2].set_yscale("log")
     axes[2].set_xscale("log", base=2)
     axes[2].set_xlabel("sequence length T")
     axes[2].set_ylabel("peak memory of fwd+bwd, GB")
