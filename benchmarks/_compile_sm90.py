@@ -80,7 +80,7 @@ def constexprs(
         W_NATIVE=dtype != "fp32" and fused, MAP_PREC="ieee" if dtype == "fp32" else "tf32",
         PREC="ieee" if dtype == "fp32" else "tf32", DOT_DT=dot, EVEN=True, HAS_B=True, HAS_BQ=True, HAS_BK=True,
         CAUSAL=causal, REVERSE=False, STORE_H=causal, KV_SIDE=False, INIT=False, SEG=not causal, VARLEN=False,
-        PERSIST=False, P_STAGES=1, FUSE_CD=False, SPLIT=1,
+        PERSIST=False, P_STAGES=1, FUSE_CD=False, SPLIT=1, BOTH=False,
     )  # fmt: skip
 
 
@@ -95,6 +95,11 @@ def main() -> None:
             cons = dict(constexprs("bf16", 64, "softmax", True, True, False, 64, bt), **extra)
             c = compile_kernel(K._out_kernel, cons, "bf16", nw, 1)
             print(f"BT={bt} _out_kernel warps={nw} {extra}: {resources(c)}", flush=True)
+        for rev in (False, True):
+            for both in (False, True):
+                cons = dict(constexprs("bf16", 64, "softmax", True, True, False, 64, 128), REVERSE=rev, BOTH=both)
+                c = compile_kernel(K._state_kernel, cons, "bf16", 8, 3)
+                print(f"BT=128 _state_kernel reverse={rev} both halves={both} warps=8: {resources(c)}", flush=True)
         for split in (1, 2):
             for kv in (False, True):
                 for nw in (4, 8):

@@ -145,11 +145,14 @@ REPS = {"warmup": 10, "rep": 60}
 # in BENCHMARKS.md); the knobs that lost there (two-level scan, rounded features, persistent
 # backward) were removed from the kernels afterwards.
 SWEEPS = {
-    # run 6: the defaults (persistent output kernel, cd in the backward, chunk states recomputed)
-    # against programs over half chunks (never measured before); all keep the same peak memory
-    "call2": {
+    # run 6: the defaults (persistent output kernel, cd in the backward, chunk states dropped
+    # after the query side) against programs over half chunks and both feature halves per walk
+    # program (never measured before); all keep the same peak memory
+    "call2": {  # in order of priority (the time limit cuts the tail)
         "defaults": {},
+        "halves2": {"walk_halves": 2},
         "bsplit2": {"bwd_split": 2},
+        "halves2_bsplit2": {"walk_halves": 2, "bwd_split": 2},
         "split2": {"out_split": 2, "bwd_split": 2},
         "bsplit2w4": {"bwd_split": 2, "bwd_warps": 4},
     },

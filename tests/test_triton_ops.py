@@ -270,12 +270,14 @@ _GPU_DEFAULTS = dict(recompute_h=False, out_persist=2, fuse_delta=True)  # _laun
         (1, False, _GPU_DEFAULTS),
         (1, False, _PLAIN),
         (10_000, True, _GPU_DEFAULTS),
+        (10_000, True, {"walk_halves": 2}),
     ],
     ids=[
         "one-segment-init",
         "one-segment-gpu-defaults",
         "one-segment-plain",
         "many-segments-init-gpu-defaults",
+        "many-segments-init-both-halves",
     ],
 )
 def test_segment_split_is_invisible(min_programs, init, knobs):
@@ -299,9 +301,9 @@ def test_recomputed_chunk_states_match_reference(kind):
     """The sweep's knobs together: chunk states recomputed in the backward instead of held
     (``recompute_h``), the output kernel persistent over (chunk, head) items,
     ``cd`` computed in the backward kernel, and output and backward programs over half chunks
-    (``*_split``); same outputs and gradients, with padding or packed sequences, GQA and several
-    segments."""
-    _launch.CONFIG.update(recompute_h=True, out_persist=2, fuse_delta=True, out_split=2, bwd_split=2)
+    (``*_split``), both feature halves in one walk program; same outputs and gradients, with
+    padding or packed sequences, GQA and several segments."""
+    _launch.CONFIG.update(recompute_h=True, out_persist=2, fuse_delta=True, out_split=2, bwd_split=2, walk_halves=2)
     B, T, H, HK, D = (2, 3000, 4, 2, 64) if CUDA else (2, 45, 2, 1, 16)
     if kind == "cu":
         B = 1

@@ -96,7 +96,8 @@ def _(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, activation, negation, causal, e
     bv = min(L._pow2(DV), L._pow2(L.CONFIG["state_bv"]))
     F = wq.shape[2] if fused else q.shape[3]
     bt = L.chunk_size(F, v.dtype)
-    ns = L.segments(N, HK, max_len, (2 if (negation and fused) else 1) * -(-DV // bv), bt)[1] if causal else 1
+    nj = 2 if (negation and fused and int(L.CONFIG["walk_halves"]) != 2) else 1  # walk programs per value block
+    ns = L.segments(N, HK, max_len, nj * -(-DV // bv), bt)[1] if causal else 1
     f32, hdt = torch.float32, L.state_dtype(v.dtype)
     return (
         q.new_empty(B, T, H, DV, dtype=v.dtype),

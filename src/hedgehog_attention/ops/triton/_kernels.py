@@ -338,6 +338,7 @@ def _state_kernel(
     PREC: tl.constexpr,
     DOT_DT: tl.constexpr,
     EVEN: tl.constexpr,
+    BOTH: tl.constexpr,
 ):
     """Chunk states of one segment, one KV head, one feature half, one value block.
 
@@ -348,13 +349,19 @@ def _state_kernel(
     ``hz[c] = sum phi_q * cd`` with ``cd = -(do . o) / den``.
     ``h [NC, HK, FT, DV]`` is indexed by the global chunk (``coff[n] + chunk``); ``st [N, HK, NS,
     FT, DV]`` gets the segment's total. ``INIT`` (one segment): start from ``s0 [N, HK, FT, DV]``,
-    ``z0`` instead of 0. Grid: ``(N * HK * NS, halves * NV)``.
+    ``z0`` instead of 0. Grid: ``(N * HK * NS, halves * NV)``. ``BOTH`` (with negation): one
+    program walks both feature halves (grid ``(N * HK * NS, NV)``): the chunk's loads and its
+    pre-activation ``x W + b`` once for the two halves, two independent products per step.
     """
     i_nhs = tl.program_id(0)
     i_jv = tl.program_id(1)
     NV = tl.cdiv(DV, BV)
-    j = i_jv // NV
-    i_v = i_jv % NV
+    if BOTH:
+        j = i_jv * 0  # the positive half here; the negated half (rows F..2F) alongside
+        i_v = i_jv
+    else:
+        j = i_jv // NV
+        i_v = i_jv % NV
     i_s = i_nhs % NS
     i_nh = i_nhs // NS
     i_n = i_nh // HK
@@ -374,9 +381,14 @@ def _state_kernel(
     if INIT:
         sb0 = (i_n * HK + i_hk).to(tl.int64) * FT
         b_h, b_z = _load_half(s0_ptr + sb0 * DV, z0_ptr + sb0, row0, F, DV, v0, BF, BV, EVEN)
+        if BOTH:
+            b_h2, b_z2 = _load_half(s0_ptr + sb0 * DV, z0_ptr + sb0, F, F, DV, v0, BF, BV, EVEN)
     else:
         b_h = tl.zeros([BF, BV], dtype=tl.float32)
         b_z = tl.zeros([BF], dtype=tl.float32)
+        if BOTH:
+            b_h2 = tl.zeros([BF, BV], dtype=tl.float32)
+            b_z2 = tl.zeros([BF], dtype=tl.float32)
     for jj in range(c0, c1):
         if REVERSE:
             ic = c1 - 1 - (jj - c0)
@@ -386,6 +398,9 @@ def _state_kernel(
             hb = ((coff + ic) * HK + i_hk) * FT + row0
             _st(h_ptr + hb * DV, b_h, F, DV, DV, 0, v0, BF, BV, not EVEN, not EVEN)
             tl.store(hz_ptr + hb + offs_f, b_z, mask=offs_f < tl.where(i_v == 0, F, 0))  # one value block writes z
+            if BOTH:
+                _st(h_ptr + (hb + F) * DV, b_h2, F, DV, DV, 0, v0, BF, BV, not EVEN, not EVEN)
+                tl.store(hz_ptr + hb + F + offs_f, b_z2, mask=offs_f < tl.where(i_v == 0, F, 0))
         t0 = ic * BT
         offs_t = t0 + offs_i
         t_ok = offs_t < L
@@ -396,21 +411,36 @@ def _state_kernel(
             x = _ld_x(x_ptr, bos, L, t0, i_x, NH, D, F, BT, BD, BF, FUSED, EVEN)
             u = _ld(u_ptr + bos * (NH * DV) + i_x * DV, L, DV, NH * DV, t0, v0, BT, BV, True, not EVEN)
             w, b = _load_wb(w_ptr, b_ptr, i_x, D, F, BD, BF, FUSED, HAS_B, EVEN)
-            p = _feat(_preact(x, w, b, FUSED, W_NATIVE, MAP_PREC), sign, t_ok, F, BF, FUSED, ACT, EVEN)
+            z = _preact(x, w, b, FUSED, W_NATIVE, MAP_PREC)
+            p = _feat(z, sign, t_ok, F, BF, FUSED, ACT, EVEN)
+            if BOTH:
+                p2 = _feat(z, -1.0, t_ok, F, BF, FUSED, ACT, EVEN)
             if REVERSE:
                 den = tl.load(den_ptr + tok * NH + i_x, mask=t_ok, other=1.0)
                 cd = tl.load(cd_ptr + tok * NH + i_x, mask=t_ok, other=0.0)
                 u = u.to(tl.float32) / den[:, None]
                 b_z += tl.sum(p * cd[:, None], 0)
+                if BOTH:
+                    b_z2 += tl.sum(p2 * cd[:, None], 0)
             else:
                 if HAS_MASK:
                     mk = tl.load(mask_ptr + tok, mask=t_ok, other=0.0)
                     p = p * mk[:, None]
+                    if BOTH:
+                        p2 = p2 * mk[:, None]
                 b_z += tl.sum(p, 0)
-            b_h += tl.dot(tl.trans(p.to(DOT_DT)), u.to(DOT_DT), input_precision=PREC)
+                if BOTH:
+                    b_z2 += tl.sum(p2, 0)
+            u_d = u.to(DOT_DT)
+            b_h += tl.dot(tl.trans(p.to(DOT_DT)), u_d, input_precision=PREC)
+            if BOTH:
+                b_h2 += tl.dot(tl.trans(p2.to(DOT_DT)), u_d, input_precision=PREC)
     sb = ((i_n * HK + i_hk) * NS + i_s).to(tl.int64) * FT + row0
     _st(st_ptr + sb * DV, b_h, F, DV, DV, 0, v0, BF, BV, not EVEN, not EVEN)
     tl.store(stz_ptr + sb + offs_f, b_z, mask=offs_f < tl.where(i_v == 0, F, 0))  # one value block writes z
+    if BOTH:
+        _st(st_ptr + (sb + F) * DV, b_h2, F, DV, DV, 0, v0, BF, BV, not EVEN, not EVEN)
+        tl.store(stz_ptr + sb + F + offs_f, b_z2, mask=offs_f < tl.where(i_v == 0, F, 0))
 
 
 @triton.jit

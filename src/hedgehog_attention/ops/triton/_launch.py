@@ -63,6 +63,9 @@ CONFIG = {
     # programs, the chunk states and the walk of BT-token chunks)
     "out_split": 1,
     "bwd_split": 1,
+    # feature halves per state-walk program (2: both halves of the negation map in one program,
+    # the chunk's loads and pre-activation shared)
+    "walk_halves": 1,
 }
 
 
@@ -236,7 +239,9 @@ class _Plan:
         are then complete and ``st`` includes it."""
         bv = min(_pow2(self.DV), _pow2(CONFIG["state_bv"]))
         nv = triton.cdiv(self.DV, bv)
-        cps, ns = segments(self.N, self.HK, self.max_len, self.nhalf * nv, self.bt)
+        both = self.nhalf == 2 and int(CONFIG["walk_halves"]) == 2
+        nj = 1 if both else self.nhalf  # programs per value block
+        cps, ns = segments(self.N, self.HK, self.max_len, nj * nv, self.bt)
         f32 = torch.float32
         if store_h:
             h = _empty(self.nc, self.HK, self.FT, self.DV, device=self.dev, dtype=self.hdt)
@@ -248,13 +253,13 @@ class _Plan:
         c = self.consts(bv)
         dummy = x
         init = store_h and ns == 1 and s0 is not None
-        _run(K._state_kernel, (self.N * self.HK * ns, self.nhalf * nv),
+        _run(K._state_kernel, (self.N * self.HK * ns, nj * nv),
             x, w if w is not None else dummy, b if b is not None else dummy, u,
             den if den is not None else dummy, cd if cd is not None else dummy, self.mask_, self.cu, self.coff,
             h if h is not None else dummy, hz if hz is not None else dummy, st, stz,
             s0 if init else dummy, z0 if init else dummy, self.T,
             x.shape[2], self.HK, self.D, self.F, self.FT, self.DV, cps, ns, G=self.G if reverse else 1,
-            HAS_B=b is not None, REVERSE=reverse, STORE_H=store_h, INIT=init, VARLEN=self.varlen,
+            HAS_B=b is not None, REVERSE=reverse, STORE_H=store_h, INIT=init, VARLEN=self.varlen, BOTH=both,
             **{n: c[n] for n in _COMMON}, BV=bv, num_warps=CONFIG["state_warps"], num_stages=CONFIG["state_stages"],
         )  # fmt: skip
         return h, hz, st, stz, cps, init
@@ -451,7 +456,8 @@ def _dw(x: torch.Tensor, dz: torch.Tensor, w: torch.Tensor, b: torch.Tensor | No
 def _fwd_cps(P: _Plan) -> int:
     """Chunks per segment of the forward state walk (the backward reads its segment states)."""
     bv = min(_pow2(P.DV), _pow2(CONFIG["state_bv"]))
-    return segments(P.N, P.HK, P.max_len, P.nhalf * triton.cdiv(P.DV, bv), P.bt)[0]
+    nj = 1 if (P.nhalf == 2 and int(CONFIG["walk_halves"]) == 2) else P.nhalf
+    return segments(P.N, P.HK, P.max_len, nj * triton.cdiv(P.DV, bv), P.bt)[0]
 
 
 def decode(q, k, v, wq, bq, wk, bk, s, z, *, activation, negation, eps):
