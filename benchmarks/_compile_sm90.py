@@ -5,8 +5,13 @@ Catches compile errors and register spills before device time is spent (docs/ker
     python benchmarks/_compile_sm90.py            # resource usage of the D=64 bf16 causal kernels
     python benchmarks/_compile_sm90.py --all      # compile every variant tests and benchmark use
 
-Uses the ``ptxas``/``cuobjdump`` bundled with the triton wheel; the local triton may be newer than
-the GPU machine's, so a clean compile here is a lead, not proof.
+Uses the ``ptxas``/``cuobjdump`` bundled with the triton wheel. Registers depend on the triton
+version: install the GPU machine's (3.6) beside the project's, ``pip install --no-deps --target
+/tmp/t36 triton==3.6.0``, and run with ``PYTHONPATH=/tmp/t36``. With that and the launcher's
+16-byte divisibility attributes (below) the state walk compiles to the H200's 175 registers
+(run 5); without them every kernel shows 255 and spills. A lead, not proof.
+
+    python benchmarks/_compile_sm90.py --variants  # persistent / split / both-halves variants
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ FP32_PTRS = (
 )  # fmt: skip
 STATE_PTRS = ("h_ptr", "dz_ptr")  # bf16 for bf16 inputs, fp32 otherwise (_launch.state_dtype)
 KERNELS = (K._state_kernel, K._out_kernel, K._bwd_kernel)
+# int arguments that are multiples of 16 in the benchmark's shapes (H = Hk = 16, D = F = Dv = 64)
+DIV16_INTS = ("NH", "H", "HK", "D", "F", "FT", "DV")
 
 
 def _ptr_type(p: str, dtype: str) -> str:
@@ -58,7 +65,11 @@ def compile_kernel(fn, cons: dict, dtype: str, num_warps: int, num_stages: int =
         for p in params
     }
     consts = {(params.index(k),): v for k, v in cons.items() if k in params}
-    src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+    # the GPU launcher specialises 16-byte-aligned pointers and ints divisible by 16 ("D"):
+    # aligned vector loads; without these the register counts are far from the H200's
+    aligned = {p for p in params if p not in cons and (p.endswith("_ptr") or p in DIV16_INTS)}
+    attrs = {(params.index(p),): [["tt.divisibility", 16]] for p in aligned}
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
 
 
