@@ -146,15 +146,17 @@ REPS = {"warmup": 10, "rep": 60}
 # backward) were removed from the kernels afterwards.
 SWEEPS = {
     # run 6: the defaults (persistent output kernel, cd in the backward, chunk states dropped
-    # after the query side) against programs over half chunks and both feature halves per walk
-    # program (never measured before); all keep the same peak memory
+    # after the query side) against programs over part of a chunk and both feature halves per
+    # walk program (never measured before; picked by the registers and spills that triton 3.6
+    # gives locally, benchmarks/_compile_sm90.py); all keep the same peak memory
     "call2": {  # in order of priority (the time limit cuts the tail)
         "defaults": {},
-        "halves2": {"walk_halves": 2},
         "bsplit2": {"bwd_split": 2},
-        "halves2_bsplit2": {"walk_halves": 2, "bwd_split": 2},
-        "split2": {"out_split": 2, "bwd_split": 2},
-        "bsplit2w4": {"bwd_split": 2, "bwd_warps": 4},
+        "osplit2w4": {"out_split": 2, "out_warps": 4, "out_persist": 0},
+        "halves2": {"walk_halves": 2},
+        "combo": {"walk_halves": 2, "bwd_split": 2, "out_split": 2, "out_warps": 4, "out_persist": 0},
+        "bsplit4": {"bwd_split": 4},
+        "osplit2w4p4": {"out_split": 2, "out_warps": 4, "out_persist": 4, "out_persist_stages": 1},
     },
 }
 
@@ -285,7 +287,7 @@ def _kernel_times(prof, n_iter, prefix):
 
 
 def _same_function(cfg, B, T, dev, ref):
-    """Relative difference of o and dq (fixed seed inputs) between this config and the first
+    """Relative difference of o, dq, dk, dv (fixed seed inputs) between this config and the first
     variant of the sweep (stored in ``ref`` on its first call): a GPU check, at full size, that a
     variant computes the same function (bf16: differences of a few 1e-3 are rounding)."""
     saved = dict(_launch_config())
@@ -295,11 +297,12 @@ def _same_function(cfg, B, T, dev, ref):
         fwd, leaves = make_triton(B, T, dev, True)
         o = fwd()
         o.backward(torch.randn_like(o))
-        cur = {"o": o.detach().float(), "dq": leaves[0].grad.float()}
+        cur = {"o": o.detach().float(), "dq": leaves[0].grad.float(), "dk": leaves[1].grad.float(),
+               "dv": leaves[2].grad.float()}  # fmt: skip
         del fwd, leaves, o
         if not ref:
             ref.update(cur)
-            return {"o": 0.0, "dq": 0.0}
+            return {k: 0.0 for k in cur}
         return {k: float((cur[k] - ref[k]).norm() / ref[k].norm()) for k in ref}
     except Exception as e:  # report, keep sweeping
         return {"error": f"{type(e).__name__}: {e}"[:200]}
@@ -505,11 +508,17 @@ def format_table(result) -> str:
         f"B*T={m['tokens']}, H={m['heads']}, D={m['head_dim']}, bf16, causal; ms = median do_bench",
     ]
     for r in result["sweep"]:  # one line per variant
-        lines += ["", "| T | variant | fwd ms | f+b ms | GB | rel. diff o / dq vs first |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| T | variant | fwd ms | f+b ms | GB | rel. diff o / dq / dk / dv vs first |",
+            "|---|---|---|---|---|---|",
+        ]
         for n, x in r.items():
             if n not in ("T", "B"):
                 vf = x.get("vs_first", {}) if isinstance(x, dict) else {}
-                dif = f"{vf['o']:.1e} / {vf['dq']:.1e}" if "o" in vf else vf.get("error", "-")[:30]
+                dif = (
+                    " / ".join(f"{vf[k]:.1e}" for k in ("o", "dq", "dk", "dv") if k in vf) or vf.get("error", "-")[:30]
+                )
                 lines.append(f"| {r['T']} | {n.split('@')[-1]} | {_f(x, 'fwd_ms')} | {_f(x, 'fwdbwd_ms')} | "
                              f"{_f(x, 'peak_gb')} | {dif} |")  # fmt: skip
     for key in ("rows",):
