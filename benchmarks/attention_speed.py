@@ -349,7 +349,7 @@ def main(argv=None):
     ap.add_argument("--config", default="{}", help="JSON overrides of _launch.CONFIG for 'triton fused'")
     ap.add_argument("--sweep", default="", help="JSON {name: CONFIG overrides} or a SWEEPS name")
     ap.add_argument("--sweep-seq-lens", default="1024,32768")
-    ap.add_argument("--pick", action="store_true", help="use the sweep's best config (last sweep T) for 'triton fused'")
+    ap.add_argument("--pick", action="store_true", help="the sweep's best checked config (first T) for the table")
     ap.add_argument("--profile-seq-lens", default="", help="per-kernel time of triton fwd+bwd at these T")
     ap.add_argument("--reps", default="10,60", help="do_bench warmup,rep in ms")
     ap.add_argument("--time-limit", type=float, default=1e9, help="start no new T row after this many seconds")
@@ -435,10 +435,14 @@ def main(argv=None):
         if args.pick:  # normalised to the targets: fwd 1.0 ms, fwd+bwd 4.0 ms
 
             def score(x):
-                return x.get("fwd_ms", 1e9) / 1.0 + x.get("fwdbwd_ms", 1e9) / 4.0
+                # a variant whose o/dq/dk/dv differ from the first variant's by more than bf16
+                # rounding (or that was not checked) is never picked
+                vf = x.get("vs_first", {})
+                ok = all(k in vf and vf[k] < 2e-2 for k in ("o", "dq", "dk", "dv"))
+                return (x.get("fwd_ms", 1e9) / 1.0 + x.get("fwdbwd_ms", 1e9) / 4.0) if ok else 1e9
 
-            last = result["sweep"][-1]
-            best = min(sweep, key=lambda c: score(last[f"triton fused @{c}"]))
+            last = result["sweep"][0]  # the T at which the variants were checked
+            best = min(sweep, key=lambda c: score(last.get(f"triton fused @{c}", {})))
             BACKEND_CONFIG["triton fused"] = dict(sweep[best], **BACKEND_CONFIG["triton fused"])
             meta["picked"] = best
             meta["config"] = BACKEND_CONFIG["triton fused"]
