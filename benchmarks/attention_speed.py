@@ -156,7 +156,6 @@ SWEEPS = {
         "halves2": {"walk_halves": 2},
         "combo": {"walk_halves": 2, "bwd_split": 2, "out_split": 2, "out_warps": 4, "out_persist": 0},
         "bsplit4": {"bwd_split": 4},
-        "osplit2w4p4": {"out_split": 2, "out_warps": 4, "out_persist": 4, "out_persist_stages": 1},
     },
 }
 
