@@ -35,7 +35,7 @@ main() {
     # SIGINT at the limit: pytest then still prints its summary (failures with their causes)
     for f in "$W"/test_ids_part_*; do
       ( mapfile -t part < "$f"
-        timeout -s INT -k 20 "$TEST_S" python3 -m pytest -q -s -rf --tb=short -p no:cacheprovider "${part[@]}" \
+        timeout -s INT -k 10 "$TEST_S" python3 -m pytest -q -s -rf --tb=short -p no:cacheprovider "${part[@]}" \
           > "$f.log" 2>&1
         echo "pytest part exit $?" >> "$f.log" ) &
     done
