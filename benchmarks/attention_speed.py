@@ -146,15 +146,24 @@ REPS = {"warmup": 10, "rep": 60}
 # backward) were removed from the kernels afterwards.
 SWEEPS = {
     # run 6: the defaults (persistent output kernel, cd in the backward, chunk states dropped
-    # after the query side) against programs over part of a chunk and both feature halves per
-    # walk program (never measured before; picked by the registers and spills that triton 3.6
-    # gives locally, benchmarks/_compile_sm90.py); all keep the same peak memory
+    # after the query side) against programs over part of a chunk, both feature halves per walk
+    # program and dW accumulated in the kernels (never measured before; picked by the registers
+    # and spills that triton 3.6 gives locally, benchmarks/_compile_sm90.py); dwat also drops the
+    # stored dz (memory)
     "call2": {  # in order of priority (the time limit cuts the tail)
         "defaults": {},
         "bsplit2": {"bwd_split": 2},
+        "dwat": {"dw_atomic": True},
         "osplit2w4": {"out_split": 2, "out_warps": 4, "out_persist": 0},
         "halves2": {"walk_halves": 2},
-        "combo": {"walk_halves": 2, "bwd_split": 2, "out_split": 2, "out_warps": 4, "out_persist": 0},
+        "combo": {
+            "walk_halves": 2,
+            "bwd_split": 2,
+            "dw_atomic": True,
+            "out_split": 2,
+            "out_warps": 4,
+            "out_persist": 0,
+        },
         "bsplit4": {"bwd_split": 4},
     },
 }

@@ -195,12 +195,16 @@ def _map_bwd(
     dn,
     t_ok,
     w,
+    x,
     dx_ptr,
     dz_ptr,
+    dw_ptr,
+    db_ptr,
     bos,
     L,
     t0,
     i_h,
+    i_w,
     NH,
     D,
     F,
@@ -212,10 +216,15 @@ def _map_bwd(
     NEG: tl.constexpr,
     MAP_PREC: tl.constexpr,
     EVEN: tl.constexpr,
+    DW_ATOMIC: tl.constexpr,
+    HAS_B: tl.constexpr,
 ):
     """Store the input gradient of one chunk (``dx = dz W^T``) and the pre-activation gradient
     ``dz [tokens, NH, F]`` (the launcher forms ``dW = x^T dz``, ``db = sum dz`` with one batched
-    matmul: no per-program partials); generic path: the feature gradient is the input gradient."""
+    matmul: no per-program partials); ``DW_ATOMIC``: instead of storing ``dz``, add this chunk's
+    ``x^T dz`` / ``sum dz`` to the fp32 accumulators ``dw [NW, D, F]`` / ``db [NW, F]`` of map head
+    ``i_w`` (atomics; the same operand precision as the batched matmul). Generic path: the
+    feature gradient is the input gradient."""
     if FUSED:
         dz = _act_bwd(z, 1.0, p, dp, ACT)
         if NEG:
@@ -223,7 +232,19 @@ def _map_bwd(
         dz = tl.where(t_ok[:, None], dz, 0.0)
         dx = tl.dot(dz, tl.trans(w.to(tl.float32)), input_precision=MAP_PREC)
         _st(dx_ptr + bos * (NH * D) + i_h * D, dx, L, D, NH * D, t0, 0, BT, BD, True, not EVEN)
-        _st(dz_ptr + bos * (NH * F) + i_h * F, dz, L, F, NH * F, t0, 0, BT, BF, True, not EVEN)
+        if DW_ATOMIC:
+            if x.dtype == tl.bfloat16:  # bf16 operands as in the batched matmul over stored bf16 dz
+                dwt = tl.dot(tl.trans(x), dz.to(tl.bfloat16))
+            else:
+                dwt = tl.dot(tl.trans(x.to(tl.float32)), dz, input_precision="ieee")
+            offs_d = tl.arange(0, BD)
+            offs_f = tl.arange(0, BF)
+            m = (offs_d < D)[:, None] & (offs_f < F)[None, :]
+            tl.atomic_add(dw_ptr + i_w * D * F + offs_d[:, None] * F + offs_f[None, :], dwt, mask=m)
+            if HAS_B:
+                tl.atomic_add(db_ptr + i_w * F + offs_f, tl.sum(dz, 0), mask=offs_f < F)
+        else:
+            _st(dz_ptr + bos * (NH * F) + i_h * F, dz, L, F, NH * F, t0, 0, BT, BF, True, not EVEN)
     else:
         _st(dx_ptr + bos * (NH * F) + i_h * F, dp, L, F, NH * F, t0, 0, BT, BF, True, not EVEN)
 
@@ -683,6 +704,8 @@ def _bwd_kernel(
     dx_ptr,
     dz_ptr,
     dv_ptr,
+    dw_ptr,
+    db_ptr,
     T,
     H,
     HK,
@@ -714,6 +737,7 @@ def _bwd_kernel(
     EVEN: tl.constexpr,
     FUSE_CD: tl.constexpr,
     SPLIT: tl.constexpr,
+    DW_ATOMIC: tl.constexpr,
 ):
     """Gradients of one chunk and one query head (grid ``(NC, H)``, all of Dv, no loop).
 
@@ -824,8 +848,8 @@ def _bwd_kernel(
             dqp += tl.dot(da, kp, input_precision=PREC)
             if NEG:
                 dqn += tl.dot(da, kn, input_precision=PREC)
-        _map_bwd(zq, qp.to(tl.float32), qn.to(tl.float32), dqp, dqn, tq_ok, wq, dx_ptr, dz_ptr, bos, L, q0, i_h, H, D,
-                 F, BQ, BD, BF, FUSED, ACT, NEG, MAP_PREC, EVEN)  # fmt: skip
+        _map_bwd(zq, qp.to(tl.float32), qn.to(tl.float32), dqp, dqn, tq_ok, wq, xq, dx_ptr, dz_ptr, dw_ptr, db_ptr, bos,
+                 L, q0, i_h, i_h, H, D, F, BQ, BD, BF, FUSED, ACT, NEG, MAP_PREC, EVEN, DW_ATOMIC, HAS_BQ)  # fmt: skip
     else:
         if CAUSAL:
             # rows: keys s, columns: queries t (t >= s)
@@ -856,8 +880,9 @@ def _bwd_kernel(
             dkp = dkp * mk[:, None]
             dkn = dkn * mk[:, None]
         _st(dv_ptr + bos * (H * DV) + i_h * DV, dvv, L, DV, H * DV, k0, 0, BK, BV, True, not EVEN)
-        _map_bwd(zk, kp_raw.to(tl.float32), kn_raw.to(tl.float32), dkp, dkn, tk_ok, wk, dx_ptr, dz_ptr, bos, L, k0, i_h,
-                 H, D, F, BK, BD, BF, FUSED, ACT, NEG, MAP_PREC, EVEN)  # fmt: skip
+        _map_bwd(zk, kp_raw.to(tl.float32), kn_raw.to(tl.float32), dkp, dkn, tk_ok, wk, xk, dx_ptr, dz_ptr, dw_ptr,
+                 db_ptr, bos, L, k0, i_h, i_hk, H, D, F, BK, BD, BF, FUSED, ACT, NEG, MAP_PREC, EVEN, DW_ATOMIC,
+                 HAS_BK)  # fmt: skip
 
 
 @triton.jit

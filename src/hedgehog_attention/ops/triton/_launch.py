@@ -66,6 +66,9 @@ CONFIG = {
     # feature halves per state-walk program (2: both halves of the negation map in one program,
     # the chunk's loads and pre-activation shared)
     "walk_halves": 1,
+    # map weight gradients accumulated in the backward kernels (fp32 atomics of each chunk's
+    # x^T dz) instead of storing dz and one batched matmul per side
+    "dw_atomic": False,
 }
 
 
@@ -338,13 +341,15 @@ def _bwd_plan(do, q, k, v, wq, bq, wk, bk, mask, cu, s_in, *, activation, negati
     wq_, bq_ = (wq if fused else q), (bq if bq is not None else q)
     wk_, bk_ = (wk if fused else q), (bk if bk is not None else q)
 
-    def launch(kv_side, hh, hhz, si, zi, den, cd, o, dx, dz, dv, fuse_cd):
+    def launch(kv_side, hh, hhz, si, zi, den, cd, o, dx, dz, dv, fuse_cd, dw=None, db=None):
         _run(K._bwd_kernel, (P.nc * split, P.H),
             q, k, v, wq_, bq_, wk_, bk_, P.mask_, cu, P.cidx,
-            hh if causal else q, hhz if causal else q, si, zi, do, den, cd, o, dx, dz, dv, P.T,
+            hh if causal else q, hhz if causal else q, si, zi, do, den, cd, o, dx, dz, dv,
+            dw if dw is not None else q, db if db is not None else q, P.T,
             P.H, P.HK, P.G, P.D, P.F, P.FT, P.DV, cps, si.shape[2],
             KV_SIDE=kv_side, HAS_BQ=bq is not None, HAS_BK=bk is not None, CAUSAL=bool(causal), SEG=seg,
             VARLEN=P.varlen, NEG=P.neg, **{n: c[n] for n in _COMMON}, BV=_pow2(P.DV), FUSE_CD=fuse_cd, SPLIT=split,
+            DW_ATOMIC=dw is not None,
             num_warps=CONFIG["bwd_warps"], num_stages=CONFIG["bwd_stages"],
         )  # fmt: skip
 
@@ -375,11 +380,17 @@ def bwd_q(
         )[:2]
     zdt = torch.bfloat16 if v.dtype == torch.bfloat16 else f32
     dq = _empty(q.shape, device=dev, dtype=q.dtype)
+    atomic = fused and bool(CONFIG["dw_atomic"])
+    dwq_ = dbq_ = None
+    if atomic:  # fp32 accumulators the kernel adds every chunk's x^T dz / sum dz to
+        dw32, db32 = _dw_accumulators(P.H, P.D, P.F, bq is not None, dev)
+        launch(False, h, hz, s_in, z_in, den, cd, o, dq, q, q, fuse_cd, dw32, db32)
+        dwq_, dbq_ = dw32.to(wq.dtype), (db32.to(bq.dtype) if bq is not None else None)
+        return dq, dwq_, dbq_, cd
     # dz = the map's pre-activation gradients for dW = x^T dz (freed before the key side)
     dzq = _empty(P.B, P.T, P.H, P.F, device=dev, dtype=zdt) if fused else q
     launch(False, h, hz, s_in, z_in, den, cd, o, dq, dzq, q, fuse_cd)
     del h, hz
-    dwq_ = dbq_ = None
     if fused:
         dwq_, dbq_ = _dw(q, dzq, wq, bq)
     return dq, dwq_, dbq_, cd
@@ -425,21 +436,34 @@ def bwd_kv(
     # when G == 1)
     dk = _empty(P.B, P.T, P.H, k.shape[3], device=dev, dtype=k.dtype if P.G == 1 else f32)
     dv = _empty(P.B, P.T, P.H, P.DV, device=dev, dtype=v.dtype if P.G == 1 else f32)
-    dzk = _empty(P.B, P.T, P.H, P.F, device=dev, dtype=zdt if P.G == 1 else f32) if fused else q
-    launch(True, dh, dhz, r_in, rz_in, den, cd, do, dk, dzk, dv, False)
+    atomic = fused and bool(CONFIG["dw_atomic"])
+    dwk_ = dbk_ = None
+    if atomic:  # the query heads of a GQA group add to their KV head's accumulators
+        dw32, db32 = _dw_accumulators(P.HK, P.D, P.F, bk is not None, dev)
+        launch(True, dh, dhz, r_in, rz_in, den, cd, do, dk, q, dv, False, dw32, db32)
+        dwk_, dbk_ = dw32.to(wk.dtype), (db32.to(bk.dtype) if bk is not None else None)
+    else:
+        dzk = _empty(P.B, P.T, P.H, P.F, device=dev, dtype=zdt if P.G == 1 else f32) if fused else q
+        launch(True, dh, dhz, r_in, rz_in, den, cd, do, dk, dzk, dv, False)
     del dh, dhz
     if P.G > 1:
         dk = dk.view(P.B, P.T, P.HK, P.G, -1).sum(3).to(k.dtype)
         dv = dv.view(P.B, P.T, P.HK, P.G, -1).sum(3).to(v.dtype)
-        if fused:
+        if fused and not atomic:
             dzk = dzk.view(P.B, P.T, P.HK, P.G, P.F).sum(3).to(zdt)
-    dwk_ = dbk_ = None
-    if fused:
+    if fused and not atomic:
         dwk_, dbk_ = _dw(k, dzk, wk, bk)
     ds0 = dz0 = None
     if need_ds0:
         ds0, dz0 = tot, ztot
     return dk, dv, dwk_, dbk_, ds0, dz0
+
+
+def _dw_accumulators(nw: int, d: int, f: int, has_b: bool, dev) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed fp32 ``dW [nw, d, f]`` and ``db [nw, f]`` (a 1-element dummy without bias)."""
+    dw = torch.zeros(nw, d, f, device=dev, dtype=torch.float32)
+    db = torch.zeros(nw, f, device=dev, dtype=torch.float32) if has_b else dw.new_zeros(1)
+    return dw, db
 
 
 def _dw(x: torch.Tensor, dz: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
