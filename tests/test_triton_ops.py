@@ -318,6 +318,32 @@ def test_recomputed_chunk_states_match_reference(kind):
     _check(kern, ref, low, dtype, _NAMES)
 
 
+def test_chunk_states_are_freed_before_the_key_side(monkeypatch):
+    """Peak memory: the forward's chunk states are held for the query side of the backward only
+    and no reference is left when the key side (reverse walk) starts."""
+    import weakref
+
+    held, seen = [], []
+    fwd, bwd_kv = _launch.fwd, _launch.bwd_kv
+
+    def fwd_spy(*a, **kw):
+        out = fwd(*a, **kw)
+        held.append(weakref.ref(out[2]))  # h [NC, HK, FT, DV]
+        return out
+
+    def bwd_kv_spy(*a, **kw):
+        seen.append(held[0]() is None)
+        return bwd_kv(*a, **kw)
+
+    monkeypatch.setattr(_launch, "fwd", fwd_spy)
+    monkeypatch.setattr(_launch, "bwd_kv", bwd_kv_spy)
+    q, k, v, wq, bq, wk, bk = (x.requires_grad_() for x in _inputs(2, 40, 2, 1, 16, 16, 16, torch.float32, True))
+    o, _ = fused_hedgehog_attention(q, k, v, wq, bq, wk, bk, causal=True)
+    assert held[0]() is not None  # held through the forward (not recomputed)
+    o.sum().backward()
+    assert seen == [True]
+
+
 def test_second_backward_gives_the_same_gradients():
     """The chunk states are handed to the first backward and dropped there; a second backward
     through the same graph (``retain_graph``) recomputes them: the same gradients."""
