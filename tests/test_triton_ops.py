@@ -267,24 +267,17 @@ _GPU_DEFAULTS = dict(recompute_h=False, out_persist=2, fuse_delta=True)  # _laun
     "min_programs, init, knobs",
     [
         (1, True, {}),
-        (1, False, _GPU_DEFAULTS),
         (1, False, _PLAIN),
-        (10_000, True, _GPU_DEFAULTS),
-        (10_000, True, {"walk_halves": 2}),
+        (10_000, True, dict(_GPU_DEFAULTS, walk_halves=2)),
     ],
-    ids=[
-        "one-segment-init",
-        "one-segment-gpu-defaults",
-        "one-segment-plain",
-        "many-segments-init-gpu-defaults",
-        "many-segments-init-both-halves",
-    ],
+    ids=["one-segment-init", "one-segment-plain", "many-segments-init-gpu-defaults-both-halves"],
 )
 def test_segment_split_is_invisible(min_programs, init, knobs):
     """The number of segments per sequence changes the schedule, not the result. One segment:
     the walks start from the initial state / final-state gradient (or 0) and the output and
     backward kernels read the chunk states alone; several: the segment states are added.
-    ``plain``: kept chunk states, one output program per item, the separate delta kernel."""
+    ``plain``: kept chunk states, one output program per item, the separate delta kernel; the
+    many-segment case runs the GPU defaults with both feature halves per walk program."""
     _launch.CONFIG["min_programs"] = min_programs
     _launch.CONFIG.update(knobs)
     B, T, H, D = (2, 2000, 2, 64) if CUDA else (2, 50, 2, 16)
@@ -320,7 +313,8 @@ def test_recomputed_chunk_states_match_reference(kind):
 
 def test_chunk_states_are_freed_before_the_key_side(monkeypatch):
     """Peak memory: the forward's chunk states are held for the query side of the backward only
-    and no reference is left when the key side (reverse walk) starts."""
+    and no reference is left when the key side (reverse walk) starts; a second backward through
+    the same graph (``retain_graph``) recomputes them and gives the same gradients."""
     import weakref
 
     held, seen = [], []
@@ -337,21 +331,12 @@ def test_chunk_states_are_freed_before_the_key_side(monkeypatch):
 
     monkeypatch.setattr(_launch, "fwd", fwd_spy)
     monkeypatch.setattr(_launch, "bwd_kv", bwd_kv_spy)
-    q, k, v, wq, bq, wk, bk = (x.requires_grad_() for x in _inputs(2, 40, 2, 1, 16, 16, 16, torch.float32, True))
-    o, _ = fused_hedgehog_attention(q, k, v, wq, bq, wk, bk, causal=True)
+    leaves = [x.requires_grad_() for x in _inputs(2, 40, 2, 1, 16, 16, 16, torch.float32, True)]
+    o, _ = fused_hedgehog_attention(*leaves, causal=True)
     assert held[0]() is not None  # held through the forward (not recomputed)
-    o.sum().backward()
-    assert seen == [True]
-
-
-def test_second_backward_gives_the_same_gradients():
-    """The chunk states are handed to the first backward and dropped there; a second backward
-    through the same graph (``retain_graph``) recomputes them: the same gradients."""
-    q, k, v, wq, bq, wk, bk = (x.requires_grad_() for x in _inputs(2, 40, 2, 1, 16, 16, 16, torch.float32, True))
-    o, _ = fused_hedgehog_attention(q, k, v, wq, bq, wk, bk, causal=True)
     do = torch.randn(o.shape, generator=torch.Generator().manual_seed(5)).to(DEV)
-    leaves = [q, k, v, wq, bq, wk, bk]
     g1 = torch.autograd.grad(o, leaves, do, retain_graph=True)
+    assert seen == [True]
     g2 = torch.autograd.grad(o, leaves, do)
     for a, b in zip(g1, g2):
         assert not torch.isnan(a).any() and rel(b, a) <= 1e-6
