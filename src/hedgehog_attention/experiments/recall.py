@@ -15,6 +15,12 @@ Each run trains on :class:`hedgehog_attention.train.Trainer` (one process, or ev
 stopped, and with ``train.checkpoint_every`` set ``--resume`` continues an unfinished run from its
 checkpoint under ``<out>/ckpt/<variant>_s<seed>/``. ``--report-only`` rebuilds the table and plot.
 
+``train.engine: graph`` trains with :func:`fit_graphed` instead (one process: the same optimizer,
+schedule and data order, the whole step replayed as one CUDA graph that is first checked against
+eager steps; no checkpoints). Variants may override ``train`` / ``model`` fields (a recipe probe in
+one config), ``--shard I/N`` runs every N-th job (one process per GPU), and the final validation
+accuracy of each run is recorded for selecting a recipe (never the test accuracy).
+
 Usage::
 
     hedgehog recall --config configs/recall.yaml --device cuda --workers 12   # runs side by side
