@@ -580,7 +580,7 @@ def benchmark_step(
     AdamW, replayed with no host work but the batch copy). Also checks the graph computes the same
     step: from one saved state, ``check_steps`` eager steps and ``check_steps`` replays on the same
     batches must give the same losses (``max_loss_diff``). Returns steps/s of both and the check.
-    Used to decide whether a graphed training loop is worth it; training runs use the Trainer."""
+    Used to decide whether the graphed training loop (``train.engine: graph``) is worth it."""
     tc, task = cfg.train_for(variant), cfg.task.build()
     torch.manual_seed(0)
     model = RotaryTransformer(cfg.model_config(variant)).to(device)
@@ -612,44 +612,21 @@ def benchmark_step(
     load(0)
     step()  # creates the optimizer state
     opt.zero_grad(set_to_none=True)
-    snapshot = [t.detach().clone() for t in _state_tensors(model, opt)]
-    eager_losses = []
-    for i in range(check_steps):
-        load(i)
-        eager_losses.append(float(step()))  # float(): the Trainer's per-step host sync
-        opt.zero_grad(set_to_none=True)
     sync()
     t0 = time.perf_counter()
     for i in range(steps):
         load(i)
-        float(step())
+        float(step())  # float(): the Trainer's per-step host sync
         opt.zero_grad(set_to_none=True)
     sync()
     out = {"variant": variant.name, "eager_steps_per_s": steps / (time.perf_counter() - t0), "steps": steps}
     if not is_cuda:
         return out
-    # Whole-step capture (PyTorch's "whole network capture" recipe): warm up on a side stream,
-    # restore the saved state in place (the graph keeps these addresses), then capture once.
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for i in range(3):
-            load(i)
-            step()
-            opt.zero_grad(set_to_none=True)
-    torch.cuda.current_stream(device).wait_stream(side)
-    with torch.no_grad():
-        for t, saved in zip(_state_tensors(model, opt), snapshot):
-            t.copy_(saved)
-    graph = torch.cuda.CUDAGraph()
-    opt.zero_grad(set_to_none=True)
-    with torch.cuda.graph(graph):
-        static_loss = step()
-    graph_losses = []
-    for i in range(check_steps):
-        load(i)
-        graph.replay()
-        graph_losses.append(float(static_loss))
+    # The same checked whole-step capture as fit_graphed: eager steps and replays from one saved state.
+    graph, _, check = _capture_checked(model, opt, step, load, 0, check_steps, device)
+    out["graph_check"] = check
+    if graph is None:
+        return out
     sync()
     t0 = time.perf_counter()
     for i in range(steps):
@@ -657,8 +634,7 @@ def benchmark_step(
         graph.replay()
     sync()
     out["graph_steps_per_s"] = steps / (time.perf_counter() - t0)
-    out["eager_losses"], out["graph_losses"] = eager_losses, graph_losses
-    out["max_loss_diff"] = max(abs(a - b) for a, b in zip(eager_losses, graph_losses))
+    out["max_loss_diff"] = check["max_diff"]
     return out
 
 
