@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# Session-2 runner (LM run 2, recall run 3). The latest runs use scripts/gpu_lm.sh (LM run 3) and
+# scripts/gpu_recall.sh with configs/recall_final.yaml (recall run 5), launched side by side by scripts/gpu_jobs.sh.
 # Full-size runs of `hedgehog lm` and `hedgehog recall` in one GPU call (device tool, kind nvidia-h200-x2):
 # the LM sweep on GPU 0 and the recall sweep on GPU 1 (CUDA_VISIBLE_DEVICES per job), both on the
 # Trainer, single-process runs side by side (--workers). Reports, run JSONs and logs are tarred to $OUT;
