@@ -259,8 +259,8 @@ def test_pytorch_fallback_matches_reference(kind):
     _check(kern, ref, low, torch.float32, _NAMES + ["S0", "z0"])
 
 
-_PLAIN = dict(recompute_h=False, out_persist=0, fuse_delta=False)  # the launch knobs off
-_GPU_DEFAULTS = dict(recompute_h=False, out_persist=2, fuse_delta=True)  # _launch.CONFIG's
+_PLAIN = dict(recompute_h=False, out_persist=0, fuse_delta=False, walk_halves=1)  # the launch knobs off
+_GPU_DEFAULTS = dict(recompute_h=False, out_persist=2, fuse_delta=True, walk_halves=2)  # _launch.CONFIG's
 
 
 @pytest.mark.parametrize(
@@ -268,16 +268,16 @@ _GPU_DEFAULTS = dict(recompute_h=False, out_persist=2, fuse_delta=True)  # _laun
     [
         (1, True, {}),
         (1, False, _PLAIN),
-        (10_000, True, dict(_GPU_DEFAULTS, walk_halves=2)),
+        (10_000, True, _GPU_DEFAULTS),
     ],
-    ids=["one-segment-init", "one-segment-plain", "many-segments-init-gpu-defaults-both-halves"],
+    ids=["one-segment-init", "one-segment-plain", "many-segments-init-gpu-defaults"],
 )
 def test_segment_split_is_invisible(min_programs, init, knobs):
     """The number of segments per sequence changes the schedule, not the result. One segment:
     the walks start from the initial state / final-state gradient (or 0) and the output and
     backward kernels read the chunk states alone; several: the segment states are added.
-    ``plain``: kept chunk states, one output program per item, the separate delta kernel; the
-    many-segment case runs the GPU defaults with both feature halves per walk program."""
+    ``plain``: kept chunk states, one output program per item, the separate delta kernel, a walk
+    program per feature half; the many-segment case runs the GPU defaults."""
     _launch.CONFIG["min_programs"] = min_programs
     _launch.CONFIG.update(knobs)
     B, T, H, D = (2, 2000, 2, 64) if CUDA else (2, 50, 2, 16)

@@ -27,13 +27,15 @@ from . import _kernels as K
 # on each of the H200's 132 SMs), which sets the segments per sequence (``segments``). ``*_warps``, ``*_stages``:
 # per kernel. ``poison``: fill every kernel-written buffer with NaN first (tests), so a skipped
 # write shows. Tests shrink ``chunk`` to 32 (and the V blocks to 16) to exercise many chunks on tiny
-# inputs. The defaults follow the 23-variant sweep on the H200 of 2026-11-28 18:10 (run 5, T=4096,
-# docs/kernels.md): BT=128, 8 warps, 3 stages in the state walk (run 4), the output kernel
-# persistent with 2 programs per SM (output kernel 1.24 -> 1.00 ms), cd in the backward kernel
-# (-0.06 ms). Peak memory: the forward chunk states are dropped after the query side of the
-# backward (``__init__._setup_context``; run 5 measured the same saving, 2.30 -> 2.02 GB, with
-# them recomputed, +0.75 ms). Slower there: a two-level scan for the walk, 4 warps, value blocks
-# of 32, persistent backward launches; rounded features: no change (all since removed).
+# inputs. The defaults follow the H200 sweeps of 2026-11-28 (BENCHMARKS.md, runs 5 and 7, T=4096):
+# BT=128, 8 warps, 3 stages in the walk (run 4); the output kernel persistent with 2 programs per
+# SM (1.24 -> 1.00 ms) and cd in the backward kernel (run 5); both feature halves per walk program
+# (run 7: walks 1.73 -> 1.38 ms, fwd 1.76 -> 1.57, fwd+bwd 7.13 -> 6.78 ms). Peak memory: the
+# forward chunk states are dropped after the query side of the backward (``__init__._setup_context``;
+# run 7: 1.99 GB at T=4096, SDPA 2.16). Slower there and off: programs over part of a chunk
+# (backward 3.7 -> 6.6-11 ms), the output kernel at 4 warps over half chunks (1.01 -> 1.46 ms), dW by
+# atomics (-0.27 GB but +0.32 ms), 4 warps, value blocks of 32; removed after run 5: a two-level
+# scan for the walk, persistent backward launches, rounded features.
 CONFIG = {
     "chunk": 128,
     "state_bv": 64,
@@ -64,8 +66,8 @@ CONFIG = {
     "out_split": 1,
     "bwd_split": 1,
     # feature halves per state-walk program (2: both halves of the negation map in one program,
-    # the chunk's loads and pre-activation shared)
-    "walk_halves": 1,
+    # the chunk's loads and pre-activation shared; 1: a program per half)
+    "walk_halves": 2,
     # map weight gradients accumulated in the backward kernels (fp32 atomics of each chunk's
     # x^T dz) instead of storing dz and one batched matmul per side
     "dw_atomic": False,
