@@ -52,9 +52,11 @@ def main(src: str, dst: str) -> None:
     if "series" in res:
         return _main_series(res, dst)
     rows = res["rows"]
+    # meta["labels"]: label overrides, e.g. for rows merged in from another run
+    style = {n: (res["meta"].get("labels", {}).get(n, lab), c, mk) for n, (lab, c, mk) in STYLE.items()}
     fig, axes = plt.subplots(1, 4, figsize=(21, 4.6))
     for key, ax, title in [("fwd_ms", axes[0], "forward"), ("fwdbwd_ms", axes[1], "forward + backward")]:
-        for name, (label, color, marker) in STYLE.items():
+        for name, (label, color, marker) in style.items():
             pts = [(r["T"], r[name][key]) for r in rows if name in r and key in r.get(name, {})]
             if pts:
                 ax.plot(*zip(*pts), marker=marker, color=color, label=label)
@@ -66,7 +68,7 @@ def main(src: str, dst: str) -> None:
         ax.set_ylabel("ms (median)")
         ax.set_title(f"{title}, H=16, D=64, bf16, causal")
         ax.grid(True, which="both", alpha=0.3)
-    for name, (label, color, marker) in STYLE.items():
+    for name, (label, color, marker) in style.items():
         pts = [(r["T"], r[name]["peak_gb"]) for r in rows if name in r and "peak_gb" in r.get(name, {})]
         if pts:
             axes[2].plot(*zip(*pts), marker=marker, color=color, label=label)
