@@ -37,6 +37,26 @@ SERIES_STYLE = {
 }
 
 
+def _decode_panel(ax, dec: list[dict], launch_label: str, title: str, legend_size: float) -> None:
+    """Decode-step time vs context length: SDPA on a KV cache, our step per launch and from a CUDA graph."""
+    if not dec:
+        return
+    ctx = [d["context"] for d in dec]
+    for key, label, color, marker in (
+        ("sdpa_ms", "SDPA, bf16 KV cache", "k", "o"),
+        ("triton_ms", launch_label, "tab:red", "D"),
+        ("triton_graph_ms", "ours, CUDA-graph replay", "tab:orange", "d"),
+    ):
+        ax.plot(ctx, [d[key] for d in dec], marker=marker, color=color, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context length")
+    ax.set_ylabel("ms per decode step (B=16, H=16)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=legend_size)
+
+
 def _rows_from_series(res):
     """Turn a combined JSON into per-series point lists keyed like STYLE (label with runs)."""
     out = {}
@@ -81,22 +101,7 @@ def main(src: str, dst: str) -> None:
     axes[2].set_ylabel("peak memory of fwd+bwd, GB")
     axes[2].set_title("memory")
     axes[2].grid(True, alpha=0.3)
-    dec = res.get("decode") or []
-    if dec:
-        ctx = [d["context"] for d in dec]
-        for key, label, color, marker in (
-            ("sdpa_ms", "SDPA, bf16 KV cache", "k", "o"),
-            ("triton_ms", "ours, one launch", "tab:red", "D"),
-            ("triton_graph_ms", "ours, CUDA-graph replay", "tab:orange", "d"),
-        ):
-            axes[3].plot(ctx, [d[key] for d in dec], marker=marker, color=color, label=label)
-        axes[3].set_xscale("log", base=2)
-        axes[3].set_yscale("log")
-        axes[3].set_xlabel("context length")
-        axes[3].set_ylabel("ms per decode step (B=16, H=16)")
-        axes[3].set_title("decode step")
-        axes[3].grid(True, which="both", alpha=0.3)
-        axes[3].legend(fontsize=8)
+    _decode_panel(axes[3], res.get("decode") or [], "ours, one launch", "decode step", 8)
     axes[0].legend(fontsize=8)
     m = res["meta"]
     fig.suptitle(f"{m['gpu']}, torch {m['torch']}, triton {m['triton']}, fla {m['fla']}, {m['date']}", fontsize=9)
@@ -122,22 +127,9 @@ def _main_series(res, dst: str) -> None:
             ax.set_title("memory")
         ax.set_xlabel("sequence length T")
         ax.grid(True, which="both", alpha=0.3)
-    dec = res.get("decode") or []
-    if dec:
-        ctx = [d["context"] for d in dec]
-        for key, label, color, marker in (
-            ("sdpa_ms", "SDPA, bf16 KV cache", "k", "o"),
-            ("triton_ms", "ours, one launch (host busy compiling tests)", "tab:red", "D"),
-            ("triton_graph_ms", "ours, CUDA-graph replay", "tab:orange", "d"),
-        ):
-            axes[3].plot(ctx, [d[key] for d in dec], marker=marker, color=color, label=label)
-        axes[3].set_xscale("log", base=2)
-        axes[3].set_yscale("log")
-        axes[3].set_xlabel("context length")
-        axes[3].set_ylabel("ms per decode step (B=16, H=16)")
-        axes[3].set_title("decode step (run 4)")
-        axes[3].grid(True, which="both", alpha=0.3)
-        axes[3].legend(fontsize=7)
+    _decode_panel(
+        axes[3], res.get("decode") or [], "ours, one launch (host busy compiling tests)", "decode step (run 4)", 7
+    )
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7.5)
     m = res["meta"]
