@@ -111,6 +111,11 @@ def _(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, activation, negation, causal, e
     )
 
 
+def _map_grad_like(t: Tensor | None, fused: bool, q: Tensor) -> Tensor:
+    """Fake (meta) gradient of a map weight/bias: its shape when the map is fused and present, else empty."""
+    return torch.empty_like(t) if (fused and t is not None) else q.new_empty(0)
+
+
 @torch.library.custom_op("hedgehog_attention::triton_la_bwd_q", mutates_args=())
 def _la_bwd_q(
     do: Tensor,
@@ -149,10 +154,7 @@ def _la_bwd_q(
 @_la_bwd_q.register_fake
 def _(do, q, k, v, wq, bq, wk, bk, mask, cu, o, den, h, hz, s_in, z_in, activation, negation, causal, fused, max_len,
       nc, varlen):  # fmt: skip
-    def like(t):
-        return torch.empty_like(t) if (fused and t is not None) else q.new_empty(0)
-
-    return [torch.empty_like(q), like(wq), like(bq), torch.empty_like(den)]
+    return [torch.empty_like(q), _map_grad_like(wq, fused, q), _map_grad_like(bq, fused, q), torch.empty_like(den)]
 
 
 @torch.library.custom_op("hedgehog_attention::triton_la_bwd_kv", mutates_args=())
@@ -196,14 +198,11 @@ def _(do, ds_fin, dz_fin, q, k, v, wq, bq, wk, bk, mask, cu, den, cd, s_in, acti
     N, HK = cu.shape[0] - 1, k.shape[2]
     FT, DV = s_in.shape[3], v.shape[3]
 
-    def like(t):
-        return torch.empty_like(t) if (fused and t is not None) else q.new_empty(0)
-
     return [
         torch.empty_like(k),
         torch.empty_like(v),
-        like(wk),
-        like(bk),
+        _map_grad_like(wk, fused, q),
+        _map_grad_like(bk, fused, q),
         q.new_empty(N, HK, FT, DV, dtype=torch.float32) if need_ds0 else q.new_empty(0),
         q.new_empty(N, HK, FT, dtype=torch.float32) if need_ds0 else q.new_empty(0),
     ]
