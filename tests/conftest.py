@@ -1,4 +1,7 @@
+import fcntl
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,3 +27,31 @@ def _seed():
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture(scope="session")
+def once_per_session(tmp_path_factory):
+    """``once_per_session(name, build)`` -> a folder that ``build(folder)`` filled exactly once per test
+    session. Under pytest-xdist (CI runs -n 2) the workers share one folder behind a file lock instead
+    of each running ``build`` (e.g. a pair of torchrun launches); ``build`` must end by creating
+    ``folder / "DONE"``, so a folder left by an interrupted build is rebuilt."""
+
+    def run(name: str, build) -> Path:
+        if not os.environ.get("PYTEST_XDIST_WORKER"):
+            d = tmp_path_factory.mktemp(name)
+            build(d)
+            return d
+        d = tmp_path_factory.getbasetemp().parent / f"hedgehog_{name}"
+        d.mkdir(exist_ok=True)
+        with open(d.parent / f"hedgehog_{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if not (d / "DONE").exists():
+                    shutil.rmtree(d)
+                    d.mkdir()
+                    build(d)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        return d
+
+    return run

@@ -15,7 +15,6 @@ in float64.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import shutil
@@ -261,24 +260,9 @@ def _run_all(out: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict:
-    """The two launches, once per session: under pytest-xdist (CI runs -n 2) the workers share
-    one result folder behind a file lock instead of each launching its own torchrun pair."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        out = tmp_path_factory.getbasetemp().parent / "hedgehog_dist_runs"
-        out.mkdir(exist_ok=True)
-        with open(out.parent / "hedgehog_dist_runs.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                if not (out / "DONE").exists():
-                    shutil.rmtree(out)
-                    out.mkdir()
-                    _run_all(out)
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
-    else:
-        out = tmp_path_factory.mktemp("dist")
-        _run_all(out)
+def runs(once_per_session) -> dict:
+    """The two launches, once per session (shared by the pytest-xdist workers, not one torchrun pair each)."""
+    out = once_per_session("dist_runs", _run_all)
     modes = ("ddp", "fsdp", "ddp-accum", "fsdp-accum", "fsdp-ckpt", "fsdp-best", "resume", "fsdp-resume",
              "ddp-misuse", "stop-rank1", "linearize-fsdp")  # fmt: skip
     recs = {m: json.loads((out / f"{m}.json").read_text()) for m in modes}

@@ -18,11 +18,9 @@ This file is also the kill worker: ``torchrun ... tests/test_linearize_distribut
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import random
-import shutil
 import string
 import sys
 from pathlib import Path
@@ -98,24 +96,9 @@ def _run_all(d: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Path:
-    """The launches, once per session (under pytest-xdist the workers share one folder behind a lock)."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        d = tmp_path_factory.getbasetemp().parent / "hedgehog_linearize_dist"
-        d.mkdir(exist_ok=True)
-        with open(d.parent / "hedgehog_linearize_dist.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                if not (d / "DONE").exists():
-                    shutil.rmtree(d)
-                    d.mkdir()
-                    _run_all(d)
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
-    else:
-        d = tmp_path_factory.mktemp("lindist")
-        _run_all(d)
-    return d
+def runs(once_per_session) -> Path:
+    """The launches, once per session (shared by the pytest-xdist workers)."""
+    return once_per_session("linearize_dist", _run_all)
 
 
 def _one_process(runs: Path, extra: list[str], name: str) -> dict:
