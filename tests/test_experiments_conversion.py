@@ -2,6 +2,7 @@
 the report, plots and attention snapshots are written, and the snapshots are valid weights."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -188,6 +189,13 @@ def test_finetuned_conversion_halves_merge(tmp_path):
     # Merging the same half twice is refused (a method would be counted twice).
     with pytest.raises(ValueError, match="more than one run"):
         fc_main([*base, "--out", str(tmp_path / "x"), "--merge", str(tmp_path / "a"), str(tmp_path / "a")])
+    # A run measured against another teacher (accuracy 2 points off) is refused too.
+    shutil.copytree(tmp_path / "b", tmp_path / "other")
+    saved = json.loads((tmp_path / "other" / "results.json").read_text())
+    saved["results"]["teacher"]["test_accuracy"] += 0.02
+    (tmp_path / "other" / "results.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="another teacher"):
+        fc_main([*base, "--out", str(tmp_path / "y"), "--merge", str(tmp_path / "a"), str(tmp_path / "other")])
     assert fc_main([*base, "--out", str(tmp_path / "c"), "--only", "nope"]) == 2
 
 

@@ -297,14 +297,18 @@ def merge_method_runs(
     *,
     config: dict,
     method_order: list[str],
-    check_same_setup: typing.Callable[[dict, dict, Path], None],
+    baseline: typing.Callable[[dict], float],
+    baseline_name: str,
+    tolerance: float,
+    relative: bool = False,
 ) -> tuple[dict, dict, dict, dict]:
     """Combine the ``results.json`` (+ ``attention_maps.npz``) of runs that each did a subset of
     the methods of one experiment, into ``out``; methods end up in ``method_order``.
 
-    ``check_same_setup(first, other, dir)`` raises ``ValueError`` when ``other`` (the results of
-    ``dir``) was not measured against the same baseline as ``first``. A method present in two
-    runs raises ``ValueError``; folders without ``results.json`` are skipped with a warning.
+    The runs must share one baseline: ``baseline(results)`` (e.g. the teacher's test accuracy) may
+    differ from the first run's by at most ``tolerance`` (absolute, or relative with ``relative``),
+    else ``ValueError`` naming ``baseline_name``. A method present in two runs raises ``ValueError``;
+    folders without ``results.json`` are skipped with a warning.
     Returns ``(results, environment, snapshots, snapshot_meta)``."""
     import copy
 
@@ -326,7 +330,9 @@ def merge_method_runs(
             results, env = copy.deepcopy(r), saved["environment"]
             results["methods"] = []
         else:
-            check_same_setup(results, r, d)
+            a, b = baseline(results), baseline(r)
+            if (abs(b / a - 1) if relative else abs(b - a)) > tolerance:
+                raise ValueError(f"merge: {d} was measured against another {baseline_name} ({b} vs {a})")
         skipped.extend(r.get("skipped_for_time", []))
         for m in r["methods"]:
             if any(x["method"] == m["method"] for x in results["methods"]):

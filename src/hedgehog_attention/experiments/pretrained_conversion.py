@@ -393,16 +393,10 @@ def merge_runs(cfg: PretrainedConversionConfig, dirs: list[Path], out: Path) -> 
     or data) or a method appears twice.
     """
 
-    def same_original(first: dict, other: dict, d: Path) -> None:
-        if abs(other["original_test_ppl"] / first["original_test_ppl"] - 1) > 1e-3:
-            raise ValueError(
-                f"merge: {d} measured another original model (ppl {other['original_test_ppl']} vs "
-                f"{first['original_test_ppl']})"
-            )
-
     return merge_method_runs(
         dirs, out, config=config_to_dict(cfg), method_order=[m.name for m in cfg.methods],
-        check_same_setup=same_original,
+        baseline=lambda r: r["original_test_ppl"], baseline_name="original model (test ppl)", tolerance=1e-3,
+        relative=True,
     )  # fmt: skip
 
 
