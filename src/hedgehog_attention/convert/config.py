@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from ..feature_maps import available_feature_maps
 
-__all__ = ["DistillConfig", "FinetuneConfig", "LinearizeConfig"]
+__all__ = ["DistillConfig", "EngineOptions", "FinetuneConfig", "LinearizeConfig"]
 
 
 def _strict_kwargs(cls, data: dict[str, Any]) -> dict[str, Any]:
@@ -84,7 +84,33 @@ class LinearizeConfig:
 
 
 @dataclass
-class DistillConfig:
+class EngineOptions:
+    """How a conversion stage runs on :class:`hedgehog_attention.train.Trainer` (shared by
+    :class:`DistillConfig` and :class:`FinetuneConfig`).
+
+    Attributes:
+        seed: RNG seed (batch order; initialisation where the stage has any).
+        max_grad_norm: clip the global gradient norm (None: no clipping, as App. C.2).
+        strategy: ``auto`` (DDP under torchrun, plain with one process), ``ddp`` or ``fsdp``.
+        checkpoint_dir / checkpoint_every / resume: atomic checkpoints of the run every N steps
+            and exact continuation of a killed run (see docs/distributed.md).
+        log_every: steps per row of the training history (loss, tokens/s).
+    """
+
+    seed: int = 0
+    max_grad_norm: float | None = None
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    checkpoint_dir: str | None = None
+    checkpoint_every: int | None = None
+    resume: bool = False
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        _check_engine(self)
+
+
+@dataclass
+class DistillConfig(EngineOptions):
     """Attention transfer (Eq. 3) of all converted layers at once.
 
     Attributes:
@@ -100,12 +126,8 @@ class DistillConfig:
         capture: ``cached`` records the teacher's q, k once and trains on them (fast: no model
             forward per step; memory ~ tokens x layers x heads x head_dim); ``online`` runs the
             frozen model every step in distill mode (memory-bounded, for large corpora/GPUs).
-        seed: RNG seed of batch order.
-        max_grad_norm: clip the global gradient norm (None: no clipping, as App. C.2).
-        strategy: ``auto`` (DDP under torchrun, plain with one process), ``ddp`` or ``fsdp``.
-        checkpoint_dir / checkpoint_every / resume: atomic checkpoints of the run every N steps
-            and exact continuation of a killed run (see docs/distributed.md).
-        log_every: steps per row of the training history (loss, tokens/s).
+        seed / max_grad_norm / strategy / checkpoint_dir / checkpoint_every / resume / log_every:
+            see :class:`EngineOptions`.
     """
 
     steps: int = 300
@@ -118,16 +140,9 @@ class DistillConfig:
     output_mse_weight: float = 0.0
     query_chunk_size: int = 256
     capture: Literal["cached", "online"] = "cached"
-    seed: int = 0
-    max_grad_norm: float | None = None
-    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
-    checkpoint_dir: str | None = None
-    checkpoint_every: int | None = None
-    resume: bool = False
-    log_every: int = 10
 
     def __post_init__(self) -> None:
-        _check_engine(self)
+        super().__post_init__()
         if self.steps < 0 or self.batch_size < 1 or self.eval_every < 1 or self.patience < 0:
             raise ValueError(
                 "expected steps >= 0, batch_size >= 1, eval_every >= 1, patience >= 0; got "
@@ -145,7 +160,7 @@ class DistillConfig:
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(EngineOptions):
     """Finetuning after the swap.
 
     Attributes:
@@ -158,9 +173,8 @@ class FinetuneConfig:
         lora_r / lora_alpha / lora_dropout: LoRA rank, scale and dropout.
         lora_targets: module-name suffixes that get adapters; ``None`` = the architecture's q/k/v/o.
         train_feature_maps: also train the (distilled) feature maps (LoLCATs keeps them frozen).
-        seed: RNG seed.
-        max_grad_norm / strategy / checkpoint_dir / checkpoint_every / resume / log_every: as in
-            :class:`DistillConfig` (the run goes through ``hedgehog_attention.train.Trainer``).
+        seed / max_grad_norm / strategy / checkpoint_dir / checkpoint_every / resume / log_every:
+            see :class:`EngineOptions` (the run goes through ``hedgehog_attention.train.Trainer``).
     """
 
     method: Literal["lora", "full"] = "lora"
@@ -174,16 +188,9 @@ class FinetuneConfig:
     lora_dropout: float = 0.0
     lora_targets: list[str] | None = None
     train_feature_maps: bool = False
-    seed: int = 0
-    max_grad_norm: float | None = None
-    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
-    checkpoint_dir: str | None = None
-    checkpoint_every: int | None = None
-    resume: bool = False
-    log_every: int = 10
 
     def __post_init__(self) -> None:
-        _check_engine(self)
+        super().__post_init__()
         if self.method not in ("lora", "full"):
             raise ValueError(f"method must be 'lora' or 'full', got {self.method!r}")
         if self.task not in ("lm", "classification"):
