@@ -263,6 +263,14 @@ def _stage_engine(args, stage: str) -> dict[str, Any]:
     )
 
 
+def _finetune_config(args, lr: float, task: str, batch_size: int, stage: str) -> FinetuneConfig:
+    """The finetuning stage's config from the CLI flags (``stage`` names its checkpoint subfolder)."""
+    return FinetuneConfig(
+        method=args.finetune_method, task=task, steps=args.finetune_steps, lr=lr, batch_size=batch_size,
+        seed=args.seed, **_stage_engine(args, stage),
+    )  # fmt: skip
+
+
 def _check_args(args) -> None:
     if (args.checkpoint_every is not None or args.resume) and not args.checkpoint_dir:
         raise SystemExit("--checkpoint-every and --resume need --checkpoint-dir")
@@ -469,15 +477,7 @@ def _finetune(model, tok, args, report, decoder, split, train, test, seq):
     from .finetune import finetune
 
     if decoder:
-        cfg = FinetuneConfig(
-            method=args.finetune_method,
-            task="lm",
-            steps=args.finetune_steps,
-            lr=lr,
-            batch_size=2,
-            seed=args.seed,
-            **_stage_engine(args, "finetune"),
-        )
+        cfg = _finetune_config(args, lr, "lm", 2, "finetune")
         model, res = finetune(
             model, make_batches(train, 2, labels=True), make_batches(test, 2, labels=True), cfg, progress=not args.quiet
         )
@@ -531,15 +531,7 @@ def finetune_classification(encoder, tok, args, lr, seq) -> dict[str, Any]:
             unlinearize(base)
         cls.bert = base
         cls.to(next(encoder.parameters()).device)
-        cfg = FinetuneConfig(
-            method=args.finetune_method,
-            task="classification",
-            steps=args.finetune_steps,
-            lr=lr,
-            batch_size=16,
-            seed=args.seed,
-            **_stage_engine(args, f"finetune-{which}"),
-        )
+        cfg = _finetune_config(args, lr, "classification", 16, f"finetune-{which}")
         # no "before" score: the classification head is freshly initialized
         _, res = finetune(cls, train_b, test_b, cfg, progress=not args.quiet, evaluate_before=False)
         results[which] = {
