@@ -145,6 +145,20 @@ REPS = {"warmup": 10, "rep": 60}
 # in BENCHMARKS.md); the knobs that lost there (two-level scan, rounded features, persistent
 # backward) were removed from the kernels afterwards.
 SWEEPS = {
+    # session 4: the fused-chunk design (state in registers, no per-chunk states; the default)
+    # against the chunk design of runs 3-7, and its chunk size / warps / pipeline stages /
+    # resident programs (segments per sequence)
+    "fc": {
+        "chunk": {"design": "chunk"},
+        "fc64w4s2": {"design": "fused_chunk", "fc_chunk": 64, "fc_warps": 4, "fc_stages": 2},
+        "fc64w4s1": {"design": "fused_chunk", "fc_chunk": 64, "fc_warps": 4, "fc_stages": 1},
+        "fc64w8s2": {"design": "fused_chunk", "fc_chunk": 64, "fc_warps": 8, "fc_stages": 2},
+        "fc32w4s2": {"design": "fused_chunk", "fc_chunk": 32, "fc_warps": 4, "fc_stages": 2},
+        "fc128w8s1": {"design": "fused_chunk", "fc_chunk": 128, "fc_warps": 8, "fc_stages": 1},
+        "fc64w4p132": {"design": "fused_chunk", "fc_chunk": 64, "fc_warps": 4, "fc_stages": 2, "fc_programs": 132},
+        "fc64w4p528": {"design": "fused_chunk", "fc_chunk": 64, "fc_warps": 4, "fc_stages": 2, "fc_programs": 528},
+        "fc32w2s2": {"design": "fused_chunk", "fc_chunk": 32, "fc_warps": 2, "fc_stages": 2},
+    },
     # run 6: the defaults (persistent output kernel, cd in the backward, chunk states dropped
     # after the query side) against programs over part of a chunk, both feature halves per walk
     # program and dW accumulated in the kernels (never measured before; picked by the registers
@@ -321,12 +335,15 @@ def _same_function(cfg, B, T, dev, ref):
 
 def kernel_resources():
     """Registers and spills of every compiled variant of our kernels (triton's CompiledKernel)."""
+    from hedgehog_attention.ops.triton import _fused_chunk as FC
     from hedgehog_attention.ops.triton import _kernels as K
 
     out = []
-    for name in ("_state_kernel", "_out_kernel", "_bwd_kernel", "_delta_kernel", "_decode_kernel"):
+    names = ("_state_kernel", "_out_kernel", "_bwd_kernel", "_delta_kernel", "_decode_kernel", "_fc_fwd_kernel",
+             "_fc_bwd_q_kernel", "_fc_bwd_kv_kernel")  # fmt: skip
+    for name in names:
         try:
-            fn = getattr(K, name)
+            fn = getattr(K, name, None) or getattr(FC, name)
             for cache in getattr(fn, "device_caches", {}).values():
                 kc = cache[0] if isinstance(cache, tuple) else cache
                 for key, ck in kc.items():

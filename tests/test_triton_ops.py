@@ -216,9 +216,15 @@ def _id(c):
     )
 
 
-@pytest.mark.parametrize("case", _CASES, ids=_id)
-def test_fused_matches_reference(case):
+_DESIGNS = [
+    (c, d) for c in _CASES for d in (("fused_chunk", "chunk") if c[6] else ("chunk",))
+]  # the causal layouts both (bidirectional attention has one)
+
+
+@pytest.mark.parametrize("case, design", _DESIGNS, ids=[f"{_id(c)}-{d}" for c, d in _DESIGNS])
+def test_fused_matches_reference(case, design):
     B, T, H, HK, D, F, causal, act, neg, bias, kind, init, dtype = case
+    _launch.CONFIG["design"] = design
     # fp16 + exp: with |x W| up to ~15 (D=128, weights 0.3) the features reach e^15 and the
     # gradients of k and v overflow fp16 (65504) in the kernel and in torch alike (the H200
     # failure of this case in run 2/3); smaller weights keep every value representable
@@ -280,6 +286,7 @@ def test_segment_split_is_invisible(min_programs, init, knobs):
     program per feature half; the many-segment case runs the GPU defaults."""
     _launch.CONFIG["min_programs"] = min_programs
     _launch.CONFIG.update(knobs)
+    _launch.CONFIG["design"] = "chunk"
     B, T, H, D = (2, 2000, 2, 64) if CUDA else (2, 50, 2, 16)
     args = _inputs(B, T, H, H, D, D, D, torch.float32, True)
     st0 = (torch.rand(B, H, 2 * D, D, device=DEV), torch.rand(B, H, 2 * D, device=DEV)) if init else None
@@ -298,6 +305,7 @@ def test_recomputed_chunk_states_match_reference(kind):
     in the kernels (``dw_atomic``); same outputs and gradients, with
     padding or packed sequences, GQA and several segments."""
     _launch.CONFIG.update(recompute_h=True, fuse_delta=True, out_split=2, bwd_split=2, walk_halves=2, dw_atomic=True)
+    _launch.CONFIG["design"] = "chunk"
     _launch.CONFIG["out_persist"] = 2 if kind == "cu" else 0  # both output grids with split programs
     B, T, H, HK, D = (2, 3000, 4, 2, 64) if CUDA else (2, 45, 2, 1, 16)
     if kind == "cu":
@@ -331,6 +339,7 @@ def test_chunk_states_are_freed_before_the_key_side(monkeypatch):
 
     monkeypatch.setattr(_launch, "fwd", fwd_spy)
     monkeypatch.setattr(_launch, "bwd_kv", bwd_kv_spy)
+    _launch.CONFIG["design"] = "chunk"  # (the fused-chunk design has no chunk states)
     leaves = [x.requires_grad_() for x in _inputs(2, 40, 2, 1, 16, 16, 16, torch.float32, True)]
     o, _ = fused_hedgehog_attention(*leaves, causal=True)
     assert held[0]() is not None  # held through the forward (not recomputed)
@@ -340,6 +349,45 @@ def test_chunk_states_are_freed_before_the_key_side(monkeypatch):
     g2 = torch.autograd.grad(o, leaves, do)
     for a, b in zip(g1, g2):
         assert not torch.isnan(a).any() and rel(b, a) <= 1e-6
+
+
+@pytest.mark.parametrize("fc_programs", [1, 10_000], ids=["one-segment", "many-segments"])
+@pytest.mark.parametrize("kind", ["mask", "cu"])
+def test_fused_chunk_segments(fc_programs, kind):
+    """The fused-chunk walks with one segment per sequence (each program walks a whole sequence
+    from the initial state / final-state gradient) and with many (segment sums by the state walk,
+    then each program starts from its segment's entering state); GQA, padding or packed
+    sequences, an initial state; outputs, final state and every gradient against the reference."""
+    _launch.CONFIG.update(design="fused_chunk", fc_programs=fc_programs)
+    B, T, H, HK, D = (2, 3000, 4, 2, 64) if CUDA else (2, 45, 2, 1, 16)
+    if kind == "cu":
+        B = 1
+        if not CUDA:  # packed sequences of up to 40 tokens: 3 chunks of 16 to split into segments
+            T = 120
+            _launch.CONFIG["fc_chunk"] = 16
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    args = _inputs(B, T, H, HK, D, D, D, dtype, True)
+    mask, cu = _mask_or_cu(kind, B, T)
+    N = B if cu is None else cu.numel() - 1
+    g = torch.Generator(device="cpu").manual_seed(6)
+    st0 = ((torch.rand(N, HK, 2 * D, D, generator=g) * 0.5).to(DEV), torch.rand(N, HK, 2 * D, generator=g).to(DEV))
+    calls = []
+    walk = _launch._Plan.walk_segments
+
+    def spy(self):
+        calls.append(walk(self))
+        return calls[-1]
+
+    _launch._Plan.walk_segments = spy
+    try:
+        kern, ref, low = _run_fused(
+            args, activation="softmax", negation=True, causal=True, mask=mask, cu=cu, init=st0, dtype=dtype
+        )
+    finally:
+        _launch._Plan.walk_segments = walk
+    ns = {c[1] for c in calls}
+    assert calls and (ns == {1} if fc_programs == 1 else min(ns) > 1), calls  # the schedule asked for
+    _check(kern, ref, low, dtype, _NAMES + ["S0", "z0"])
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])

@@ -95,10 +95,23 @@ def _(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, activation, negation, causal, e
     FT = _ft(q, wq, negation, fused)
     bv = min(L._pow2(DV), L._pow2(L.CONFIG["state_bv"]))
     F = wq.shape[2] if fused else q.shape[3]
+    f32, hdt = torch.float32, L.state_dtype(v.dtype)
+    if L.uses_fused_chunk(causal, F, DV):  # as _launch._fc_fwd: no chunk states
+        ns = L.segments(N, H, max_len, 1, L.fc_chunk_size(F, v.dtype), cap=int(L.CONFIG["fc_programs"]))[1]
+        seg = ns > 1 or s0 is not None
+        return (
+            q.new_empty(B, T, H, DV, dtype=v.dtype),
+            q.new_empty(B * T, H, dtype=f32),
+            q.new_empty(0, dtype=hdt),
+            q.new_empty(0, dtype=f32),
+            q.new_empty(N, HK, ns, FT, DV, dtype=f32) if seg else q.new_empty(0, dtype=f32),
+            q.new_empty(N, HK, ns, FT, dtype=f32) if seg else q.new_empty(0, dtype=f32),
+            q.new_empty(N, HK, FT, DV, dtype=f32),
+            q.new_empty(N, HK, FT, dtype=f32),
+        )
     bt = L.chunk_size(F, v.dtype)
     nj = 2 if (negation and fused and int(L.CONFIG["walk_halves"]) != 2) else 1  # walk programs per value block
     ns = L.segments(N, HK, max_len, nj * -(-DV // bv), bt)[1] if causal else 1
-    f32, hdt = torch.float32, L.state_dtype(v.dtype)
     return (
         q.new_empty(B, T, H, DV, dtype=v.dtype),
         q.new_empty(B * T, H, dtype=f32),
@@ -196,7 +209,7 @@ def _la_bwd_kv(
 def _(do, ds_fin, dz_fin, q, k, v, wq, bq, wk, bk, mask, cu, den, cd, s_in, activation, negation, causal, fused,
       max_len, nc, varlen, need_ds0):  # fmt: skip
     N, HK = cu.shape[0] - 1, k.shape[2]
-    FT, DV = s_in.shape[3], v.shape[3]
+    FT, DV = _ft(q, wq, negation, fused), v.shape[3]
 
     return [
         torch.empty_like(k),

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 import triton.runtime.errors
 
+from . import _fused_chunk as FC
 from . import _kernels as K
 
 # Tunables (measured choices in BENCHMARKS.md). ``chunk``: tokens per chunk (BT; see
@@ -71,6 +72,17 @@ CONFIG = {
     # map weight gradients accumulated in the backward kernels (fp32 atomics of each chunk's
     # x^T dz) instead of storing dz and one batched matmul per side
     "dw_atomic": False,
+    # causal layout: "fused_chunk" (_fused_chunk.py: one program walks a segment's chunks with the
+    # state in registers, no per-chunk states in memory) or "chunk" (per-chunk states stored by a
+    # walk and read by a parallel output kernel). fused_chunk needs <= 64 features per half and
+    # value columns (the state lives in registers); larger heads use "chunk".
+    "design": "fused_chunk",
+    "fc_chunk": 64,
+    "fc_warps": 4,
+    "fc_stages": 2,
+    # fused-chunk programs resident at once (sets the segments per sequence, as min_programs does
+    # for the state walk)
+    "fc_programs": 264,
 }
 
 
@@ -132,6 +144,17 @@ def chunk_size(F: int, dtype: torch.dtype) -> int:
     return min(bt, 64 if (dtype == torch.bfloat16 or _pow2(F) <= 64) else 32)
 
 
+def uses_fused_chunk(causal: bool, F: int, DV: int) -> bool:
+    """The fused-chunk layout (``CONFIG["design"]``) for causal attention whose state fits a
+    program's registers: at most 64 features per half and 64 value columns."""
+    return bool(causal) and CONFIG["design"] == "fused_chunk" and _pow2(F) <= 64 and _pow2(DV) <= 64
+
+
+def fc_chunk_size(F: int, dtype: torch.dtype) -> int:
+    """Tokens per chunk of the fused-chunk walks: ``CONFIG["fc_chunk"]``, at most the chunk design's."""
+    return min(int(CONFIG["fc_chunk"]), chunk_size(F, dtype))
+
+
 def needs_fallback(F: int, dtype: torch.dtype, device: torch.device) -> bool:
     """fp16/fp32 (fp32 operand tiles) with more than 64 features per half on a GPU: the fused
     kernels need 237-311 KB of shared memory there (ptxas for sm_90, and the H200's
@@ -157,14 +180,16 @@ def state_dtype(v_dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if v_dtype == torch.bfloat16 else torch.float32
 
 
-def segments(n_seq: int, hk: int, max_len: int, n_prog: int, bt: int) -> tuple[int, int]:
+def segments(n_seq: int, hk: int, max_len: int, n_prog: int, bt: int, cap: int | None = None) -> tuple[int, int]:
     """``(CPS, NS)``: chunks per segment and segments per sequence for the state walk, whose
     other grid axes give ``p0 = n_seq * hk * n_prog`` programs. The walk is sequential, so its
     time goes as (waves of programs) x (chunks per program): pick the ``NS`` that minimises
     ``ceil(p0 * NS / cap) * ceil(chunks / NS)`` with ``cap = CONFIG["min_programs"]`` programs
-    running at once (132 SMs x programs per SM); the smallest such ``NS`` (fewest segments)."""
+    running at once (132 SMs x programs per SM; ``cap`` overrides it); the smallest such ``NS``
+    (fewest segments)."""
     n_ch = max(1, triton.cdiv(max_len, bt))
-    p0, cap = max(1, n_seq * hk * n_prog), max(1, int(CONFIG["min_programs"]))
+    p0 = max(1, n_seq * hk * n_prog)
+    cap = max(1, int(CONFIG["min_programs"] if cap is None else cap))
     best, ns = None, 1
     for cand in range(1, n_ch + 1):
         cost = triton.cdiv(p0 * cand, cap) * triton.cdiv(n_ch, cand)
@@ -179,7 +204,7 @@ def segments(n_seq: int, hk: int, max_len: int, n_prog: int, bt: int) -> tuple[i
 class _Plan:
     """Shapes, block sizes, chunk tables and constexprs shared by the forward and backward."""
 
-    def __init__(self, q, k, v, wq, bq, bk, mask, cu, *, activation, negation, fused, max_len, nc, varlen):
+    def __init__(self, q, k, v, wq, bq, bk, mask, cu, *, activation, negation, fused, max_len, nc, varlen, causal):
         self.B, self.T, self.H, dq = q.shape
         self.HK, self.DV = k.shape[2], v.shape[3]
         self.N = cu.numel() - 1
@@ -192,12 +217,13 @@ class _Plan:
         self.FT = 2 * self.F if self.neg else self.F
         self.nhalf = 2 if self.neg else 1
         self.dev = q.device
-        self.bt = bt = chunk_size(self.F, v.dtype)
+        self.fc = uses_fused_chunk(causal, self.F, self.DV)
+        self.bt = bt = fc_chunk_size(self.F, v.dtype) if self.fc else chunk_size(self.F, v.dtype)
         self.nc = nc
         self.max_len = max_len
         self.cu = cu
         self.varlen = bool(varlen)
-        if self.varlen:
+        if self.varlen and not self.fc:  # (the fused-chunk walks index sequences, not chunks)
             lens = (cu[1:] - cu[:-1]).long()
             nch = (lens + bt - 1) // bt
             self.coff = torch.cat([nch.new_zeros(1), torch.cumsum(nch, 0)]).to(torch.int32)
@@ -237,16 +263,27 @@ class _Plan:
         c["EVEN"] = c["EVEN"] and self.DV % bv == 0
         return c
 
-    def state_walk(self, x, w, b, u, den, cd, s0, z0, *, reverse: bool, store_h: bool):
+    def walk_segments(self) -> tuple[int, int]:
+        """``(CPS, NS)`` of the fused-chunk walks: programs per (sequence, query head, segment)."""
+        return segments(self.N, self.H, self.max_len, 1, self.bt, cap=int(CONFIG["fc_programs"]))
+
+    def fc_consts(self) -> dict:
+        return dict(
+            self.consts(_pow2(self.DV)), HAS_MASK=self.mask is not None, VARLEN=self.varlen, NEG=self.neg,
+            STAGES=int(CONFIG["fc_stages"]), num_warps=int(CONFIG["fc_warps"]),
+        )  # fmt: skip
+
+    def state_walk(self, x, w, b, u, den, cd, s0, z0, *, reverse: bool, store_h: bool, seg=None):
         """Run ``_state_kernel``; returns ``(h, hz, st, stz, cps, init)`` (``h``/``hz`` None unless
         ``store_h``). With one segment per sequence and a given ``(s0, z0)`` (initial state, or the
         final-state gradient when ``reverse``) the walk starts from it (``init``): the chunk states
-        are then complete and ``st`` includes it."""
+        are then complete and ``st`` includes it. ``seg = (CPS, NS)`` imposes the segments (the
+        fused-chunk walks' segment sums)."""
         bv = min(_pow2(self.DV), _pow2(CONFIG["state_bv"]))
         nv = triton.cdiv(self.DV, bv)
         both = self.nhalf == 2 and int(CONFIG["walk_halves"]) == 2
         nj = 1 if both else self.nhalf  # programs per value block
-        cps, ns = segments(self.N, self.HK, self.max_len, nj * nv, self.bt)
+        cps, ns = seg if seg is not None else segments(self.N, self.HK, self.max_len, nj * nv, self.bt)
         f32 = torch.float32
         if store_h:
             h = _empty(self.nc, self.HK, self.FT, self.DV, device=self.dev, dtype=self.hdt)
@@ -282,7 +319,9 @@ def fwd(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, *, activation, negation, caus
     ``s_in [N, HK, NS, FT, DV]`` / ``z_in`` the segments' entering states (saved for the backward).
     """
     P = _Plan(q, k, v, wq, bq, bk, mask, cu, activation=activation, negation=negation, fused=fused,
-              max_len=max_len, nc=nc, varlen=varlen)  # fmt: skip
+              max_len=max_len, nc=nc, varlen=varlen, causal=causal)  # fmt: skip
+    if P.fc:
+        return _fc_fwd(P, q, k, v, wq, bq, wk, bk, s0, z0, eps)
     dev = P.dev
     h, hz, st, stz, cps, init = P.state_walk(
         k, wk if fused else None, bk if fused else None, v, None, None, s0, z0, reverse=False, store_h=causal
@@ -331,13 +370,13 @@ def _bwd_plan(do, q, k, v, wq, bq, wk, bk, mask, cu, s_in, *, activation, negati
     """Plan of a backward launch, ``do`` with padded queries zeroed (their output is a constant
     0: no gradient flows through them), and the launcher of ``_bwd_kernel`` for one side."""
     P = _Plan(q, k, v, wq, bq, bk, mask, cu, activation=activation, negation=negation, fused=fused,
-              max_len=max_len, nc=nc, varlen=varlen)  # fmt: skip
+              max_len=max_len, nc=nc, varlen=varlen, causal=causal)  # fmt: skip
     do = do.contiguous()
     if mask is not None:
         do = do * mask.view(P.B, P.T, 1, 1).to(do.dtype)
     c = P.consts(_pow2(P.DV))
     cps = _fwd_cps(P)
-    seg = (not causal) or s_in.shape[2] > 1  # as in the forward (the reverse walk has the same segments)
+    seg = (not causal) or (s_in.dim() == 5 and s_in.shape[2] > 1)  # as in the forward (same segments)
     split = _split("bwd_split", P.bt)
 
     wq_, bq_ = (wq if fused else q), (bq if bq is not None else q)
@@ -369,6 +408,8 @@ def bwd_q(
     before the key side allocates its own (peak memory)."""
     P, do, _, launch = _bwd_plan(do, q, k, v, wq, bq, wk, bk, mask, cu, s_in, activation=activation, negation=negation,
                                  causal=causal, fused=fused, max_len=max_len, nc=nc, varlen=varlen)  # fmt: skip
+    if P.fc:
+        return _fc_bwd_q(P, do, q, k, v, wq, bq, wk, bk, o, den, s_in, z_in)
     dev, f32 = P.dev, torch.float32
     cd = _empty(P.B * P.T, P.H, device=dev, dtype=f32)
     fuse_cd = bool(CONFIG["fuse_delta"])
@@ -409,12 +450,15 @@ def bwd_kv(
                                    varlen=varlen)  # fmt: skip
     dev, f32 = P.dev, torch.float32
     zdt = torch.bfloat16 if v.dtype == torch.bfloat16 else f32
-    if ds_fin is not None or dz_fin is not None:
+    if (ds_fin is None) != (dz_fin is None):  # one of the two final-state gradients: the other is 0
         if ds_fin is None:
             ds_fin = torch.zeros(P.N, P.HK, P.FT, P.DV, device=dev, dtype=f32)
-        if dz_fin is None:
+        else:
             dz_fin = torch.zeros(P.N, P.HK, P.FT, device=dev, dtype=f32)
+    if ds_fin is not None:
         ds_fin, dz_fin = ds_fin.contiguous(), dz_fin.contiguous()
+    if P.fc:
+        return _fc_bwd_kv(P, do, ds_fin, dz_fin, q, k, v, wq, bq, wk, bk, den, cd, need_ds0)
     dh, dhz, rt, rtz, cps_r, init = P.state_walk(
         q, wq if fused else None, bq if fused else None, do, den, cd, ds_fin, dz_fin, reverse=True, store_h=causal
     )
@@ -500,3 +544,114 @@ def decode(q, k, v, wq, bq, wk, bk, s, z, *, activation, negation, eps):
         NEG=bool(negation), num_warps=4 if BF * BV <= 64 * 64 else 8,
     )  # fmt: skip
     return o
+
+
+# ------------------------------------------------------------------ fused-chunk design (causal)
+def _fc_run(kernel, grid, P, *args, **kw):
+    _run(kernel, grid, *args, **P.fc_consts(), **kw)
+
+
+def _fc_weights(P, q, wq, bq, wk, bk):
+    """Map weights/biases as kernel arguments (``q`` stands in for the absent ones)."""
+    fused = P.c["FUSED"]
+    return (wq if fused else q), (bq if bq is not None else q), (wk if fused else q), (bk if bk is not None else q)
+
+
+def _fc_fwd(P, q, k, v, wq, bq, wk, bk, s0, z0, eps):
+    """Fused-chunk forward: the segments' sums (a ``_state_kernel`` walk without per-chunk
+    stores, several segments only), their exclusive cumulative sum + the initial state, then
+    ``_fc_fwd_kernel``. Same returns as :func:`fwd`, with ``h``/``hz`` empty and ``s_in``/``z_in``
+    empty when the walks start from zero (one segment, no initial state)."""
+    dev, f32 = P.dev, torch.float32
+    cps, ns = P.walk_segments()
+    if ns > 1:
+        _, _, st, stz, _, _ = P.state_walk(
+            k, wk if P.c["FUSED"] else None, bk if P.c["FUSED"] else None, v, None, None, None, None,
+            reverse=False, store_h=False, seg=(cps, ns),
+        )  # fmt: skip
+        s_in, z_in = torch.cumsum(st, 2) - st, torch.cumsum(stz, 2) - stz
+        del st, stz
+        if s0 is not None:
+            s_in, z_in = s_in + s0[:, :, None], z_in + z0[:, :, None]
+    elif s0 is not None:
+        s_in, z_in = s0[:, :, None].clone(), z0[:, :, None].clone()  # outputs may not alias inputs
+    else:
+        s_in, z_in = q.new_empty(0, dtype=f32), q.new_empty(0, dtype=f32)
+    se = _empty(P.N, P.HK, ns, P.FT, P.DV, device=dev, dtype=f32)
+    sez = _empty(P.N, P.HK, ns, P.FT, device=dev, dtype=f32)
+    o = _empty(P.B, P.T, P.H, P.DV, device=dev, dtype=v.dtype)
+    den = _empty(P.B * P.T, P.H, device=dev, dtype=f32)
+    wq_, bq_, wk_, bk_ = _fc_weights(P, q, wq, bq, wk, bk)
+    seg = s_in.numel() > 0
+    _fc_run(FC._fc_fwd_kernel, (P.N * P.H * ns,), P,
+        q, k, v, wq_, bq_, wk_, bk_, P.mask_, P.cu, s_in if seg else q, z_in if seg else q, se, sez, o, den,
+        float(eps), P.T, P.H, P.HK, P.G, P.D, P.F, P.FT, P.DV, cps, ns,
+        HAS_BQ=bq is not None, HAS_BK=bk is not None, SEG=seg,
+    )  # fmt: skip
+    h, hz = q.new_empty(0, dtype=P.hdt), q.new_empty(0, dtype=f32)
+    return o, den, h, hz, s_in, z_in, se[:, :, ns - 1].contiguous(), sez[:, :, ns - 1].contiguous()
+
+
+def _fc_bwd_q(P, do, q, k, v, wq, bq, wk, bk, o, den, s_in, z_in):
+    """Fused-chunk query side: ``(dq, dwq, dbq, cd)`` as :func:`bwd_q`."""
+    dev, f32 = P.dev, torch.float32
+    cps, ns = P.walk_segments()
+    fused = P.c["FUSED"]
+    cd = _empty(P.B * P.T, P.H, device=dev, dtype=f32)
+    dq = _empty(q.shape, device=dev, dtype=q.dtype)
+    zdt = torch.bfloat16 if v.dtype == torch.bfloat16 else f32
+    dzq = _empty(P.B, P.T, P.H, P.F, device=dev, dtype=zdt) if fused else q
+    wq_, bq_, wk_, bk_ = _fc_weights(P, q, wq, bq, wk, bk)
+    seg = s_in.numel() > 0
+    _fc_run(FC._fc_bwd_q_kernel, (P.N * P.H * ns,), P,
+        q, k, v, wq_, bq_, wk_, bk_, P.mask_, P.cu, s_in if seg else q, z_in if seg else q, do, o, den, cd, dq, dzq,
+        P.T, P.H, P.HK, P.G, P.D, P.F, P.FT, P.DV, cps, ns,
+        HAS_BQ=bq is not None, HAS_BK=bk is not None, SEG=seg,
+    )  # fmt: skip
+    dwq = dbq = None
+    if fused:
+        dwq, dbq = _dw(q, dzq, wq, bq)
+    return dq, dwq, dbq, cd
+
+
+def _fc_bwd_kv(P, do, ds_fin, dz_fin, q, k, v, wq, bq, wk, bk, den, cd, need_ds0):
+    """Fused-chunk key side: the reverse segments' sums (several segments), their reverse
+    exclusive cumulative sum + the final-state gradient, then ``_fc_bwd_kv_kernel`` per KV head
+    (``dk``, ``dv``, ``dz_k`` per KV head: no GQA sum). Returns as :func:`bwd_kv`."""
+    dev, f32 = P.dev, torch.float32
+    cps, ns = P.walk_segments()
+    fused = P.c["FUSED"]
+    if ns > 1:
+        _, _, rt, rtz, _, _ = P.state_walk(
+            q, wq if fused else None, bq if fused else None, do, den, cd, None, None, reverse=True, store_h=False,
+            seg=(cps, ns),
+        )  # fmt: skip
+        tot, ztot = rt.sum(2), rtz.sum(2)
+        if ds_fin is not None:
+            tot, ztot = tot + ds_fin, ztot + dz_fin
+        r_in, rz_in = tot[:, :, None] - torch.cumsum(rt, 2), ztot[:, :, None] - torch.cumsum(rtz, 2)
+        del rt, rtz, tot, ztot
+    elif ds_fin is not None:
+        r_in, rz_in = ds_fin[:, :, None], dz_fin[:, :, None]
+    else:
+        r_in = rz_in = None
+    seg = r_in is not None
+    re = _empty(P.N, P.HK, ns, P.FT, P.DV, device=dev, dtype=f32)
+    rez = _empty(P.N, P.HK, ns, P.FT, device=dev, dtype=f32)
+    dk = _empty(k.shape, device=dev, dtype=k.dtype)
+    dv = _empty(v.shape, device=dev, dtype=v.dtype)
+    zdt = torch.bfloat16 if v.dtype == torch.bfloat16 else f32
+    dzk = _empty(P.B, P.T, P.HK, P.F, device=dev, dtype=zdt) if fused else q
+    wq_, bq_, wk_, bk_ = _fc_weights(P, q, wq, bq, wk, bk)
+    _fc_run(FC._fc_bwd_kv_kernel, (P.N * P.HK * ns,), P,
+        q, k, v, wq_, bq_, wk_, bk_, P.mask_, P.cu, r_in if seg else q, rz_in if seg else q, re, rez, do, den, cd,
+        dk, dzk, dv, P.T, P.H, P.HK, P.D, P.F, P.FT, P.DV, cps, ns,
+        G=P.G, HAS_BQ=bq is not None, HAS_BK=bk is not None, SEG=seg,
+    )  # fmt: skip
+    dwk = dbk = None
+    if fused:
+        dwk, dbk = _dw(k, dzk, wk, bk)
+    ds0 = dz0 = None
+    if need_ds0:
+        ds0, dz0 = re[:, :, 0].contiguous(), rez[:, :, 0].contiguous()
+    return dk, dv, dwk, dbk, ds0, dz0

@@ -1,0 +1,328 @@
+"""Fused-chunk Triton kernels for causal linear attention (the ``"fused_chunk"`` design).
+
+One program walks the chunks of one *segment* of one sequence in order and carries the running
+state in registers (fp32): for every chunk it computes the outputs from the state entering the
+chunk and the intra-chunk ``tril(phi_q phi_k^T) v``, then adds the chunk to the state. No
+per-chunk state ever reaches global memory (fla's ``fused_chunk`` layout; the ``"chunk"`` design
+in ``_kernels.py`` stores them and reads them back in a second kernel). The backward is two such
+walks: forward in time for dq (the state recomputed on the fly), backward in time for dk, dv
+(the reverse state ``sum_{later} phi_q^T (do / den)`` carried instead).
+
+Segments give long sequences with few heads enough programs: a ``_state_kernel`` walk (no
+per-chunk stores) first sums every segment, a cumulative sum in PyTorch gives each segment its
+entering state ``si [N, HK, NS, FT, DV]`` (``SEG``), and the walks below start from it.
+
+Every program stores its state at the end of its segment (``se``: after the last chunk of the
+segment going forward; after the first going backward), which gives the final state / the
+initial-state gradient without another pass. The map helpers are ``_kernels``'s.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._kernels import _act_bwd, _feat, _ld, _ld_x, _load_half, _load_wb, _preact, _seq, _st
+
+
+@triton.jit
+def _features(x, w, b, t_ok, F, BF: tl.constexpr, FUSED: tl.constexpr, ACT: tl.constexpr, NEG: tl.constexpr,
+              W_NATIVE: tl.constexpr, MAP_PREC: tl.constexpr, EVEN: tl.constexpr):  # fmt: skip
+    """Pre-activation and both feature halves of a ``[BT, BD]`` tile (``n = p`` without ``NEG``)."""
+    z = _preact(x, w, b, FUSED, W_NATIVE, MAP_PREC)
+    p = _feat(z, 1.0, t_ok, F, BF, FUSED, ACT, EVEN)
+    if NEG:
+        n = _feat(z, -1.0, t_ok, F, BF, FUSED, ACT, EVEN)
+    else:
+        n = p
+    return z, p, n
+
+
+@triton.jit
+def _state0(si_ptr, zi_ptr, sb, F, DV, BF: tl.constexpr, BV: tl.constexpr, SEG: tl.constexpr, NEG: tl.constexpr,
+            EVEN: tl.constexpr):  # fmt: skip
+    """Entering state of a segment (both halves; zeros without ``SEG``)."""
+    if SEG:
+        sp, zp = _load_half(si_ptr + sb * DV, zi_ptr + sb, 0, F, DV, 0, BF, BV, EVEN)
+        if NEG:
+            sn, zn = _load_half(si_ptr + sb * DV, zi_ptr + sb, F, F, DV, 0, BF, BV, EVEN)
+        else:
+            sn, zn = sp, zp
+    else:
+        sp = tl.zeros([BF, BV], dtype=tl.float32)
+        zp = tl.zeros([BF], dtype=tl.float32)
+        sn, zn = sp, zp
+    return sp, zp, sn, zn
+
+
+@triton.jit
+def _store_state(se_ptr, sez_ptr, sb, sp, zp, sn, zn, F, DV, BF: tl.constexpr, BV: tl.constexpr, NEG: tl.constexpr,
+                 EVEN: tl.constexpr):  # fmt: skip
+    offs_f = tl.arange(0, BF)
+    _st(se_ptr + sb * DV, sp, F, DV, DV, 0, 0, BF, BV, not EVEN, not EVEN)
+    tl.store(sez_ptr + sb + offs_f, zp, mask=offs_f < F)
+    if NEG:
+        _st(se_ptr + (sb + F) * DV, sn, F, DV, DV, 0, 0, BF, BV, not EVEN, not EVEN)
+        tl.store(sez_ptr + sb + F + offs_f, zn, mask=offs_f < F)
+
+
+@triton.jit(do_not_specialize=["T", "CPS", "NS"])
+def _fc_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, mask_ptr, cu_ptr, si_ptr, zi_ptr, se_ptr, sez_ptr,
+    o_ptr, den_ptr, eps, T, H, HK, G, D, F, FT, DV, CPS, NS,
+    BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, FUSED: tl.constexpr,
+    HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr, HAS_MASK: tl.constexpr, SEG: tl.constexpr, VARLEN: tl.constexpr,
+    ACT: tl.constexpr, NEG: tl.constexpr, W_NATIVE: tl.constexpr, MAP_PREC: tl.constexpr, PREC: tl.constexpr,
+    DOT_DT: tl.constexpr, EVEN: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    """Outputs of one segment of one sequence for one query head (grid ``(N * H * NS,)``).
+
+    Per chunk: ``o = (phi_q S + tril(phi_q phi_k^T) v) / (phi_q z + rowsum(tril(...)) + eps)``,
+    then ``S += phi_k^T v``, ``z += sum phi_k`` (keys masked by ``attention_mask``). ``S`` is
+    the KV head's state (recomputed by each query head of a GQA group); the group's first head
+    stores the segment's end state ``se [N, HK, NS, FT, DV]``. Stores ``o`` and ``den`` (fp32).
+    """
+    i_p = tl.program_id(0)
+    i_s = i_p % NS
+    i_nh = i_p // NS
+    i_h = i_nh % H
+    i_n = i_nh // H
+    i_hk = i_h // G
+    bos, L = _seq(cu_ptr, i_n, T, VARLEN)
+    c0 = i_s * CPS
+    c1 = tl.minimum(c0 + CPS, tl.cdiv(L, BT))
+    sb = ((i_n * HK + i_hk) * NS + i_s).to(tl.int64) * FT
+    sp, zp, sn, zn = _state0(si_ptr, zi_ptr, sb, F, DV, BF, BV, SEG, NEG, EVEN)
+    wq, bq = _load_wb(wq_ptr, bq_ptr, i_h, D, F, BD, BF, FUSED, HAS_BQ, EVEN)
+    wk, bk = _load_wb(wk_ptr, bk_ptr, i_hk, D, F, BD, BF, FUSED, HAS_BK, EVEN)
+    offs_i = tl.arange(0, BT)
+    tril = offs_i[:, None] >= offs_i[None, :]
+    for ic in tl.range(c0, c1, num_stages=STAGES):
+        t0 = ic * BT
+        offs_t = t0 + offs_i
+        t_ok = offs_t < L
+        tok = bos + offs_t
+        xq = _ld_x(q_ptr, bos, L, t0, i_h, H, D, F, BT, BD, BF, FUSED, EVEN)
+        xk = _ld_x(k_ptr, bos, L, t0, i_hk, HK, D, F, BT, BD, BF, FUSED, EVEN)
+        vv = _ld(v_ptr + bos * (HK * DV) + i_hk * DV, L, DV, HK * DV, t0, 0, BT, BV, True, not EVEN).to(DOT_DT)
+        if HAS_MASK:
+            mk = tl.load(mask_ptr + tok, mask=t_ok, other=0.0)
+        zq = _preact(xq, wq, bq, FUSED, W_NATIVE, MAP_PREC)
+        zk = _preact(xk, wk, bk, FUSED, W_NATIVE, MAP_PREC)
+        # one feature half at a time (its tiles die before the other's are made: registers);
+        # the state is read before the chunk joins it
+        qp = _feat(zq, 1.0, t_ok, F, BF, FUSED, ACT, EVEN)
+        kp = _feat(zk, 1.0, t_ok, F, BF, FUSED, ACT, EVEN)
+        if HAS_MASK:
+            kp = kp * mk[:, None]
+        qp_d = qp.to(DOT_DT)
+        kp_d = kp.to(DOT_DT)
+        num = tl.dot(qp_d, sp.to(DOT_DT), input_precision=PREC)
+        den = tl.sum(qp * zp[None, :], 1)
+        a = tl.dot(qp_d, tl.trans(kp_d), input_precision=PREC)
+        sp += tl.dot(tl.trans(kp_d), vv, input_precision=PREC)
+        zp += tl.sum(kp, 0)
+        if NEG:
+            qn = _feat(zq, -1.0, t_ok, F, BF, FUSED, ACT, EVEN)
+            kn = _feat(zk, -1.0, t_ok, F, BF, FUSED, ACT, EVEN)
+            if HAS_MASK:
+                kn = kn * mk[:, None]
+            qn_d = qn.to(DOT_DT)
+            kn_d = kn.to(DOT_DT)
+            num += tl.dot(qn_d, sn.to(DOT_DT), input_precision=PREC)
+            den += tl.sum(qn * zn[None, :], 1)
+            a += tl.dot(qn_d, tl.trans(kn_d), input_precision=PREC)
+            sn += tl.dot(tl.trans(kn_d), vv, input_precision=PREC)
+            zn += tl.sum(kn, 0)
+        a = tl.where(tril, a, 0.0)
+        num += tl.dot(a.to(DOT_DT), vv, input_precision=PREC)
+        den += tl.sum(a, 1) + eps
+        o = num / den[:, None]
+        if HAS_MASK:
+            o = tl.where(mk[:, None] != 0, o, 0.0)
+        _st(o_ptr + bos * (H * DV) + i_h * DV, o, L, DV, H * DV, t0, 0, BT, BV, True, not EVEN)
+        tl.store(den_ptr + tok * H + i_h, den, mask=t_ok)
+    if (i_h % G) == 0:
+        _store_state(se_ptr, sez_ptr, sb, sp, zp, sn, zn, F, DV, BF, BV, NEG, EVEN)
+
+
+@triton.jit
+def _map_grad(z, p, n, dp, dn, t_ok, w, dx_ptr, dz_ptr, bos, L, t0, i_x, NX, D, F, BT: tl.constexpr,
+              BD: tl.constexpr, BF: tl.constexpr, FUSED: tl.constexpr, ACT: tl.constexpr, NEG: tl.constexpr,
+              MAP_PREC: tl.constexpr, EVEN: tl.constexpr):  # fmt: skip
+    """Store ``dx = dz W^T`` and ``dz`` (the launcher forms ``dW = x^T dz``, ``db = sum dz``);
+    the generic path stores the feature gradient ``[tokens, NX, F]`` as ``dx``."""
+    if FUSED:
+        dz = _act_bwd(z, 1.0, p, dp, ACT)
+        if NEG:
+            dz += _act_bwd(z, -1.0, n, dn, ACT)
+        dz = tl.where(t_ok[:, None], dz, 0.0)
+        dx = tl.dot(dz, tl.trans(w.to(tl.float32)), input_precision=MAP_PREC)
+        _st(dx_ptr + bos * (NX * D) + i_x * D, dx, L, D, NX * D, t0, 0, BT, BD, True, not EVEN)
+        _st(dz_ptr + bos * (NX * F) + i_x * F, dz, L, F, NX * F, t0, 0, BT, BF, True, not EVEN)
+    else:
+        _st(dx_ptr + bos * (NX * F) + i_x * F, dp, L, F, NX * F, t0, 0, BT, BF, True, not EVEN)
+
+
+@triton.jit(do_not_specialize=["T", "CPS", "NS"])
+def _fc_bwd_q_kernel(
+    q_ptr, k_ptr, v_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, mask_ptr, cu_ptr, si_ptr, zi_ptr,
+    do_ptr, o_ptr, den_ptr, cd_ptr, dq_ptr, dzq_ptr, T, H, HK, G, D, F, FT, DV, CPS, NS,
+    BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, FUSED: tl.constexpr,
+    HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr, HAS_MASK: tl.constexpr, SEG: tl.constexpr, VARLEN: tl.constexpr,
+    ACT: tl.constexpr, NEG: tl.constexpr, W_NATIVE: tl.constexpr, MAP_PREC: tl.constexpr, PREC: tl.constexpr,
+    DOT_DT: tl.constexpr, EVEN: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    """Query side of the backward for one segment and one query head (grid ``(N * H * NS,)``).
+
+    With ``g = do / den`` and ``cd = -(do . o) / den`` (stored for the key side), per chunk
+    ``dphi_q = g S^T + cd z^T + tril(g v^T + cd) phi_k``, then the map's backward (``dq``,
+    ``dz_q``), then the chunk joins the state ``S``, ``z`` exactly as in the forward walk.
+    ``do`` has padded queries zeroed by the launcher.
+    """
+    i_p = tl.program_id(0)
+    i_s = i_p % NS
+    i_nh = i_p // NS
+    i_h = i_nh % H
+    i_n = i_nh // H
+    i_hk = i_h // G
+    bos, L = _seq(cu_ptr, i_n, T, VARLEN)
+    c0 = i_s * CPS
+    c1 = tl.minimum(c0 + CPS, tl.cdiv(L, BT))
+    sb = ((i_n * HK + i_hk) * NS + i_s).to(tl.int64) * FT
+    sp, zp, sn, zn = _state0(si_ptr, zi_ptr, sb, F, DV, BF, BV, SEG, NEG, EVEN)
+    wq, bq = _load_wb(wq_ptr, bq_ptr, i_h, D, F, BD, BF, FUSED, HAS_BQ, EVEN)
+    wk, bk = _load_wb(wk_ptr, bk_ptr, i_hk, D, F, BD, BF, FUSED, HAS_BK, EVEN)
+    offs_i = tl.arange(0, BT)
+    tril = offs_i[:, None] >= offs_i[None, :]
+    for ic in tl.range(c0, c1, num_stages=STAGES):
+        t0 = ic * BT
+        offs_t = t0 + offs_i
+        t_ok = offs_t < L
+        tok = bos + offs_t
+        xq = _ld_x(q_ptr, bos, L, t0, i_h, H, D, F, BT, BD, BF, FUSED, EVEN)
+        xk = _ld_x(k_ptr, bos, L, t0, i_hk, HK, D, F, BT, BD, BF, FUSED, EVEN)
+        vv = _ld(v_ptr + bos * (HK * DV) + i_hk * DV, L, DV, HK * DV, t0, 0, BT, BV, True, not EVEN).to(DOT_DT)
+        do = _ld(do_ptr + bos * (H * DV) + i_h * DV, L, DV, H * DV, t0, 0, BT, BV, True, not EVEN).to(tl.float32)
+        oo = _ld(o_ptr + bos * (H * DV) + i_h * DV, L, DV, H * DV, t0, 0, BT, BV, True, not EVEN).to(tl.float32)
+        den = tl.load(den_ptr + tok * H + i_h, mask=t_ok, other=1.0)
+        cd = -tl.sum(do * oo, 1) / den
+        tl.store(cd_ptr + tok * H + i_h, cd, mask=t_ok)
+        g = (do / den[:, None]).to(DOT_DT)
+        zq, qp, qn = _features(xq, wq, bq, t_ok, F, BF, FUSED, ACT, NEG, W_NATIVE, MAP_PREC, EVEN)
+        _, kp, kn = _features(xk, wk, bk, t_ok, F, BF, FUSED, ACT, NEG, W_NATIVE, MAP_PREC, EVEN)
+        if HAS_MASK:
+            mk = tl.load(mask_ptr + tok, mask=t_ok, other=0.0)
+            kp = kp * mk[:, None]
+            kn = kn * mk[:, None]
+        kp_d = kp.to(DOT_DT)
+        kn_d = kn.to(DOT_DT)
+        da = tl.dot(g, tl.trans(vv), input_precision=PREC) + cd[:, None]
+        da = tl.where(tril, da, 0.0).to(DOT_DT)
+        dqp = tl.dot(g, tl.trans(sp.to(DOT_DT)), input_precision=PREC) + cd[:, None] * zp[None, :]
+        dqp += tl.dot(da, kp_d, input_precision=PREC)
+        if NEG:
+            dqn = tl.dot(g, tl.trans(sn.to(DOT_DT)), input_precision=PREC) + cd[:, None] * zn[None, :]
+            dqn += tl.dot(da, kn_d, input_precision=PREC)
+        else:
+            dqn = dqp
+        # the map's backward with the features rounded like the products' operands
+        _map_grad(zq, qp.to(DOT_DT).to(tl.float32), qn.to(DOT_DT).to(tl.float32), dqp, dqn, t_ok, wq, dq_ptr,
+                  dzq_ptr, bos, L, t0, i_h, H, D, F, BT, BD, BF, FUSED, ACT, NEG, MAP_PREC, EVEN)  # fmt: skip
+        sp += tl.dot(tl.trans(kp_d), vv, input_precision=PREC)
+        zp += tl.sum(kp, 0)
+        if NEG:
+            sn += tl.dot(tl.trans(kn_d), vv, input_precision=PREC)
+            zn += tl.sum(kn, 0)
+
+
+@triton.jit(do_not_specialize=["T", "CPS", "NS"])
+def _fc_bwd_kv_kernel(
+    q_ptr, k_ptr, v_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, mask_ptr, cu_ptr, ri_ptr, rzi_ptr, re_ptr, rez_ptr,
+    do_ptr, den_ptr, cd_ptr, dk_ptr, dzk_ptr, dv_ptr, T, H, HK, D, F, FT, DV, CPS, NS,
+    G: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, FUSED: tl.constexpr,
+    HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr, HAS_MASK: tl.constexpr, SEG: tl.constexpr, VARLEN: tl.constexpr,
+    ACT: tl.constexpr, NEG: tl.constexpr, W_NATIVE: tl.constexpr, MAP_PREC: tl.constexpr, PREC: tl.constexpr,
+    DOT_DT: tl.constexpr, EVEN: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    """Key side of the backward for one segment and one KV head (grid ``(N * HK * NS,)``),
+    walked from the segment's last chunk to its first.
+
+    ``R = sum_{later queries} phi_q^T (do / den)`` and ``r = sum phi_q cd`` over the ``G`` query
+    heads of the group (plus the final-state gradient), entering from ``ri`` (``SEG``). Per chunk:
+    ``dphi_k = v R^T + r + sum_g tril(g v^T + cd)^T phi_q``, ``dv = phi_k R + sum_g tril(A)^T g``,
+    then the map's backward (``dk``, ``dz_k`` per KV head), then the chunk's queries join ``R``.
+    Stores ``R`` after the segment's first chunk in ``re`` (segment 0: the initial-state gradient).
+    """
+    i_p = tl.program_id(0)
+    i_s = i_p % NS
+    i_nh = i_p // NS
+    i_hk = i_nh % HK
+    i_n = i_nh // HK
+    bos, L = _seq(cu_ptr, i_n, T, VARLEN)
+    c0 = i_s * CPS
+    c1 = tl.minimum(c0 + CPS, tl.cdiv(L, BT))
+    sb = ((i_n * HK + i_hk) * NS + i_s).to(tl.int64) * FT
+    rp, rzp, rn, rzn = _state0(ri_ptr, rzi_ptr, sb, F, DV, BF, BV, SEG, NEG, EVEN)
+    wk, bk = _load_wb(wk_ptr, bk_ptr, i_hk, D, F, BD, BF, FUSED, HAS_BK, EVEN)
+    offs_i = tl.arange(0, BT)
+    tril_t = offs_i[:, None] <= offs_i[None, :]  # [keys, queries]: query at or after the key
+    for jj in tl.range(c0, c1, num_stages=STAGES):
+        ic = c1 - 1 - (jj - c0)
+        t0 = ic * BT
+        offs_t = t0 + offs_i
+        t_ok = offs_t < L
+        tok = bos + offs_t
+        xk = _ld_x(k_ptr, bos, L, t0, i_hk, HK, D, F, BT, BD, BF, FUSED, EVEN)
+        vv = _ld(v_ptr + bos * (HK * DV) + i_hk * DV, L, DV, HK * DV, t0, 0, BT, BV, True, not EVEN).to(DOT_DT)
+        zk, kp_raw, kn_raw = _features(xk, wk, bk, t_ok, F, BF, FUSED, ACT, NEG, W_NATIVE, MAP_PREC, EVEN)
+        kp_raw = kp_raw.to(DOT_DT)
+        kn_raw = kn_raw.to(DOT_DT)
+        if HAS_MASK:
+            mk = tl.load(mask_ptr + tok, mask=t_ok, other=0.0)
+            kp = (kp_raw * mk[:, None]).to(DOT_DT)
+            kn = (kn_raw * mk[:, None]).to(DOT_DT)
+        else:
+            kp = kp_raw
+            kn = kn_raw
+        # later chunks (and the final-state gradient), through R entering this chunk
+        dkp = tl.dot(vv, tl.trans(rp.to(DOT_DT)), input_precision=PREC) + rzp[None, :]
+        dvv = tl.dot(kp, rp.to(DOT_DT), input_precision=PREC)
+        if NEG:
+            dkn = tl.dot(vv, tl.trans(rn.to(DOT_DT)), input_precision=PREC) + rzn[None, :]
+            dvv += tl.dot(kn, rn.to(DOT_DT), input_precision=PREC)
+        else:
+            dkn = dkp
+        for gi in tl.static_range(G):
+            i_h = i_hk * G + gi
+            xq = _ld_x(q_ptr, bos, L, t0, i_h, H, D, F, BT, BD, BF, FUSED, EVEN)
+            do = _ld(do_ptr + bos * (H * DV) + i_h * DV, L, DV, H * DV, t0, 0, BT, BV, True, not EVEN)
+            den = tl.load(den_ptr + tok * H + i_h, mask=t_ok, other=1.0)
+            cd = tl.load(cd_ptr + tok * H + i_h, mask=t_ok, other=0.0)
+            wq, bq = _load_wb(wq_ptr, bq_ptr, i_h, D, F, BD, BF, FUSED, HAS_BQ, EVEN)
+            _, qp, qn = _features(xq, wq, bq, t_ok, F, BF, FUSED, ACT, NEG, W_NATIVE, MAP_PREC, EVEN)
+            qp_d = qp.to(DOT_DT)
+            g = (do.to(tl.float32) / den[:, None]).to(DOT_DT)
+            dat = tl.dot(vv, tl.trans(g), input_precision=PREC) + cd[None, :]
+            dat = tl.where(tril_t, dat, 0.0).to(DOT_DT)
+            at = tl.dot(kp, tl.trans(qp_d), input_precision=PREC)
+            dkp += tl.dot(dat, qp_d, input_precision=PREC)
+            if NEG:
+                qn_d = qn.to(DOT_DT)
+                at += tl.dot(kn, tl.trans(qn_d), input_precision=PREC)
+                dkn += tl.dot(dat, qn_d, input_precision=PREC)
+            at = tl.where(tril_t, at, 0.0).to(DOT_DT)
+            dvv += tl.dot(at, g, input_precision=PREC)
+            # this chunk's queries join R for the chunks before it (R's terms above came first)
+            rp += tl.dot(tl.trans(qp_d), g, input_precision=PREC)
+            rzp += tl.sum(qp * cd[:, None], 0)
+            if NEG:
+                rn += tl.dot(tl.trans(qn_d), g, input_precision=PREC)
+                rzn += tl.sum(qn * cd[:, None], 0)
+        if HAS_MASK:
+            dkp = dkp * mk[:, None]
+            dkn = dkn * mk[:, None]
+        _st(dv_ptr + bos * (HK * DV) + i_hk * DV, dvv, L, DV, HK * DV, t0, 0, BT, BV, True, not EVEN)
+        _map_grad(zk, kp_raw.to(tl.float32), kn_raw.to(tl.float32), dkp, dkn, t_ok, wk, dk_ptr, dzk_ptr, bos, L,
+                  t0, i_hk, HK, D, F, BT, BD, BF, FUSED, ACT, NEG, MAP_PREC, EVEN)  # fmt: skip
+    _store_state(re_ptr, rez_ptr, sb, rp, rzp, rn, rzn, F, DV, BF, BV, NEG, EVEN)
