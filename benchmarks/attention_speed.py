@@ -159,6 +159,13 @@ SWEEPS = {
         "fc64w4p528": {"design": "fused_chunk", "fc_chunk": 64, "fc_warps": 4, "fc_stages": 2, "fc_programs": 528},
         "fc32w2s2": {"design": "fused_chunk", "fc_chunk": 32, "fc_warps": 2, "fc_stages": 2},
     },
+    # the table's config picked among the likely winners (--pick; the first is the same-function
+    # reference)
+    "fcpick": {
+        "fc64w4s2": {"design": "fused_chunk", "fc_chunk": 64, "fc_warps": 4, "fc_stages": 2},
+        "chunk": {"design": "chunk"},
+        "fc32w4s2": {"design": "fused_chunk", "fc_chunk": 32, "fc_warps": 4, "fc_stages": 2},
+    },
     # run 6: the defaults (persistent output kernel, cd in the backward, chunk states dropped
     # after the query side) against programs over part of a chunk, both feature halves per walk
     # program and dW accumulated in the kernels (never measured before; picked by the registers
