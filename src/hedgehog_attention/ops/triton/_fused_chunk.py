@@ -137,7 +137,7 @@ def _fc_fwd_kernel(
         a = tl.where(tril, a, 0.0)
         num += tl.dot(a.to(DOT_DT), vv, input_precision=PREC)
         den += tl.sum(a, 1) + eps
-        o = num / den[:, None]
+        o = num * (1.0 / den)[:, None]  # one reciprocal per row, not a division per element
         if HAS_MASK:
             o = tl.where(mk[:, None] != 0, o, 0.0)
         _st(o_ptr + bos * (H * DV) + i_h * DV, o, L, DV, H * DV, t0, 0, BT, BV, True, not EVEN)
@@ -208,7 +208,7 @@ def _fc_bwd_q_kernel(
         den = tl.load(den_ptr + tok * H + i_h, mask=t_ok, other=1.0)
         cd = -tl.sum(do * oo, 1) / den
         tl.store(cd_ptr + tok * H + i_h, cd, mask=t_ok)
-        g = (do / den[:, None]).to(DOT_DT)
+        g = (do * (1.0 / den)[:, None]).to(DOT_DT)
         zq, qp, qn = _features(xq, wq, bq, t_ok, F, BF, FUSED, ACT, NEG, W_NATIVE, MAP_PREC, EVEN)
         _, kp, kn = _features(xk, wk, bk, t_ok, F, BF, FUSED, ACT, NEG, W_NATIVE, MAP_PREC, EVEN)
         if HAS_MASK:
@@ -302,7 +302,7 @@ def _fc_bwd_kv_kernel(
             wq, bq = _load_wb(wq_ptr, bq_ptr, i_h, D, F, BD, BF, FUSED, HAS_BQ, EVEN)
             _, qp, qn = _features(xq, wq, bq, t_ok, F, BF, FUSED, ACT, NEG, W_NATIVE, MAP_PREC, EVEN)
             qp_d = qp.to(DOT_DT)
-            g = (do.to(tl.float32) / den[:, None]).to(DOT_DT)
+            g = (do.to(tl.float32) * (1.0 / den)[:, None]).to(DOT_DT)
             dat = tl.dot(vv, tl.trans(g), input_precision=PREC) + cd[None, :]
             dat = tl.where(tril_t, dat, 0.0).to(DOT_DT)
             at = tl.dot(kp, tl.trans(qp_d), input_precision=PREC)

@@ -83,18 +83,27 @@ def _st(ptr, val, R, C, stride, r0, c0, BR: tl.constexpr, BC: tl.constexpr, CHEC
 
 
 @triton.jit
-def _act(z, sign, f_ok, ACT: tl.constexpr, EVEN: tl.constexpr):
-    """``act(sign * z)`` of a ``[M, BF]`` fp32 pre-activation; padded feature columns give 0."""
-    zs = z * sign
+def _act(z, sign, f_ok, ACT: tl.constexpr, EVEN: tl.constexpr, t_ok=None):
+    """``act(sign * z)`` of a ``[M, BF]`` fp32 pre-activation; padded feature columns (and, given
+    ``t_ok``, padded rows) give 0. Written for instruction count (the kernels issue-bound on this
+    elementwise work, ncu 2026-11-28): ``exp2`` with ``log2 e`` folded into the sign, softmax
+    rows normalised by one reciprocal per row (with the row mask folded in) and a multiply,
+    not a division per element."""
     if ACT == "softmax":
+        zs = z * (sign * 1.4426950408889634)  # log2 domain: exp(x) = exp2(x log2 e)
         if not EVEN:
             zs = tl.where(f_ok[None, :], zs, float("-inf"))
-        p = tl.exp(zs - tl.max(zs, 1)[:, None])
-        p = p / tl.sum(p, 1)[:, None]
+        e = tl.exp2(zs - tl.max(zs, 1)[:, None])
+        r = 1.0 / tl.sum(e, 1)
+        if t_ok is not None:
+            r = tl.where(t_ok, r, 0.0)
+        p = e * r[:, None]
     else:
-        p = tl.exp(tl.minimum(tl.maximum(zs, -30.0), 30.0))
+        p = tl.exp2(tl.minimum(tl.maximum(z * sign, -30.0), 30.0) * 1.4426950408889634)
         if not EVEN:
             p = tl.where(f_ok[None, :], p, 0.0)
+        if t_ok is not None:
+            p = tl.where(t_ok[:, None], p, 0.0)
     return p
 
 
@@ -180,8 +189,7 @@ def _feat(z, sign, t_ok, F, BF: tl.constexpr, FUSED: tl.constexpr, ACT: tl.const
     """Feature half ``act(sign * z)`` (fused) or the features themselves; padded rows are 0."""
     if FUSED:
         offs_f = tl.arange(0, BF)
-        p = _act(z, sign, offs_f < F, ACT, EVEN)
-        return tl.where(t_ok[:, None], p, 0.0)
+        return _act(z, sign, offs_f < F, ACT, EVEN, t_ok)
     else:
         return z
 
@@ -439,7 +447,7 @@ def _state_kernel(
             if REVERSE:
                 den = tl.load(den_ptr + tok * NH + i_x, mask=t_ok, other=1.0)
                 cd = tl.load(cd_ptr + tok * NH + i_x, mask=t_ok, other=0.0)
-                u = u.to(tl.float32) / den[:, None]
+                u = u.to(tl.float32) * (1.0 / den)[:, None]  # one reciprocal per row
                 b_z += tl.sum(p * cd[:, None], 0)
                 if BOTH:
                     b_z2 += tl.sum(p2 * cd[:, None], 0)
@@ -583,7 +591,7 @@ def _out_item(
         num += tl.dot(a.to(DOT_DT), vv.to(DOT_DT), input_precision=PREC)
         den += tl.sum(a, 1)
     den = den + eps
-    o = num / den[:, None]
+    o = num * (1.0 / den)[:, None]  # one reciprocal per row, not a division per element
     if HAS_MASK:
         mq = tl.load(mask_ptr + tokq, mask=tq_ok, other=0.0)
         o = tl.where(mq[:, None] != 0, o, 0.0)
@@ -834,7 +842,7 @@ def _bwd_kernel(
         qn = qp
         kn_raw = kp_raw
         kn = kp
-    g = (do.to(tl.float32) / den[:, None]).to(DOT_DT)
+    g = (do.to(tl.float32) * (1.0 / den)[:, None]).to(DOT_DT)
     tril = offs_q[:, None] >= offs_k[None, :]  # [BQ, BK]: key at or before the query
     if not KV_SIDE:
         dqp = tl.dot(g, tl.trans(sp.to(DOT_DT)), input_precision=PREC) + cd[:, None] * zp[None, :]

@@ -76,7 +76,7 @@ CONFIG = {
     # state in registers, no per-chunk states in memory) or "chunk" (per-chunk states stored by a
     # walk and read by a parallel output kernel). fused_chunk needs <= 64 features per half and
     # value columns (the state lives in registers); larger heads use "chunk".
-    "design": "fused_chunk",
+    "design": "chunk",
     "fc_chunk": 64,
     "fc_warps": 4,
     "fc_stages": 2,
@@ -331,9 +331,10 @@ def fwd(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, *, activation, negation, caus
     if add0:
         s_fin, z_fin = s_fin + s0, z_fin + z0
     if causal and st.shape[2] == 1:
-        # one segment: the chunk states are complete and the output kernel does not read s_in
-        # (SEG off): pass st for its shape instead of allocating zeros (memory at small T)
-        s_in, z_in = st, stz
+        # one segment: the chunk states are complete and neither the output kernel nor the
+        # backward reads s_in (SEG off): empty, so that the backward does not hold the segment
+        # totals (``[N, HK, 1, FT, DV]`` fp32: 67 MB at T = 1K, over SDPA's peak memory in run 7)
+        s_in, z_in = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
     elif causal:
         s_in = torch.cumsum(st, 2) - st
         z_in = torch.cumsum(stz, 2) - stz
@@ -344,7 +345,8 @@ def fwd(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, *, activation, negation, caus
         h = q.new_empty(0, dtype=P.hdt)
         hz = q.new_empty(0, dtype=torch.float32)
     # one segment per sequence: the chunk states are complete (s_in is zero) and not read
-    seg = (not causal) or s_in.shape[2] > 1
+    nsi = s_in.shape[2] if s_in.dim() == 5 else 1
+    seg = (not causal) or nsi > 1
     bv = min(_pow2(P.DV), _pow2(CONFIG["out_bv"]))
     nv = triton.cdiv(P.DV, bv)
     o = _empty(P.B, P.T, P.H, P.DV, device=dev, dtype=v.dtype)
@@ -356,8 +358,8 @@ def fwd(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, *, activation, negation, caus
     grid = (min(n_items, int(CONFIG["out_persist"]) * _n_sm(dev)),) if persist else (P.nc * split, nv * P.H)
     _run(K._out_kernel, grid,
         q, k, v, wq if fused else q, bq if bq is not None else q, wk if fused else q, bk if bk is not None else q,
-        P.mask_, cu, P.cidx, h if causal else q, hz if causal else q, s_in, z_in, o, den, float(eps), P.T,
-        P.H, P.HK, P.G, P.D, P.F, P.FT, P.DV, cps, s_in.shape[2],
+        P.mask_, cu, P.cidx, h if causal else q, hz if causal else q, s_in if seg else q, z_in if seg else q, o, den,
+        float(eps), P.T, P.H, P.HK, P.G, P.D, P.F, P.FT, P.DV, cps, nsi,
         HAS_BQ=bq is not None, HAS_BK=bk is not None, CAUSAL=bool(causal), SEG=seg, VARLEN=P.varlen, NEG=P.neg,
         NITEMS=n_items, PERSIST=persist, SPLIT=split,
         P_STAGES=int(CONFIG["out_persist_stages"]),
@@ -385,9 +387,9 @@ def _bwd_plan(do, q, k, v, wq, bq, wk, bk, mask, cu, s_in, *, activation, negati
     def launch(kv_side, hh, hhz, si, zi, den, cd, o, dx, dz, dv, fuse_cd, dw=None, db=None):
         _run(K._bwd_kernel, (P.nc * split, P.H),
             q, k, v, wq_, bq_, wk_, bk_, P.mask_, cu, P.cidx,
-            hh if causal else q, hhz if causal else q, si, zi, do, den, cd, o, dx, dz, dv,
+            hh if causal else q, hhz if causal else q, si if seg else q, zi if seg else q, do, den, cd, o, dx, dz, dv,
             dw if dw is not None else q, db if db is not None else q, P.T,
-            P.H, P.HK, P.G, P.D, P.F, P.FT, P.DV, cps, si.shape[2],
+            P.H, P.HK, P.G, P.D, P.F, P.FT, P.DV, cps, si.shape[2] if seg else 1,
             KV_SIDE=kv_side, HAS_BQ=bq is not None, HAS_BK=bk is not None, CAUSAL=bool(causal), SEG=seg,
             VARLEN=P.varlen, NEG=P.neg, **{n: c[n] for n in _COMMON}, BV=_pow2(P.DV), FUSE_CD=fuse_cd, SPLIT=split,
             DW_ATOMIC=dw is not None,
