@@ -172,9 +172,19 @@ SWEEPS = {
     # the table's config picked among the likely winners (--pick; the first is the same-function
     # reference)
     "fcpick": {
-        "fc64w4s2": {"design": "fused_chunk", "fc_chunk": 64, "fc_warps": 4, "fc_stages": 2},
         "chunk": {"design": "chunk"},
+        "fc64w4s1": {"design": "fused_chunk", "fc_chunk": 64, "fc_warps": 4, "fc_stages": 1},
+        "fc32w4s1": {"design": "fused_chunk", "fc_chunk": 32, "fc_warps": 4, "fc_stages": 1},
+    },
+    # session 4, call 2: after the instruction diet, the two designs and a few launch knobs
+    "diet": {
+        "chunk": {"design": "chunk"},
+        "fc64w4s1": {"design": "fused_chunk", "fc_chunk": 64, "fc_warps": 4, "fc_stages": 1},
+        "fc32w4s1": {"design": "fused_chunk", "fc_chunk": 32, "fc_warps": 4, "fc_stages": 1},
         "fc32w4s2": {"design": "fused_chunk", "fc_chunk": 32, "fc_warps": 4, "fc_stages": 2},
+        "chunk_st2": {"design": "chunk", "state_stages": 2},
+        "chunk_op1": {"design": "chunk", "out_persist": 1, "out_persist_stages": 2},
+        "chunk_p264": {"design": "chunk", "min_programs": 264},
     },
     # run 6: the defaults (persistent output kernel, cd in the backward, chunk states dropped
     # after the query side) against programs over part of a chunk, both feature halves per walk

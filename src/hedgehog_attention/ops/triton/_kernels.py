@@ -90,10 +90,12 @@ def _act(z, sign, f_ok, ACT: tl.constexpr, EVEN: tl.constexpr, t_ok=None):
     rows normalised by one reciprocal per row (with the row mask folded in) and a multiply,
     not a division per element."""
     if ACT == "softmax":
-        zs = z * (sign * 1.4426950408889634)  # log2 domain: exp(x) = exp2(x log2 e)
+        zs = z * sign  # (a literal sign folds into the next instruction)
         if not EVEN:
             zs = tl.where(f_ok[None, :], zs, float("-inf"))
-        e = tl.exp2(zs - tl.max(zs, 1)[:, None])
+        # exp(zs - max) = exp2(zs log2 e - max log2 e): one fused multiply-add per element
+        m = tl.max(zs, 1) * 1.4426950408889634
+        e = tl.exp2(zs * 1.4426950408889634 - m[:, None])
         r = 1.0 / tl.sum(e, 1)
         if t_ok is not None:
             r = tl.where(t_ok, r, 0.0)
