@@ -249,6 +249,8 @@ def time_backend(name, B, T, dev, with_bwd):
             torch.cuda.synchronize()
             res["peak_gb"] = (torch.cuda.max_memory_allocated() - base) / 1e9
             res["fwdbwd_ms"] = _bench(step, grad_to_none=leaves)
+            if name.startswith("triton"):  # the forward of training (autograd records it): its layout can differ
+                res["fwd_train_ms"] = _bench(fwd)
             del fwd, leaves, do
     except torch.cuda.OutOfMemoryError:
         res["error"] = "OOM"

@@ -390,6 +390,34 @@ def test_fused_chunk_segments(fc_programs, kind):
     _check(kern, ref, low, dtype, _NAMES + ["S0", "z0"])
 
 
+def test_auto_design_uses_fused_chunk_for_inference_only(monkeypatch):
+    """``design = "auto"``: a forward that autograd records (training) takes the chunk layout, whose
+    backward is the fast one; inference with enough (sequence, head) programs for one segment each
+    takes the fused-chunk forward. Same outputs and final state either way."""
+    _launch.CONFIG.update(design="auto", fc_programs=1)
+    used = []
+    fc_fwd = _launch._fc_fwd
+
+    def spy(*a, **kw):
+        used.append(True)
+        return fc_fwd(*a, **kw)
+
+    monkeypatch.setattr(_launch, "_fc_fwd", spy)
+    args = _inputs(2, 70, 2, 1, 16, 16, 16, torch.float32, True)
+    with torch.no_grad():
+        o_inf, st_inf = fused_hedgehog_attention(*args, causal=True, output_final_state=True)
+    assert used == [True]
+    leaves = [x.clone().requires_grad_() for x in args]
+    o_tr, st_tr = fused_hedgehog_attention(*leaves, causal=True, output_final_state=True)
+    assert used == [True]  # the recorded forward did not take it
+    for a, b in ((o_inf, o_tr), (st_inf[0], st_tr[0]), (st_inf[1], st_tr[1])):
+        assert not torch.isnan(a).any() and rel(a, b.detach()) <= 2e-5
+    _launch.CONFIG["fc_programs"] = 10_000  # too few programs for one segment each: chunk layout
+    with torch.no_grad():
+        fused_hedgehog_attention(*args, causal=True)
+    assert used == [True]
+
+
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
 @pytest.mark.parametrize("kind", ["none", "mask", "cu"])
 def test_generic_features_path(causal, kind):

@@ -78,16 +78,18 @@ def _la_fwd(
     max_len: int,
     nc: int,
     varlen: bool,
+    train: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _lm().fwd(
         q, k, v, wq, bq, wk, bk, mask, cu, s0, z0,
         activation=activation, negation=negation, causal=causal, eps=eps, fused=fused, max_len=max_len, nc=nc,
-        varlen=varlen,
+        varlen=varlen, train=train,
     )  # fmt: skip
 
 
 @_la_fwd.register_fake
-def _(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, activation, negation, causal, eps, fused, max_len, nc, varlen):
+def _(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, activation, negation, causal, eps, fused, max_len, nc, varlen,
+      train):  # fmt: skip
     L = _lm()
     B, T, H, _ = q.shape
     HK, DV = k.shape[2], v.shape[3]
@@ -96,7 +98,7 @@ def _(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, activation, negation, causal, e
     bv = min(L._pow2(DV), L._pow2(L.CONFIG["state_bv"]))
     F = wq.shape[2] if fused else q.shape[3]
     f32, hdt = torch.float32, L.state_dtype(v.dtype)
-    if L.uses_fused_chunk(causal, F, DV):  # as _launch._fc_fwd: no chunk states
+    if L.uses_fused_chunk(causal, F, DV, v.dtype, train=train, n_seq=N, H=H, max_len=max_len):  # as _launch._fc_fwd
         ns = L.segments(N, H, max_len, 1, L.fc_chunk_size(F, v.dtype), cap=int(L.CONFIG["fc_programs"]))[1]
         seg = ns > 1 or s0 is not None
         return (
@@ -228,7 +230,7 @@ def _plain(t: Tensor) -> bool:
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, activation, negation, causal, eps, fused, max_len, nc, varlen = inputs
+    q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, activation, negation, causal, eps, fused, max_len, nc, varlen, _ = inputs
     o, den, h, hz, s_in, z_in, _, _ = output
     ctx.h = None
     if causal and s0 is None:
@@ -268,7 +270,7 @@ def _backward(ctx, do, _dden, _dh, _dhz, _ds_in, _dz_in, ds_fin, dz_fin):
         dbk = None
     if not ctx.need_ds0:
         ds0 = dz0 = None
-    return dq, dk, dv, dwq, dbq, dwk, dbk, None, None, ds0, dz0, None, None, None, None, None, None, None, None
+    return dq, dk, dv, dwq, dbq, dwk, dbk, None, None, ds0, dz0, None, None, None, None, None, None, None, None, None
 
 
 _la_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -311,6 +313,14 @@ def _check_common(q, k, v, attention_mask, cu_seqlens, initial_state):
     return cu, max_len, mask, s0, z0
 
 
+def _needs_grad(*xs) -> bool:
+    """Whether autograd will record this call (the forward layout may differ for inference)."""
+    if not torch.is_grad_enabled():
+        return False
+    flat = [t for x in xs if x is not None for t in (x if isinstance(x, (tuple, list)) else (x,))]
+    return any(t.requires_grad for t in flat if isinstance(t, Tensor))
+
+
 def _n_chunks(cu: Tensor, cu_seqlens: Tensor | None, B: int, T: int, F: int, dtype: torch.dtype) -> int:
     L = _lm()
     return L.n_chunks(cu if cu_seqlens is not None else None, B, T, L.chunk_size(F, dtype))
@@ -351,6 +361,7 @@ def linear_attention_triton(
     o, *_, s_fin, z_fin = _la_fwd(
         fq.contiguous(), fk.contiguous(), v.contiguous(), None, None, None, None, mask, cu, s0, z0,
         "softmax", False, bool(causal), float(eps), False, max_len, nc, cu_seqlens is not None,
+        _needs_grad(fq, fk, v, initial_state),
     )  # fmt: skip
     return o, (LinearAttentionState(s_fin, z_fin) if output_final_state else None)
 
@@ -422,7 +433,7 @@ def fused_hedgehog_attention(
         q_weight.contiguous(), None if q_bias is None else q_bias.contiguous(),
         k_weight.contiguous(), None if k_bias is None else k_bias.contiguous(),
         mask, cu, s0, z0, activation, bool(negation), bool(causal), float(eps), True, max_len, nc,
-        cu_seqlens is not None,
+        cu_seqlens is not None, _needs_grad(q, k, v, q_weight, q_bias, k_weight, k_bias, initial_state),
     )  # fmt: skip
     return o, (LinearAttentionState(s_fin, z_fin) if output_final_state else None)
 
