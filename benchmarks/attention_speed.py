@@ -176,6 +176,13 @@ SWEEPS = {
         "fc64w4s1": {"design": "fused_chunk", "fc_chunk": 64, "fc_warps": 4, "fc_stages": 1},
         "fc32w4s1": {"design": "fused_chunk", "fc_chunk": 32, "fc_warps": 4, "fc_stages": 1},
     },
+    # session 4, call 3: the final defaults ("auto": fused-chunk forward for inference with one
+    # segment per walk, chunk layout for training) against each layout forced
+    "final": {
+        "auto": {},
+        "chunk": {"design": "chunk"},
+        "fc64w4s1": {"design": "fused_chunk", "fc_chunk": 64, "fc_warps": 4, "fc_stages": 1},
+    },
     # session 4, call 2: after the instruction diet, the two designs and a few launch knobs
     "diet": {
         "chunk": {"design": "chunk"},

@@ -96,7 +96,6 @@ def _fc_fwd_kernel(
     wq, bq = _load_wb(wq_ptr, bq_ptr, i_h, D, F, BD, BF, FUSED, HAS_BQ, EVEN)
     wk, bk = _load_wb(wk_ptr, bk_ptr, i_hk, D, F, BD, BF, FUSED, HAS_BK, EVEN)
     offs_i = tl.arange(0, BT)
-    tril = offs_i[:, None] >= offs_i[None, :]
     for ic in tl.range(c0, c1, num_stages=STAGES):
         t0 = ic * BT
         offs_t = t0 + offs_i
@@ -111,30 +110,29 @@ def _fc_fwd_kernel(
         zk = _preact(xk, wk, bk, FUSED, W_NATIVE, MAP_PREC)
         # one feature half at a time (its tiles die before the other's are made: registers);
         # the state is read before the chunk joins it
-        qp = _feat(zq, 1.0, t_ok, F, BF, FUSED, ACT, EVEN)
-        kp = _feat(zk, 1.0, t_ok, F, BF, FUSED, ACT, EVEN)
+        # features in the products' dtype right away (bf16 for bf16 inputs: half the registers of
+        # fp32 tiles; the normaliser then sums the same rounded features as the numerator)
+        qp_d = _feat(zq, 1.0, t_ok, F, BF, FUSED, ACT, EVEN).to(DOT_DT)
+        kp_d = _feat(zk, 1.0, t_ok, F, BF, FUSED, ACT, EVEN).to(DOT_DT)
         if HAS_MASK:
-            kp = kp * mk[:, None]
-        qp_d = qp.to(DOT_DT)
-        kp_d = kp.to(DOT_DT)
+            kp_d = (kp_d * mk[:, None]).to(DOT_DT)
         num = tl.dot(qp_d, sp.to(DOT_DT), input_precision=PREC)
-        den = tl.sum(qp * zp[None, :], 1)
+        den = tl.sum(qp_d.to(tl.float32) * zp[None, :], 1)
         a = tl.dot(qp_d, tl.trans(kp_d), input_precision=PREC)
         sp += tl.dot(tl.trans(kp_d), vv, input_precision=PREC)
-        zp += tl.sum(kp, 0)
+        zp += tl.sum(kp_d.to(tl.float32), 0)
         if NEG:
-            qn = _feat(zq, -1.0, t_ok, F, BF, FUSED, ACT, EVEN)
-            kn = _feat(zk, -1.0, t_ok, F, BF, FUSED, ACT, EVEN)
+            qn_d = _feat(zq, -1.0, t_ok, F, BF, FUSED, ACT, EVEN).to(DOT_DT)
+            kn_d = _feat(zk, -1.0, t_ok, F, BF, FUSED, ACT, EVEN).to(DOT_DT)
             if HAS_MASK:
-                kn = kn * mk[:, None]
-            qn_d = qn.to(DOT_DT)
-            kn_d = kn.to(DOT_DT)
+                kn_d = (kn_d * mk[:, None]).to(DOT_DT)
             num += tl.dot(qn_d, sn.to(DOT_DT), input_precision=PREC)
-            den += tl.sum(qn * zn[None, :], 1)
+            den += tl.sum(qn_d.to(tl.float32) * zn[None, :], 1)
             a += tl.dot(qn_d, tl.trans(kn_d), input_precision=PREC)
             sn += tl.dot(tl.trans(kn_d), vv, input_precision=PREC)
-            zn += tl.sum(kn, 0)
-        a = tl.where(tril, a, 0.0)
+            zn += tl.sum(kn_d.to(tl.float32), 0)
+        # (from the loop's token offsets: a mask hoisted out of the loop would hold registers)
+        a = tl.where(offs_t[:, None] >= offs_t[None, :], a, 0.0)
         num += tl.dot(a.to(DOT_DT), vv, input_precision=PREC)
         den += tl.sum(a, 1) + eps
         o = num * (1.0 / den)[:, None]  # one reciprocal per row, not a division per element

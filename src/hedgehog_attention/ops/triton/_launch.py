@@ -79,7 +79,7 @@ CONFIG = {
     "design": "auto",
     "fc_chunk": 64,
     "fc_warps": 4,
-    "fc_stages": 2,
+    "fc_stages": 1,
     # fused-chunk programs resident at once (sets the segments per sequence, as min_programs does
     # for the state walk)
     "fc_programs": 264,
