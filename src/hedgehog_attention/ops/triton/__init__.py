@@ -119,9 +119,8 @@ def _(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, activation, negation, causal, e
         q.new_empty(B * T, H, dtype=f32),
         q.new_empty(nc, HK, FT, DV, dtype=hdt) if causal else q.new_empty(0, dtype=hdt),
         q.new_empty(nc, HK, FT, dtype=f32) if causal else q.new_empty(0, dtype=f32),
-        # (as _launch.fwd: one segment, or equal lengths with the segments folded into h: empty)
-        q.new_empty(N, HK, ns, FT, DV, dtype=f32) if (ns > 1 and varlen) or not causal else q.new_empty(0, dtype=f32),
-        q.new_empty(N, HK, ns, FT, dtype=f32) if (ns > 1 and varlen) or not causal else q.new_empty(0, dtype=f32),
+        q.new_empty(N, HK, ns, FT, DV, dtype=f32) if (ns > 1 or not causal) else q.new_empty(0, dtype=f32),
+        q.new_empty(N, HK, ns, FT, dtype=f32) if (ns > 1 or not causal) else q.new_empty(0, dtype=f32),
         q.new_empty(N, HK, FT, DV, dtype=f32),
         q.new_empty(N, HK, FT, dtype=f32),
     )

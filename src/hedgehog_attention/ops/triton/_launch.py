@@ -358,9 +358,6 @@ def fwd(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, *, activation, negation, caus
         z_in = torch.cumsum(stz, 2) - stz
         if add0:
             s_in, z_in = s_in + s0[:, :, None], z_in + z0[:, :, None]
-        if not P.varlen:  # complete chunk states: the kernels read one state tile
-            _fold_segments(P, h, hz, s_in, z_in, cps)
-            s_in, z_in = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
     else:
         s_in, z_in = s_fin[:, :, None].clone(), z_fin[:, :, None].clone()  # outputs may not alias
         h = q.new_empty(0, dtype=P.hdt)
@@ -387,23 +384,6 @@ def fwd(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, *, activation, negation, caus
         **{n: c[n] for n in _COMMON}, BV=bv, num_warps=CONFIG["out_warps"], num_stages=CONFIG["out_stages"],
     )  # fmt: skip
     return o, den, h, hz, s_in, z_in, s_fin, z_fin
-
-
-def _fold_segments(P, h, hz, s_in, z_in, cps: int) -> None:
-    """Add every segment's entering state ``s_in [N, HK, NS, FT, DV]`` (fp32) to the local chunk
-    states of its chunks, in place, so that the chunk states are complete (as with one segment)
-    and the output / backward kernels read one state tile instead of two (run of 2026-11-28
-    20:37: the second, fp32 tile cost the output kernel 0.23 ms and the backward 0.7 ms at
-    T = 64K). Equal lengths only (chunk ``c`` of sequence ``n`` is ``h[n * nch + c]``); bf16
-    chunk states round the sum as the one-segment walk rounds its states."""
-    nch = triton.cdiv(P.T, P.bt)
-    h5 = h.view(P.N, nch, P.HK, P.FT, P.DV)
-    hz4 = hz.view(P.N, nch, P.HK, P.FT)
-    for i in range(s_in.shape[2]):
-        c0, c1 = i * cps, min((i + 1) * cps, nch)
-        if c0 < c1:
-            h5[:, c0:c1] += s_in[:, None, :, i]
-            hz4[:, c0:c1] += z_in[:, None, :, i]
 
 
 def _bwd_plan(do, q, k, v, wq, bq, wk, bk, mask, cu, s_in, *, activation, negation, causal, fused, max_len, nc, varlen):
@@ -457,13 +437,10 @@ def bwd_q(
         K._delta_kernel[(triton.cdiv(P.B * P.T, 64), P.H)](
             do, o, den, cd, P.B * P.T, P.H, P.DV, BT=64, BV=_pow2(P.DV), num_warps=4
         )  # fmt: skip
-    if causal and h.numel() == 0:  # (held or saved chunk states are complete: see fwd)
-        h, hz, st, stz, cps, _ = P.state_walk(
+    if causal and h.numel() == 0:
+        h, hz = P.state_walk(
             k, wk if fused else None, bk if fused else None, v, None, None, None, None, reverse=False, store_h=True
-        )
-        if st.shape[2] > 1 and not P.varlen:
-            _fold_segments(P, h, hz, torch.cumsum(st, 2) - st, torch.cumsum(stz, 2) - stz, cps)
-        del st, stz
+        )[:2]
     zdt = torch.bfloat16 if v.dtype == torch.bfloat16 else f32
     dq = _empty(q.shape, device=dev, dtype=q.dtype)
     atomic = fused and bool(CONFIG["dw_atomic"])
@@ -516,8 +493,6 @@ def bwd_kv(
         # queries after each segment (+ the final-state gradient): reverse exclusive cumsum
         r_in = tot[:, :, None] - torch.cumsum(rt, 2)
         rz_in = ztot[:, :, None] - torch.cumsum(rtz, 2)
-        if not P.varlen:  # as in the forward: complete reverse chunk states, one tile read
-            _fold_segments(P, dh, dhz, r_in, rz_in, cps_r)
     else:
         r_in, rz_in = tot[:, :, None].contiguous(), ztot[:, :, None].contiguous()
     if causal and cps_r != cps:
