@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 STYLE = {
     "sdpa": ("SDPA (flash)", "k", "o"),
-    "sdpa (auto)": ("SDPA (PyTorch's pick: cuDNN)", "gray", "x"),
+    "sdpa (auto)": ("SDPA (PyTorch's default backend pick)", "gray", "x"),
     "fla+torch map": ("fla 0.6.0 + PyTorch Hedgehog map", "tab:blue", "s"),
     "chunked (torch)": ("chunked PyTorch op + map", "tab:green", "^"),
     "triton fused": ("Triton, Hedgehog map fused (ours)", "tab:red", "D"),

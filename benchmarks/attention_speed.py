@@ -46,7 +46,7 @@ def _hh_map(h: int, d: int, device) -> torch.nn.Module:
 def make_sdpa(B, T, dev, grad, backend="flash"):
     """SDPA in its own ``[B, H, T, D]`` layout; ``backend`` "flash" forces FlashAttention (the
     issue's anchor), "auto" lets PyTorch pick (cuDNN's attention on Hopper when it is there, which
-    is the faster one: the issue's anchor figures match it, not the flash backend)."""
+    which measured faster: the issue's anchor figures match it, not the flash backend)."""
     q, k, v = (
         torch.randn(B, HEADS, T, HEAD_DIM, device=dev, dtype=torch.bfloat16, requires_grad=grad) for _ in range(3)
     )
