@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._kernels import _act_bwd, _feat, _ld, _ld_x, _load_half, _load_wb, _preact, _seq, _st
+from ._kernels import _feat, _ld, _ld_x, _load_half, _load_wb, _map_bwd, _preact, _seq, _st
 
 
 @triton.jit
@@ -66,6 +66,40 @@ def _store_state(se_ptr, sez_ptr, sb, sp, zp, sn, zn, F, DV, BF: tl.constexpr, B
         tl.store(sez_ptr + sb + F + offs_f, zn, mask=offs_f < F)
 
 
+@triton.jit
+def _walk(cu_ptr, T, H, HK, G, FT, CPS, NS, BT: tl.constexpr, VARLEN: tl.constexpr):
+    """This program's (sequence, query head, segment) of a grid ``(N * H * NS,)``: the query head,
+    its KV head, the sequence's first token and length, the segment's chunk range ``[c0, c1)`` and
+    the row offset ``sb`` of its ``[N, HK, NS, FT, ...]`` segment state."""
+    i_p = tl.program_id(0)
+    i_s = i_p % NS
+    i_nh = i_p // NS
+    i_h = i_nh % H
+    i_n = i_nh // H
+    i_hk = i_h // G
+    bos, L = _seq(cu_ptr, i_n, T, VARLEN)
+    c0 = i_s * CPS
+    c1 = tl.minimum(c0 + CPS, tl.cdiv(L, BT))
+    sb = ((i_n * HK + i_hk) * NS + i_s).to(tl.int64) * FT
+    return i_h, i_hk, bos, L, c0, c1, sb
+
+
+@triton.jit
+def _chunk_qkv(q_ptr, k_ptr, v_ptr, bos, L, ic, i_h, i_hk, H, HK, D, F, DV, BT: tl.constexpr, BD: tl.constexpr,
+               BF: tl.constexpr, BV: tl.constexpr, FUSED: tl.constexpr, EVEN: tl.constexpr,
+               DOT_DT: tl.constexpr):  # fmt: skip
+    """Chunk ``ic`` of a walk: its first token, token offsets, row mask, flat token indices, and the
+    raw ``q`` (query head ``i_h``), ``k`` and ``v`` (KV head ``i_hk``) tiles (0 past the end)."""
+    t0 = ic * BT
+    offs_t = t0 + tl.arange(0, BT)
+    t_ok = offs_t < L
+    tok = bos + offs_t
+    xq = _ld_x(q_ptr, bos, L, t0, i_h, H, D, F, BT, BD, BF, FUSED, EVEN)
+    xk = _ld_x(k_ptr, bos, L, t0, i_hk, HK, D, F, BT, BD, BF, FUSED, EVEN)
+    vv = _ld(v_ptr + bos * (HK * DV) + i_hk * DV, L, DV, HK * DV, t0, 0, BT, BV, True, not EVEN).to(DOT_DT)
+    return t0, offs_t, t_ok, tok, xq, xk, vv
+
+
 @triton.jit(do_not_specialize=["T", "CPS", "NS"])
 def _fc_fwd_kernel(
     q_ptr, k_ptr, v_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, mask_ptr, cu_ptr, si_ptr, zi_ptr, se_ptr, sez_ptr,
@@ -82,28 +116,13 @@ def _fc_fwd_kernel(
     the KV head's state (recomputed by each query head of a GQA group); the group's first head
     stores the segment's end state ``se [N, HK, NS, FT, DV]``. Stores ``o`` and ``den`` (fp32).
     """
-    i_p = tl.program_id(0)
-    i_s = i_p % NS
-    i_nh = i_p // NS
-    i_h = i_nh % H
-    i_n = i_nh // H
-    i_hk = i_h // G
-    bos, L = _seq(cu_ptr, i_n, T, VARLEN)
-    c0 = i_s * CPS
-    c1 = tl.minimum(c0 + CPS, tl.cdiv(L, BT))
-    sb = ((i_n * HK + i_hk) * NS + i_s).to(tl.int64) * FT
+    i_h, i_hk, bos, L, c0, c1, sb = _walk(cu_ptr, T, H, HK, G, FT, CPS, NS, BT, VARLEN)
     sp, zp, sn, zn = _state0(si_ptr, zi_ptr, sb, F, DV, BF, BV, SEG, NEG, EVEN)
     wq, bq = _load_wb(wq_ptr, bq_ptr, i_h, D, F, BD, BF, FUSED, HAS_BQ, EVEN)
     wk, bk = _load_wb(wk_ptr, bk_ptr, i_hk, D, F, BD, BF, FUSED, HAS_BK, EVEN)
-    offs_i = tl.arange(0, BT)
     for ic in tl.range(c0, c1, num_stages=STAGES):
-        t0 = ic * BT
-        offs_t = t0 + offs_i
-        t_ok = offs_t < L
-        tok = bos + offs_t
-        xq = _ld_x(q_ptr, bos, L, t0, i_h, H, D, F, BT, BD, BF, FUSED, EVEN)
-        xk = _ld_x(k_ptr, bos, L, t0, i_hk, HK, D, F, BT, BD, BF, FUSED, EVEN)
-        vv = _ld(v_ptr + bos * (HK * DV) + i_hk * DV, L, DV, HK * DV, t0, 0, BT, BV, True, not EVEN).to(DOT_DT)
+        t0, offs_t, t_ok, tok, xq, xk, vv = _chunk_qkv(q_ptr, k_ptr, v_ptr, bos, L, ic, i_h, i_hk, H, HK, D, F, DV, BT,
+                                                       BD, BF, BV, FUSED, EVEN, DOT_DT)  # fmt: skip
         if HAS_MASK:
             mk = tl.load(mask_ptr + tok, mask=t_ok, other=0.0)
         zq = _preact(xq, wq, bq, FUSED, W_NATIVE, MAP_PREC)
@@ -144,24 +163,6 @@ def _fc_fwd_kernel(
         _store_state(se_ptr, sez_ptr, sb, sp, zp, sn, zn, F, DV, BF, BV, NEG, EVEN)
 
 
-@triton.jit
-def _map_grad(z, p, n, dp, dn, t_ok, w, dx_ptr, dz_ptr, bos, L, t0, i_x, NX, D, F, BT: tl.constexpr,
-              BD: tl.constexpr, BF: tl.constexpr, FUSED: tl.constexpr, ACT: tl.constexpr, NEG: tl.constexpr,
-              MAP_PREC: tl.constexpr, EVEN: tl.constexpr):  # fmt: skip
-    """Store ``dx = dz W^T`` and ``dz`` (the launcher forms ``dW = x^T dz``, ``db = sum dz``);
-    the generic path stores the feature gradient ``[tokens, NX, F]`` as ``dx``."""
-    if FUSED:
-        dz = _act_bwd(z, 1.0, p, dp, ACT)
-        if NEG:
-            dz += _act_bwd(z, -1.0, n, dn, ACT)
-        dz = tl.where(t_ok[:, None], dz, 0.0)
-        dx = tl.dot(dz, tl.trans(w.to(tl.float32)), input_precision=MAP_PREC)
-        _st(dx_ptr + bos * (NX * D) + i_x * D, dx, L, D, NX * D, t0, 0, BT, BD, True, not EVEN)
-        _st(dz_ptr + bos * (NX * F) + i_x * F, dz, L, F, NX * F, t0, 0, BT, BF, True, not EVEN)
-    else:
-        _st(dx_ptr + bos * (NX * F) + i_x * F, dp, L, F, NX * F, t0, 0, BT, BF, True, not EVEN)
-
-
 @triton.jit(do_not_specialize=["T", "CPS", "NS"])
 def _fc_bwd_q_kernel(
     q_ptr, k_ptr, v_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, mask_ptr, cu_ptr, si_ptr, zi_ptr,
@@ -178,29 +179,15 @@ def _fc_bwd_q_kernel(
     ``dz_q``), then the chunk joins the state ``S``, ``z`` exactly as in the forward walk.
     ``do`` has padded queries zeroed by the launcher.
     """
-    i_p = tl.program_id(0)
-    i_s = i_p % NS
-    i_nh = i_p // NS
-    i_h = i_nh % H
-    i_n = i_nh // H
-    i_hk = i_h // G
-    bos, L = _seq(cu_ptr, i_n, T, VARLEN)
-    c0 = i_s * CPS
-    c1 = tl.minimum(c0 + CPS, tl.cdiv(L, BT))
-    sb = ((i_n * HK + i_hk) * NS + i_s).to(tl.int64) * FT
+    i_h, i_hk, bos, L, c0, c1, sb = _walk(cu_ptr, T, H, HK, G, FT, CPS, NS, BT, VARLEN)
     sp, zp, sn, zn = _state0(si_ptr, zi_ptr, sb, F, DV, BF, BV, SEG, NEG, EVEN)
     wq, bq = _load_wb(wq_ptr, bq_ptr, i_h, D, F, BD, BF, FUSED, HAS_BQ, EVEN)
     wk, bk = _load_wb(wk_ptr, bk_ptr, i_hk, D, F, BD, BF, FUSED, HAS_BK, EVEN)
     offs_i = tl.arange(0, BT)
     tril = offs_i[:, None] >= offs_i[None, :]
     for ic in tl.range(c0, c1, num_stages=STAGES):
-        t0 = ic * BT
-        offs_t = t0 + offs_i
-        t_ok = offs_t < L
-        tok = bos + offs_t
-        xq = _ld_x(q_ptr, bos, L, t0, i_h, H, D, F, BT, BD, BF, FUSED, EVEN)
-        xk = _ld_x(k_ptr, bos, L, t0, i_hk, HK, D, F, BT, BD, BF, FUSED, EVEN)
-        vv = _ld(v_ptr + bos * (HK * DV) + i_hk * DV, L, DV, HK * DV, t0, 0, BT, BV, True, not EVEN).to(DOT_DT)
+        t0, offs_t, t_ok, tok, xq, xk, vv = _chunk_qkv(q_ptr, k_ptr, v_ptr, bos, L, ic, i_h, i_hk, H, HK, D, F, DV, BT,
+                                                       BD, BF, BV, FUSED, EVEN, DOT_DT)  # fmt: skip
         do = _ld(do_ptr + bos * (H * DV) + i_h * DV, L, DV, H * DV, t0, 0, BT, BV, True, not EVEN).to(tl.float32)
         oo = _ld(o_ptr + bos * (H * DV) + i_h * DV, L, DV, H * DV, t0, 0, BT, BV, True, not EVEN).to(tl.float32)
         den = tl.load(den_ptr + tok * H + i_h, mask=t_ok, other=1.0)
@@ -225,8 +212,9 @@ def _fc_bwd_q_kernel(
         else:
             dqn = dqp
         # the map's backward with the features rounded like the products' operands
-        _map_grad(zq, qp.to(DOT_DT).to(tl.float32), qn.to(DOT_DT).to(tl.float32), dqp, dqn, t_ok, wq, dq_ptr,
-                  dzq_ptr, bos, L, t0, i_h, H, D, F, BT, BD, BF, FUSED, ACT, NEG, MAP_PREC, EVEN)  # fmt: skip
+        _map_bwd(zq, qp.to(DOT_DT).to(tl.float32), qn.to(DOT_DT).to(tl.float32), dqp, dqn, t_ok, wq, xq, dq_ptr,
+                 dzq_ptr, dzq_ptr, dzq_ptr, bos, L, t0, i_h, i_h, H, D, F, BT, BD, BF, FUSED, ACT, NEG, MAP_PREC, EVEN,
+                 False, HAS_BQ)  # fmt: skip
         sp += tl.dot(tl.trans(kp_d), vv, input_precision=PREC)
         zp += tl.sum(kp, 0)
         if NEG:
@@ -321,6 +309,7 @@ def _fc_bwd_kv_kernel(
             dkp = dkp * mk[:, None]
             dkn = dkn * mk[:, None]
         _st(dv_ptr + bos * (HK * DV) + i_hk * DV, dvv, L, DV, HK * DV, t0, 0, BT, BV, True, not EVEN)
-        _map_grad(zk, kp_raw.to(tl.float32), kn_raw.to(tl.float32), dkp, dkn, t_ok, wk, dk_ptr, dzk_ptr, bos, L,
-                  t0, i_hk, HK, D, F, BT, BD, BF, FUSED, ACT, NEG, MAP_PREC, EVEN)  # fmt: skip
+        _map_bwd(zk, kp_raw.to(tl.float32), kn_raw.to(tl.float32), dkp, dkn, t_ok, wk, xk, dk_ptr, dzk_ptr, dzk_ptr,
+                 dzk_ptr, bos, L, t0, i_hk, i_hk, HK, D, F, BT, BD, BF, FUSED, ACT, NEG, MAP_PREC, EVEN, False,
+                 HAS_BK)  # fmt: skip
     _store_state(re_ptr, rez_ptr, sb, rp, rzp, rn, rzn, F, DV, BF, BV, NEG, EVEN)
