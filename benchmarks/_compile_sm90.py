@@ -4,6 +4,7 @@ Catches compile errors and register spills before device time is spent (docs/ker
 
     python benchmarks/_compile_sm90.py            # resource usage of the D=64 bf16 causal kernels
     python benchmarks/_compile_sm90.py --all      # compile every variant tests and benchmark use
+                                                  # (both causal layouts)
 
 Uses the ``ptxas``/``cuobjdump`` bundled with the triton wheel. Registers depend on the triton
 version: install the GPU machine's (3.6) beside the project's, ``pip install --no-deps --target
@@ -30,15 +31,16 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+from hedgehog_attention.ops.triton import _fused_chunk as FC  # noqa: E402
 from hedgehog_attention.ops.triton import _kernels as K  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 INT_PTRS = ("cu_ptr", "coff_ptr", "cidx_ptr")
 FP32_PTRS = (
     "hz_ptr", "dhz_ptr", "si_ptr", "zi_ptr", "ri_ptr", "rzi_ptr", "st_ptr", "stz_ptr", "den_ptr", "cd_ptr",
-    "mask_ptr", "s_ptr", "z_ptr", "s0_ptr", "z0_ptr",
+    "mask_ptr", "s_ptr", "z_ptr", "s0_ptr", "z0_ptr", "se_ptr", "sez_ptr", "re_ptr", "rez_ptr",
 )  # fmt: skip
-STATE_PTRS = ("h_ptr", "dz_ptr")  # bf16 for bf16 inputs, fp32 otherwise (_launch.state_dtype)
+STATE_PTRS = ("h_ptr", "dz_ptr", "dzq_ptr", "dzk_ptr")  # bf16 for bf16 inputs, fp32 otherwise (_launch.state_dtype)
 KERNELS = (K._state_kernel, K._out_kernel, K._bwd_kernel)
 # int arguments that are multiples of 16 in the benchmark's shapes (H = Hk = 16, D = F = Dv = 64)
 DIV16_INTS = ("NH", "H", "HK", "D", "F", "FT", "DV")
@@ -56,7 +58,7 @@ def _ptr_type(p: str, dtype: str) -> str:
 
 def compile_kernel(fn, cons: dict, dtype: str, num_warps: int, num_stages: int = 1):
     params = list(inspect.signature(fn.fn).parameters)
-    if fn is K._state_kernel:
+    if fn in (K._state_kernel, FC._fc_bwd_kv_kernel):
         cons = dict(cons, G=cons.get("G", 1))  # a constexpr there (GQA group walked per step)
     sig = {
         p: "constexpr"
@@ -91,7 +93,7 @@ def constexprs(
         W_NATIVE=dtype != "fp32" and fused, MAP_PREC="ieee" if dtype == "fp32" else "tf32",
         PREC="ieee" if dtype == "fp32" else "tf32", DOT_DT=dot, EVEN=True, HAS_B=True, HAS_BQ=True, HAS_BK=True,
         CAUSAL=causal, REVERSE=False, STORE_H=causal, KV_SIDE=False, INIT=False, SEG=not causal, VARLEN=False,
-        PERSIST=False, P_STAGES=1, FUSE_CD=False, SPLIT=1, BOTH=False, DW_ATOMIC=False,
+        PERSIST=False, P_STAGES=1, FUSE_CD=False, SPLIT=1, BOTH=False, DW_ATOMIC=False, STAGES=1,
     )  # fmt: skip
 
 
@@ -141,6 +143,12 @@ def main() -> None:
             for rev in (False, True) if fn in (K._state_kernel, K._bwd_kernel) else (False,):
                 cons = dict(constexprs(dtype, D, act, fused, causal, mask), REVERSE=rev, KV_SIDE=rev)
                 compile_kernel(fn, cons, dtype, 8 if fn is K._bwd_kernel else 4)
+                n += 1
+    for dtype, act, fused, mask in itertools.product(["bf16", "fp16", "fp32"], ["softmax", "exp"], [True, False],
+                                                     [False, True]):  # fmt: skip
+        if fused or act == "softmax":  # the fused-chunk walks (at most 64 features per half)
+            for fn in (FC._fc_fwd_kernel, FC._fc_bwd_q_kernel, FC._fc_bwd_kv_kernel):
+                compile_kernel(fn, dict(constexprs(dtype, 64, act, fused, True, mask), SEG=True), dtype, 4)
                 n += 1
     for D in (64, 128):
         for act in ("softmax", "exp"):
