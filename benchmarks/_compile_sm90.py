@@ -4,7 +4,7 @@ Catches compile errors and register spills before device time is spent (docs/ker
 
     python benchmarks/_compile_sm90.py            # resource usage of the D=64 bf16 causal kernels
     python benchmarks/_compile_sm90.py --all      # compile every variant tests and benchmark use
-                                                  # (both causal layouts)
+                                                  # (both causal layouts; > 25 min on 2 cores)
 
 Uses the ``ptxas``/``cuobjdump`` bundled with the triton wheel. Registers depend on the triton
 version: install the GPU machine's (3.6) beside the project's, ``pip install --no-deps --target
