@@ -169,6 +169,17 @@ SWEEPS = {
         "fc64w4p528": {"design": "fused_chunk", "fc_chunk": 64, "fc_warps": 4, "fc_stages": 2, "fc_programs": 528},
         "fc32w2s2": {"design": "fused_chunk", "fc_chunk": 32, "fc_warps": 2, "fc_stages": 2},
     },
+    # session 5: reductions over a chunk's tokens on the tensor cores (CONFIG["sums"]; "auto" = the
+    # new default, "mma" for bf16) against the fp32 adds, in the auto layout and in the fused-chunk
+    # layout forced (training too: its walks spill less now), and the fused-chunk forward at 8 warps
+    "sums": {
+        "auto": {},
+        "auto_fma": {"sums": "fma"},
+        "fc": {"design": "fused_chunk"},
+        "fc_fma": {"design": "fused_chunk", "sums": "fma"},
+        "fc_w8": {"design": "fused_chunk", "fc_warps": 8},
+        "chunk": {"design": "chunk"},
+    },
     # the table's config picked among the likely winners (--pick; the first is the same-function
     # reference)
     "fcpick": {

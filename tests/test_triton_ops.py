@@ -296,6 +296,47 @@ def test_segment_split_is_invisible(min_programs, init, knobs):
     _check(kern, ref, low, torch.float32, _NAMES + (["S0", "z0"] if init else []))
 
 
+_SUMS_CASES = [
+    ("chunk", "mask", True),
+    ("chunk", "cu", True),
+    ("fused_chunk", "mask", True),
+    ("fused_chunk", "cu", True),
+    ("chunk", "mask", False),
+]
+
+
+@pytest.mark.parametrize("design, kind, causal", _SUMS_CASES, ids=[f"{d}-{k}-{'causal' if c else 'bidir'}"
+                                                                   for d, k, c in _SUMS_CASES])  # fmt: skip
+def test_tensor_core_row_sums_match_reference(design, kind, causal):
+    """``CONFIG["sums"] = "mma"`` (the bf16 default on the GPU: the walks' ``sum phi_k`` and
+    ``sum phi_q cd`` over a chunk, the fused-chunk forward's ``phi_q . z`` and score rows, as
+    products with a ones / z / cd column) forced on fp32, where those products are exact: every
+    output, state and gradient as the reference, both causal layouts (the fused-chunk backward
+    walks included) and bidirectional, padding and ``cu_seqlens`` + GQA + initial state."""
+    _launch.CONFIG.update(sums="mma", design=design)
+    B, T, H, HK, D = (2, 1000, 4, 2, 64) if CUDA else (2, 45, 4, 2, 16)
+    if kind == "cu":
+        B = 1
+    args = _inputs(B, T, H, HK, D, D, D, torch.float32, True)
+    mask, cu = _mask_or_cu(kind, B, T)
+    N = B if cu is None else cu.numel() - 1
+    g = torch.Generator(device="cpu").manual_seed(5)
+    st0 = ((torch.rand(N, HK, 2 * D, D, generator=g) * 0.5).to(DEV), torch.rand(N, HK, 2 * D, generator=g).to(DEV))
+    kern, ref, low = _run_fused(
+        args, activation="softmax", negation=True, causal=causal, mask=mask, cu=cu, init=st0, dtype=torch.float32
+    )
+    _check(kern, ref, low, torch.float32, _NAMES + ["S0", "z0"])
+
+
+def test_row_sums_mode_follows_dtype():
+    """``"auto"``: tensor-core sums for bf16 only; anything but the three modes is refused."""
+    assert _launch.sums_mode(torch.bfloat16) == "mma"
+    assert _launch.sums_mode(torch.float16) == _launch.sums_mode(torch.float32) == "fma"
+    _launch.CONFIG["sums"] = "tensor"
+    with pytest.raises(ValueError, match="sums"):
+        _launch.sums_mode(torch.bfloat16)
+
+
 @pytest.mark.parametrize("kind", ["mask", "cu"])
 def test_recomputed_chunk_states_match_reference(kind):
     """The sweep's knobs together: chunk states recomputed in the backward instead of held

@@ -22,7 +22,21 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._kernels import _feat, _ld, _ld_x, _load_half, _load_wb, _map_bwd, _preact, _seq, _st
+from ._kernels import (
+    _coldot,
+    _colsum,
+    _feat,
+    _ld,
+    _ld_x,
+    _load_half,
+    _load_wb,
+    _map_bwd,
+    _preact,
+    _rowdot,
+    _rowsum,
+    _seq,
+    _st,
+)
 
 
 @triton.jit
@@ -107,7 +121,7 @@ def _fc_fwd_kernel(
     BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, FUSED: tl.constexpr,
     HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr, HAS_MASK: tl.constexpr, SEG: tl.constexpr, VARLEN: tl.constexpr,
     ACT: tl.constexpr, NEG: tl.constexpr, W_NATIVE: tl.constexpr, MAP_PREC: tl.constexpr, PREC: tl.constexpr,
-    DOT_DT: tl.constexpr, EVEN: tl.constexpr, STAGES: tl.constexpr,
+    DOT_DT: tl.constexpr, EVEN: tl.constexpr, STAGES: tl.constexpr, SUMS: tl.constexpr,
 ):  # fmt: skip
     """Outputs of one segment of one sequence for one query head (grid ``(N * H * NS,)``).
 
@@ -136,24 +150,25 @@ def _fc_fwd_kernel(
         if HAS_MASK:
             kp_d = (kp_d * mk[:, None]).to(DOT_DT)
         num = tl.dot(qp_d, sp.to(DOT_DT), input_precision=PREC)
-        den = tl.sum(qp_d.to(tl.float32) * zp[None, :], 1)
+        den = _rowdot(qp_d, zp, SUMS, DOT_DT, PREC)
         a = tl.dot(qp_d, tl.trans(kp_d), input_precision=PREC)
         sp += tl.dot(tl.trans(kp_d), vv, input_precision=PREC)
-        zp += tl.sum(kp_d.to(tl.float32), 0)
+        zp += _colsum(kp_d, SUMS, DOT_DT, PREC)
         if NEG:
             qn_d = _feat(zq, -1.0, t_ok, F, BF, FUSED, ACT, EVEN).to(DOT_DT)
             kn_d = _feat(zk, -1.0, t_ok, F, BF, FUSED, ACT, EVEN).to(DOT_DT)
             if HAS_MASK:
                 kn_d = (kn_d * mk[:, None]).to(DOT_DT)
             num += tl.dot(qn_d, sn.to(DOT_DT), input_precision=PREC)
-            den += tl.sum(qn_d.to(tl.float32) * zn[None, :], 1)
+            den += _rowdot(qn_d, zn, SUMS, DOT_DT, PREC)
             a += tl.dot(qn_d, tl.trans(kn_d), input_precision=PREC)
             sn += tl.dot(tl.trans(kn_d), vv, input_precision=PREC)
-            zn += tl.sum(kn_d.to(tl.float32), 0)
+            zn += _colsum(kn_d, SUMS, DOT_DT, PREC)
         # (from the loop's token offsets: a mask hoisted out of the loop would hold registers)
         a = tl.where(offs_t[:, None] >= offs_t[None, :], a, 0.0)
-        num += tl.dot(a.to(DOT_DT), vv, input_precision=PREC)
-        den += tl.sum(a, 1) + eps
+        a_d = a.to(DOT_DT)
+        num += tl.dot(a_d, vv, input_precision=PREC)
+        den += _rowsum(a_d, SUMS, DOT_DT, PREC) + eps
         o = num * (1.0 / den)[:, None]  # one reciprocal per row, not a division per element
         if HAS_MASK:
             o = tl.where(mk[:, None] != 0, o, 0.0)
@@ -170,7 +185,7 @@ def _fc_bwd_q_kernel(
     BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, FUSED: tl.constexpr,
     HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr, HAS_MASK: tl.constexpr, SEG: tl.constexpr, VARLEN: tl.constexpr,
     ACT: tl.constexpr, NEG: tl.constexpr, W_NATIVE: tl.constexpr, MAP_PREC: tl.constexpr, PREC: tl.constexpr,
-    DOT_DT: tl.constexpr, EVEN: tl.constexpr, STAGES: tl.constexpr,
+    DOT_DT: tl.constexpr, EVEN: tl.constexpr, STAGES: tl.constexpr, SUMS: tl.constexpr,
 ):  # fmt: skip
     """Query side of the backward for one segment and one query head (grid ``(N * H * NS,)``).
 
@@ -216,10 +231,10 @@ def _fc_bwd_q_kernel(
                  dzq_ptr, dzq_ptr, dzq_ptr, bos, L, t0, i_h, i_h, H, D, F, BT, BD, BF, FUSED, ACT, NEG, MAP_PREC, EVEN,
                  False, HAS_BQ)  # fmt: skip
         sp += tl.dot(tl.trans(kp_d), vv, input_precision=PREC)
-        zp += tl.sum(kp, 0)
+        zp += _colsum(kp, SUMS, DOT_DT, PREC)
         if NEG:
             sn += tl.dot(tl.trans(kn_d), vv, input_precision=PREC)
-            zn += tl.sum(kn, 0)
+            zn += _colsum(kn, SUMS, DOT_DT, PREC)
 
 
 @triton.jit(do_not_specialize=["T", "CPS", "NS"])
@@ -229,7 +244,7 @@ def _fc_bwd_kv_kernel(
     G: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, FUSED: tl.constexpr,
     HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr, HAS_MASK: tl.constexpr, SEG: tl.constexpr, VARLEN: tl.constexpr,
     ACT: tl.constexpr, NEG: tl.constexpr, W_NATIVE: tl.constexpr, MAP_PREC: tl.constexpr, PREC: tl.constexpr,
-    DOT_DT: tl.constexpr, EVEN: tl.constexpr, STAGES: tl.constexpr,
+    DOT_DT: tl.constexpr, EVEN: tl.constexpr, STAGES: tl.constexpr, SUMS: tl.constexpr,
 ):  # fmt: skip
     """Key side of the backward for one segment and one KV head (grid ``(N * HK * NS,)``),
     walked from the segment's last chunk to its first.
@@ -301,10 +316,10 @@ def _fc_bwd_kv_kernel(
             dvv += tl.dot(at, g, input_precision=PREC)
             # this chunk's queries join R for the chunks before it (R's terms above came first)
             rp += tl.dot(tl.trans(qp_d), g, input_precision=PREC)
-            rzp += tl.sum(qp * cd[:, None], 0)
+            rzp += _coldot(qp, cd, SUMS, DOT_DT, PREC)
             if NEG:
                 rn += tl.dot(tl.trans(qn_d), g, input_precision=PREC)
-                rzn += tl.sum(qn * cd[:, None], 0)
+                rzn += _coldot(qn, cd, SUMS, DOT_DT, PREC)
         if HAS_MASK:
             dkp = dkp * mk[:, None]
             dkn = dkn * mk[:, None]

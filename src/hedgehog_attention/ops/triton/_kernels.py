@@ -83,6 +83,59 @@ def _st(ptr, val, R, C, stride, r0, c0, BR: tl.constexpr, BC: tl.constexpr, CHEC
 
 
 @triton.jit
+def _e0(N: tl.constexpr, DT: tl.constexpr):
+    """``[N, 16]`` tile with ones in column 0 (zeros elsewhere): ``x @ _e0`` holds ``x``'s row
+    sums in its column 0 (16 columns: ``tl.dot``'s smallest tile)."""
+    col = tl.arange(0, 16)[None, :]
+    return tl.where((col == 0) & (tl.arange(0, N)[:, None] >= 0), 1.0, 0.0).to(DT)
+
+
+@triton.jit
+def _rowsum(x, SUMS: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr):
+    """``sum(x, 1)`` (fp32) of a ``[M, N]`` tile. ``SUMS == "mma"``: on the tensor cores, as the
+    product ``x @ e0`` of ``x`` in the products' dtype (the same rounded values the attention
+    products use) and a 16-column reduction; ``"fma"``: fp32 adds per element."""
+    if SUMS == "mma":
+        return tl.sum(tl.dot(x.to(DOT_DT), _e0(x.shape[1], DOT_DT), input_precision=PREC), 1)
+    else:
+        return tl.sum(x.to(tl.float32), 1)
+
+
+@triton.jit
+def _rowdot(x, z, SUMS: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr):
+    """``sum(x * z[None, :], 1)`` (fp32) of a ``[M, N]`` tile and an ``[N]`` fp32 vector (the
+    normaliser ``phi_q . z``); ``"mma"``: ``x @ [z, 0, ..., 0]`` with ``z`` rounded to the
+    products' dtype, as the numerator's state is."""
+    if SUMS == "mma":
+        zc = tl.where(tl.arange(0, 16)[None, :] == 0, z[:, None], 0.0).to(DOT_DT)
+        return tl.sum(tl.dot(x.to(DOT_DT), zc, input_precision=PREC), 1)
+    else:
+        return tl.sum(x.to(tl.float32) * z[None, :], 1)
+
+
+@triton.jit
+def _colsum(x, SUMS: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr):
+    """``sum(x, 0)`` (fp32) of a ``[M, N]`` tile: a chunk's ``sum phi_k`` over its tokens, which
+    as fp32 adds crosses the warps (shuffles and shared memory); ``"mma"``: ``x^T @ e0``."""
+    if SUMS == "mma":
+        return tl.sum(tl.dot(tl.trans(x.to(DOT_DT)), _e0(x.shape[0], DOT_DT), input_precision=PREC), 1)
+    else:
+        return tl.sum(x.to(tl.float32), 0)
+
+
+@triton.jit
+def _coldot(x, c, SUMS: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr):
+    """``sum(x * c[:, None], 0)`` (fp32): the reverse normaliser state's ``sum phi_q cd``;
+    ``"mma"``: ``x^T @ [c, 0, ..., 0]`` with ``c`` rounded to the products' dtype (as ``do / den``
+    is in the reverse state's product)."""
+    if SUMS == "mma":
+        cc = tl.where(tl.arange(0, 16)[None, :] == 0, c[:, None], 0.0).to(DOT_DT)
+        return tl.sum(tl.dot(tl.trans(x.to(DOT_DT)), cc, input_precision=PREC), 1)
+    else:
+        return tl.sum(x.to(tl.float32) * c[:, None], 0)
+
+
+@triton.jit
 def _act(z, sign, f_ok, ACT: tl.constexpr, EVEN: tl.constexpr, t_ok=None):
     """``act(sign * z)`` of a ``[M, BF]`` fp32 pre-activation; padded feature columns (and, given
     ``t_ok``, padded rows) give 0. Written for instruction count (the kernels issue-bound on this
@@ -370,6 +423,7 @@ def _state_kernel(
     DOT_DT: tl.constexpr,
     EVEN: tl.constexpr,
     BOTH: tl.constexpr,
+    SUMS: tl.constexpr,
 ):
     """Chunk states of one segment, one KV head, one feature half, one value block.
 
@@ -450,18 +504,18 @@ def _state_kernel(
                 den = tl.load(den_ptr + tok * NH + i_x, mask=t_ok, other=1.0)
                 cd = tl.load(cd_ptr + tok * NH + i_x, mask=t_ok, other=0.0)
                 u = u.to(tl.float32) * (1.0 / den)[:, None]  # one reciprocal per row
-                b_z += tl.sum(p * cd[:, None], 0)
+                b_z += _coldot(p, cd, SUMS, DOT_DT, PREC)
                 if BOTH:
-                    b_z2 += tl.sum(p2 * cd[:, None], 0)
+                    b_z2 += _coldot(p2, cd, SUMS, DOT_DT, PREC)
             else:
                 if HAS_MASK:
                     mk = tl.load(mask_ptr + tok, mask=t_ok, other=0.0)
                     p = p * mk[:, None]
                     if BOTH:
                         p2 = p2 * mk[:, None]
-                b_z += tl.sum(p, 0)
+                b_z += _colsum(p, SUMS, DOT_DT, PREC)
                 if BOTH:
-                    b_z2 += tl.sum(p2, 0)
+                    b_z2 += _colsum(p2, SUMS, DOT_DT, PREC)
             u_d = u.to(DOT_DT)
             b_h += tl.dot(tl.trans(p.to(DOT_DT)), u_d, input_precision=PREC)
             if BOTH:

@@ -83,6 +83,16 @@ CONFIG = {
     # fused-chunk programs resident at once (sets the segments per sequence, as min_programs does
     # for the state walk)
     "fc_programs": 264,
+    # reductions over a chunk inside the walks (state walk, fused-chunk walks): the chunk's
+    # sum phi_k (and sum phi_q cd) over its tokens, the fused-chunk forward's phi_q . z and score
+    # rows. "mma": products with a ones (or z, cd) column on the tensor cores, in the products'
+    # operand dtype; "fma": fp32 adds, which for the token axis cross the warps (shuffles, shared
+    # memory). sm_90 SASS per program (bf16, triton 3.6): state walk 1,984 -> 1,616, fused-chunk
+    # forward 3,408 -> 2,760, its query-side backward 4,448 -> 3,936. "auto": "mma" for bf16
+    # inputs (fp16/fp32 products run in tf32 / fp32 emulation). The output kernel keeps fp32 adds
+    # (its row sums on the tensor cores compiled to more instructions, 2,616 -> 2,728), as does
+    # the softmax map's normaliser (more instructions in every kernel).
+    "sums": "auto",
 }
 
 
@@ -166,6 +176,16 @@ def uses_fused_chunk(causal: bool, F: int, DV: int, dtype: torch.dtype, *, train
 def fc_chunk_size(F: int, dtype: torch.dtype) -> int:
     """Tokens per chunk of the fused-chunk walks: ``CONFIG["fc_chunk"]``, at most the chunk design's."""
     return min(int(CONFIG["fc_chunk"]), chunk_size(F, dtype))
+
+
+def sums_mode(dtype: torch.dtype) -> str:
+    """``"mma"`` or ``"fma"``: how the kernels take row sums (``CONFIG["sums"]``)."""
+    mode = CONFIG["sums"]
+    if mode == "auto":
+        return "mma" if dtype == torch.bfloat16 else "fma"
+    if mode not in ("mma", "fma"):
+        raise ValueError(f'CONFIG["sums"] must be "auto", "mma" or "fma"; got {mode!r}')
+    return mode
 
 
 def needs_fallback(F: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -269,6 +289,7 @@ class _Plan:
             DOT_DT=tl.bfloat16 if v.dtype == torch.bfloat16 else tl.float32,
             # every block dimension exactly the tensor's: only row masks are needed
             EVEN=_pow2(self.D) == self.D and _pow2(self.F) == self.F,
+            SUMS=sums_mode(v.dtype),
         )
         dummy = q
         self.has_bq, self.has_bk = bq is not None, bk is not None
@@ -318,6 +339,7 @@ class _Plan:
             s0 if init else dummy, z0 if init else dummy, self.T,
             x.shape[2], self.HK, self.D, self.F, self.FT, self.DV, cps, ns, G=self.G if reverse else 1,
             HAS_B=b is not None, REVERSE=reverse, STORE_H=store_h, INIT=init, VARLEN=self.varlen, BOTH=both,
+            SUMS=self.c["SUMS"],
             **{n: c[n] for n in _COMMON}, BV=bv, num_warps=CONFIG["state_warps"], num_stages=CONFIG["state_stages"],
         )  # fmt: skip
         return h, hz, st, stz, cps, init
