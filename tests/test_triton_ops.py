@@ -330,8 +330,11 @@ def test_tensor_core_row_sums_match_reference(design, kind, causal):
 
 def test_row_sums_mode_follows_dtype():
     """``"auto"``: tensor-core sums for bf16 only; anything but the three modes is refused."""
-    assert _launch.sums_mode(torch.bfloat16) == "mma"
-    assert _launch.sums_mode(torch.float16) == _launch.sums_mode(torch.float32) == "fma"
+    assert _launch.sums_mode(torch.bfloat16, "chunk") == _launch.AUTO_SUMS["chunk"]
+    assert _launch.sums_mode(torch.bfloat16, "fused_chunk") == _launch.AUTO_SUMS["fused_chunk"]
+    assert _launch.sums_mode(torch.float16) == _launch.sums_mode(torch.float32) == 0
+    _launch.CONFIG["sums"] = "mma"
+    assert _launch.sums_mode(torch.float32) == 7
     _launch.CONFIG["sums"] = "tensor"
     with pytest.raises(ValueError, match="sums"):
         _launch.sums_mode(torch.bfloat16)

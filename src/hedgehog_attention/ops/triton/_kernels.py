@@ -92,10 +92,11 @@ def _e0(N: tl.constexpr, DT: tl.constexpr):
 
 @triton.jit
 def _rowsum(x, SUMS: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr):
-    """``sum(x, 1)`` (fp32) of a ``[M, N]`` tile. ``SUMS == "mma"``: on the tensor cores, as the
-    product ``x @ e0`` of ``x`` in the products' dtype (the same rounded values the attention
-    products use) and a 16-column reduction; ``"fma"``: fp32 adds per element."""
-    if SUMS == "mma":
+    """``sum(x, 1)`` (fp32) of a ``[M, N]`` tile. ``SUMS`` (bits: 1 column sums, 2 ``_rowdot``,
+    4 ``_rowsum``; ``_launch.sums_mode``) bit 4 set: on the tensor cores, as the product ``x @ e0``
+    of ``x`` in the products' dtype (the same rounded values the attention products use) and a
+    16-column reduction; otherwise fp32 adds per element."""
+    if (SUMS & 4) != 0:
         return tl.sum(tl.dot(x.to(DOT_DT), _e0(x.shape[1], DOT_DT), input_precision=PREC), 1)
     else:
         return tl.sum(x.to(tl.float32), 1)
@@ -104,11 +105,12 @@ def _rowsum(x, SUMS: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr):
 @triton.jit
 def _rowdot(x, z, SUMS: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr):
     """``sum(x * z[None, :], 1)`` (fp32) of a ``[M, N]`` tile and an ``[N]`` fp32 vector (the
-    normaliser ``phi_q . z``); ``"mma"``: ``x @ [z, 0, ..., 0]`` with ``z`` rounded to the
-    products' dtype, as the numerator's state is."""
-    if SUMS == "mma":
-        zc = tl.where(tl.arange(0, 16)[None, :] == 0, z[:, None], 0.0).to(DOT_DT)
-        return tl.sum(tl.dot(x.to(DOT_DT), zc, input_precision=PREC), 1)
+    normaliser ``phi_q . z``); ``SUMS`` bit 2: the products in ``DOT_DT`` (packed bf16 pairs; ``z``
+    rounded as the numerator's state is), summed by ``_rowsum``'s ones column. (Not ``x @ [z, 0,
+    ..., 0]``: that operand, built from a vector, gave NaN in the 4-warp fused-chunk forward on the
+    H200 with triton 3.6, 2026-11-28, session 5.)"""
+    if (SUMS & 2) != 0:
+        return _rowsum(x.to(DOT_DT) * z.to(DOT_DT)[None, :], 4, DOT_DT, PREC)
     else:
         return tl.sum(x.to(tl.float32) * z[None, :], 1)
 
@@ -116,8 +118,8 @@ def _rowdot(x, z, SUMS: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr):
 @triton.jit
 def _colsum(x, SUMS: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr):
     """``sum(x, 0)`` (fp32) of a ``[M, N]`` tile: a chunk's ``sum phi_k`` over its tokens, which
-    as fp32 adds crosses the warps (shuffles and shared memory); ``"mma"``: ``x^T @ e0``."""
-    if SUMS == "mma":
+    as fp32 adds crosses the warps (shuffles and shared memory); ``SUMS`` bit 1: ``x^T @ e0``."""
+    if (SUMS & 1) != 0:
         return tl.sum(tl.dot(tl.trans(x.to(DOT_DT)), _e0(x.shape[0], DOT_DT), input_precision=PREC), 1)
     else:
         return tl.sum(x.to(tl.float32), 0)
@@ -125,12 +127,11 @@ def _colsum(x, SUMS: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr):
 
 @triton.jit
 def _coldot(x, c, SUMS: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr):
-    """``sum(x * c[:, None], 0)`` (fp32): the reverse normaliser state's ``sum phi_q cd``;
-    ``"mma"``: ``x^T @ [c, 0, ..., 0]`` with ``c`` rounded to the products' dtype (as ``do / den``
-    is in the reverse state's product)."""
-    if SUMS == "mma":
-        cc = tl.where(tl.arange(0, 16)[None, :] == 0, c[:, None], 0.0).to(DOT_DT)
-        return tl.sum(tl.dot(tl.trans(x.to(DOT_DT)), cc, input_precision=PREC), 1)
+    """``sum(x * c[:, None], 0)`` (fp32): the reverse normaliser state's ``sum phi_q cd``; ``SUMS``
+    bit 1: the products in ``DOT_DT`` (``c`` rounded as ``do / den`` is in the reverse state's
+    product), summed by ``_colsum``'s ones column (see ``_rowdot`` for why not ``x^T @ [c, 0..]``)."""
+    if (SUMS & 1) != 0:
+        return _colsum(x.to(DOT_DT) * c.to(DOT_DT)[:, None], 1, DOT_DT, PREC)
     else:
         return tl.sum(x.to(tl.float32) * c[:, None], 0)
 

@@ -178,14 +178,22 @@ def fc_chunk_size(F: int, dtype: torch.dtype) -> int:
     return min(int(CONFIG["fc_chunk"]), chunk_size(F, dtype))
 
 
-def sums_mode(dtype: torch.dtype) -> str:
-    """``"mma"`` or ``"fma"``: how the kernels take row sums (``CONFIG["sums"]``)."""
+# "auto" for bf16 per causal layout (bits: 1 column sums, 2 phi_q . z, 4 score rows: K._rowsum)
+AUTO_SUMS = {"chunk": 7, "fused_chunk": 7}
+_SUMS_BITS = {"fma": 0, "mma": 7}
+
+
+def sums_mode(dtype: torch.dtype, design: str = "chunk") -> int:
+    """The kernels' ``SUMS`` bits for ``CONFIG["sums"]``: which reductions run on the tensor
+    cores (an int 0-7 sets the bits directly: sweeps); ``design``: the causal layout taken."""
     mode = CONFIG["sums"]
     if mode == "auto":
-        return "mma" if dtype == torch.bfloat16 else "fma"
-    if mode not in ("mma", "fma"):
-        raise ValueError(f'CONFIG["sums"] must be "auto", "mma" or "fma"; got {mode!r}')
-    return mode
+        return AUTO_SUMS[design] if dtype == torch.bfloat16 else 0
+    if isinstance(mode, int) and not isinstance(mode, bool) and 0 <= mode <= 7:
+        return mode
+    if mode not in _SUMS_BITS:
+        raise ValueError(f'CONFIG["sums"] must be "auto", "mma", "fma" or bits 0-7; got {mode!r}')
+    return _SUMS_BITS[mode]
 
 
 def needs_fallback(F: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -289,7 +297,7 @@ class _Plan:
             DOT_DT=tl.bfloat16 if v.dtype == torch.bfloat16 else tl.float32,
             # every block dimension exactly the tensor's: only row masks are needed
             EVEN=_pow2(self.D) == self.D and _pow2(self.F) == self.F,
-            SUMS=sums_mode(v.dtype),
+            SUMS=sums_mode(v.dtype, "fused_chunk" if self.fc else "chunk"),
         )
         dummy = q
         self.has_bq, self.has_bk = bq is not None, bk is not None
