@@ -40,7 +40,8 @@ SERIES_STYLE = {
 
 def _decode_panel(ax, dec: list[dict], launch_label: str, title: str, legend_size: float) -> None:
     """Decode-step time vs context length: SDPA on a KV cache, our step per launch and from a CUDA graph."""
-    if not dec:
+    if not dec:  # a run with --no-decode: no empty panel
+        ax.set_axis_off()
         return
     ctx = [d["context"] for d in dec]
     for key, label, color, marker in (

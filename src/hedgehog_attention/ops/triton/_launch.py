@@ -83,15 +83,16 @@ CONFIG = {
     # fused-chunk programs resident at once (sets the segments per sequence, as min_programs does
     # for the state walk)
     "fc_programs": 264,
-    # reductions over a chunk inside the walks (state walk, fused-chunk walks): the chunk's
-    # sum phi_k (and sum phi_q cd) over its tokens, the fused-chunk forward's phi_q . z and score
-    # rows. "mma": products with a ones (or z, cd) column on the tensor cores, in the products'
-    # operand dtype; "fma": fp32 adds, which for the token axis cross the warps (shuffles, shared
-    # memory). sm_90 SASS per program (bf16, triton 3.6): state walk 1,984 -> 1,616, fused-chunk
-    # forward 3,408 -> 2,760, its query-side backward 4,448 -> 3,936. "auto": "mma" for bf16
-    # inputs (fp16/fp32 products run in tf32 / fp32 emulation). The output kernel keeps fp32 adds
-    # (its row sums on the tensor cores compiled to more instructions, 2,616 -> 2,728), as does
-    # the softmax map's normaliser (more instructions in every kernel).
+    # reductions over a chunk's tokens on the tensor cores (bits of the kernels' SUMS; "auto" =
+    # AUTO_SUMS for bf16, "mma" = all, "fma" = none, or an int 0-7): 1 the walks' sum phi_k /
+    # sum phi_q cd, 2 the fused-chunk forward's phi_q . z, 4 its score rows, each as a product
+    # with a ones column in the products' operand dtype instead of fp32 adds (which, over the token
+    # axis, cross the warps: shuffles, shared memory, barriers). H200, T = 4096 (BENCHMARKS.md runs
+    # 11-13): fused-chunk forward 1.19 -> 0.86 ms, state walks 1.21 -> 1.05 ms per fwd+bwd, chunk
+    # fwd+bwd 5.92 -> 5.76 ms; sm_90 SASS per program 3,408 -> 2,728 (fused-chunk forward), 1,984
+    # -> 1,616 (walk). fp16/fp32 keep the adds (their products run in tf32 / fp32 emulation). The
+    # output kernel keeps them too (its row sums as products compiled to more instructions), as
+    # does the softmax map's normaliser.
     "sums": "auto",
 }
 
