@@ -170,8 +170,11 @@ SWEEPS = {
         "fc32w2s2": {"design": "fused_chunk", "fc_chunk": 32, "fc_warps": 2, "fc_stages": 2},
     },
     # session 5: reductions over a chunk's tokens on the tensor cores (CONFIG["sums"]; "auto" = the
-    # new default, "mma" for bf16) against the fp32 adds, in the auto layout and in the fused-chunk
-    # layout forced (training too: its walks spill less now), and the fused-chunk forward at 8 warps
+    # new default, all bits for bf16) against the fp32 adds, in the auto layout and in the fused-chunk
+    # layout forced (training too: its walks spill less now), and the fused-chunk forward at 8 warps.
+    # Run 11 ran it on the first, broken version (NaN in the fused-chunk kernels; BENCHMARKS.md); not
+    # re-run since the fix. At 16K-32K its "fc" row is the fused-chunk forward over segments, the
+    # open question for the forward target above 8K (docs/kernels.md)
     "sums": {
         "auto": {},
         "auto_fma": {"sums": "fma"},
