@@ -4,7 +4,8 @@ Catches compile errors and register spills before device time is spent (docs/ker
 
     python benchmarks/_compile_sm90.py            # resource usage of the D=64 bf16 causal kernels
     python benchmarks/_compile_sm90.py --all      # compile every variant tests and benchmark use
-                                                  # (both causal layouts; > 25 min on 2 cores)
+                                                  # (both causal layouts; > 50 min on 2 cores since the
+                                                  # tensor-core sums: one line per kernel as it goes)
 
 Uses the ``ptxas``/``cuobjdump`` bundled with the triton wheel. Registers depend on the triton
 version: install the GPU machine's (3.6) beside the project's, ``pip install --no-deps --target
@@ -145,12 +146,14 @@ def main() -> None:
                 cons = dict(constexprs(dtype, D, act, fused, causal, mask), REVERSE=rev, KV_SIDE=rev)
                 compile_kernel(fn, cons, dtype, 8 if fn is K._bwd_kernel else 4)
                 n += 1
+                print(n, fn.fn.__name__, dtype, D, act, "fused" if fused else "generic", causal, mask, flush=True)
     for dtype, act, fused, mask in itertools.product(["bf16", "fp16", "fp32"], ["softmax", "exp"], [True, False],
                                                      [False, True]):  # fmt: skip
         if fused or act == "softmax":  # the fused-chunk walks (at most 64 features per half)
             for fn in (FC._fc_fwd_kernel, FC._fc_bwd_q_kernel, FC._fc_bwd_kv_kernel):
                 compile_kernel(fn, dict(constexprs(dtype, 64, act, fused, True, mask), SEG=True), dtype, 4)
                 n += 1
+                print(n, fn.fn.__name__, dtype, act, "fused" if fused else "generic", mask, flush=True)
     for D in (64, 128):
         for act in ("softmax", "exp"):
             cons = dict(BD=D, BF=D, BV=D, HAS_BQ=True, HAS_BK=True, ACT=act, NEG=True)
