@@ -183,6 +183,16 @@ SWEEPS = {
         "fc_w8": {"design": "fused_chunk", "fc_warps": 8},
         "chunk": {"design": "chunk"},
     },
+    # session 6: the fused-chunk forward in training too (it stores the chunk states the chunk
+    # layout's backward reads: no forward state walk), over segments at long T, and the bias
+    # gradient from per-chunk partials written by the backward kernels; "base" = session 5's defaults
+    "train": {
+        "base": {"fc_forward": "inference", "db_partial": False},
+        "dbp": {"fc_forward": "inference"},
+        "fc1": {"fc_forward": "one_segment"},
+        "fcall": {"fc_forward": "always"},
+        "fcall_p132": {"fc_forward": "always", "fc_programs": 132},
+    },
     # the table's config picked among the likely winners (--pick; the first is the same-function
     # reference)
     "fcpick": {
@@ -359,7 +369,7 @@ def _kernel_times(prof, n_iter, prefix):
 
 
 def _same_function(cfg, B, T, dev, ref):
-    """Relative difference of o, dq, dk, dv (fixed seed inputs) between this config and the first
+    """Relative difference of o, dq, dk, dv and the maps' dW, db (fixed seed inputs) between this config and the first
     variant of the sweep (stored in ``ref`` on its first call): a GPU check, at full size, that a
     variant computes the same function (bf16: differences of a few 1e-3 are rounding)."""
     saved = dict(_launch_config())
@@ -370,7 +380,8 @@ def _same_function(cfg, B, T, dev, ref):
         o = fwd()
         o.backward(torch.randn_like(o))
         cur = {"o": o.detach().float(), "dq": leaves[0].grad.float(), "dk": leaves[1].grad.float(),
-               "dv": leaves[2].grad.float()}  # fmt: skip
+               "dv": leaves[2].grad.float(), "dWq": leaves[3].grad.float(), "dbq": leaves[4].grad.float(),
+               "dWk": leaves[5].grad.float(), "dbk": leaves[6].grad.float()}  # fmt: skip
         del fwd, leaves, o
         if not ref:
             ref.update(cur)

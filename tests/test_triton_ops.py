@@ -466,6 +466,63 @@ def test_auto_design_uses_fused_chunk_for_inference_only(monkeypatch):
     assert used == [True]
 
 
+@pytest.mark.parametrize("rule", ["one_segment", "always"])
+@pytest.mark.parametrize("kind", ["mask", "cu"])
+def test_fused_chunk_training_forward_stores_chunk_states(rule, kind, monkeypatch):
+    """``fc_forward`` "one_segment" / "always": a training forward runs the fused-chunk kernel, which
+    also stores the chunk layout's chunk states (complete: no segment states) for the chunk layout's
+    backward, so no forward state walk runs. Against the reference with padding or packed sequences,
+    GQA, an initial state (mask) and, for "always", several segments (their sums by a walk without
+    stores); bias gradients from the kernels' per-chunk partials, and once (cu) from the stored dz;
+    a second backward (retain_graph) recomputes the states by a walk over several segments."""
+    _launch.CONFIG.update(design="auto", fc_forward=rule, fc_programs=1 if rule == "one_segment" else 10_000)
+    _launch.CONFIG["db_partial"] = kind == "mask"
+    B, T, H, HK, D = (2, 3000, 4, 2, 64) if CUDA else (2, 45, 2, 1, 16)
+    if kind == "cu":
+        B = 1
+        if not CUDA:
+            T = 120
+    if not CUDA:  # two fused-chunk chunks per chunk-layout chunk, as on the GPU (128 / 64)
+        _launch.CONFIG["fc_chunk"] = 16
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    args = _inputs(B, T, H, HK, D, D, D, dtype, True)
+    mask, cu = _mask_or_cu(kind, B, T)
+    N = B if cu is None else cu.numel() - 1
+    st0 = None
+    if kind == "mask":
+        g = torch.Generator(device="cpu").manual_seed(8)
+        st0 = ((torch.rand(N, HK, 2 * D, D, generator=g) * 0.5).to(DEV), torch.rand(N, HK, 2 * D, generator=g).to(DEV))
+    stored, walks = [], []
+    fc_fwd, walk = _launch._fc_fwd, _launch._Plan.state_walk
+
+    def fc_spy(P, *a, **kw):
+        stored.append(P.store_h)
+        return fc_fwd(P, *a, **kw)
+
+    def walk_spy(self, *a, **kw):
+        walks.append((kw["reverse"], kw["store_h"]))
+        return walk(self, *a, **kw)
+
+    monkeypatch.setattr(_launch, "_fc_fwd", fc_spy)
+    monkeypatch.setattr(_launch._Plan, "state_walk", walk_spy)
+    kern, ref, low = _run_fused(
+        args, activation="softmax", negation=True, causal=True, mask=mask, cu=cu, init=st0, dtype=dtype
+    )
+    _check(kern, ref, low, dtype, _NAMES + (["S0", "z0"] if st0 is not None else []))
+    assert stored == [True], stored
+    assert (False, True) not in walks, walks  # no forward walk stored chunk states
+    assert ((False, False) in walks) == (rule == "always"), walks  # the segment sums
+    # a second backward through the same graph: states recomputed by a walk (several segments)
+    _launch.CONFIG["min_programs"] = 10_000
+    leaves = [x.detach().clone().requires_grad_() for x in args]
+    o, _ = fused_hedgehog_attention(*leaves, causal=True, attention_mask=mask, cu_seqlens=cu)
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(5)).to(DEV).to(o.dtype)
+    g1 = torch.autograd.grad(o, leaves, do, retain_graph=True)
+    g2 = torch.autograd.grad(o, leaves, do)
+    for a, b in zip(g1, g2):
+        assert not torch.isnan(a).any() and rel(b.float(), a.float()) <= (1e-6 if dtype == torch.float32 else 1e-2)
+
+
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
 @pytest.mark.parametrize("kind", ["none", "mask", "cu"])
 def test_generic_features_path(causal, kind):

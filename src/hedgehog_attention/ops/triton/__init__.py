@@ -98,14 +98,16 @@ def _(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, activation, negation, causal, e
     bv = min(L._pow2(DV), L._pow2(L.CONFIG["state_bv"]))
     F = wq.shape[2] if fused else q.shape[3]
     f32, hdt = torch.float32, L.state_dtype(v.dtype)
-    if L.uses_fused_chunk(causal, F, DV, v.dtype, train=train, n_seq=N, H=H, max_len=max_len):  # as _launch._fc_fwd
+    kw = dict(train=train, n_seq=N, H=H, max_len=max_len)
+    if L.uses_fused_chunk(causal, F, DV, v.dtype, **kw):  # as _launch._fc_fwd
         ns = L.segments(N, H, max_len, 1, L.fc_chunk_size(F, v.dtype), cap=int(L.CONFIG["fc_programs"]))[1]
-        seg = ns > 1 or s0 is not None
+        store_h = L.fc_stores_h(causal, F, DV, v.dtype, **kw)
+        seg = (ns > 1 or s0 is not None) and not store_h
         return (
             q.new_empty(B, T, H, DV, dtype=v.dtype),
             q.new_empty(B * T, H, dtype=f32),
-            q.new_empty(0, dtype=hdt),
-            q.new_empty(0, dtype=f32),
+            q.new_empty(nc, HK, FT, DV, dtype=hdt) if store_h else q.new_empty(0, dtype=hdt),
+            q.new_empty(nc, HK, FT, dtype=f32) if store_h else q.new_empty(0, dtype=f32),
             q.new_empty(N, HK, ns, FT, DV, dtype=f32) if seg else q.new_empty(0, dtype=f32),
             q.new_empty(N, HK, ns, FT, dtype=f32) if seg else q.new_empty(0, dtype=f32),
             q.new_empty(N, HK, FT, DV, dtype=f32),

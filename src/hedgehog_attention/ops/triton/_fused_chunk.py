@@ -117,11 +117,12 @@ def _chunk_qkv(q_ptr, k_ptr, v_ptr, bos, L, ic, i_h, i_hk, H, HK, D, F, DV, BT: 
 @triton.jit(do_not_specialize=["T", "CPS", "NS"])
 def _fc_fwd_kernel(
     q_ptr, k_ptr, v_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, mask_ptr, cu_ptr, si_ptr, zi_ptr, se_ptr, sez_ptr,
-    o_ptr, den_ptr, eps, T, H, HK, G, D, F, FT, DV, CPS, NS,
+    o_ptr, den_ptr, h_ptr, hz_ptr, hoff_ptr, eps, T, H, HK, G, D, F, FT, DV, CPS, NS,
     BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, FUSED: tl.constexpr,
     HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr, HAS_MASK: tl.constexpr, SEG: tl.constexpr, VARLEN: tl.constexpr,
     ACT: tl.constexpr, NEG: tl.constexpr, W_NATIVE: tl.constexpr, MAP_PREC: tl.constexpr, PREC: tl.constexpr,
-    DOT_DT: tl.constexpr, EVEN: tl.constexpr, STAGES: tl.constexpr, SUMS: tl.constexpr,
+    DOT_DT: tl.constexpr, EVEN: tl.constexpr, STAGES: tl.constexpr, SUMS: tl.constexpr, STORE_H: tl.constexpr,
+    HBT: tl.constexpr,
 ):  # fmt: skip
     """Outputs of one segment of one sequence for one query head (grid ``(N * H * NS,)``).
 
@@ -129,14 +130,32 @@ def _fc_fwd_kernel(
     then ``S += phi_k^T v``, ``z += sum phi_k`` (keys masked by ``attention_mask``). ``S`` is
     the KV head's state (recomputed by each query head of a GQA group); the group's first head
     stores the segment's end state ``se [N, HK, NS, FT, DV]``. Stores ``o`` and ``den`` (fp32).
+
+    ``STORE_H`` (a training forward: the chunk layout's backward follows): the group's first head
+    also stores the state entering every ``HBT``-token chunk of the backward's layout (a multiple
+    of ``BT``), ``h [NC, HK, FT, DV]`` (its dtype) / ``hz [NC, HK, FT]`` (fp32), complete (from
+    the segment's entering state): what the chunk layout's state walk stores, without the walk.
+    ``hoff [N + 1]``: each sequence's first ``HBT``-chunk (``cu_seqlens``; otherwise arithmetic).
     """
     i_h, i_hk, bos, L, c0, c1, sb = _walk(cu_ptr, T, H, HK, G, FT, CPS, NS, BT, VARLEN)
     sp, zp, sn, zn = _state0(si_ptr, zi_ptr, sb, F, DV, BF, BV, SEG, NEG, EVEN)
     wq, bq = _load_wb(wq_ptr, bq_ptr, i_h, D, F, BD, BF, FUSED, HAS_BQ, EVEN)
     wk, bk = _load_wb(wk_ptr, bk_ptr, i_hk, D, F, BD, BF, FUSED, HAS_BK, EVEN)
+    if STORE_H:
+        R: tl.constexpr = HBT // BT
+        i_n = tl.program_id(0) // (NS * H)
+        if VARLEN:
+            hc0 = tl.load(hoff_ptr + i_n).to(tl.int64)
+        else:
+            hc0 = i_n.to(tl.int64) * tl.cdiv(T, HBT)
+        store_h = (i_h % G) == 0
     for ic in tl.range(c0, c1, num_stages=STAGES):
         t0, offs_t, t_ok, tok, xq, xk, vv = _chunk_qkv(q_ptr, k_ptr, v_ptr, bos, L, ic, i_h, i_hk, H, HK, D, F, DV, BT,
                                                        BD, BF, BV, FUSED, EVEN, DOT_DT)  # fmt: skip
+        if STORE_H:  # noqa: SIM102 (a constexpr test, then a runtime one: two ifs in Triton)
+            if store_h & ((ic % R) == 0):  # the state entering this HBT-chunk, before the chunk joins it
+                hb = ((hc0 + ic // R) * HK + i_hk) * FT
+                _store_state(h_ptr, hz_ptr, hb, sp, zp, sn, zn, F, DV, BF, BV, NEG, EVEN)
         if HAS_MASK:
             mk = tl.load(mask_ptr + tok, mask=t_ok, other=0.0)
         zq = _preact(xq, wq, bq, FUSED, W_NATIVE, MAP_PREC)
@@ -229,7 +248,7 @@ def _fc_bwd_q_kernel(
         # the map's backward with the features rounded like the products' operands
         _map_bwd(zq, qp.to(DOT_DT).to(tl.float32), qn.to(DOT_DT).to(tl.float32), dqp, dqn, t_ok, wq, xq, dq_ptr,
                  dzq_ptr, dzq_ptr, dzq_ptr, bos, L, t0, i_h, i_h, H, D, F, BT, BD, BF, FUSED, ACT, NEG, MAP_PREC, EVEN,
-                 False, HAS_BQ)  # fmt: skip
+                 False, HAS_BQ, dzq_ptr, 0, False, 0, DOT_DT, PREC)  # fmt: skip
         sp += tl.dot(tl.trans(kp_d), vv, input_precision=PREC)
         zp += _colsum(kp, SUMS, DOT_DT, PREC)
         if NEG:
@@ -326,5 +345,5 @@ def _fc_bwd_kv_kernel(
         _st(dv_ptr + bos * (HK * DV) + i_hk * DV, dvv, L, DV, HK * DV, t0, 0, BT, BV, True, not EVEN)
         _map_bwd(zk, kp_raw.to(tl.float32), kn_raw.to(tl.float32), dkp, dkn, t_ok, wk, xk, dk_ptr, dzk_ptr, dzk_ptr,
                  dzk_ptr, bos, L, t0, i_hk, i_hk, HK, D, F, BT, BD, BF, FUSED, ACT, NEG, MAP_PREC, EVEN, False,
-                 HAS_BK)  # fmt: skip
+                 HAS_BK, dzk_ptr, 0, False, 0, DOT_DT, PREC)  # fmt: skip
     _store_state(re_ptr, rez_ptr, sb, rp, rzp, rn, rzn, F, DV, BF, BV, NEG, EVEN)

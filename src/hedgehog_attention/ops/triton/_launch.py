@@ -83,6 +83,15 @@ CONFIG = {
     # fused-chunk programs resident at once (sets the segments per sequence, as min_programs does
     # for the state walk)
     "fc_programs": 264,
+    # where "auto" runs the fused-chunk forward (the backward of "auto" is the chunk layout's):
+    # "inference" (no autograd graph, one segment per walk: session 4's rule), "one_segment"
+    # (training too: the forward then also stores the chunk states the chunk layout's backward
+    # reads, STORE_H, so that no state walk runs), "always" (segments too: their sums by a state
+    # walk first)
+    "fc_forward": "inference",
+    # the map's bias gradient as per-chunk partial sums written by the backward kernels (fp32
+    # [chunks, heads, F], summed in PyTorch) instead of a reduction over the stored dz
+    "db_partial": True,
     # reductions over a chunk's tokens on the tensor cores (bits of the kernels' SUMS; "auto" =
     # AUTO_SUMS for bf16, "mma" = all, "fma" = none, or an int 0-7): 1 the walks' sum phi_k /
     # sum phi_q cd, 2 the fused-chunk forward's phi_q . z, 4 its score rows, each as a product
@@ -155,14 +164,19 @@ def chunk_size(F: int, dtype: torch.dtype) -> int:
     return min(bt, 64 if (dtype == torch.bfloat16 or _pow2(F) <= 64) else 32)
 
 
+_FC_FORWARD = ("inference", "one_segment", "always")
+
+
 def uses_fused_chunk(causal: bool, F: int, DV: int, dtype: torch.dtype, *, train: bool, n_seq: int, H: int,
-                     max_len: int) -> bool:  # fmt: skip
-    """Whether causal attention takes the fused-chunk layout (``CONFIG["design"]``): "fused_chunk"
-    always, "chunk" never, "auto" for inference (no autograd graph) when every (sequence, query
-    head) walk is one segment (enough programs: ``N * H`` at least ``CONFIG["fc_programs"]``),
-    where it measured fastest (H200, 2026-11-28: forward 1.12 ms against the chunk design's 1.34
-    at T = 4096; its backward is slower, its long-sequence segments too). Only when the state fits
-    a program's registers: at most 64 features per half and 64 value columns."""
+                     max_len: int, forward: bool = True) -> bool:  # fmt: skip
+    """Whether a causal pass takes the fused-chunk layout (``CONFIG["design"]``): "fused_chunk"
+    always, "chunk" never; "auto": the backward (``forward`` False) never (the fused-chunk
+    backward walks spill: 7.8 against 5.8 ms fwd+bwd, H200, 2026-11-28), the forward as
+    ``CONFIG["fc_forward"]`` says: "inference" when no autograd graph records it and every
+    (sequence, query head) walk is one segment (enough programs: ``N * H`` at least
+    ``CONFIG["fc_programs"]``: forward 0.86 ms against the chunk layout's 1.26 at T = 4096),
+    "one_segment" for training too, "always" also over segments. Only when the state fits a
+    program's registers: at most 64 features per half and 64 value columns."""
     mode = CONFIG["design"]
     if not causal or mode == "chunk" or _pow2(F) > 64 or _pow2(DV) > 64:
         return False
@@ -170,8 +184,27 @@ def uses_fused_chunk(causal: bool, F: int, DV: int, dtype: torch.dtype, *, train
         return True
     if mode != "auto":
         raise ValueError(f'CONFIG["design"] must be "auto", "chunk" or "fused_chunk"; got {mode!r}')
+    rule = CONFIG["fc_forward"]
+    if rule not in _FC_FORWARD:
+        raise ValueError(f'CONFIG["fc_forward"] must be one of {_FC_FORWARD}; got {rule!r}')
+    if not forward or (train and rule == "inference"):
+        return False
+    if rule == "always":
+        return True
     bt = fc_chunk_size(F, dtype)
-    return not train and segments(n_seq, H, max_len, 1, bt, cap=int(CONFIG["fc_programs"]))[1] == 1
+    return segments(n_seq, H, max_len, 1, bt, cap=int(CONFIG["fc_programs"]))[1] == 1
+
+
+def fc_stores_h(causal: bool, F: int, DV: int, dtype: torch.dtype, *, train: bool, n_seq: int, H: int,
+                max_len: int) -> bool:  # fmt: skip
+    """A training forward in the fused-chunk layout followed by the chunk layout's backward: the
+    forward stores the chunk states that backward reads (``_fc_fwd_kernel``'s ``STORE_H``)."""
+    kw = dict(train=train, n_seq=n_seq, H=H, max_len=max_len)
+    return (
+        train
+        and uses_fused_chunk(causal, F, DV, dtype, **kw)
+        and not uses_fused_chunk(causal, F, DV, dtype, **kw, forward=False)
+    )
 
 
 def fc_chunk_size(F: int, dtype: torch.dtype) -> int:
@@ -247,7 +280,7 @@ class _Plan:
     """Shapes, block sizes, chunk tables and constexprs shared by the forward and backward."""
 
     def __init__(self, q, k, v, wq, bq, bk, mask, cu, *, activation, negation, fused, max_len, nc, varlen, causal,
-                 train=True):  # fmt: skip
+                 train=True, forward=False):  # fmt: skip
         self.B, self.T, self.H, dq = q.shape
         self.HK, self.DV = k.shape[2], v.shape[3]
         self.N = cu.numel() - 1
@@ -260,9 +293,9 @@ class _Plan:
         self.FT = 2 * self.F if self.neg else self.F
         self.nhalf = 2 if self.neg else 1
         self.dev = q.device
-        self.fc = uses_fused_chunk(
-            causal, self.F, self.DV, v.dtype, train=train, n_seq=self.N, H=self.H, max_len=max_len
-        )
+        kw = dict(train=train, n_seq=self.N, H=self.H, max_len=max_len)
+        self.fc = uses_fused_chunk(causal, self.F, self.DV, v.dtype, **kw, forward=forward)
+        self.store_h = forward and fc_stores_h(causal, self.F, self.DV, v.dtype, **kw)
         self.bt = bt = fc_chunk_size(self.F, v.dtype) if self.fc else chunk_size(self.F, v.dtype)
         self.nc = nc
         self.max_len = max_len
@@ -368,7 +401,7 @@ def fwd(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, *, activation, negation, caus
     ``s_in [N, HK, NS, FT, DV]`` / ``z_in`` the segments' entering states (saved for the backward).
     """
     P = _Plan(q, k, v, wq, bq, bk, mask, cu, activation=activation, negation=negation, fused=fused,
-              max_len=max_len, nc=nc, varlen=varlen, causal=causal, train=train)  # fmt: skip
+              max_len=max_len, nc=nc, varlen=varlen, causal=causal, train=train, forward=True)  # fmt: skip
     if P.fc:
         return _fc_fwd(P, q, k, v, wq, bq, wk, bk, s0, z0, eps)
     dev = P.dev
@@ -427,21 +460,23 @@ def _bwd_plan(do, q, k, v, wq, bq, wk, bk, mask, cu, s_in, *, activation, negati
         do = do * mask.view(P.B, P.T, 1, 1).to(do.dtype)
     c = P.consts(_pow2(P.DV))
     cps = _fwd_cps(P)
-    seg = (not causal) or (s_in.dim() == 5 and s_in.shape[2] > 1)  # as in the forward (same segments)
     split = _split("bwd_split", P.bt)
 
     wq_, bq_ = (wq if fused else q), (bq if bq is not None else q)
     wk_, bk_ = (wk if fused else q), (bk if bk is not None else q)
 
-    def launch(kv_side, hh, hhz, si, zi, den, cd, o, dx, dz, dv, fuse_cd, dw=None, db=None):
+    def launch(kv_side, hh, hhz, si, zi, den, cd, o, dx, dz, dv, fuse_cd, dw=None, db=None, dbp=None):
+        """``si``/``zi``: segment states (read when there are several; the forward's segments on the
+        query side, the reverse walk's on the key side); ``dbp``: per-chunk partial bias gradients."""
+        seg = (not causal) or (si.dim() == 5 and si.shape[2] > 1)
         _run(K._bwd_kernel, (P.nc * split, P.H),
             q, k, v, wq_, bq_, wk_, bk_, P.mask_, cu, P.cidx,
             hh if causal else q, hhz if causal else q, si if seg else q, zi if seg else q, do, den, cd, o, dx, dz, dv,
-            dw if dw is not None else q, db if db is not None else q, P.T,
+            dw if dw is not None else q, db if db is not None else q, dbp if dbp is not None else q, P.T,
             P.H, P.HK, P.G, P.D, P.F, P.FT, P.DV, cps, si.shape[2] if seg else 1,
             KV_SIDE=kv_side, HAS_BQ=bq is not None, HAS_BK=bk is not None, CAUSAL=bool(causal), SEG=seg,
             VARLEN=P.varlen, NEG=P.neg, **{n: c[n] for n in _COMMON}, BV=_pow2(P.DV), FUSE_CD=fuse_cd, SPLIT=split,
-            DW_ATOMIC=dw is not None,
+            DW_ATOMIC=dw is not None, DB_PART=dbp is not None, SUMS=P.c["SUMS"],
             num_warps=CONFIG["bwd_warps"], num_stages=CONFIG["bwd_stages"],
         )  # fmt: skip
 
@@ -469,9 +504,14 @@ def bwd_q(
             do, o, den, cd, P.B * P.T, P.H, P.DV, BT=64, BV=_pow2(P.DV), num_warps=4
         )  # fmt: skip
     if causal and h.numel() == 0:
-        h, hz = P.state_walk(
+        h, hz, st, stz = P.state_walk(
             k, wk if fused else None, bk if fused else None, v, None, None, None, None, reverse=False, store_h=True
-        )[:2]
+        )[:4]
+        if st.shape[2] > 1 and not (s_in.dim() == 5 and s_in.shape[2] > 1):
+            # a fused-chunk forward stored complete states (no segment states to save); the
+            # walk's are local to its segments (no initial state here: _setup_context)
+            s_in, z_in = torch.cumsum(st, 2) - st, torch.cumsum(stz, 2) - stz
+        del st, stz
     zdt = torch.bfloat16 if v.dtype == torch.bfloat16 else f32
     dq = _empty(q.shape, device=dev, dtype=q.dtype)
     atomic = fused and bool(CONFIG["dw_atomic"])
@@ -483,10 +523,11 @@ def bwd_q(
         return dq, dwq_, dbq_, cd
     # dz = the map's pre-activation gradients for dW = x^T dz (freed before the key side)
     dzq = _empty(P.B, P.T, P.H, P.F, device=dev, dtype=zdt) if fused else q
-    launch(False, h, hz, s_in, z_in, den, cd, o, dq, dzq, q, fuse_cd)
+    dbp = _db_partials(P, fused and bq is not None, split=_split("bwd_split", P.bt))
+    launch(False, h, hz, s_in, z_in, den, cd, o, dq, dzq, q, fuse_cd, dbp=dbp)
     del h, hz
     if fused:
-        dwq_, dbq_ = _dw(q, dzq, wq, bq)
+        dwq_, dbq_ = _dw(q, dzq, wq, bq, dbp)
     return dq, dwq_, dbq_, cd
 
 
@@ -541,7 +582,8 @@ def bwd_kv(
         dwk_, dbk_ = dw32.to(wk.dtype), (db32.to(bk.dtype) if bk is not None else None)
     else:
         dzk = _empty(P.B, P.T, P.H, P.F, device=dev, dtype=zdt if P.G == 1 else f32) if fused else q
-        launch(True, dh, dhz, r_in, rz_in, den, cd, do, dk, dzk, dv, False)
+        dbp = _db_partials(P, fused and bk is not None, split=_split("bwd_split", P.bt))
+        launch(True, dh, dhz, r_in, rz_in, den, cd, do, dk, dzk, dv, False, dbp=dbp)
     del dh, dhz
     if P.G > 1:
         dk = dk.view(P.B, P.T, P.HK, P.G, -1).sum(3).to(k.dtype)
@@ -549,7 +591,9 @@ def bwd_kv(
         if fused and not atomic:
             dzk = dzk.view(P.B, P.T, P.HK, P.G, P.F).sum(3).to(zdt)
     if fused and not atomic:
-        dwk_, dbk_ = _dw(k, dzk, wk, bk)
+        if dbp is not None and P.G > 1:  # per query head: the GQA group's sum
+            dbp = dbp.view(dbp.shape[0], P.HK, P.G, P.F).sum(2)
+        dwk_, dbk_ = _dw(k, dzk, wk, bk, dbp)
     ds0 = dz0 = None
     if need_ds0:
         ds0, dz0 = tot, ztot
@@ -563,14 +607,27 @@ def _dw_accumulators(nw: int, d: int, f: int, has_b: bool, dev) -> tuple[torch.T
     return dw, db
 
 
-def _dw(x: torch.Tensor, dz: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
+def _db_partials(P: _Plan, has_b: bool, split: int) -> torch.Tensor | None:
+    """fp32 ``[chunk programs, H, F]`` per-chunk bias-gradient partials the backward kernels write
+    (``CONFIG["db_partial"]``; None without a bias: the launcher then passes a dummy)."""
+    if not (has_b and CONFIG["db_partial"]):
+        return None
+    return _empty(P.nc * split, P.H, P.F, device=P.dev, dtype=torch.float32)
+
+
+def _dw(x: torch.Tensor, dz: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, dbp: torch.Tensor | None = None):
     """``dW[h] = sum_t x[t, h]^T dz[t, h]`` (one batched matmul over heads, fp32 accumulation)
-    and ``db[h] = sum_t dz[t, h]``; ``x [B, T, NH, D]``, ``dz [B, T, NH, F]``."""
+    and ``db[h] = sum_t dz[t, h]`` (from the kernels' per-chunk partials ``dbp [chunks, NH, F]``
+    when given: a reduction over a few MB instead of over ``dz``); ``x [B, T, NH, D]``,
+    ``dz [B, T, NH, F]``."""
     NH, D, F = w.shape
     xt = x.reshape(-1, NH, D).to(dz.dtype).permute(1, 2, 0)  # [NH, D, tokens] (strided view)
     dzt = dz.reshape(-1, NH, F).permute(1, 0, 2)  # [NH, tokens, F]
     dw = torch.bmm(xt, dzt).to(w.dtype)
-    db = dz.reshape(-1, NH, F).sum(0, dtype=torch.float32).to(b.dtype) if b is not None else None
+    db = None
+    if b is not None:
+        db = dbp.sum(0) if dbp is not None else dz.reshape(-1, NH, F).sum(0, dtype=torch.float32)
+        db = db.to(b.dtype)
     return dw, db
 
 
@@ -612,7 +669,9 @@ def _fc_fwd(P, q, k, v, wq, bq, wk, bk, s0, z0, eps):
     """Fused-chunk forward: the segments' sums (a ``_state_kernel`` walk without per-chunk
     stores, several segments only), their exclusive cumulative sum + the initial state, then
     ``_fc_fwd_kernel``. Same returns as :func:`fwd`, with ``h``/``hz`` empty and ``s_in``/``z_in``
-    empty when the walks start from zero (one segment, no initial state)."""
+    empty when the walks start from zero (one segment, no initial state). ``P.store_h`` (training,
+    chunk-layout backward): ``h``/``hz`` are the complete states entering every chunk of the chunk
+    layout (``P.nc`` chunks of ``chunk_size`` tokens) and ``s_in``/``z_in`` empty (not read)."""
     dev, f32 = P.dev, torch.float32
     cps, ns = P.walk_segments()
     if ns > 1:
@@ -634,12 +693,25 @@ def _fc_fwd(P, q, k, v, wq, bq, wk, bk, s0, z0, eps):
     den = _empty(P.B * P.T, P.H, device=dev, dtype=f32)
     wq_, bq_, wk_, bk_ = _fc_weights(P, q, wq, bq, wk, bk)
     seg = s_in.numel() > 0
+    hbt = chunk_size(P.F, v.dtype)  # the chunk layout's chunks (the backward's)
+    if P.store_h:
+        h = _empty(P.nc, P.HK, P.FT, P.DV, device=dev, dtype=P.hdt)
+        hz = _empty(P.nc, P.HK, P.FT, device=dev, dtype=f32)
+        if P.varlen:  # first chunk of every sequence
+            nch = ((P.cu[1:] - P.cu[:-1]).long() + hbt - 1) // hbt
+            hoff = torch.cat([nch.new_zeros(1), torch.cumsum(nch, 0)]).to(torch.int32)
+        else:
+            hoff = P.cu
+    else:
+        h, hz, hoff = q.new_empty(0, dtype=P.hdt), q.new_empty(0, dtype=f32), P.cu
     _fc_run(FC._fc_fwd_kernel, (P.N * P.H * ns,), P,
         q, k, v, wq_, bq_, wk_, bk_, P.mask_, P.cu, s_in if seg else q, z_in if seg else q, se, sez, o, den,
+        h if P.store_h else q, hz if P.store_h else q, hoff,
         float(eps), P.T, P.H, P.HK, P.G, P.D, P.F, P.FT, P.DV, cps, ns,
-        HAS_BQ=bq is not None, HAS_BK=bk is not None, SEG=seg,
+        HAS_BQ=bq is not None, HAS_BK=bk is not None, SEG=seg, STORE_H=P.store_h, HBT=hbt,
     )  # fmt: skip
-    h, hz = q.new_empty(0, dtype=P.hdt), q.new_empty(0, dtype=f32)
+    if P.store_h:  # the chunk states are complete: the backward reads no segment states
+        s_in, z_in = q.new_empty(0, dtype=f32), q.new_empty(0, dtype=f32)
     return o, den, h, hz, s_in, z_in, se[:, :, ns - 1].contiguous(), sez[:, :, ns - 1].contiguous()
 
 
