@@ -39,7 +39,7 @@ TARGET = GPUTarget("cuda", 90, 32)
 INT_PTRS = ("cu_ptr", "coff_ptr", "cidx_ptr", "hoff_ptr")
 FP32_PTRS = (
     "hz_ptr", "dhz_ptr", "si_ptr", "zi_ptr", "ri_ptr", "rzi_ptr", "st_ptr", "stz_ptr", "den_ptr", "cd_ptr",
-    "mask_ptr", "s_ptr", "z_ptr", "s0_ptr", "z0_ptr", "se_ptr", "sez_ptr", "re_ptr", "rez_ptr", "dbp_ptr",
+    "mask_ptr", "s_ptr", "z_ptr", "s0_ptr", "z0_ptr", "se_ptr", "sez_ptr", "re_ptr", "rez_ptr",
 )  # fmt: skip
 STATE_PTRS = ("h_ptr", "dz_ptr", "dzq_ptr", "dzk_ptr")  # bf16 for bf16 inputs, fp32 otherwise (_launch.state_dtype)
 KERNELS = (K._state_kernel, K._out_kernel, K._bwd_kernel)
@@ -95,7 +95,7 @@ def constexprs(
         PREC="ieee" if dtype == "fp32" else "tf32", DOT_DT=dot, EVEN=True, HAS_B=True, HAS_BQ=True, HAS_BK=True,
         CAUSAL=causal, REVERSE=False, STORE_H=causal, KV_SIDE=False, INIT=False, SEG=not causal, VARLEN=False,
         PERSIST=False, P_STAGES=1, FUSE_CD=False, SPLIT=1, BOTH=False, DW_ATOMIC=False, STAGES=1,
-        SUMS=7 if dtype == "bf16" else 0, HBT=2 * bt, DB_PART=True,
+        SUMS=7 if dtype == "bf16" else 0, HBT=2 * bt,
     )  # fmt: skip
 
 

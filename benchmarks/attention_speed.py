@@ -193,6 +193,15 @@ SWEEPS = {
         "fcall": {"fc_forward": "always"},
         "fcall_p132": {"fc_forward": "always", "fc_programs": 132},
     },
+    # session 6, after "train": the defaults (fused-chunk training forward at one segment, segment
+    # states folded into the chunk states at long T) against each change undone, and a fused-chunk
+    # inference forward at 8 warps with one segment at 16K (128 programs)
+    "fold": {
+        "defaults": {},
+        "unfold": {"seg_fold": False},
+        "fc_inference": {"fc_forward": "inference"},
+        "fc_w8_p132": {"fc_forward": "always", "fc_programs": 132, "fc_warps": 8},
+    },
     # the table's config picked among the likely winners (--pick; the first is the same-function
     # reference)
     "fcpick": {

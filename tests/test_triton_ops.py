@@ -266,7 +266,7 @@ def test_pytorch_fallback_matches_reference(kind):
 
 
 _PLAIN = dict(recompute_h=False, out_persist=0, fuse_delta=False, walk_halves=1)  # the launch knobs off
-_GPU_DEFAULTS = dict(recompute_h=False, out_persist=2, fuse_delta=True, walk_halves=2)  # _launch.CONFIG's
+_GPU_DEFAULTS = dict(recompute_h=False, out_persist=2, fuse_delta=True, walk_halves=2, seg_fold=True)  # CONFIG's
 
 
 @pytest.mark.parametrize(
@@ -275,15 +275,17 @@ _GPU_DEFAULTS = dict(recompute_h=False, out_persist=2, fuse_delta=True, walk_hal
         (1, True, {}),
         (1, False, _PLAIN),
         (10_000, True, _GPU_DEFAULTS),
+        (10_000, True, dict(_GPU_DEFAULTS, seg_fold=False)),
     ],
-    ids=["one-segment-init", "one-segment-plain", "many-segments-init-gpu-defaults"],
+    ids=["one-segment-init", "one-segment-plain", "many-segments-init-gpu-defaults", "many-segments-init-unfolded"],
 )
 def test_segment_split_is_invisible(min_programs, init, knobs):
     """The number of segments per sequence changes the schedule, not the result. One segment:
     the walks start from the initial state / final-state gradient (or 0) and the output and
-    backward kernels read the chunk states alone; several: the segment states are added.
-    ``plain``: kept chunk states, one output program per item, the separate delta kernel, a walk
-    program per feature half; the many-segment case runs the GPU defaults."""
+    backward kernels read the chunk states alone; several: the segment states are added to the
+    chunk states first (``seg_fold``, forward and reverse walks) or, unfolded, by the output and
+    backward kernels. ``plain``: kept chunk states, one output program per item, the separate delta
+    kernel, a walk program per feature half; the many-segment case runs the GPU defaults."""
     _launch.CONFIG["min_programs"] = min_programs
     _launch.CONFIG.update(knobs)
     _launch.CONFIG["design"] = "chunk"
@@ -439,10 +441,11 @@ def test_fused_chunk_segments(fc_programs, kind):
 
 
 def test_auto_design_uses_fused_chunk_for_inference_only(monkeypatch):
-    """``design = "auto"``: a forward that autograd records (training) takes the chunk layout, whose
-    backward is the fast one; inference with enough (sequence, head) programs for one segment each
-    takes the fused-chunk forward. Same outputs and final state either way."""
-    _launch.CONFIG.update(design="auto", fc_programs=1)
+    """``design = "auto"``, ``fc_forward = "inference"``: a forward that autograd records (training)
+    takes the chunk layout, whose backward is the fast one; inference with enough (sequence, head)
+    programs for one segment each takes the fused-chunk forward. Same outputs and final state either
+    way. (The default "one_segment" takes it for training too: the test below.)"""
+    _launch.CONFIG.update(design="auto", fc_programs=1, fc_forward="inference")
     used = []
     fc_fwd = _launch._fc_fwd
 
@@ -473,10 +476,8 @@ def test_fused_chunk_training_forward_stores_chunk_states(rule, kind, monkeypatc
     also stores the chunk layout's chunk states (complete: no segment states) for the chunk layout's
     backward, so no forward state walk runs. Against the reference with padding or packed sequences,
     GQA, an initial state (mask) and, for "always", several segments (their sums by a walk without
-    stores); bias gradients from the kernels' per-chunk partials, and once (cu) from the stored dz;
-    a second backward (retain_graph) recomputes the states by a walk over several segments."""
+    stores); a second backward (retain_graph) recomputes the states by a walk over several segments."""
     _launch.CONFIG.update(design="auto", fc_forward=rule, fc_programs=1 if rule == "one_segment" else 10_000)
-    _launch.CONFIG["db_partial"] = kind == "mask"
     B, T, H, HK, D = (2, 3000, 4, 2, 64) if CUDA else (2, 45, 2, 1, 16)
     if kind == "cu":
         B = 1
@@ -650,8 +651,14 @@ def test_core_dispatch_and_module_use_the_kernels():
     assert rel(out["triton"].state.S, out["reference"].state.S) <= 2e-5
 
 
-def test_torch_compile_traces_the_custom_op():
-    """The custom ops' fake implementations let ``torch.compile`` trace forward and backward."""
+@pytest.mark.parametrize("layout", ["chunk", "fc-train"])
+def test_torch_compile_traces_the_custom_op(layout):
+    """The custom ops' fake implementations let ``torch.compile`` trace forward and backward, also
+    with the fused-chunk training forward (its chunk states saved, their shape from the fake)."""
+    if layout == "fc-train":
+        _launch.CONFIG.update(design="auto", fc_forward="one_segment", fc_programs=1)
+    else:
+        _launch.CONFIG["design"] = "chunk"
     q, k, v, wq, bq, wk, bk = _inputs(2, 40 if not CUDA else 500, 2, 2, 16 if not CUDA else 64, 16 if not CUDA else 64,
                                       16 if not CUDA else 64, torch.float32, True)  # fmt: skip
     leaves = [x.requires_grad_() for x in (q, k, v, wq, bq, wk, bk)]

@@ -116,13 +116,14 @@ def _(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, activation, negation, causal, e
     bt = L.chunk_size(F, v.dtype)
     nj = 2 if (negation and fused and int(L.CONFIG["walk_halves"]) != 2) else 1  # walk programs per value block
     ns = L.segments(N, HK, max_len, nj * -(-DV // bv), bt)[1] if causal else 1
+    seg = not causal or (ns > 1 and not L.CONFIG["seg_fold"])  # segment states returned (saved)
     return (
         q.new_empty(B, T, H, DV, dtype=v.dtype),
         q.new_empty(B * T, H, dtype=f32),
         q.new_empty(nc, HK, FT, DV, dtype=hdt) if causal else q.new_empty(0, dtype=hdt),
         q.new_empty(nc, HK, FT, dtype=f32) if causal else q.new_empty(0, dtype=f32),
-        q.new_empty(N, HK, ns, FT, DV, dtype=f32) if (ns > 1 or not causal) else q.new_empty(0, dtype=f32),
-        q.new_empty(N, HK, ns, FT, dtype=f32) if (ns > 1 or not causal) else q.new_empty(0, dtype=f32),
+        q.new_empty(N, HK, ns, FT, DV, dtype=f32) if seg else q.new_empty(0, dtype=f32),
+        q.new_empty(N, HK, ns, FT, dtype=f32) if seg else q.new_empty(0, dtype=f32),
         q.new_empty(N, HK, FT, DV, dtype=f32),
         q.new_empty(N, HK, FT, dtype=f32),
     )

@@ -248,7 +248,7 @@ def _fc_bwd_q_kernel(
         # the map's backward with the features rounded like the products' operands
         _map_bwd(zq, qp.to(DOT_DT).to(tl.float32), qn.to(DOT_DT).to(tl.float32), dqp, dqn, t_ok, wq, xq, dq_ptr,
                  dzq_ptr, dzq_ptr, dzq_ptr, bos, L, t0, i_h, i_h, H, D, F, BT, BD, BF, FUSED, ACT, NEG, MAP_PREC, EVEN,
-                 False, HAS_BQ, dzq_ptr, 0, False, 0, DOT_DT, PREC)  # fmt: skip
+                 False, HAS_BQ)  # fmt: skip
         sp += tl.dot(tl.trans(kp_d), vv, input_precision=PREC)
         zp += _colsum(kp, SUMS, DOT_DT, PREC)
         if NEG:
@@ -345,5 +345,5 @@ def _fc_bwd_kv_kernel(
         _st(dv_ptr + bos * (HK * DV) + i_hk * DV, dvv, L, DV, HK * DV, t0, 0, BT, BV, True, not EVEN)
         _map_bwd(zk, kp_raw.to(tl.float32), kn_raw.to(tl.float32), dkp, dkn, t_ok, wk, xk, dk_ptr, dzk_ptr, dzk_ptr,
                  dzk_ptr, bos, L, t0, i_hk, i_hk, HK, D, F, BT, BD, BF, FUSED, ACT, NEG, MAP_PREC, EVEN, False,
-                 HAS_BK, dzk_ptr, 0, False, 0, DOT_DT, PREC)  # fmt: skip
+                 HAS_BK)  # fmt: skip
     _store_state(re_ptr, rez_ptr, sb, rp, rzp, rn, rzn, F, DV, BF, BV, NEG, EVEN)

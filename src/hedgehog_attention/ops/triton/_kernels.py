@@ -282,21 +282,14 @@ def _map_bwd(
     EVEN: tl.constexpr,
     DW_ATOMIC: tl.constexpr,
     HAS_B: tl.constexpr,
-    dbp_ptr,
-    i_row,
-    DB_PART: tl.constexpr,
-    SUMS: tl.constexpr,
-    DOT_DT: tl.constexpr,
-    PREC: tl.constexpr,
 ):
     """Store the input gradient of one chunk (``dx = dz W^T``) and the pre-activation gradient
-    ``dz [tokens, NH, F]`` (the launcher forms ``dW = x^T dz`` with one batched matmul: no
-    per-program partials of the ``[D, F]`` products); ``DB_PART``: and this chunk's ``sum dz`` at
-    row ``i_row`` of ``dbp [rows, NH, F]`` (fp32; summed by the launcher: ``db`` without a
-    reduction over the stored ``dz``; over ``dz`` in the products' dtype, as that sum would be);
-    ``DW_ATOMIC``: instead of storing ``dz``, add this chunk's ``x^T dz`` / ``sum dz`` to the fp32
-    accumulators ``dw [NW, D, F]`` / ``db [NW, F]`` of map head ``i_w`` (atomics; the same operand
-    precision as the batched matmul). Generic path: the feature gradient is the input gradient."""
+    ``dz [tokens, NH, F]`` (the launcher forms ``dW = x^T dz``, ``db = sum dz`` with one batched
+    matmul: no per-program partials; per-chunk ``sum dz`` partials written here measured no faster,
+    H200 run 15, 2026-11-29); ``DW_ATOMIC``: instead of storing ``dz``, add this chunk's
+    ``x^T dz`` / ``sum dz`` to the fp32 accumulators ``dw [NW, D, F]`` / ``db [NW, F]`` of map head
+    ``i_w`` (atomics; the same operand precision as the batched matmul). Generic path: the
+    feature gradient is the input gradient."""
     if FUSED:
         dz = _act_bwd(z, 1.0, p, dp, ACT)
         if NEG:
@@ -317,10 +310,6 @@ def _map_bwd(
                 tl.atomic_add(db_ptr + i_w * F + offs_f, tl.sum(dz, 0), mask=offs_f < F)
         else:
             _st(dz_ptr + bos * (NH * F) + i_h * F, dz, L, F, NH * F, t0, 0, BT, BF, True, not EVEN)
-            if DB_PART:
-                offs_f = tl.arange(0, BF)
-                dbp = _colsum(dz.to(DOT_DT), SUMS, DOT_DT, PREC)
-                tl.store(dbp_ptr + (i_row.to(tl.int64) * NH + i_h) * F + offs_f, dbp, mask=offs_f < F)
     else:
         _st(dx_ptr + bos * (NH * F) + i_h * F, dp, L, F, NH * F, t0, 0, BT, BF, True, not EVEN)
 
@@ -743,6 +732,34 @@ def _out_kernel(
         )  # fmt: skip
 
 
+@triton.jit(do_not_specialize=["T", "CPS", "NS"])
+def _fold_kernel(
+    h_ptr, hz_ptr, si_ptr, zi_ptr, cu_ptr, cidx_ptr, T, HK, FT, DV, CPS, NS,
+    BT: tl.constexpr, BFT: tl.constexpr, BV: tl.constexpr, VARLEN: tl.constexpr,
+):  # fmt: skip
+    """``h[c] += si[segment of c]`` (and ``hz``) in place, grid ``(NC, HK)``: the chunk states of a
+    walk over several segments, local to their segment, made complete, so that the kernels that
+    read them load one tile instead of two (the output kernel and the backward: ``SEG`` off).
+    ``h [NC, HK, FT, DV]`` (bf16 for bf16 inputs: the sum rounded once, as the reading kernels
+    rounded it for their products), ``si [N, HK, NS, FT, DV]`` fp32."""
+    i_c = tl.program_id(0)
+    i_hk = tl.program_id(1)
+    i_n, i_t, bos, L = _chunk(cidx_ptr, cu_ptr, i_c, T, BT, VARLEN)
+    i_s = tl.minimum(i_t // CPS, NS - 1)
+    hb = (i_c * HK + i_hk).to(tl.int64) * FT
+    sb = ((i_n * HK + i_hk) * NS + i_s).to(tl.int64) * FT
+    rows = tl.arange(0, BFT)
+    cols = tl.arange(0, BV)
+    r_ok = rows < FT
+    m = r_ok[:, None] & (cols < DV)[None, :]
+    off = rows[:, None] * DV + cols[None, :]
+    h = tl.load(h_ptr + hb * DV + off, mask=m, other=0.0).to(tl.float32)
+    s = tl.load(si_ptr + sb * DV + off, mask=m, other=0.0)
+    tl.store(h_ptr + hb * DV + off, (h + s).to(h_ptr.dtype.element_ty), mask=m)
+    hz = tl.load(hz_ptr + hb + rows, mask=r_ok, other=0.0)
+    tl.store(hz_ptr + hb + rows, hz + tl.load(zi_ptr + sb + rows, mask=r_ok, other=0.0), mask=r_ok)
+
+
 @triton.jit(do_not_specialize=["NTOK"])
 def _delta_kernel(do_ptr, o_ptr, den_ptr, cd_ptr, NTOK, H, DV, BT: tl.constexpr, BV: tl.constexpr):
     """``cd = -(do . o) / den`` per (token, query head): the normalizer's share of the gradient."""
@@ -783,7 +800,6 @@ def _bwd_kernel(
     dv_ptr,
     dw_ptr,
     db_ptr,
-    dbp_ptr,
     T,
     H,
     HK,
@@ -816,8 +832,6 @@ def _bwd_kernel(
     FUSE_CD: tl.constexpr,
     SPLIT: tl.constexpr,
     DW_ATOMIC: tl.constexpr,
-    DB_PART: tl.constexpr,
-    SUMS: tl.constexpr,
 ):
     """Gradients of one chunk and one query head (grid ``(NC, H)``, all of Dv, no loop).
 
@@ -929,8 +943,7 @@ def _bwd_kernel(
             if NEG:
                 dqn += tl.dot(da, kn, input_precision=PREC)
         _map_bwd(zq, qp.to(tl.float32), qn.to(tl.float32), dqp, dqn, tq_ok, wq, xq, dx_ptr, dz_ptr, dw_ptr, db_ptr, bos,
-                 L, q0, i_h, i_h, H, D, F, BQ, BD, BF, FUSED, ACT, NEG, MAP_PREC, EVEN, DW_ATOMIC, HAS_BQ, dbp_ptr,
-                 tl.program_id(0), DB_PART, SUMS, DOT_DT, PREC)  # fmt: skip
+                 L, q0, i_h, i_h, H, D, F, BQ, BD, BF, FUSED, ACT, NEG, MAP_PREC, EVEN, DW_ATOMIC, HAS_BQ)  # fmt: skip
     else:
         if CAUSAL:
             # rows: keys s, columns: queries t (t >= s)
@@ -963,7 +976,7 @@ def _bwd_kernel(
         _st(dv_ptr + bos * (H * DV) + i_h * DV, dvv, L, DV, H * DV, k0, 0, BK, BV, True, not EVEN)
         _map_bwd(zk, kp_raw.to(tl.float32), kn_raw.to(tl.float32), dkp, dkn, tk_ok, wk, xk, dx_ptr, dz_ptr, dw_ptr,
                  db_ptr, bos, L, k0, i_h, i_hk, H, D, F, BK, BD, BF, FUSED, ACT, NEG, MAP_PREC, EVEN, DW_ATOMIC,
-                 HAS_BK, dbp_ptr, tl.program_id(0), DB_PART, SUMS, DOT_DT, PREC)  # fmt: skip
+                 HAS_BK)  # fmt: skip
 
 
 @triton.jit

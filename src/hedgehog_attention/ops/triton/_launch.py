@@ -88,10 +88,11 @@ CONFIG = {
     # (training too: the forward then also stores the chunk states the chunk layout's backward
     # reads, STORE_H, so that no state walk runs), "always" (segments too: their sums by a state
     # walk first)
-    "fc_forward": "inference",
-    # the map's bias gradient as per-chunk partial sums written by the backward kernels (fp32
-    # [chunks, heads, F], summed in PyTorch) instead of a reduction over the stored dz
-    "db_partial": True,
+    "fc_forward": "one_segment",
+    # causal walks over several segments (long sequences): add each segment's entering state to its
+    # chunk states in place (_fold_kernel: one read and write of them) so that the output kernel and
+    # the backward read one state tile per chunk instead of the local state + the segment's
+    "seg_fold": True,
     # reductions over a chunk's tokens on the tensor cores (bits of the kernels' SUMS; "auto" =
     # AUTO_SUMS for bf16, "mma" = all, "fma" = none, or an int 0-7): 1 the walks' sum phi_k /
     # sum phi_q cd, 2 the fused-chunk forward's phi_q . z, 4 its score rows, each as a product
@@ -422,6 +423,9 @@ def fwd(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, *, activation, negation, caus
         z_in = torch.cumsum(stz, 2) - stz
         if add0:
             s_in, z_in = s_in + s0[:, :, None], z_in + z0[:, :, None]
+        if CONFIG["seg_fold"]:  # complete chunk states: s_in neither read nor saved
+            _fold(P, h, hz, s_in, z_in, cps)
+            s_in, z_in = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
     else:
         s_in, z_in = s_fin[:, :, None].clone(), z_fin[:, :, None].clone()  # outputs may not alias
         h = q.new_empty(0, dtype=P.hdt)
@@ -465,18 +469,18 @@ def _bwd_plan(do, q, k, v, wq, bq, wk, bk, mask, cu, s_in, *, activation, negati
     wq_, bq_ = (wq if fused else q), (bq if bq is not None else q)
     wk_, bk_ = (wk if fused else q), (bk if bk is not None else q)
 
-    def launch(kv_side, hh, hhz, si, zi, den, cd, o, dx, dz, dv, fuse_cd, dw=None, db=None, dbp=None):
+    def launch(kv_side, hh, hhz, si, zi, den, cd, o, dx, dz, dv, fuse_cd, dw=None, db=None):
         """``si``/``zi``: segment states (read when there are several; the forward's segments on the
-        query side, the reverse walk's on the key side); ``dbp``: per-chunk partial bias gradients."""
+        query side, the reverse walk's on the key side)."""
         seg = (not causal) or (si.dim() == 5 and si.shape[2] > 1)
         _run(K._bwd_kernel, (P.nc * split, P.H),
             q, k, v, wq_, bq_, wk_, bk_, P.mask_, cu, P.cidx,
             hh if causal else q, hhz if causal else q, si if seg else q, zi if seg else q, do, den, cd, o, dx, dz, dv,
-            dw if dw is not None else q, db if db is not None else q, dbp if dbp is not None else q, P.T,
+            dw if dw is not None else q, db if db is not None else q, P.T,
             P.H, P.HK, P.G, P.D, P.F, P.FT, P.DV, cps, si.shape[2] if seg else 1,
             KV_SIDE=kv_side, HAS_BQ=bq is not None, HAS_BK=bk is not None, CAUSAL=bool(causal), SEG=seg,
             VARLEN=P.varlen, NEG=P.neg, **{n: c[n] for n in _COMMON}, BV=_pow2(P.DV), FUSE_CD=fuse_cd, SPLIT=split,
-            DW_ATOMIC=dw is not None, DB_PART=dbp is not None, SUMS=P.c["SUMS"],
+            DW_ATOMIC=dw is not None,
             num_warps=CONFIG["bwd_warps"], num_stages=CONFIG["bwd_stages"],
         )  # fmt: skip
 
@@ -492,8 +496,9 @@ def bwd_q(
     the forward's chunk states were not kept; one more forward walk recomputes them. The caller
     drops its last reference to ``h`` after this returns, so that the chunk states are freed
     before the key side allocates its own (peak memory)."""
-    P, do, _, launch = _bwd_plan(do, q, k, v, wq, bq, wk, bk, mask, cu, s_in, activation=activation, negation=negation,
-                                 causal=causal, fused=fused, max_len=max_len, nc=nc, varlen=varlen)  # fmt: skip
+    P, do, cps, launch = _bwd_plan(do, q, k, v, wq, bq, wk, bk, mask, cu, s_in, activation=activation,
+                                   negation=negation, causal=causal, fused=fused, max_len=max_len, nc=nc,
+                                   varlen=varlen)  # fmt: skip
     if P.fc:
         return _fc_bwd_q(P, do, q, k, v, wq, bq, wk, bk, o, den, s_in, z_in)
     dev, f32 = P.dev, torch.float32
@@ -511,6 +516,9 @@ def bwd_q(
             # a fused-chunk forward stored complete states (no segment states to save); the
             # walk's are local to its segments (no initial state here: _setup_context)
             s_in, z_in = torch.cumsum(st, 2) - st, torch.cumsum(stz, 2) - stz
+            if CONFIG["seg_fold"]:
+                _fold(P, h, hz, s_in, z_in, cps)
+                s_in, z_in = s_in.new_empty(0), z_in.new_empty(0)
         del st, stz
     zdt = torch.bfloat16 if v.dtype == torch.bfloat16 else f32
     dq = _empty(q.shape, device=dev, dtype=q.dtype)
@@ -523,11 +531,10 @@ def bwd_q(
         return dq, dwq_, dbq_, cd
     # dz = the map's pre-activation gradients for dW = x^T dz (freed before the key side)
     dzq = _empty(P.B, P.T, P.H, P.F, device=dev, dtype=zdt) if fused else q
-    dbp = _db_partials(P, fused and bq is not None, split=_split("bwd_split", P.bt))
-    launch(False, h, hz, s_in, z_in, den, cd, o, dq, dzq, q, fuse_cd, dbp=dbp)
+    launch(False, h, hz, s_in, z_in, den, cd, o, dq, dzq, q, fuse_cd)
     del h, hz
     if fused:
-        dwq_, dbq_ = _dw(q, dzq, wq, bq, dbp)
+        dwq_, dbq_ = _dw(q, dzq, wq, bq)
     return dq, dwq_, dbq_, cd
 
 
@@ -569,6 +576,9 @@ def bwd_kv(
         r_in, rz_in = tot[:, :, None].contiguous(), ztot[:, :, None].contiguous()
     if causal and cps_r != cps:
         raise RuntimeError("forward and backward state walks must use the same segments")
+    if causal and rt.shape[2] > 1 and CONFIG["seg_fold"]:  # complete reverse states: r_in not read
+        _fold(P, dh, dhz, r_in, rz_in, cps)
+        r_in, rz_in = r_in.new_empty(0), rz_in.new_empty(0)
 
     # per query head dk / dv / dz_k, summed over a GQA group below (the KV tensors themselves
     # when G == 1)
@@ -582,8 +592,7 @@ def bwd_kv(
         dwk_, dbk_ = dw32.to(wk.dtype), (db32.to(bk.dtype) if bk is not None else None)
     else:
         dzk = _empty(P.B, P.T, P.H, P.F, device=dev, dtype=zdt if P.G == 1 else f32) if fused else q
-        dbp = _db_partials(P, fused and bk is not None, split=_split("bwd_split", P.bt))
-        launch(True, dh, dhz, r_in, rz_in, den, cd, do, dk, dzk, dv, False, dbp=dbp)
+        launch(True, dh, dhz, r_in, rz_in, den, cd, do, dk, dzk, dv, False)
     del dh, dhz
     if P.G > 1:
         dk = dk.view(P.B, P.T, P.HK, P.G, -1).sum(3).to(k.dtype)
@@ -591,9 +600,7 @@ def bwd_kv(
         if fused and not atomic:
             dzk = dzk.view(P.B, P.T, P.HK, P.G, P.F).sum(3).to(zdt)
     if fused and not atomic:
-        if dbp is not None and P.G > 1:  # per query head: the GQA group's sum
-            dbp = dbp.view(dbp.shape[0], P.HK, P.G, P.F).sum(2)
-        dwk_, dbk_ = _dw(k, dzk, wk, bk, dbp)
+        dwk_, dbk_ = _dw(k, dzk, wk, bk)
     ds0 = dz0 = None
     if need_ds0:
         ds0, dz0 = tot, ztot
@@ -607,28 +614,25 @@ def _dw_accumulators(nw: int, d: int, f: int, has_b: bool, dev) -> tuple[torch.T
     return dw, db
 
 
-def _db_partials(P: _Plan, has_b: bool, split: int) -> torch.Tensor | None:
-    """fp32 ``[chunk programs, H, F]`` per-chunk bias-gradient partials the backward kernels write
-    (``CONFIG["db_partial"]``; None without a bias: the launcher then passes a dummy)."""
-    if not (has_b and CONFIG["db_partial"]):
-        return None
-    return _empty(P.nc * split, P.H, P.F, device=P.dev, dtype=torch.float32)
-
-
-def _dw(x: torch.Tensor, dz: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, dbp: torch.Tensor | None = None):
+def _dw(x: torch.Tensor, dz: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
     """``dW[h] = sum_t x[t, h]^T dz[t, h]`` (one batched matmul over heads, fp32 accumulation)
-    and ``db[h] = sum_t dz[t, h]`` (from the kernels' per-chunk partials ``dbp [chunks, NH, F]``
-    when given: a reduction over a few MB instead of over ``dz``); ``x [B, T, NH, D]``,
-    ``dz [B, T, NH, F]``."""
+    and ``db[h] = sum_t dz[t, h]``; ``x [B, T, NH, D]``, ``dz [B, T, NH, F]``."""
     NH, D, F = w.shape
     xt = x.reshape(-1, NH, D).to(dz.dtype).permute(1, 2, 0)  # [NH, D, tokens] (strided view)
     dzt = dz.reshape(-1, NH, F).permute(1, 0, 2)  # [NH, tokens, F]
     dw = torch.bmm(xt, dzt).to(w.dtype)
-    db = None
-    if b is not None:
-        db = dbp.sum(0) if dbp is not None else dz.reshape(-1, NH, F).sum(0, dtype=torch.float32)
-        db = db.to(b.dtype)
+    db = dz.reshape(-1, NH, F).sum(0, dtype=torch.float32).to(b.dtype) if b is not None else None
     return dw, db
+
+
+def _fold(P: _Plan, h: torch.Tensor, hz: torch.Tensor, si: torch.Tensor, zi: torch.Tensor, cps: int) -> None:
+    """Add every segment's entering state ``si [N, HK, NS, FT, DV]`` / ``zi`` to the chunk states
+    ``h [NC, HK, FT, DV]`` / ``hz`` of its chunks, in place (``CONFIG["seg_fold"]``)."""
+    bft, bv = _pow2(P.FT), _pow2(P.DV)
+    _run(K._fold_kernel, (P.nc, P.HK),
+        h, hz, si.contiguous(), zi.contiguous(), P.cu, P.cidx, P.T, P.HK, P.FT, P.DV, cps, si.shape[2],
+        BT=P.bt, BFT=bft, BV=bv, VARLEN=P.varlen, num_warps=4 if bft * bv <= 8192 else 8,
+    )  # fmt: skip
 
 
 def _fwd_cps(P: _Plan) -> int:
