@@ -298,6 +298,29 @@ def test_segment_split_is_invisible(min_programs, init, knobs):
     _check(kern, ref, low, torch.float32, _NAMES + (["S0", "z0"] if init else []))
 
 
+@pytest.mark.parametrize("fold", [True, False], ids=["folded", "unfolded"])
+def test_segments_without_final_state_gradient(fold):
+    """Several segments and no final-state gradient (the common training call): the reverse walk's
+    last segment starts from zero, which the fold skips; outputs and every gradient against the
+    float64 reference, with padding and GQA."""
+    _launch.CONFIG.update(design="chunk", min_programs=10_000, seg_fold=fold)
+    B, T, H, HK, D = (2, 2000, 4, 2, 64) if CUDA else (2, 50, 2, 1, 16)
+    args = _inputs(B, T, H, HK, D, D, D, torch.float32, True)
+    mask, _ = _mask_or_cu("mask", B, T)
+    leaves = [x.detach().clone().requires_grad_() for x in args]
+    o, _ = fused_hedgehog_attention(*leaves, causal=True, attention_mask=mask)
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64).to(DEV)
+    got = torch.autograd.grad((o.double() * do).sum(), leaves)
+    ref_leaves = [x.detach().double().requires_grad_() for x in args]
+    fq = hedgehog_map(ref_leaves[0], ref_leaves[3], ref_leaves[4], "softmax", True)
+    fk = hedgehog_map(ref_leaves[1], ref_leaves[5], ref_leaves[6], "softmax", True)
+    ro, _ = linear_attention_reference(fq, fk, ref_leaves[2], causal=True, attention_mask=mask)
+    want = torch.autograd.grad((ro * do).sum(), ref_leaves)
+    assert rel(o, ro) <= _tol(torch.float32)
+    for name, a, b in zip(_NAMES, got, want):
+        assert not torch.isnan(a).any() and rel(a, b) <= _tol(torch.float32), name
+
+
 _SUMS_CASES = [
     ("chunk", "mask", True),
     ("chunk", "cu", True),

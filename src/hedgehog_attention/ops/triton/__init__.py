@@ -248,6 +248,9 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, wq, bq, wk, bk, mask, cu, o, den, h, hz, s_in, z_in)
     ctx.args = (activation, negation, causal, fused, max_len, nc, varlen)
     ctx.need_ds0 = s0 is not None and (ctx.needs_input_grad[9] or ctx.needs_input_grad[10])
+    # outputs the loss does not use (the final state, usually) give None, not zeros: the reverse
+    # walk then starts from nothing and the fold skips its last segment
+    ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(den, output[2], output[3], s_in, z_in)
 
 

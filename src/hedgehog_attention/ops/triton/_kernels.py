@@ -732,32 +732,35 @@ def _out_kernel(
         )  # fmt: skip
 
 
-@triton.jit(do_not_specialize=["T", "CPS", "NS"])
+@triton.jit(do_not_specialize=["T", "CPS", "NS", "SKIP"])
 def _fold_kernel(
-    h_ptr, hz_ptr, si_ptr, zi_ptr, cu_ptr, cidx_ptr, T, HK, FT, DV, CPS, NS,
+    h_ptr, hz_ptr, si_ptr, zi_ptr, cu_ptr, cidx_ptr, T, HK, FT, DV, CPS, NS, SKIP,
     BT: tl.constexpr, BFT: tl.constexpr, BV: tl.constexpr, VARLEN: tl.constexpr,
 ):  # fmt: skip
     """``h[c] += si[segment of c]`` (and ``hz``) in place, grid ``(NC, HK)``: the chunk states of a
     walk over several segments, local to their segment, made complete, so that the kernels that
     read them load one tile instead of two (the output kernel and the backward: ``SEG`` off).
     ``h [NC, HK, FT, DV]`` (bf16 for bf16 inputs: the sum rounded once, as the reading kernels
-    rounded it for their products), ``si [N, HK, NS, FT, DV]`` fp32."""
+    rounded it for their products), ``si [N, HK, NS, FT, DV]`` fp32. Segment ``SKIP`` (-1: none) is
+    left as it is: its entering state is zero (the first going forward without an initial state,
+    the last going backward without a final-state gradient)."""
     i_c = tl.program_id(0)
     i_hk = tl.program_id(1)
     i_n, i_t, bos, L = _chunk(cidx_ptr, cu_ptr, i_c, T, BT, VARLEN)
     i_s = tl.minimum(i_t // CPS, NS - 1)
-    hb = (i_c * HK + i_hk).to(tl.int64) * FT
-    sb = ((i_n * HK + i_hk) * NS + i_s).to(tl.int64) * FT
-    rows = tl.arange(0, BFT)
-    cols = tl.arange(0, BV)
-    r_ok = rows < FT
-    m = r_ok[:, None] & (cols < DV)[None, :]
-    off = rows[:, None] * DV + cols[None, :]
-    h = tl.load(h_ptr + hb * DV + off, mask=m, other=0.0).to(tl.float32)
-    s = tl.load(si_ptr + sb * DV + off, mask=m, other=0.0)
-    tl.store(h_ptr + hb * DV + off, (h + s).to(h_ptr.dtype.element_ty), mask=m)
-    hz = tl.load(hz_ptr + hb + rows, mask=r_ok, other=0.0)
-    tl.store(hz_ptr + hb + rows, hz + tl.load(zi_ptr + sb + rows, mask=r_ok, other=0.0), mask=r_ok)
+    if i_s != SKIP:
+        hb = (i_c * HK + i_hk).to(tl.int64) * FT
+        sb = ((i_n * HK + i_hk) * NS + i_s).to(tl.int64) * FT
+        rows = tl.arange(0, BFT)
+        cols = tl.arange(0, BV)
+        r_ok = rows < FT
+        m = r_ok[:, None] & (cols < DV)[None, :]
+        off = rows[:, None] * DV + cols[None, :]
+        h = tl.load(h_ptr + hb * DV + off, mask=m, other=0.0).to(tl.float32)
+        s = tl.load(si_ptr + sb * DV + off, mask=m, other=0.0)
+        tl.store(h_ptr + hb * DV + off, (h + s).to(h_ptr.dtype.element_ty), mask=m)
+        hz = tl.load(hz_ptr + hb + rows, mask=r_ok, other=0.0)
+        tl.store(hz_ptr + hb + rows, hz + tl.load(zi_ptr + sb + rows, mask=r_ok, other=0.0), mask=r_ok)
 
 
 @triton.jit(do_not_specialize=["NTOK"])

@@ -424,7 +424,7 @@ def fwd(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, *, activation, negation, caus
         if add0:
             s_in, z_in = s_in + s0[:, :, None], z_in + z0[:, :, None]
         if CONFIG["seg_fold"]:  # complete chunk states: s_in neither read nor saved
-            _fold(P, h, hz, s_in, z_in, cps)
+            _fold(P, h, hz, s_in, z_in, cps, skip=-1 if add0 else 0)
             s_in, z_in = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
     else:
         s_in, z_in = s_fin[:, :, None].clone(), z_fin[:, :, None].clone()  # outputs may not alias
@@ -517,7 +517,7 @@ def bwd_q(
             # walk's are local to its segments (no initial state here: _setup_context)
             s_in, z_in = torch.cumsum(st, 2) - st, torch.cumsum(stz, 2) - stz
             if CONFIG["seg_fold"]:
-                _fold(P, h, hz, s_in, z_in, cps)
+                _fold(P, h, hz, s_in, z_in, cps, skip=0)
                 s_in, z_in = s_in.new_empty(0), z_in.new_empty(0)
         del st, stz
     zdt = torch.bfloat16 if v.dtype == torch.bfloat16 else f32
@@ -577,7 +577,7 @@ def bwd_kv(
     if causal and cps_r != cps:
         raise RuntimeError("forward and backward state walks must use the same segments")
     if causal and rt.shape[2] > 1 and CONFIG["seg_fold"]:  # complete reverse states: r_in not read
-        _fold(P, dh, dhz, r_in, rz_in, cps)
+        _fold(P, dh, dhz, r_in, rz_in, cps, skip=-1 if ds_fin is not None else rt.shape[2] - 1)
         r_in, rz_in = r_in.new_empty(0), rz_in.new_empty(0)
 
     # per query head dk / dv / dz_k, summed over a GQA group below (the KV tensors themselves
@@ -625,12 +625,14 @@ def _dw(x: torch.Tensor, dz: torch.Tensor, w: torch.Tensor, b: torch.Tensor | No
     return dw, db
 
 
-def _fold(P: _Plan, h: torch.Tensor, hz: torch.Tensor, si: torch.Tensor, zi: torch.Tensor, cps: int) -> None:
+def _fold(P: _Plan, h: torch.Tensor, hz: torch.Tensor, si: torch.Tensor, zi: torch.Tensor, cps: int, *,
+          skip: int) -> None:  # fmt: skip
     """Add every segment's entering state ``si [N, HK, NS, FT, DV]`` / ``zi`` to the chunk states
-    ``h [NC, HK, FT, DV]`` / ``hz`` of its chunks, in place (``CONFIG["seg_fold"]``)."""
+    ``h [NC, HK, FT, DV]`` / ``hz`` of its chunks, in place (``CONFIG["seg_fold"]``), except
+    segment ``skip``'s (zero there; -1: none)."""
     bft, bv = _pow2(P.FT), _pow2(P.DV)
     _run(K._fold_kernel, (P.nc, P.HK),
-        h, hz, si.contiguous(), zi.contiguous(), P.cu, P.cidx, P.T, P.HK, P.FT, P.DV, cps, si.shape[2],
+        h, hz, si.contiguous(), zi.contiguous(), P.cu, P.cidx, P.T, P.HK, P.FT, P.DV, cps, si.shape[2], skip,
         BT=P.bt, BFT=bft, BV=bv, VARLEN=P.varlen, num_warps=4 if bft * bv <= 8192 else 8,
     )  # fmt: skip
 
