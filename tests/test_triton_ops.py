@@ -22,6 +22,7 @@ import pytest  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
+from hedgehog_attention.ops import linear_attention  # noqa: E402
 from hedgehog_attention.ops.reference import linear_attention_reference  # noqa: E402
 from hedgehog_attention.ops.triton import (  # noqa: E402
     _launch,
@@ -302,23 +303,31 @@ def test_segment_split_is_invisible(min_programs, init, knobs):
 def test_segments_without_final_state_gradient(fold):
     """Several segments and no final-state gradient (the common training call): the reverse walk's
     last segment starts from zero, which the fold skips; outputs and every gradient against the
-    float64 reference, with padding and GQA."""
+    float64 reference, with padding and GQA, within 4x the error of the chunked PyTorch op in fp32
+    (the same state-passing algorithm; the segments' entering states as ``total - cumsum`` lost
+    ~25x that in the key-side gradients, caught here)."""
     _launch.CONFIG.update(design="chunk", min_programs=10_000, seg_fold=fold)
-    B, T, H, HK, D = (2, 2000, 4, 2, 64) if CUDA else (2, 50, 2, 1, 16)
+    B, T, H, HK, D = (2, 2000, 4, 2, 64) if CUDA else (2, 300, 4, 2, 32)  # (the old error showed from ~300)
     args = _inputs(B, T, H, HK, D, D, D, torch.float32, True)
     mask, _ = _mask_or_cu("mask", B, T)
     leaves = [x.detach().clone().requires_grad_() for x in args]
     o, _ = fused_hedgehog_attention(*leaves, causal=True, attention_mask=mask)
     do = torch.randn(o.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64).to(DEV)
     got = torch.autograd.grad((o.double() * do).sum(), leaves)
-    ref_leaves = [x.detach().double().requires_grad_() for x in args]
-    fq = hedgehog_map(ref_leaves[0], ref_leaves[3], ref_leaves[4], "softmax", True)
-    fk = hedgehog_map(ref_leaves[1], ref_leaves[5], ref_leaves[6], "softmax", True)
-    ro, _ = linear_attention_reference(fq, fk, ref_leaves[2], causal=True, attention_mask=mask)
-    want = torch.autograd.grad((ro * do).sum(), ref_leaves)
+
+    def torch_grads(dtype, op):
+        lv = [x.detach().to(dtype).requires_grad_() for x in args]
+        fq = hedgehog_map(lv[0], lv[3], lv[4], "softmax", True)
+        fk = hedgehog_map(lv[1], lv[5], lv[6], "softmax", True)
+        out, _ = op(fq, fk, lv[2], causal=True, attention_mask=mask)
+        return out, torch.autograd.grad((out.double() * do).sum(), lv)
+
+    ro, want = torch_grads(torch.float64, linear_attention_reference)
+    _, chunked = torch_grads(torch.float32, lambda *a, **kw: linear_attention(*a, backend="chunked", **kw))
     assert rel(o, ro) <= _tol(torch.float32)
-    for name, a, b in zip(_NAMES, got, want):
-        assert not torch.isnan(a).any() and rel(a, b) <= _tol(torch.float32), name
+    for name, a, b, c in zip(_NAMES, got, want, chunked):
+        err, err_torch = rel(a, b), rel(c, b)
+        assert not torch.isnan(a).any() and err <= 4 * err_torch + 1e-6, f"{name}: {err:.2e} (chunked {err_torch:.2e})"
 
 
 _SUMS_CASES = [
@@ -653,7 +662,6 @@ def test_core_dispatch_and_module_use_the_kernels():
     """``linear_attention(backend="triton")`` and ``LinearAttention(backend="triton")`` (fused path)
     agree with the reference backend, state included."""
     from hedgehog_attention.attention import LinearAttention
-    from hedgehog_attention.ops import linear_attention
 
     B, T, H, HK, D = (2, 300, 4, 2, 64) if CUDA else (2, 21, 2, 1, 16)
     g = torch.Generator(device="cpu").manual_seed(5)

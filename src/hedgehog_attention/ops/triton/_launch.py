@@ -419,8 +419,7 @@ def fwd(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, *, activation, negation, caus
         # totals (``[N, HK, 1, FT, DV]`` fp32: 67 MB at T = 1K, over SDPA's peak memory in run 7)
         s_in, z_in = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
     elif causal:
-        s_in = torch.cumsum(st, 2) - st
-        z_in = torch.cumsum(stz, 2) - stz
+        s_in, z_in = _before(st), _before(stz)
         if add0:
             s_in, z_in = s_in + s0[:, :, None], z_in + z0[:, :, None]
         if CONFIG["seg_fold"]:  # complete chunk states: s_in neither read nor saved
@@ -515,7 +514,7 @@ def bwd_q(
         if st.shape[2] > 1 and not (s_in.dim() == 5 and s_in.shape[2] > 1):
             # a fused-chunk forward stored complete states (no segment states to save); the
             # walk's are local to its segments (no initial state here: _setup_context)
-            s_in, z_in = torch.cumsum(st, 2) - st, torch.cumsum(stz, 2) - stz
+            s_in, z_in = _before(st), _before(stz)
             if CONFIG["seg_fold"]:
                 _fold(P, h, hz, s_in, z_in, cps, skip=0)
                 s_in, z_in = s_in.new_empty(0), z_in.new_empty(0)
@@ -570,8 +569,7 @@ def bwd_kv(
         r_in, rz_in = rt, rtz
     elif causal:
         # queries after each segment (+ the final-state gradient): reverse exclusive cumsum
-        r_in = tot[:, :, None] - torch.cumsum(rt, 2)
-        rz_in = ztot[:, :, None] - torch.cumsum(rtz, 2)
+        r_in, rz_in = _after(rt, ds_fin), _after(rtz, dz_fin)
     else:
         r_in, rz_in = tot[:, :, None].contiguous(), ztot[:, :, None].contiguous()
     if causal and cps_r != cps:
@@ -623,6 +621,27 @@ def _dw(x: torch.Tensor, dz: torch.Tensor, w: torch.Tensor, b: torch.Tensor | No
     dw = torch.bmm(xt, dzt).to(w.dtype)
     db = dz.reshape(-1, NH, F).sum(0, dtype=torch.float32).to(b.dtype) if b is not None else None
     return dw, db
+
+
+def _before(x: torch.Tensor) -> torch.Tensor:
+    """Exclusive prefix sums over the segment axis 2 of ``x [N, HK, NS, ...]``: what enters each
+    segment going forward. A shifted cumulative sum, not ``cumsum(x) - x`` (which rounds the
+    large running sum and subtracts: its error scales with the total, not with the result)."""
+    out = torch.zeros_like(x)
+    out[:, :, 1:] = torch.cumsum(x[:, :, :-1], 2)
+    return out
+
+
+def _after(x: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
+    """Exclusive suffix sums over axis 2 (+ ``last [N, HK, ...]``, the final-state gradient): what
+    enters each segment going backward. Summed from the end, not ``total - cumsum(x)``: that
+    difference lost up to ~25x the fp32 rounding in the key-side gradients with several segments
+    (CPU, 2026-11-29: bk 1.7e-5 against 6.9e-7 for the chunked PyTorch op)."""
+    out = torch.zeros_like(x)
+    out[:, :, :-1] = torch.flip(torch.cumsum(torch.flip(x[:, :, 1:], [2]), 2), [2])
+    if last is not None:
+        out += last[:, :, None]
+    return out
 
 
 def _fold(P: _Plan, h: torch.Tensor, hz: torch.Tensor, si: torch.Tensor, zi: torch.Tensor, cps: int, *,
@@ -685,7 +704,7 @@ def _fc_fwd(P, q, k, v, wq, bq, wk, bk, s0, z0, eps):
             k, wk if P.c["FUSED"] else None, bk if P.c["FUSED"] else None, v, None, None, None, None,
             reverse=False, store_h=False, seg=(cps, ns),
         )  # fmt: skip
-        s_in, z_in = torch.cumsum(st, 2) - st, torch.cumsum(stz, 2) - stz
+        s_in, z_in = _before(st), _before(stz)
         del st, stz
         if s0 is not None:
             s_in, z_in = s_in + s0[:, :, None], z_in + z0[:, :, None]
@@ -755,11 +774,8 @@ def _fc_bwd_kv(P, do, ds_fin, dz_fin, q, k, v, wq, bq, wk, bk, den, cd, need_ds0
             q, wq if fused else None, bq if fused else None, do, den, cd, None, None, reverse=True, store_h=False,
             seg=(cps, ns),
         )  # fmt: skip
-        tot, ztot = rt.sum(2), rtz.sum(2)
-        if ds_fin is not None:
-            tot, ztot = tot + ds_fin, ztot + dz_fin
-        r_in, rz_in = tot[:, :, None] - torch.cumsum(rt, 2), ztot[:, :, None] - torch.cumsum(rtz, 2)
-        del rt, rtz, tot, ztot
+        r_in, rz_in = _after(rt, ds_fin), _after(rtz, dz_fin)
+        del rt, rtz
     elif ds_fin is not None:
         r_in, rz_in = ds_fin[:, :, None], dz_fin[:, :, None]
     else:
