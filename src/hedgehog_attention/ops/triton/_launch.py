@@ -561,7 +561,7 @@ def bwd_kv(
         q, wq if fused else None, bq if fused else None, do, den, cd, ds_fin, dz_fin, reverse=True, store_h=causal
     )
     tot = ztot = None
-    if need_ds0 or not causal or rt.shape[2] > 1:  # the totals (not kept when nothing reads them)
+    if need_ds0 or not causal:  # the totals (not formed when nothing reads them)
         tot, ztot = rt.sum(2), rtz.sum(2)
         if ds_fin is not None and not init:
             tot, ztot = tot + ds_fin, ztot + dz_fin
