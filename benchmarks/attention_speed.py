@@ -202,6 +202,16 @@ SWEEPS = {
         "fc_inference": {"fc_forward": "inference"},
         "fc_w8_p132": {"fc_forward": "always", "fc_programs": 132, "fc_warps": 8},
     },
+    # session 7: the fused-chunk forward over segments for inference (walks from zero + the
+    # correction pass, or with the segment sums first) and dW / db by _dw_kernel, against session 6's
+    # defaults
+    "s7": {
+        "defaults": {},
+        "s6": {"fc_forward": "one_segment", "dw_kernel": False},
+        "sums": {"fc_segments": "sums"},
+        "fix8": {"fix_programs": 8},
+        "fix1": {"fix_programs": 1},
+    },
     # the table's config picked among the likely winners (--pick; the first is the same-function
     # reference)
     "fcpick": {

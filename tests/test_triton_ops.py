@@ -433,14 +433,32 @@ def test_chunk_states_are_freed_before_the_key_side(monkeypatch):
         assert not torch.isnan(a).any() and rel(b, a) <= 1e-6
 
 
-@pytest.mark.parametrize("fc_programs", [1, 10_000], ids=["one-segment", "many-segments"])
+@pytest.mark.parametrize(
+    "fc_programs, how", [(1, "fix"), (10_000, "fix"), (10_000, "sums")],
+    ids=["one-segment", "many-segments-fix", "many-segments-sums"],
+)  # fmt: skip
 @pytest.mark.parametrize("kind", ["mask", "cu"])
-def test_fused_chunk_segments(fc_programs, kind):
+def test_fused_chunk_segments(fc_programs, how, kind, monkeypatch):
     """The fused-chunk walks with one segment per sequence (each program walks a whole sequence
-    from the initial state / final-state gradient) and with many (segment sums by the state walk,
-    then each program starts from its segment's entering state); GQA, padding or packed
-    sequences, an initial state; outputs, final state and every gradient against the reference."""
-    _launch.CONFIG.update(design="fused_chunk", fc_programs=fc_programs)
+    from the initial state / final-state gradient) and with many: "sums" (segment sums by the state
+    walk, then each program starts from its segment's entering state) or "fix" (each forward walk
+    starts from zero, then ``_fc_fix_kernel`` adds the entering states to the outputs and
+    normalisers, which the backward reads); GQA, padding or packed sequences, an initial state
+    (segment 0 corrected too); outputs, final state and every gradient against the reference."""
+    _launch.CONFIG.update(design="fused_chunk", fc_programs=fc_programs, fc_segments=how)
+    fixes, fwd_walks = [], []
+    run, walk_ = _launch._run, _launch._Plan.state_walk
+
+    def run_spy(kernel, grid, *a, **kw):
+        fixes.append(kernel is _launch.FC._fc_fix_kernel)
+        return run(kernel, grid, *a, **kw)
+
+    def walk_spy(self, *a, **kw):
+        fwd_walks.append(not kw["reverse"])
+        return walk_(self, *a, **kw)
+
+    monkeypatch.setattr(_launch, "_run", run_spy)
+    monkeypatch.setattr(_launch._Plan, "state_walk", walk_spy)
     B, T, H, HK, D = (2, 3000, 4, 2, 64) if CUDA else (2, 45, 2, 1, 16)
     if kind == "cu":
         B = 1
@@ -470,6 +488,9 @@ def test_fused_chunk_segments(fc_programs, kind):
     ns = {c[1] for c in calls}
     assert calls and (ns == {1} if fc_programs == 1 else min(ns) > 1), calls  # the schedule asked for
     _check(kern, ref, low, dtype, _NAMES + ["S0", "z0"])
+    several = fc_programs > 1
+    assert any(fixes) == (several and how == "fix"), fixes
+    assert any(fwd_walks) == (several and how == "sums"), fwd_walks  # the segment-sum walk
 
 
 def test_auto_design_uses_fused_chunk_for_inference_only(monkeypatch):
@@ -499,6 +520,32 @@ def test_auto_design_uses_fused_chunk_for_inference_only(monkeypatch):
     with torch.no_grad():
         fused_hedgehog_attention(*args, causal=True)
     assert used == [True]
+
+
+def test_inference_over_segments_takes_the_fused_chunk_forward(monkeypatch):
+    """The default ``fc_forward = "segments_inference"``: inference over several segments per walk
+    runs the fused-chunk forward with the correction pass (no state walk), a recorded (training)
+    forward over several segments the chunk layout; same outputs and final state."""
+    _launch.CONFIG.update(design="auto", fc_forward="segments_inference", fc_programs=10_000, fc_segments="fix")
+    used = []
+    fc_fwd = _launch._fc_fwd
+
+    def spy(P, *a, **kw):
+        used.append(P.walk_segments()[1])
+        return fc_fwd(P, *a, **kw)
+
+    monkeypatch.setattr(_launch, "_fc_fwd", spy)
+    args = _inputs(2, 70, 2, 1, 16, 16, 16, torch.float32, True)
+    mask, _ = _mask_or_cu("mask", 2, 70)
+    with torch.no_grad():
+        o_inf, st_inf = fused_hedgehog_attention(*args, causal=True, attention_mask=mask, output_final_state=True)
+    assert len(used) == 1 and used[0] > 1, used
+    leaves = [x.clone().requires_grad_() for x in args]
+    o_tr, st_tr = fused_hedgehog_attention(*leaves, causal=True, attention_mask=mask, output_final_state=True)
+    assert len(used) == 1, used  # the recorded forward took the chunk layout
+    for a, b in ((o_inf, o_tr), (st_inf[0], st_tr[0]), (st_inf[1], st_tr[1])):
+        assert not torch.isnan(a).any() and rel(a, b.detach()) <= 2e-5
+    assert (o_inf[~mask] == 0).all()
 
 
 @pytest.mark.parametrize("rule", ["one_segment", "always"])
@@ -703,3 +750,33 @@ def test_torch_compile_traces_the_custom_op(layout):
     traced = torch.autograd.grad(compiled(*leaves), leaves)
     for a, b in zip(traced, eager):
         assert rel(a, b) <= 1e-6
+
+
+_DW_CASES = [(3, 37, 5, 24, 20, torch.float32, True), (2, 50, 3, 16, 16, torch.float32, False)]
+if CUDA:
+    _DW_CASES += [(4, 3001, 16, 64, 64, torch.bfloat16, True), (1, 777, 8, 128, 128, torch.float32, True)]
+
+
+@pytest.mark.parametrize("B, T, NH, D, F, dtype, bias", _DW_CASES, ids=lambda c: str(c).replace("torch.", ""))
+def test_weight_gradient_kernel_matches_reference(B, T, NH, D, F, dtype, bias):
+    """``_dw_kernel`` (split-K partials over token ranges, summed by the launcher) against the float64
+    sums ``x^T dz`` and ``sum dz``, with token counts that leave a partial last tile, several token
+    ranges per head, non-power-of-two D and F; the batched-matmul formulation it replaced gives the
+    same result."""
+    _launch.CONFIG.update(dw_kernel=True, dw_programs=2)
+    g = torch.Generator(device="cpu").manual_seed(11)
+    x = torch.randn(B, T, NH, D, generator=g).to(DEV, dtype)
+    dz = torch.randn(B, T, NH, F, generator=g).to(DEV, dtype)
+    w = torch.empty(NH, D, F, device=DEV, dtype=torch.float32)
+    b = torch.empty(NH, F, device=DEV, dtype=torch.float32) if bias else None
+    dw, db = _launch._dw(x, dz, w, b)
+    ref_w = torch.einsum("bthd,bthf->hdf", x.double(), dz.double())
+    tol = 1e-6 if dtype == torch.float32 else 1e-5  # bf16 x bf16 products are exact in fp32
+    assert dw.dtype == torch.float32 and rel(dw, ref_w) <= tol, rel(dw, ref_w)
+    old_w, old_b = _launch._dw_reference(x, dz, w, b)
+    assert rel(dw, old_w) <= max(tol, 4e-3)
+    if bias:
+        ref_b = dz.double().sum((0, 1))
+        assert rel(db, ref_b) <= tol and rel(db, old_b) <= tol, (rel(db, ref_b), rel(db, old_b))
+    else:
+        assert db is None

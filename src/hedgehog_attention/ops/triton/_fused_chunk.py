@@ -347,3 +347,64 @@ def _fc_bwd_kv_kernel(
                  dzk_ptr, bos, L, t0, i_hk, i_hk, HK, D, F, BT, BD, BF, FUSED, ACT, NEG, MAP_PREC, EVEN, False,
                  HAS_BK)  # fmt: skip
     _store_state(re_ptr, rez_ptr, sb, rp, rzp, rn, rzn, F, DV, BF, BV, NEG, EVEN)
+
+
+@triton.jit(do_not_specialize=["T", "CPS", "NS", "NP", "S_OFF"])
+def _fc_fix_kernel(
+    q_ptr, wq_ptr, bq_ptr, mask_ptr, cu_ptr, si_ptr, zi_ptr, o_ptr, den_ptr, T, H, HK, G, D, F, FT, DV, CPS, NS,
+    NP, S_OFF,
+    BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, FUSED: tl.constexpr,
+    HAS_BQ: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr, ACT: tl.constexpr, NEG: tl.constexpr,
+    W_NATIVE: tl.constexpr, MAP_PREC: tl.constexpr, PREC: tl.constexpr, DOT_DT: tl.constexpr, EVEN: tl.constexpr,
+    SUMS: tl.constexpr,
+):  # fmt: skip
+    """Add each segment's entering state to the outputs of walks that started every segment from
+    zero (``CONFIG["fc_segments"] = "fix"``): grid ``(N * H * (NS - S_OFF) * NP,)``, part ``i_part``
+    of ``NP`` of segment ``S_OFF + i``'s chunks (``S_OFF`` 1: segment 0 entered from zero, nothing to
+    add). With the walk's ``o_l = num_l / den_l`` (``den_l`` includes ``eps``) and the entering
+    state ``(S, z)``: ``den = den_l + phi_q z``, ``o = (o_l den_l + phi_q S) / den``; both stored
+    back in place. Segment sums need no walk before the fused-chunk walk then, at the price of
+    reading ``q``, ``o`` and writing ``o`` again for the segments after the first, in programs that
+    run fully in parallel.
+    """
+    i_p = tl.program_id(0)
+    i_part = i_p % NP
+    i_r = i_p // NP
+    NSF = NS - S_OFF
+    i_s = S_OFF + i_r % NSF
+    i_nh = i_r // NSF
+    i_h = i_nh % H
+    i_n = i_nh // H
+    i_hk = i_h // G
+    bos, L = _seq(cu_ptr, i_n, T, VARLEN)
+    per = tl.cdiv(CPS, NP)
+    c0 = i_s * CPS + i_part * per
+    c1 = tl.minimum(tl.minimum(c0 + per, (i_s + 1) * CPS), tl.cdiv(L, BT))
+    sb = ((i_n * HK + i_hk) * NS + i_s).to(tl.int64) * FT
+    sp, zp, sn, zn = _state0(si_ptr, zi_ptr, sb, F, DV, BF, BV, True, NEG, EVEN)
+    sp_d = sp.to(DOT_DT)
+    sn_d = sn.to(DOT_DT)
+    wq, bq = _load_wb(wq_ptr, bq_ptr, i_h, D, F, BD, BF, FUSED, HAS_BQ, EVEN)
+    for ic in tl.range(c0, c1):
+        t0 = ic * BT
+        offs_t = t0 + tl.arange(0, BT)
+        t_ok = offs_t < L
+        tok = bos + offs_t
+        xq = _ld_x(q_ptr, bos, L, t0, i_h, H, D, F, BT, BD, BF, FUSED, EVEN)
+        zq = _preact(xq, wq, bq, FUSED, W_NATIVE, MAP_PREC)
+        qp = _feat(zq, 1.0, t_ok, F, BF, FUSED, ACT, EVEN).to(DOT_DT)
+        num = tl.dot(qp, sp_d, input_precision=PREC)
+        den = _rowdot(qp, zp, SUMS, DOT_DT, PREC)
+        if NEG:
+            qn = _feat(zq, -1.0, t_ok, F, BF, FUSED, ACT, EVEN).to(DOT_DT)
+            num += tl.dot(qn, sn_d, input_precision=PREC)
+            den += _rowdot(qn, zn, SUMS, DOT_DT, PREC)
+        ol = _ld(o_ptr + bos * (H * DV) + i_h * DV, L, DV, H * DV, t0, 0, BT, BV, True, not EVEN).to(tl.float32)
+        dl = tl.load(den_ptr + tok * H + i_h, mask=t_ok, other=1.0)
+        den += dl
+        o = (ol * dl[:, None] + num) * (1.0 / den)[:, None]
+        if HAS_MASK:
+            mk = tl.load(mask_ptr + tok, mask=t_ok, other=0.0)
+            o = tl.where(mk[:, None] != 0, o, 0.0)
+        _st(o_ptr + bos * (H * DV) + i_h * DV, o, L, DV, H * DV, t0, 0, BT, BV, True, not EVEN)
+        tl.store(den_ptr + tok * H + i_h, den, mask=t_ok)

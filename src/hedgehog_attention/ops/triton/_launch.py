@@ -21,6 +21,7 @@ import triton.runtime.errors
 
 from . import _fused_chunk as FC
 from . import _kernels as K
+from . import _weight_grad as WG
 
 # Tunables (measured choices in BENCHMARKS.md). ``chunk``: tokens per chunk (BT; see
 # ``chunk_size``). ``state_bv``: value columns per state-walk program. ``out_bv``: value columns
@@ -87,12 +88,23 @@ CONFIG = {
     # "inference" (no autograd graph, one segment per walk: session 4's rule), "one_segment"
     # (training too: the forward then also stores the chunk states the chunk layout's backward
     # reads, STORE_H, so that no state walk runs), "always" (segments too: their sums by a state
-    # walk first)
-    "fc_forward": "one_segment",
+    # walk first), "segments_inference" ("one_segment", and inference over segments too)
+    "fc_forward": "segments_inference",
     # causal walks over several segments (long sequences): add each segment's entering state to its
     # chunk states in place (_fold_kernel: one read and write of them) so that the output kernel and
     # the backward read one state tile per chunk instead of the local state + the segment's
     "seg_fold": True,
+    # fused-chunk forward over several segments: "fix" = every walk starts its segment from zero and
+    # _fc_fix_kernel then adds the entering states (sums of the walks' own end states) to the
+    # outputs of later segments, in parallel programs (fix_programs per SM); "sums" = a state walk
+    # sums the segments first and the walks start from their entering states (run 16: 1.51 ms at
+    # T = 16K against the chunk layout's 1.24). Training forwards that store chunk states use "sums".
+    "fc_segments": "fix",
+    "fix_programs": 4,
+    # dW / db of the map by _dw_kernel (one pass over dz, fp32 partials) rather than a cuBLAS
+    # batched matmul + dz.sum; dw_programs: its programs per SM (split-K over tokens)
+    "dw_kernel": True,
+    "dw_programs": 4,
     # reductions over a chunk's tokens on the tensor cores (bits of the kernels' SUMS; "auto" =
     # AUTO_SUMS for bf16, "mma" = all, "fma" = none, or an int 0-7): 1 the walks' sum phi_k /
     # sum phi_q cd, 2 the fused-chunk forward's phi_q . z, 4 its score rows, each as a product
@@ -165,7 +177,7 @@ def chunk_size(F: int, dtype: torch.dtype) -> int:
     return min(bt, 64 if (dtype == torch.bfloat16 or _pow2(F) <= 64) else 32)
 
 
-_FC_FORWARD = ("inference", "one_segment", "always")
+_FC_FORWARD = ("inference", "one_segment", "segments_inference", "always")
 
 
 def uses_fused_chunk(causal: bool, F: int, DV: int, dtype: torch.dtype, *, train: bool, n_seq: int, H: int,
@@ -176,7 +188,8 @@ def uses_fused_chunk(causal: bool, F: int, DV: int, dtype: torch.dtype, *, train
     ``CONFIG["fc_forward"]`` says: "inference" when no autograd graph records it and every
     (sequence, query head) walk is one segment (enough programs: ``N * H`` at least
     ``CONFIG["fc_programs"]``: forward 0.86 ms against the chunk layout's 1.26 at T = 4096),
-    "one_segment" for training too, "always" also over segments. Only when the state fits a
+    "one_segment" for training too, "segments_inference": also inference over several segments
+    (``CONFIG["fc_segments"]``), "always" also training over segments. Only when the state fits a
     program's registers: at most 64 features per half and 64 value columns."""
     mode = CONFIG["design"]
     if not causal or mode == "chunk" or _pow2(F) > 64 or _pow2(DV) > 64:
@@ -190,7 +203,7 @@ def uses_fused_chunk(causal: bool, F: int, DV: int, dtype: torch.dtype, *, train
         raise ValueError(f'CONFIG["fc_forward"] must be one of {_FC_FORWARD}; got {rule!r}')
     if not forward or (train and rule == "inference"):
         return False
-    if rule == "always":
+    if rule == "always" or (rule == "segments_inference" and not train):
         return True
     bt = fc_chunk_size(F, dtype)
     return segments(n_seq, H, max_len, 1, bt, cap=int(CONFIG["fc_programs"]))[1] == 1
@@ -613,8 +626,31 @@ def _dw_accumulators(nw: int, d: int, f: int, has_b: bool, dev) -> tuple[torch.T
 
 
 def _dw(x: torch.Tensor, dz: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
-    """``dW[h] = sum_t x[t, h]^T dz[t, h]`` (one batched matmul over heads, fp32 accumulation)
-    and ``db[h] = sum_t dz[t, h]``; ``x [B, T, NH, D]``, ``dz [B, T, NH, F]``."""
+    """``dW[h] = sum_t x[t, h]^T dz[t, h]`` and ``db[h] = sum_t dz[t, h]`` (``x [B, T, NH, D]``,
+    ``dz [B, T, NH, F]``) in w's / b's dtypes: ``_dw_kernel``'s split-K partials (fp32) summed
+    here (``CONFIG["dw_kernel"]``; otherwise :func:`_dw_reference`)."""
+    if not CONFIG["dw_kernel"]:
+        return _dw_reference(x, dz, w, b)
+    NH, D, F = w.shape
+    ntok = x.numel() // (NH * D)
+    x2, dz2 = x.reshape(ntok, NH, D), dz.reshape(ntok, NH, F)
+    bt = 128 if _pow2(D) * _pow2(F) <= 64 * 64 else 64
+    n_par = max(1, min(triton.cdiv(ntok, bt), triton.cdiv(int(CONFIG["dw_programs"]) * _n_sm(x.device), NH)))
+    tpp = triton.cdiv(triton.cdiv(ntok, n_par), bt) * bt  # tokens per program, whole tiles
+    n_par = triton.cdiv(ntok, tpp)
+    dw = _empty(n_par, NH, D, F, device=x.device, dtype=torch.float32)
+    db = _empty(n_par, NH, F, device=x.device, dtype=torch.float32) if b is not None else dw
+    _run(WG._dw_kernel, (n_par, NH),
+        x2, dz2, dw, db, ntok, NH, D, F, tpp,
+        BT=bt, BD=_pow2(D), BF=_pow2(F), HAS_B=b is not None,
+        PREC="ieee" if dz.dtype == torch.float32 else "tf32", STAGES=3, num_warps=4,
+    )  # fmt: skip
+    return dw.sum(0).to(w.dtype), (db.sum(0).to(b.dtype) if b is not None else None)
+
+
+def _dw_reference(x: torch.Tensor, dz: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
+    """:func:`_dw` as one batched matmul over heads and a sum (cuBLAS; reads ``dz`` twice, and
+    the bf16 matmul rounds ``dW`` to bf16): the oracle of ``_dw_kernel``'s test."""
     NH, D, F = w.shape
     xt = x.reshape(-1, NH, D).to(dz.dtype).permute(1, 2, 0)  # [NH, D, tokens] (strided view)
     dzt = dz.reshape(-1, NH, F).permute(1, 0, 2)  # [NH, tokens, F]
@@ -699,7 +735,13 @@ def _fc_fwd(P, q, k, v, wq, bq, wk, bk, s0, z0, eps):
     layout (``P.nc`` chunks of ``chunk_size`` tokens) and ``s_in``/``z_in`` empty (not read)."""
     dev, f32 = P.dev, torch.float32
     cps, ns = P.walk_segments()
-    if ns > 1:
+    # several segments: walks from zero + a correction pass ("fix"), or the segment sums first
+    fix = ns > 1 and not P.store_h and CONFIG["fc_segments"] == "fix"
+    if CONFIG["fc_segments"] not in ("fix", "sums"):
+        raise ValueError(f'CONFIG["fc_segments"] must be "fix" or "sums"; got {CONFIG["fc_segments"]!r}')
+    if fix:
+        s_in, z_in = q.new_empty(0, dtype=f32), q.new_empty(0, dtype=f32)
+    elif ns > 1:
         _, _, st, stz, _, _ = P.state_walk(
             k, wk if P.c["FUSED"] else None, bk if P.c["FUSED"] else None, v, None, None, None, None,
             reverse=False, store_h=False, seg=(cps, ns),
@@ -737,6 +779,20 @@ def _fc_fwd(P, q, k, v, wq, bq, wk, bk, s0, z0, eps):
     )  # fmt: skip
     if P.store_h:  # the chunk states are complete: the backward reads no segment states
         s_in, z_in = q.new_empty(0, dtype=f32), q.new_empty(0, dtype=f32)
+    if fix:  # se: each segment's own sum; entering states = the sums of the segments before it
+        s_in, z_in = _before(se), _before(sez)
+        if s0 is not None:
+            s_in, z_in = s_in + s0[:, :, None], z_in + z0[:, :, None]
+        s_off = 0 if s0 is not None else 1  # segment 0 entered from zero: nothing to add
+        rows = P.N * P.H * (ns - s_off)
+        n_part = max(1, min(cps, triton.cdiv(int(CONFIG["fix_programs"]) * _n_sm(dev), rows)))
+        c = P.fc_consts()
+        c.pop("STAGES")
+        _run(FC._fc_fix_kernel, (rows * n_part,),
+            q, wq_, bq_, P.mask_, P.cu, s_in, z_in, o, den, P.T, P.H, P.HK, P.G, P.D, P.F, P.FT, P.DV, cps, ns,
+            n_part, s_off, HAS_BQ=bq is not None, **c,
+        )  # fmt: skip
+        return o, den, h, hz, s_in, z_in, s_in[:, :, ns - 1] + se[:, :, ns - 1], z_in[:, :, ns - 1] + sez[:, :, ns - 1]
     return o, den, h, hz, s_in, z_in, se[:, :, ns - 1].contiguous(), sez[:, :, ns - 1].contiguous()
 
 
