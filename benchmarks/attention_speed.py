@@ -212,6 +212,25 @@ SWEEPS = {
         "fix8": {"fix_programs": 8},
         "fix1": {"fix_programs": 1},
     },
+    # session 7, second sweep: the correction pass's launch shape, and 64-token chunks for the chunk
+    # layout (its backward's intra-chunk work halves, its state reads and stores double)
+    "s7b": {
+        "defaults": {},
+        "fix_w8": {"fix_warps": 8},
+        "fix_s1": {"fix_stages": 1},
+        "fix_p2s4": {"fix_programs": 2, "fix_stages": 4},
+        "bt64": {"chunk": 64},
+        "bt64w4": {"chunk": 64, "bwd_warps": 4, "min_programs": 264},
+    },
+    # session 7, third sweep: backward programs over sub-blocks of a chunk, each against itself
+    # (bwd_subfix), with 128-token chunk states
+    "s7c": {
+        "defaults": {},
+        "sub2_w8": {"bwd_split": 2},
+        "sub2_w4": {"bwd_split": 2, "bwd_warps": 4},
+        "sub4_w4": {"bwd_split": 4, "bwd_warps": 4},
+        "sub4_w8": {"bwd_split": 4},
+    },
     # the table's config picked among the likely winners (--pick; the first is the same-function
     # reference)
     "fcpick": {

@@ -356,7 +356,7 @@ def _fc_fix_kernel(
     BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, FUSED: tl.constexpr,
     HAS_BQ: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr, ACT: tl.constexpr, NEG: tl.constexpr,
     W_NATIVE: tl.constexpr, MAP_PREC: tl.constexpr, PREC: tl.constexpr, DOT_DT: tl.constexpr, EVEN: tl.constexpr,
-    SUMS: tl.constexpr,
+    SUMS: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     """Add each segment's entering state to the outputs of walks that started every segment from
     zero (``CONFIG["fc_segments"] = "fix"``): grid ``(N * H * (NS - S_OFF) * NP,)``, part ``i_part``
@@ -385,7 +385,7 @@ def _fc_fix_kernel(
     sp_d = sp.to(DOT_DT)
     sn_d = sn.to(DOT_DT)
     wq, bq = _load_wb(wq_ptr, bq_ptr, i_h, D, F, BD, BF, FUSED, HAS_BQ, EVEN)
-    for ic in tl.range(c0, c1):
+    for ic in tl.range(c0, c1, num_stages=STAGES):
         t0 = ic * BT
         offs_t = t0 + tl.arange(0, BT)
         t_ok = offs_t < L

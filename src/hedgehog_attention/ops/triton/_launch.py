@@ -67,6 +67,9 @@ CONFIG = {
     # programs, the chunk states and the walk of BT-token chunks)
     "out_split": 1,
     "bwd_split": 1,
+    # with bwd_split > 1 (causal): each backward program's sub-block against itself only, the
+    # state entering it summed from the chunk's and the other sub-blocks (_bwd_kernel's SUBFIX)
+    "bwd_subfix": True,
     # feature halves per state-walk program (2: both halves of the negation map in one program,
     # the chunk's loads and pre-activation shared; 1: a program per half)
     "walk_halves": 2,
@@ -101,6 +104,8 @@ CONFIG = {
     # T = 16K against the chunk layout's 1.24). Training forwards that store chunk states use "sums".
     "fc_segments": "fix",
     "fix_programs": 4,
+    "fix_warps": 4,
+    "fix_stages": 3,
     # dW / db of the map by _dw_kernel (one pass over dz, fp32 partials) rather than a cuBLAS
     # batched matmul + dz.sum; dw_programs: its programs per SM (split-K over tokens)
     "dw_kernel": True,
@@ -477,6 +482,7 @@ def _bwd_plan(do, q, k, v, wq, bq, wk, bk, mask, cu, s_in, *, activation, negati
     c = P.consts(_pow2(P.DV))
     cps = _fwd_cps(P)
     split = _split("bwd_split", P.bt)
+    subfix = bool(causal) and split > 1 and bool(CONFIG["bwd_subfix"])
 
     wq_, bq_ = (wq if fused else q), (bq if bq is not None else q)
     wk_, bk_ = (wk if fused else q), (bk if bk is not None else q)
@@ -492,7 +498,7 @@ def _bwd_plan(do, q, k, v, wq, bq, wk, bk, mask, cu, s_in, *, activation, negati
             P.H, P.HK, P.G, P.D, P.F, P.FT, P.DV, cps, si.shape[2] if seg else 1,
             KV_SIDE=kv_side, HAS_BQ=bq is not None, HAS_BK=bk is not None, CAUSAL=bool(causal), SEG=seg,
             VARLEN=P.varlen, NEG=P.neg, **{n: c[n] for n in _COMMON}, BV=_pow2(P.DV), FUSE_CD=fuse_cd, SPLIT=split,
-            DW_ATOMIC=dw is not None,
+            DW_ATOMIC=dw is not None, SUBFIX=subfix,
             num_warps=CONFIG["bwd_warps"], num_stages=CONFIG["bwd_stages"],
         )  # fmt: skip
 
@@ -786,11 +792,11 @@ def _fc_fwd(P, q, k, v, wq, bq, wk, bk, s0, z0, eps):
         s_off = 0 if s0 is not None else 1  # segment 0 entered from zero: nothing to add
         rows = P.N * P.H * (ns - s_off)
         n_part = max(1, min(cps, triton.cdiv(int(CONFIG["fix_programs"]) * _n_sm(dev), rows)))
-        c = P.fc_consts()
+        c = dict(P.fc_consts(), num_warps=int(CONFIG["fix_warps"]))
         c.pop("STAGES")
         _run(FC._fc_fix_kernel, (rows * n_part,),
             q, wq_, bq_, P.mask_, P.cu, s_in, z_in, o, den, P.T, P.H, P.HK, P.G, P.D, P.F, P.FT, P.DV, cps, ns,
-            n_part, s_off, HAS_BQ=bq is not None, **c,
+            n_part, s_off, HAS_BQ=bq is not None, STAGES=int(CONFIG["fix_stages"]), **c,
         )  # fmt: skip
         return o, den, h, hz, s_in, z_in, s_in[:, :, ns - 1] + se[:, :, ns - 1], z_in[:, :, ns - 1] + sez[:, :, ns - 1]
     return o, den, h, hz, s_in, z_in, se[:, :, ns - 1].contiguous(), sez[:, :, ns - 1].contiguous()
