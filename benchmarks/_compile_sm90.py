@@ -95,7 +95,7 @@ def constexprs(
         PREC="ieee" if dtype == "fp32" else "tf32", DOT_DT=dot, EVEN=True, HAS_B=True, HAS_BQ=True, HAS_BK=True,
         CAUSAL=causal, REVERSE=False, STORE_H=causal, KV_SIDE=False, INIT=False, SEG=not causal, VARLEN=False,
         PERSIST=False, P_STAGES=1, FUSE_CD=False, SPLIT=1, BOTH=False, DW_ATOMIC=False, STAGES=1,
-        SUMS=7 if dtype == "bf16" else 0, HBT=2 * bt, SUBFIX=False,
+        SUMS=7 if dtype == "bf16" else 0, HBT=2 * bt,
     )  # fmt: skip
 
 

@@ -222,14 +222,20 @@ SWEEPS = {
         "bt64": {"chunk": 64},
         "bt64w4": {"chunk": 64, "bwd_warps": 4, "min_programs": 264},
     },
-    # session 7, third sweep: backward programs over sub-blocks of a chunk, each against itself
-    # (bwd_subfix), with 128-token chunk states
-    "s7c": {
+    # session 7, third sweep: 64-token chunks with 4-warp programs (the backward kernel 3.27 -> 2.50
+    # ms in s7b, but twice the chunk states to store and walk)
+    "s7d": {
         "defaults": {},
-        "sub2_w8": {"bwd_split": 2},
-        "sub2_w4": {"bwd_split": 2, "bwd_warps": 4},
-        "sub4_w4": {"bwd_split": 4, "bwd_warps": 4},
-        "sub4_w8": {"bwd_split": 4},
+        "bt64w4": {"chunk": 64, "bwd_warps": 4, "min_programs": 264},
+        "bt64all4": {"chunk": 64, "bwd_warps": 4, "state_warps": 4, "out_warps": 4, "min_programs": 264},
+        "bt64all4s2": {
+            "chunk": 64,
+            "bwd_warps": 4,
+            "state_warps": 4,
+            "out_warps": 4,
+            "min_programs": 264,
+            "state_stages": 2,
+        },
     },
     # the table's config picked among the likely winners (--pick; the first is the same-function
     # reference)

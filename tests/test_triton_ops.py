@@ -386,8 +386,7 @@ def test_recomputed_chunk_states_match_reference(kind):
     (``*_split``), both feature halves in one walk program, map weight gradients accumulated
     in the kernels (``dw_atomic``); same outputs and gradients, with
     padding or packed sequences, GQA and several segments."""
-    _launch.CONFIG.update(recompute_h=True, fuse_delta=True, out_split=2, bwd_split=2, walk_halves=2, dw_atomic=True,
-                          bwd_subfix=False)  # fmt: skip
+    _launch.CONFIG.update(recompute_h=True, fuse_delta=True, out_split=2, bwd_split=2, walk_halves=2, dw_atomic=True)
     _launch.CONFIG["design"] = "chunk"
     _launch.CONFIG["out_persist"] = 2 if kind == "cu" else 0  # both output grids with split programs
     B, T, H, HK, D = (2, 3000, 4, 2, 64) if CUDA else (2, 45, 2, 1, 16)
@@ -400,33 +399,6 @@ def test_recomputed_chunk_states_match_reference(kind):
         args, activation="softmax", negation=True, causal=True, mask=mask, cu=cu, init=None, dtype=dtype
     )
     _check(kern, ref, low, dtype, _NAMES)
-
-
-@pytest.mark.parametrize("split", [2, 4])
-@pytest.mark.parametrize("kind", ["mask", "cu", "segments"])
-def test_backward_sub_blocks(kind, split):
-    """``bwd_split`` > 1 with ``bwd_subfix``: every backward program takes one sub-block of a chunk
-    against itself, its entering state summed from the chunk's state and the earlier sub-blocks' keys
-    (query side) or this head's later queries (key side, every head of a GQA group). Padding or packed
-    sequences, GQA, an initial state and a final-state gradient; several segments (folded states)."""
-    _launch.CONFIG.update(bwd_split=split, bwd_subfix=True)
-    if kind == "segments":
-        _launch.CONFIG["min_programs"] = 10_000
-    B, T, H, HK, D = (2, 3000, 4, 2, 64) if CUDA else (2, 90, 2, 1, 16)
-    if not CUDA and split == 4:  # 16-row sub-blocks (tl.dot's minimum) of 64-token chunks
-        _launch.CONFIG["chunk"] = 64
-    if kind == "cu":
-        B = 1
-    dtype = torch.bfloat16 if CUDA else torch.float32
-    args = _inputs(B, T, H, HK, D, D, D, dtype, True)
-    mask, cu = _mask_or_cu(kind if kind != "segments" else "none", B, T)
-    N = B if cu is None else cu.numel() - 1
-    g = torch.Generator(device="cpu").manual_seed(9)
-    st0 = ((torch.rand(N, HK, 2 * D, D, generator=g) * 0.5).to(DEV), torch.rand(N, HK, 2 * D, generator=g).to(DEV))
-    kern, ref, low = _run_fused(
-        args, activation="softmax", negation=True, causal=True, mask=mask, cu=cu, init=st0, dtype=dtype
-    )
-    _check(kern, ref, low, dtype, _NAMES + ["S0", "z0"])
 
 
 def test_chunk_states_are_freed_before_the_key_side(monkeypatch):

@@ -835,7 +835,6 @@ def _bwd_kernel(
     FUSE_CD: tl.constexpr,
     SPLIT: tl.constexpr,
     DW_ATOMIC: tl.constexpr,
-    SUBFIX: tl.constexpr,
 ):
     """Gradients of one chunk and one query head (grid ``(NC, H)``, all of Dv, no loop).
 
@@ -855,10 +854,7 @@ def _bwd_kernel(
     ``SPLIT`` > 1 (grid ``(NC * SPLIT, H)``): the program's own rows (queries on the query side,
     keys on the key side) are the ``BS = BT // SPLIT`` tokens of sub-block ``i_sub`` of the chunk;
     the other side's rows are the whole chunk (causally masked): smaller tiles, more programs,
-    the same chunk states. ``SUBFIX`` (causal, ``SPLIT`` > 1): both sides' rows are sub-block
-    ``i_sub`` only, as if the chunks were ``BS`` tokens long (a quarter of the intra-chunk products
-    at ``SPLIT`` 2), and the state entering the sub-block is the chunk's plus the sub-blocks before
-    it (query side: their keys) or after it (key side: this query head's queries), summed here.
+    the same chunk states.
     """
     i_c = tl.program_id(0) // SPLIT
     i_sub = tl.program_id(0) % SPLIT
@@ -870,12 +866,7 @@ def _bwd_kernel(
     t0 = i_t * BT
     # rows of the query-type tiles (q, do, den, cd) and of the key-type tiles (k, v, mask):
     # the own side is sub-block i_sub (BS rows), the other side the whole chunk (BT rows)
-    if SUBFIX:
-        BQ: tl.constexpr = BS
-        BK: tl.constexpr = BS
-        q0 = t0 + i_sub * BS
-        k0 = q0
-    elif KV_SIDE:
+    if KV_SIDE:
         BQ: tl.constexpr = BT
         BK: tl.constexpr = BS
         q0 = t0
@@ -918,24 +909,6 @@ def _bwd_kernel(
     if NEG:
         sn, zn = _chunk_state(si_ptr + sb * DV, zi_ptr + sb, h_ptr + hb * DV, hz_ptr + hb, F, F, DV, 0, BF, BV,
                               CAUSAL, SEG, EVEN)  # fmt: skip
-    else:
-        sn, zn = sp, zp
-    if SUBFIX:
-        if KV_SIDE:
-            # the chunk's reverse state is the KV head's (the group's first head adds it); the later
-            # sub-blocks' queries are this head's own: every head adds those
-            keep = tl.where(first, 1.0, 0.0)
-            sp, zp, sn, zn = sp * keep, zp * keep, sn * keep, zn * keep
-            first = i_h >= 0
-            for j in range(i_sub + 1, SPLIT):
-                sp, zp, sn, zn = _sub_rstate(q_ptr, do_ptr, den_ptr, cd_ptr, wq, bq, sp, zp, sn, zn, bos, L,
-                                             t0 + j * BS, i_h, H, D, F, DV, BS, BD, BF, BV, FUSED, ACT, NEG,
-                                             W_NATIVE, MAP_PREC, PREC, DOT_DT, EVEN)  # fmt: skip
-        else:
-            for j in range(0, i_sub):
-                sp, zp, sn, zn = _sub_state(k_ptr, v_ptr, mask_ptr, wk, bk, sp, zp, sn, zn, bos, L, t0 + j * BS,
-                                            i_hk, HK, D, F, DV, BS, BD, BF, BV, FUSED, ACT, NEG, HAS_MASK,
-                                            W_NATIVE, MAP_PREC, PREC, DOT_DT, EVEN)  # fmt: skip
 
     # features as DOT_DT right away (bf16 for bf16 inputs, like torch's bf16 map): fewer live
     # fp32 tiles; the map's backward uses the same rounded features
@@ -1007,61 +980,6 @@ def _bwd_kernel(
         _map_bwd(zk, kp_raw.to(tl.float32), kn_raw.to(tl.float32), dkp, dkn, tk_ok, wk, xk, dx_ptr, dz_ptr, dw_ptr,
                  db_ptr, bos, L, k0, i_h, i_hk, H, D, F, BK, BD, BF, FUSED, ACT, NEG, MAP_PREC, EVEN, DW_ATOMIC,
                  HAS_BK)  # fmt: skip
-
-
-@triton.jit
-def _sub_state(k_ptr, v_ptr, mask_ptr, wk, bk, sp, zp, sn, zn, bos, L, t0, i_hk, HK, D, F, DV, BS: tl.constexpr,
-               BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, FUSED: tl.constexpr, ACT: tl.constexpr,
-               NEG: tl.constexpr, HAS_MASK: tl.constexpr, W_NATIVE: tl.constexpr, MAP_PREC: tl.constexpr,
-               PREC: tl.constexpr, DOT_DT: tl.constexpr, EVEN: tl.constexpr):  # fmt: skip
-    """Forward state ``(S, z)`` (both halves, fp32) plus the keys/values of the ``BS`` tokens from
-    ``t0`` (``_bwd_kernel``'s ``SUBFIX``; padded keys masked as in the forward)."""
-    offs = t0 + tl.arange(0, BS)
-    t_ok = offs < L
-    xk = _ld_x(k_ptr, bos, L, t0, i_hk, HK, D, F, BS, BD, BF, FUSED, EVEN)
-    vv = _ld(v_ptr + bos * (HK * DV) + i_hk * DV, L, DV, HK * DV, t0, 0, BS, BV, True, not EVEN).to(DOT_DT)
-    zk = _preact(xk, wk, bk, FUSED, W_NATIVE, MAP_PREC)
-    kp = _feat(zk, 1.0, t_ok, F, BF, FUSED, ACT, EVEN)
-    if HAS_MASK:
-        mk = tl.load(mask_ptr + bos + offs, mask=t_ok, other=0.0)
-        kp = kp * mk[:, None]
-    kp = kp.to(DOT_DT)
-    sp += tl.dot(tl.trans(kp), vv, input_precision=PREC)
-    zp += tl.sum(kp.to(tl.float32), 0)
-    if NEG:
-        kn = _feat(zk, -1.0, t_ok, F, BF, FUSED, ACT, EVEN)
-        if HAS_MASK:
-            kn = kn * mk[:, None]
-        kn = kn.to(DOT_DT)
-        sn += tl.dot(tl.trans(kn), vv, input_precision=PREC)
-        zn += tl.sum(kn.to(tl.float32), 0)
-    return sp, zp, sn, zn
-
-
-@triton.jit
-def _sub_rstate(q_ptr, do_ptr, den_ptr, cd_ptr, wq, bq, rp, rzp, rn, rzn, bos, L, t0, i_h, H, D, F, DV,
-                BS: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, FUSED: tl.constexpr,
-                ACT: tl.constexpr, NEG: tl.constexpr, W_NATIVE: tl.constexpr, MAP_PREC: tl.constexpr,
-                PREC: tl.constexpr, DOT_DT: tl.constexpr, EVEN: tl.constexpr):  # fmt: skip
-    """Reverse state ``(R, r)`` plus query head ``i_h``'s ``BS`` queries from ``t0``:
-    ``R += phi_q^T (do / den)``, ``r += phi_q^T cd`` (``_bwd_kernel``'s ``SUBFIX``)."""
-    offs = t0 + tl.arange(0, BS)
-    t_ok = offs < L
-    tok = bos + offs
-    xq = _ld_x(q_ptr, bos, L, t0, i_h, H, D, F, BS, BD, BF, FUSED, EVEN)
-    do = _ld(do_ptr + bos * (H * DV) + i_h * DV, L, DV, H * DV, t0, 0, BS, BV, True, not EVEN)
-    den = tl.load(den_ptr + tok * H + i_h, mask=t_ok, other=1.0)
-    cd = tl.load(cd_ptr + tok * H + i_h, mask=t_ok, other=0.0)
-    g = (do.to(tl.float32) * (1.0 / den)[:, None]).to(DOT_DT)
-    zq = _preact(xq, wq, bq, FUSED, W_NATIVE, MAP_PREC)
-    qp = _feat(zq, 1.0, t_ok, F, BF, FUSED, ACT, EVEN).to(DOT_DT)
-    rp += tl.dot(tl.trans(qp), g, input_precision=PREC)
-    rzp += tl.sum(qp.to(tl.float32) * cd[:, None], 0)
-    if NEG:
-        qn = _feat(zq, -1.0, t_ok, F, BF, FUSED, ACT, EVEN).to(DOT_DT)
-        rn += tl.dot(tl.trans(qn), g, input_precision=PREC)
-        rzn += tl.sum(qn.to(tl.float32) * cd[:, None], 0)
-    return rp, rzp, rn, rzn
 
 
 @triton.jit

@@ -67,9 +67,6 @@ CONFIG = {
     # programs, the chunk states and the walk of BT-token chunks)
     "out_split": 1,
     "bwd_split": 1,
-    # with bwd_split > 1 (causal): each backward program's sub-block against itself only, the
-    # state entering it summed from the chunk's and the other sub-blocks (_bwd_kernel's SUBFIX)
-    "bwd_subfix": True,
     # feature halves per state-walk program (2: both halves of the negation map in one program,
     # the chunk's loads and pre-activation shared; 1: a program per half)
     "walk_halves": 2,
@@ -482,7 +479,6 @@ def _bwd_plan(do, q, k, v, wq, bq, wk, bk, mask, cu, s_in, *, activation, negati
     c = P.consts(_pow2(P.DV))
     cps = _fwd_cps(P)
     split = _split("bwd_split", P.bt)
-    subfix = bool(causal) and split > 1 and bool(CONFIG["bwd_subfix"])
 
     wq_, bq_ = (wq if fused else q), (bq if bq is not None else q)
     wk_, bk_ = (wk if fused else q), (bk if bk is not None else q)
@@ -498,7 +494,7 @@ def _bwd_plan(do, q, k, v, wq, bq, wk, bk, mask, cu, s_in, *, activation, negati
             P.H, P.HK, P.G, P.D, P.F, P.FT, P.DV, cps, si.shape[2] if seg else 1,
             KV_SIDE=kv_side, HAS_BQ=bq is not None, HAS_BK=bk is not None, CAUSAL=bool(causal), SEG=seg,
             VARLEN=P.varlen, NEG=P.neg, **{n: c[n] for n in _COMMON}, BV=_pow2(P.DV), FUSE_CD=fuse_cd, SPLIT=split,
-            DW_ATOMIC=dw is not None, SUBFIX=subfix,
+            DW_ATOMIC=dw is not None,
             num_warps=CONFIG["bwd_warps"], num_stages=CONFIG["bwd_stages"],
         )  # fmt: skip
 
