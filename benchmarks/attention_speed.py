@@ -237,6 +237,28 @@ SWEEPS = {
             "state_stages": 2,
         },
     },
+    # session 7, fourth sweep: 64-token chunks, 4 warps everywhere, and the training forward in the
+    # chunk layout (its 4-warp state walk) rather than the fused-chunk kernel storing every state
+    "s7e": {
+        "defaults": {},
+        "bt64all4": {"chunk": 64, "bwd_warps": 4, "state_warps": 4, "out_warps": 4, "min_programs": 264},
+        "bt64all4_inf": {
+            "chunk": 64,
+            "bwd_warps": 4,
+            "state_warps": 4,
+            "out_warps": 4,
+            "min_programs": 264,
+            "fc_forward": "inference_all",
+        },
+        "bt64all4_inf_o8": {
+            "chunk": 64,
+            "bwd_warps": 4,
+            "state_warps": 4,
+            "out_warps": 8,
+            "min_programs": 264,
+            "fc_forward": "inference_all",
+        },
+    },
     # the table's config picked among the likely winners (--pick; the first is the same-function
     # reference)
     "fcpick": {

@@ -179,7 +179,7 @@ def chunk_size(F: int, dtype: torch.dtype) -> int:
     return min(bt, 64 if (dtype == torch.bfloat16 or _pow2(F) <= 64) else 32)
 
 
-_FC_FORWARD = ("inference", "one_segment", "segments_inference", "always")
+_FC_FORWARD = ("inference", "inference_all", "one_segment", "segments_inference", "always")
 
 
 def uses_fused_chunk(causal: bool, F: int, DV: int, dtype: torch.dtype, *, train: bool, n_seq: int, H: int,
@@ -191,7 +191,8 @@ def uses_fused_chunk(causal: bool, F: int, DV: int, dtype: torch.dtype, *, train
     (sequence, query head) walk is one segment (enough programs: ``N * H`` at least
     ``CONFIG["fc_programs"]``: forward 0.86 ms against the chunk layout's 1.26 at T = 4096),
     "one_segment" for training too, "segments_inference": also inference over several segments
-    (``CONFIG["fc_segments"]``), "always" also training over segments. Only when the state fits a
+    (``CONFIG["fc_segments"]``), "inference_all": every inference forward, no training forward,
+    "always" also training over segments. Only when the state fits a
     program's registers: at most 64 features per half and 64 value columns."""
     mode = CONFIG["design"]
     if not causal or mode == "chunk" or _pow2(F) > 64 or _pow2(DV) > 64:
@@ -203,9 +204,9 @@ def uses_fused_chunk(causal: bool, F: int, DV: int, dtype: torch.dtype, *, train
     rule = CONFIG["fc_forward"]
     if rule not in _FC_FORWARD:
         raise ValueError(f'CONFIG["fc_forward"] must be one of {_FC_FORWARD}; got {rule!r}')
-    if not forward or (train and rule == "inference"):
+    if not forward or (train and rule in ("inference", "inference_all")):
         return False
-    if rule == "always" or (rule == "segments_inference" and not train):
+    if rule == "always" or (rule in ("segments_inference", "inference_all") and not train):
         return True
     bt = fc_chunk_size(F, dtype)
     return segments(n_seq, H, max_len, 1, bt, cap=int(CONFIG["fc_programs"]))[1] == 1
