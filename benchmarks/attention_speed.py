@@ -154,6 +154,8 @@ REPS = {"warmup": 10, "rep": 60}
 # Run 5 (2026-11-28 18:10) swept 23 variants at T=4096 (the set "call1" of commit a7621aa; results
 # in BENCHMARKS.md); the knobs that lost there (two-level scan, rounded features, persistent
 # backward) were removed from the kernels afterwards.
+# 64-token chunks with 4-warp backward and walk programs (session 7 sweeps)
+_B64W4 = {"chunk": 64, "bwd_warps": 4, "state_warps": 4, "min_programs": 264}
 SWEEPS = {
     # session 4: the fused-chunk design (state in registers, no per-chunk states; the default)
     # against the chunk design of runs 3-7, and its chunk size / warps / pipeline stages /
@@ -241,23 +243,10 @@ SWEEPS = {
     # chunk layout (its 4-warp state walk) rather than the fused-chunk kernel storing every state
     "s7e": {
         "defaults": {},
-        "bt64all4": {"chunk": 64, "bwd_warps": 4, "state_warps": 4, "out_warps": 4, "min_programs": 264},
-        "bt64all4_inf": {
-            "chunk": 64,
-            "bwd_warps": 4,
-            "state_warps": 4,
-            "out_warps": 4,
-            "min_programs": 264,
-            "fc_forward": "inference_all",
-        },
-        "bt64all4_inf_o8": {
-            "chunk": 64,
-            "bwd_warps": 4,
-            "state_warps": 4,
-            "out_warps": 8,
-            "min_programs": 264,
-            "fc_forward": "inference_all",
-        },
+        "bt64all4": dict(_B64W4, out_warps=4),
+        "bt64all4_inf": dict(_B64W4, out_warps=4, fc_forward="inference_all"),
+        "bt64all4_inf_o8": dict(_B64W4, out_warps=8, fc_forward="inference_all"),
+        "bt64all4_inf_p4": dict(_B64W4, out_warps=4, fc_forward="inference_all", out_persist=4),
     },
     # the table's config picked among the likely winners (--pick; the first is the same-function
     # reference)
