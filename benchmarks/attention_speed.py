@@ -248,6 +248,13 @@ SWEEPS = {
         "bt64all4_inf_o8": dict(_B64W4, out_warps=8, fc_forward="inference_all"),
         "bt64all4_inf_p4": dict(_B64W4, out_warps=4, fc_forward="inference_all", out_persist=4),
     },
+    # session 7: the "auto" tile profile (64-token chunks and 4 warps up to small_tiles_max_len)
+    # against 128-token chunks and 8 warps everywhere (session 6's tiles)
+    "s7f": {
+        "defaults": {},
+        "tiles128": {"chunk": 128, "bwd_warps": 8, "state_warps": 8, "out_warps": 8, "min_programs": 132},
+        "small_to_64k": {"small_tiles_max_len": 65536},
+    },
     # the table's config picked among the likely winners (--pick; the first is the same-function
     # reference)
     "fcpick": {

@@ -780,3 +780,20 @@ def test_weight_gradient_kernel_matches_reference(B, T, NH, D, F, dtype, bias):
         assert rel(db, ref_b) <= tol and rel(db, old_b) <= tol, (rel(db, ref_b), rel(db, old_b))
     else:
         assert db is None
+
+
+def test_auto_tile_profile():
+    """``CONFIG["chunk"]`` etc. "auto": 64-token chunks with 4-warp programs for bf16 with up to 64
+    features per half and sequences up to ``small_tiles_max_len``; 128 tokens and 8 warps above;
+    fp16/fp32 and wider maps keep their smaller chunks with 8 warps; an int overrides."""
+    _launch.CONFIG.update(chunk="auto", bwd_warps="auto", min_programs="auto", small_tiles_max_len=32768)
+    bf16, f32 = torch.bfloat16, torch.float32
+    assert _launch.chunk_size(64, bf16, 32768) == 64 and _launch.tile_knob("bwd_warps", 64, bf16, 4096) == 4
+    assert _launch.tile_knob("min_programs", 64, bf16, 4096) == 264
+    assert _launch.chunk_size(64, bf16, 32769) == 128 and _launch.tile_knob("bwd_warps", 64, bf16, 65536) == 8
+    assert _launch.tile_knob("min_programs", 64, bf16, 65536) == 132
+    assert _launch.chunk_size(128, bf16, 4096) == 64 and _launch.tile_knob("bwd_warps", 128, bf16, 4096) == 8
+    assert _launch.chunk_size(64, f32, 4096) == 64 and _launch.chunk_size(128, f32, 4096) == 32
+    assert _launch.tile_knob("bwd_warps", 64, f32, 4096) == 8
+    _launch.CONFIG.update(chunk=32, bwd_warps=2)
+    assert _launch.chunk_size(64, bf16, 4096) == 32 and _launch.tile_knob("bwd_warps", 64, bf16, 65536) == 2

@@ -100,7 +100,7 @@ def _(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, activation, negation, causal, e
     f32, hdt = torch.float32, L.state_dtype(v.dtype)
     kw = dict(train=train, n_seq=N, H=H, max_len=max_len)
     if L.uses_fused_chunk(causal, F, DV, v.dtype, **kw):  # as _launch._fc_fwd
-        ns = L.segments(N, H, max_len, 1, L.fc_chunk_size(F, v.dtype), cap=int(L.CONFIG["fc_programs"]))[1]
+        ns = L.segments(N, H, max_len, 1, L.fc_chunk_size(F, v.dtype, max_len), cap=int(L.CONFIG["fc_programs"]))[1]
         store_h = L.fc_stores_h(causal, F, DV, v.dtype, **kw)
         seg = (ns > 1 or s0 is not None) and not store_h
         return (
@@ -113,9 +113,10 @@ def _(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, activation, negation, causal, e
             q.new_empty(N, HK, FT, DV, dtype=f32),
             q.new_empty(N, HK, FT, dtype=f32),
         )
-    bt = L.chunk_size(F, v.dtype)
+    bt = L.chunk_size(F, v.dtype, max_len)
     nj = 2 if (negation and fused and int(L.CONFIG["walk_halves"]) != 2) else 1  # walk programs per value block
-    ns = L.segments(N, HK, max_len, nj * -(-DV // bv), bt)[1] if causal else 1
+    cap = L.tile_knob("min_programs", F, v.dtype, max_len)
+    ns = L.segments(N, HK, max_len, nj * -(-DV // bv), bt, cap=cap)[1] if causal else 1
     seg = not causal or (ns > 1 and not L.CONFIG["seg_fold"])  # segment states returned (saved)
     return (
         q.new_empty(B, T, H, DV, dtype=v.dtype),
@@ -326,9 +327,9 @@ def _needs_grad(*xs) -> bool:
     return any(t.requires_grad for t in flat if isinstance(t, Tensor))
 
 
-def _n_chunks(cu: Tensor, cu_seqlens: Tensor | None, B: int, T: int, F: int, dtype: torch.dtype) -> int:
+def _n_chunks(cu: Tensor, cu_seqlens: Tensor | None, B: int, T: int, F: int, dtype: torch.dtype, max_len: int) -> int:
     L = _lm()
-    return L.n_chunks(cu if cu_seqlens is not None else None, B, T, L.chunk_size(F, dtype))
+    return L.n_chunks(cu if cu_seqlens is not None else None, B, T, L.chunk_size(F, dtype, max_len))
 
 
 def linear_attention_triton(
@@ -362,7 +363,7 @@ def linear_attention_triton(
         ``(o [B, T, H, Dv], final_state or None)``.
     """
     cu, max_len, mask, s0, z0 = _check_common(fq, fk, v, attention_mask, cu_seqlens, initial_state)
-    nc = _n_chunks(cu, cu_seqlens, fq.shape[0], fq.shape[1], fq.shape[3], v.dtype)
+    nc = _n_chunks(cu, cu_seqlens, fq.shape[0], fq.shape[1], fq.shape[3], v.dtype, max_len)
     o, *_, s_fin, z_fin = _la_fwd(
         fq.contiguous(), fk.contiguous(), v.contiguous(), None, None, None, None, mask, cu, s0, z0,
         "softmax", False, bool(causal), float(eps), False, max_len, nc, cu_seqlens is not None,
@@ -432,7 +433,7 @@ def fused_hedgehog_attention(
             attention_mask=attention_mask, cu_seqlens=cu_seqlens, initial_state=initial_state,
             output_final_state=output_final_state, eps=eps,
         )  # fmt: skip
-    nc = _n_chunks(cu, cu_seqlens, q.shape[0], q.shape[1], F, v.dtype)
+    nc = _n_chunks(cu, cu_seqlens, q.shape[0], q.shape[1], F, v.dtype, max_len)
     o, *_, s_fin, z_fin = _la_fwd(
         q.contiguous(), k.contiguous(), v.contiguous(),
         q_weight.contiguous(), None if q_bias is None else q_bias.contiguous(),

@@ -39,13 +39,18 @@ from . import _weight_grad as WG
 # atomics (-0.27 GB but +0.32 ms), 4 warps, value blocks of 32; removed after run 5: a two-level
 # scan for the walk, persistent backward launches, rounded features.
 CONFIG = {
-    "chunk": 128,
+    # "auto" (chunk, min_programs, *_warps): the tile profile of ``tile_knob`` (session 7, H200 sweeps
+    # s7d/s7e: 64-token chunks and 4-warp programs for bf16 up to 64 features per half while
+    # max_len <= small_tiles_max_len, fwd+bwd 5.30 -> 4.79 ms at T = 4K; 128 tokens and 8 warps
+    # above, where the twice as many chunk states to fold and walk cost more: 5.75 -> 6.64 at 128K)
+    "chunk": "auto",
+    "small_tiles_max_len": 32768,
     "state_bv": 64,
     "out_bv": 64,
-    "min_programs": 132,
-    "state_warps": 8,
-    "out_warps": 8,
-    "bwd_warps": 8,
+    "min_programs": "auto",
+    "state_warps": "auto",
+    "out_warps": "auto",
+    "bwd_warps": "auto",
     "state_stages": 3,
     "out_stages": 1,
     "bwd_stages": 1,
@@ -169,11 +174,32 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(int(n)))
 
 
-def chunk_size(F: int, dtype: torch.dtype) -> int:
-    """Tokens per chunk: ``CONFIG["chunk"]`` for bf16 with up to 64 features per half; fp16/fp32
+_TILES = {"chunk": (64, 128), "min_programs": (264, 132), "state_warps": (4, 8), "out_warps": (4, 8),
+          "bwd_warps": (4, 8)}  # fmt: skip
+
+
+def small_tiles(F: int, dtype: torch.dtype, max_len: int) -> bool:
+    """The small tile profile of ``tile_knob``: bf16, at most 64 features per half, sequences of at
+    most ``CONFIG["small_tiles_max_len"]`` tokens."""
+    return dtype == torch.bfloat16 and _pow2(F) <= 64 and max_len <= int(CONFIG["small_tiles_max_len"])
+
+
+def tile_knob(key: str, F: int, dtype: torch.dtype, max_len: int) -> int:
+    """``CONFIG[key]`` for the chunk layout's tiles ("chunk", "min_programs", "*_warps"); "auto":
+    64-token chunks, 4-warp programs, 264 walk programs at once (two per SM) in the small profile
+    (``small_tiles``: a quarter of the backward's intra-chunk products per token, backward kernels
+    3.27 -> 2.50 ms at T = 4K), otherwise 128 tokens, 8 warps, 132 programs."""
+    val = CONFIG[key]
+    if val != "auto":
+        return int(val)
+    return _TILES[key][0 if small_tiles(F, dtype, max_len) else 1]
+
+
+def chunk_size(F: int, dtype: torch.dtype, max_len: int) -> int:
+    """Tokens per chunk: ``tile_knob("chunk")`` for bf16 with up to 64 features per half; fp16/fp32
     inputs run their products on fp32 operands, whose tiles are twice as large: at most 64 tokens,
     32 with 128+ features (shared memory and registers)."""
-    bt = int(CONFIG["chunk"])
+    bt = tile_knob("chunk", F, dtype, max_len)
     if dtype == torch.bfloat16 and _pow2(F) <= 64:
         return bt
     return min(bt, 64 if (dtype == torch.bfloat16 or _pow2(F) <= 64) else 32)
@@ -208,7 +234,7 @@ def uses_fused_chunk(causal: bool, F: int, DV: int, dtype: torch.dtype, *, train
         return False
     if rule == "always" or (rule in ("segments_inference", "inference_all") and not train):
         return True
-    bt = fc_chunk_size(F, dtype)
+    bt = fc_chunk_size(F, dtype, max_len)
     return segments(n_seq, H, max_len, 1, bt, cap=int(CONFIG["fc_programs"]))[1] == 1
 
 
@@ -224,9 +250,9 @@ def fc_stores_h(causal: bool, F: int, DV: int, dtype: torch.dtype, *, train: boo
     )
 
 
-def fc_chunk_size(F: int, dtype: torch.dtype) -> int:
+def fc_chunk_size(F: int, dtype: torch.dtype, max_len: int) -> int:
     """Tokens per chunk of the fused-chunk walks: ``CONFIG["fc_chunk"]``, at most the chunk design's."""
-    return min(int(CONFIG["fc_chunk"]), chunk_size(F, dtype))
+    return min(int(CONFIG["fc_chunk"]), chunk_size(F, dtype, max_len))
 
 
 # "auto" for bf16 per causal layout (bits: 1 column sums, 2 phi_q . z, 4 score rows: K._rowsum)
@@ -281,7 +307,9 @@ def segments(n_seq: int, hk: int, max_len: int, n_prog: int, bt: int, cap: int |
     (fewest segments)."""
     n_ch = max(1, triton.cdiv(max_len, bt))
     p0 = max(1, n_seq * hk * n_prog)
-    cap = max(1, int(CONFIG["min_programs"] if cap is None else cap))
+    if cap is None:
+        cap = CONFIG["min_programs"] if CONFIG["min_programs"] != "auto" else _TILES["min_programs"][1]
+    cap = max(1, int(cap))
     best, ns = None, 1
     for cand in range(1, n_ch + 1):
         cost = triton.cdiv(p0 * cand, cap) * triton.cdiv(n_ch, cand)
@@ -313,7 +341,9 @@ class _Plan:
         kw = dict(train=train, n_seq=self.N, H=self.H, max_len=max_len)
         self.fc = uses_fused_chunk(causal, self.F, self.DV, v.dtype, **kw, forward=forward)
         self.store_h = forward and fc_stores_h(causal, self.F, self.DV, v.dtype, **kw)
-        self.bt = bt = fc_chunk_size(self.F, v.dtype) if self.fc else chunk_size(self.F, v.dtype)
+        self.bt = bt = fc_chunk_size(self.F, v.dtype, max_len) if self.fc else chunk_size(self.F, v.dtype, max_len)
+        # the chunk layout's launch shapes (tile_knob)
+        self.tiles = {key: tile_knob(key, self.F, v.dtype, max_len) for key in _TILES}
         self.nc = nc
         self.max_len = max_len
         self.cu = cu
@@ -379,7 +409,8 @@ class _Plan:
         nv = triton.cdiv(self.DV, bv)
         both = self.nhalf == 2 and int(CONFIG["walk_halves"]) == 2
         nj = 1 if both else self.nhalf  # programs per value block
-        cps, ns = seg if seg is not None else segments(self.N, self.HK, self.max_len, nj * nv, self.bt)
+        cps, ns = seg if seg is not None else segments(self.N, self.HK, self.max_len, nj * nv, self.bt,
+                                                       cap=self.tiles["min_programs"])  # fmt: skip
         f32 = torch.float32
         if store_h:
             h = _empty(self.nc, self.HK, self.FT, self.DV, device=self.dev, dtype=self.hdt)
@@ -399,7 +430,8 @@ class _Plan:
             x.shape[2], self.HK, self.D, self.F, self.FT, self.DV, cps, ns, G=self.G if reverse else 1,
             HAS_B=b is not None, REVERSE=reverse, STORE_H=store_h, INIT=init, VARLEN=self.varlen, BOTH=both,
             SUMS=self.c["SUMS"],
-            **{n: c[n] for n in _COMMON}, BV=bv, num_warps=CONFIG["state_warps"], num_stages=CONFIG["state_stages"],
+            **{n: c[n] for n in _COMMON}, BV=bv, num_warps=self.tiles["state_warps"],
+            num_stages=CONFIG["state_stages"],
         )  # fmt: skip
         return h, hz, st, stz, cps, init
 
@@ -464,7 +496,8 @@ def fwd(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, *, activation, negation, caus
         HAS_BQ=bq is not None, HAS_BK=bk is not None, CAUSAL=bool(causal), SEG=seg, VARLEN=P.varlen, NEG=P.neg,
         NITEMS=n_items, PERSIST=persist, SPLIT=split,
         P_STAGES=int(CONFIG["out_persist_stages"]),
-        **{n: c[n] for n in _COMMON}, BV=bv, num_warps=CONFIG["out_warps"], num_stages=CONFIG["out_stages"],
+        **{n: c[n] for n in _COMMON}, BV=bv, num_warps=P.tiles["out_warps"],
+        num_stages=CONFIG["out_stages"],
     )  # fmt: skip
     return o, den, h, hz, s_in, z_in, s_fin, z_fin
 
@@ -496,7 +529,7 @@ def _bwd_plan(do, q, k, v, wq, bq, wk, bk, mask, cu, s_in, *, activation, negati
             KV_SIDE=kv_side, HAS_BQ=bq is not None, HAS_BK=bk is not None, CAUSAL=bool(causal), SEG=seg,
             VARLEN=P.varlen, NEG=P.neg, **{n: c[n] for n in _COMMON}, BV=_pow2(P.DV), FUSE_CD=fuse_cd, SPLIT=split,
             DW_ATOMIC=dw is not None,
-            num_warps=CONFIG["bwd_warps"], num_stages=CONFIG["bwd_stages"],
+            num_warps=P.tiles["bwd_warps"], num_stages=CONFIG["bwd_stages"],
         )  # fmt: skip
 
     return P, do, cps, launch
@@ -699,7 +732,7 @@ def _fwd_cps(P: _Plan) -> int:
     """Chunks per segment of the forward state walk (the backward reads its segment states)."""
     bv = min(_pow2(P.DV), _pow2(CONFIG["state_bv"]))
     nj = 1 if (P.nhalf == 2 and int(CONFIG["walk_halves"]) == 2) else P.nhalf
-    return segments(P.N, P.HK, P.max_len, nj * triton.cdiv(P.DV, bv), P.bt)[0]
+    return segments(P.N, P.HK, P.max_len, nj * triton.cdiv(P.DV, bv), P.bt, cap=P.tiles["min_programs"])[0]
 
 
 def decode(q, k, v, wq, bq, wk, bk, s, z, *, activation, negation, eps):
@@ -763,7 +796,7 @@ def _fc_fwd(P, q, k, v, wq, bq, wk, bk, s0, z0, eps):
     den = _empty(P.B * P.T, P.H, device=dev, dtype=f32)
     wq_, bq_, wk_, bk_ = _fc_weights(P, q, wq, bq, wk, bk)
     seg = s_in.numel() > 0
-    hbt = chunk_size(P.F, v.dtype)  # the chunk layout's chunks (the backward's)
+    hbt = chunk_size(P.F, v.dtype, P.max_len)  # the chunk layout's chunks (the backward's)
     if P.store_h:
         h = _empty(P.nc, P.HK, P.FT, P.DV, device=dev, dtype=P.hdt)
         hz = _empty(P.nc, P.HK, P.FT, device=dev, dtype=f32)
