@@ -40,11 +40,12 @@ from . import _weight_grad as WG
 # scan for the walk, persistent backward launches, rounded features.
 CONFIG = {
     # "auto" (chunk, min_programs, *_warps): the tile profile of ``tile_knob`` (session 7, H200 sweeps
-    # s7d/s7e: 64-token chunks and 4-warp programs for bf16 up to 64 features per half while
-    # max_len <= small_tiles_max_len, fwd+bwd 5.30 -> 4.79 ms at T = 4K; 128 tokens and 8 warps
-    # above, where the twice as many chunk states to fold and walk cost more: 5.75 -> 6.64 at 128K)
+    # s7d-s7f: 64-token chunks and 4-warp programs for bf16 up to 64 features per half while
+    # max_len <= small_tiles_max_len, fwd+bwd 5.30 -> 4.79 ms at T = 4K, 5.72 -> 5.52 at 64K; 128
+    # tokens and 8 warps above, where the twice as many chunk states to fold and walk cost more than
+    # the backward saves: 5.75 -> 5.9-6.6 at 128K)
     "chunk": "auto",
-    "small_tiles_max_len": 32768,
+    "small_tiles_max_len": 65536,
     "state_bv": 64,
     "out_bv": 64,
     "min_programs": "auto",
