@@ -8,9 +8,11 @@ in ``_kernels.py`` stores them and reads them back in a second kernel). The back
 walks: forward in time for dq (the state recomputed on the fly), backward in time for dk, dv
 (the reverse state ``sum_{later} phi_q^T (do / den)`` carried instead).
 
-Segments give long sequences with few heads enough programs: a ``_state_kernel`` walk (no
-per-chunk stores) first sums every segment, a cumulative sum in PyTorch gives each segment its
-entering state ``si [N, HK, NS, FT, DV]`` (``SEG``), and the walks below start from it.
+Segments give long sequences with few heads enough programs. Either (``fc_segments`` "sums") a
+``_state_kernel`` walk (no per-chunk stores) first sums every segment, a cumulative sum in PyTorch
+gives each segment its entering state ``si [N, HK, NS, FT, DV]`` (``SEG``), and the walks below
+start from it; or ("fix", the forward's default) the forward walks start every segment from zero and
+``_fc_fix_kernel`` then adds the entering states (from the walks' own end states) to the outputs.
 
 Every program stores its state at the end of its segment (``se``: after the last chunk of the
 segment going forward; after the first going backward), which gives the final state / the

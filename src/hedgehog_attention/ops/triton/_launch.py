@@ -29,14 +29,16 @@ from . import _weight_grad as WG
 # on each of the H200's 132 SMs), which sets the segments per sequence (``segments``). ``*_warps``, ``*_stages``:
 # per kernel. ``poison``: fill every kernel-written buffer with NaN first (tests), so a skipped
 # write shows. Tests shrink ``chunk`` to 32 (and the V blocks to 16) to exercise many chunks on tiny
-# inputs. The defaults follow the H200 sweeps of 2026-11-28 (BENCHMARKS.md, runs 5 and 7, T=4096):
-# BT=128, 8 warps, 3 stages in the walk (run 4); the output kernel persistent with 2 programs per
-# SM (1.24 -> 1.00 ms) and cd in the backward kernel (run 5); both feature halves per walk program
+# inputs. The defaults follow the H200 sweeps of 2026-11-28/29 (BENCHMARKS.md): since session 7 the
+# "auto" tiles (``tile_knob``: 64 tokens and 4 warps up to 64K tokens, runs 24-27); before that
+# BT=128, 8 warps (at 128 tokens 4 warps spilled, run 5), 3 stages in the walk (run 4); the output
+# kernel persistent with 2 programs per SM (1.24 -> 1.00 ms) and cd in the backward kernel (run 5); both feature
+# halves per walk program
 # (run 7: walks 1.73 -> 1.38 ms, fwd 1.76 -> 1.57, fwd+bwd 7.13 -> 6.78 ms). Peak memory: the
 # forward chunk states are dropped after the query side of the backward (``__init__._setup_context``;
 # run 7: 1.99 GB at T=4096, SDPA 2.16). Slower there and off: programs over part of a chunk
 # (backward 3.7 -> 6.6-11 ms), the output kernel at 4 warps over half chunks (1.01 -> 1.46 ms), dW by
-# atomics (-0.27 GB but +0.32 ms), 4 warps, value blocks of 32; removed after run 5: a two-level
+# atomics (-0.27 GB but +0.32 ms), value blocks of 32; removed after run 5: a two-level
 # scan for the walk, persistent backward launches, rounded features.
 CONFIG = {
     # "auto" (chunk, min_programs, *_warps): the tile profile of ``tile_knob`` (session 7, H200 sweeps
@@ -764,10 +766,13 @@ def _fc_weights(P, q, wq, bq, wk, bk):
 
 
 def _fc_fwd(P, q, k, v, wq, bq, wk, bk, s0, z0, eps):
-    """Fused-chunk forward: the segments' sums (a ``_state_kernel`` walk without per-chunk
-    stores, several segments only), their exclusive cumulative sum + the initial state, then
-    ``_fc_fwd_kernel``. Same returns as :func:`fwd`, with ``h``/``hz`` empty and ``s_in``/``z_in``
-    empty when the walks start from zero (one segment, no initial state). ``P.store_h`` (training,
+    """Fused-chunk forward. Several segments: either (``fc_segments`` "sums", and whenever the
+    chunk states are stored) the segments' sums by a ``_state_kernel`` walk without per-chunk
+    stores, their exclusive cumulative sum + the initial state, then ``_fc_fwd_kernel`` from those
+    entering states; or ("fix") ``_fc_fwd_kernel`` from zero in every segment, then the same
+    cumulative sum over its end states and ``_fc_fix_kernel`` over the outputs. Same returns as
+    :func:`fwd`, with ``h``/``hz`` empty and ``s_in``/``z_in`` empty when the walks start from zero (one segment, no
+    initial state). ``P.store_h`` (training,
     chunk-layout backward): ``h``/``hz`` are the complete states entering every chunk of the chunk
     layout (``P.nc`` chunks of ``chunk_size`` tokens) and ``s_in``/``z_in`` empty (not read)."""
     dev, f32 = P.dev, torch.float32
