@@ -32,9 +32,9 @@ from . import _weight_grad as WG
 # inputs. The defaults follow the H200 sweeps of 2026-11-28/29 (BENCHMARKS.md): since session 7 the
 # "auto" tiles (``tile_knob``: 64 tokens and 4 warps up to 64K tokens, runs 24-27); before that
 # BT=128, 8 warps (at 128 tokens 4 warps spilled, run 5), 3 stages in the walk (run 4); the output
-# kernel persistent with 2 programs per SM (1.24 -> 1.00 ms) and cd in the backward kernel (run 5); both feature
-# halves per walk program
-# (run 7: walks 1.73 -> 1.38 ms, fwd 1.76 -> 1.57, fwd+bwd 7.13 -> 6.78 ms). Peak memory: the
+# kernel persistent with 2 programs per SM (1.24 -> 1.00 ms) and cd in the backward kernel (run 5);
+# both feature halves per walk program (run 7: walks 1.73 -> 1.38 ms, fwd 1.76 -> 1.57, fwd+bwd
+# 7.13 -> 6.78 ms). Peak memory: the
 # forward chunk states are dropped after the query side of the backward (``__init__._setup_context``;
 # run 7: 1.99 GB at T=4096, SDPA 2.16). Slower there and off: programs over part of a chunk
 # (backward 3.7 -> 6.6-11 ms), the output kernel at 4 warps over half chunks (1.01 -> 1.46 ms), dW by
