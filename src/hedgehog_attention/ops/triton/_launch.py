@@ -771,10 +771,10 @@ def _fc_fwd(P, q, k, v, wq, bq, wk, bk, s0, z0, eps):
     stores, their exclusive cumulative sum + the initial state, then ``_fc_fwd_kernel`` from those
     entering states; or ("fix") ``_fc_fwd_kernel`` from zero in every segment, then the same
     cumulative sum over its end states and ``_fc_fix_kernel`` over the outputs. Same returns as
-    :func:`fwd`, with ``h``/``hz`` empty and ``s_in``/``z_in`` empty when the walks start from zero (one segment, no
-    initial state). ``P.store_h`` (training,
-    chunk-layout backward): ``h``/``hz`` are the complete states entering every chunk of the chunk
-    layout (``P.nc`` chunks of ``chunk_size`` tokens) and ``s_in``/``z_in`` empty (not read)."""
+    :func:`fwd`, with ``h``/``hz`` empty and ``s_in``/``z_in`` empty when the walks start from
+    zero (one segment, no initial state). ``P.store_h`` (training, chunk-layout backward):
+    ``h``/``hz`` are the complete states entering every chunk of the chunk layout (``P.nc`` chunks
+    of ``chunk_size`` tokens) and ``s_in``/``z_in`` empty (not read)."""
     dev, f32 = P.dev, torch.float32
     cps, ns = P.walk_segments()
     # several segments: walks from zero + a correction pass ("fix"), or the segment sums first
