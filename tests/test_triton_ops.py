@@ -729,16 +729,31 @@ def test_core_dispatch_and_module_use_the_kernels():
     assert rel(out["triton"].state.S, out["reference"].state.S) <= 2e-5
 
 
-@pytest.mark.parametrize("layout", ["chunk", "fc-train"])
+@pytest.mark.parametrize("layout", ["chunk", "fc-train", "fc-fix-train", "fc-fix-inference"])
 def test_torch_compile_traces_the_custom_op(layout):
     """The custom ops' fake implementations let ``torch.compile`` trace forward and backward, also
-    with the fused-chunk training forward (its chunk states saved, their shape from the fake)."""
+    with the fused-chunk training forward (its chunk states saved, their shape from the fake), the
+    fused-chunk layout over several segments with the correction pass (its segments' entering states
+    saved for the fused-chunk backward), and an inference forward over segments (no graph recorded)."""
     if layout == "fc-train":
         _launch.CONFIG.update(design="auto", fc_forward="one_segment", fc_programs=1)
+    elif layout == "fc-fix-train":
+        _launch.CONFIG.update(design="fused_chunk", fc_segments="fix", fc_programs=10_000)
+    elif layout == "fc-fix-inference":
+        _launch.CONFIG.update(design="auto", fc_forward="segments_inference", fc_segments="fix", fc_programs=10_000)
     else:
         _launch.CONFIG["design"] = "chunk"
     q, k, v, wq, bq, wk, bk = _inputs(2, 40 if not CUDA else 500, 2, 2, 16 if not CUDA else 64, 16 if not CUDA else 64,
                                       16 if not CUDA else 64, torch.float32, True)  # fmt: skip
+    if layout == "fc-fix-inference":
+        args = (q, k, v, wq, bq, wk, bk)
+        compiled = torch.compile(fused_hedgehog_attention, backend="aot_eager", fullgraph=True)
+        with torch.no_grad():
+            o_e, st_e = fused_hedgehog_attention(*args, output_final_state=True)
+            o_c, st_c = compiled(*args, output_final_state=True)
+        for a, b in ((o_c, o_e), (st_c.S, st_e.S), (st_c.z, st_e.z)):
+            assert not torch.isnan(a).any() and rel(a, b) <= 1e-6
+        return
     leaves = [x.requires_grad_() for x in (q, k, v, wq, bq, wk, bk)]
 
     def f(q, k, v, wq, bq, wk, bk):
