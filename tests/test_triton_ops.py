@@ -810,5 +810,7 @@ def test_auto_tile_profile():
     assert _launch.chunk_size(128, bf16, 4096) == 64 and _launch.tile_knob("bwd_warps", 128, bf16, 4096) == 8
     assert _launch.chunk_size(64, f32, 4096) == 64 and _launch.chunk_size(128, f32, 4096) == 32
     assert _launch.tile_knob("bwd_warps", 64, f32, 4096) == 8
+    _launch.CONFIG.update(chunk=128)  # a fixed chunk: the "auto" warps follow it
+    assert _launch.chunk_size(64, bf16, 4096) == 128 and _launch.tile_knob("bwd_warps", 64, bf16, 4096) == 8
     _launch.CONFIG.update(chunk=32, bwd_warps=2)
     assert _launch.chunk_size(64, bf16, 4096) == 32 and _launch.tile_knob("bwd_warps", 64, bf16, 65536) == 2

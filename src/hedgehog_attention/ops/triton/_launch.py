@@ -191,11 +191,15 @@ def tile_knob(key: str, F: int, dtype: torch.dtype, max_len: int) -> int:
     """``CONFIG[key]`` for the chunk layout's tiles ("chunk", "min_programs", "*_warps"); "auto":
     64-token chunks, 4-warp programs, 264 walk programs at once (two per SM) in the small profile
     (``small_tiles``: a quarter of the backward's intra-chunk products per token, backward kernels
-    3.27 -> 2.50 ms at T = 4K), otherwise 128 tokens, 8 warps, 132 programs."""
+    3.27 -> 2.50 ms at T = 4K), otherwise 128 tokens, 8 warps, 132 programs. The warps and programs
+    follow the chunk actually used (a fixed 128-token ``CONFIG["chunk"]`` gets 8 warps)."""
     val = CONFIG[key]
     if val != "auto":
         return int(val)
-    return _TILES[key][0 if small_tiles(F, dtype, max_len) else 1]
+    small = small_tiles(F, dtype, max_len)
+    if key != "chunk":
+        small = small and chunk_size(F, dtype, max_len) <= _TILES["chunk"][0]
+    return _TILES[key][0 if small else 1]
 
 
 def chunk_size(F: int, dtype: torch.dtype, max_len: int) -> int:
