@@ -4,7 +4,8 @@
 # (benchmarks/attention_speed.py: fla warmed first, then the config sweep, then the full table).
 # Usage (repository root, carry .whl = the fla 0.6.0 wheels):
 #   bash benchmarks/gpu_run.sh TEST_SECONDS BENCH_SECONDS [attention_speed.py args]
-# Env: NPROC (pytest processes, default 8), PREFIX (file prefix under $OUT, default k_),
+# Env: NPROC (pytest processes, default 8), PREFIX (file prefix under $OUT, default k_), TEST_K (a
+#   pytest -k expression: only those tests),
 #   SWEEP_S / SWEEP_ARGS: a separate attention_speed.py process for the config sweep (run before
 #   the main one, so that a variant that crashes the compiler cannot take the main table with it;
 #   its JSON lands in sweep/attention_speed.json), limited to SWEEP_S seconds.
@@ -30,7 +31,8 @@ main() {
   git status --short -- src benchmarks tests 2>/dev/null | head -20 | tee -a "$W/gpu.txt"
   if (( TEST_S > 0 )); then
     local t0=$SECONDS ids=$W/test_ids
-    python3 -m pytest --collect-only -q -p no:cacheprovider tests/test_triton_ops.py | grep "::" > "$ids"
+    python3 -m pytest --collect-only -q -p no:cacheprovider ${TEST_K:+-k "$TEST_K"} tests/test_triton_ops.py \
+      | grep "::" > "$ids"
     split -n r/"$NPROC" "$ids" "$W/test_ids_part_"
     # SIGINT at the limit: pytest then still prints its summary (failures with their causes)
     for f in "$W"/test_ids_part_*; do

@@ -603,6 +603,57 @@ def test_fused_chunk_training_forward_stores_chunk_states(rule, kind, monkeypatc
         assert not torch.isnan(a).any() and rel(b.float(), a.float()) <= (1e-6 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("segs", ["fc_many", "both_many", "init"])
+@pytest.mark.parametrize("kind", ["mask", "cu"])
+def test_fused_chunk_training_forward_recomputes_states(segs, kind, monkeypatch):
+    """``fc_forward`` "all": a training forward runs the fused-chunk kernel (over several segments:
+    walks from zero + the correction pass) and keeps no chunk states; the backward's query side
+    recomputes them with one forward state walk, over segments of its own ("fc_many": several
+    fused-chunk segments, one walk segment; "both_many": both several, of different lengths).
+    Under an initial state ("init") the forward stores them as "segments_inference" does.
+    Against the reference with padding or packed sequences and GQA."""
+    many, one = 10_000, 1
+    fc_p, walk_p = {"fc_many": (many, one), "both_many": (many, many), "init": (one, one)}[segs]
+    _launch.CONFIG.update(design="auto", fc_forward="all", fc_segments="fix", fc_programs=fc_p, min_programs=walk_p)
+    B, T, H, HK, D = (2, 3000, 4, 2, 64) if CUDA else (2, 150, 2, 1, 16)
+    if kind == "cu":
+        B = 1
+        if not CUDA:
+            T = 200
+    if not CUDA:
+        _launch.CONFIG["fc_chunk"] = 16
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    args = _inputs(B, T, H, HK, D, D, D, dtype, True)
+    mask, cu = _mask_or_cu(kind, B, T)
+    N = B if cu is None else cu.numel() - 1
+    st0 = None
+    if segs == "init":
+        g = torch.Generator(device="cpu").manual_seed(8)
+        st0 = ((torch.rand(N, HK, 2 * D, D, generator=g) * 0.5).to(DEV), torch.rand(N, HK, 2 * D, generator=g).to(DEV))
+    stored, walks = [], []
+    fc_fwd, walk = _launch._fc_fwd, _launch._Plan.state_walk
+
+    def fc_spy(P, *a, **kw):
+        stored.append((P.store_h, P.walk_segments()[1]))
+        return fc_fwd(P, *a, **kw)
+
+    def walk_spy(self, *a, **kw):
+        walks.append((kw["reverse"], kw["store_h"]))
+        return walk(self, *a, **kw)
+
+    monkeypatch.setattr(_launch, "_fc_fwd", fc_spy)
+    monkeypatch.setattr(_launch._Plan, "state_walk", walk_spy)
+    kern, ref, low = _run_fused(
+        args, activation="softmax", negation=True, causal=True, mask=mask, cu=cu, init=st0, dtype=dtype
+    )
+    _check(kern, ref, low, dtype, _NAMES + (["S0", "z0"] if st0 is not None else []))
+    assert len(stored) == 1 and stored[0][0] == (segs == "init"), stored
+    assert (stored[0][1] > 1) == (segs != "init"), stored
+    # the chunk states: recomputed by one forward walk in the backward, or stored by the forward
+    assert walks.count((False, True)) == (segs != "init"), walks
+    assert (False, False) not in walks, walks  # no segment-sum walk
+
+
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
 @pytest.mark.parametrize("kind", ["none", "mask", "cu"])
 def test_generic_features_path(causal, kind):
@@ -729,18 +780,59 @@ def test_core_dispatch_and_module_use_the_kernels():
     assert rel(out["triton"].state.S, out["reference"].state.S) <= 2e-5
 
 
-@pytest.mark.parametrize("layout", ["chunk", "fc-train", "fc-fix-train", "fc-fix-inference"])
+_FAKE_LAYOUTS = {
+    "chunk": dict(design="chunk"),
+    "fc-train": dict(design="auto", fc_forward="one_segment", fc_programs=1),
+    "fc-sums-train": dict(design="auto", fc_forward="always", fc_segments="sums", fc_programs=10_000),
+    "fc-fix-inference": dict(design="auto", fc_forward="segments_inference", fc_segments="fix", fc_programs=10_000),
+    "fc-all-train": dict(design="auto", fc_forward="all", fc_segments="fix", fc_programs=10_000),
+}
+
+
+@pytest.mark.parametrize("init", [False, True], ids=["no-init", "init"])
+@pytest.mark.parametrize("layout", list(_FAKE_LAYOUTS))
+def test_forward_fake_matches_the_kernel(layout, init, monkeypatch):
+    """The forward op's fake implementation gives every output the shape, dtype and strides the
+    launcher returns, in every layout (``torch.library.opcheck``): torch.compile saves them for the
+    backward by the fake's word."""
+    _launch.CONFIG.update(_FAKE_LAYOUTS[layout])
+    import hedgehog_attention.ops.triton as tri
+
+    calls = []
+    op = tri._la_fwd
+
+    def spy(*a):
+        calls.append(a)
+        return op(*a)
+
+    monkeypatch.setattr(tri, "_la_fwd", spy)
+    args = _inputs(2, 40, 2, 1, 16, 16, 16, torch.float32, True)
+    st0 = None
+    if init:
+        g = torch.Generator(device="cpu").manual_seed(8)
+        st0 = (torch.rand(2, 1, 32, 16, generator=g).to(DEV), torch.rand(2, 1, 32, generator=g).to(DEV))
+    train = layout != "fc-fix-inference"
+    leaves = [x.clone().requires_grad_(train) for x in args]
+    fused_hedgehog_attention(*leaves, causal=True, initial_state=st0)
+    assert len(calls) == 1 and calls[0][-1] == train
+    torch.library.opcheck(torch.ops.hedgehog_attention.triton_la_fwd.default, calls[0], test_utils="test_faketensor")
+
+
+@pytest.mark.parametrize("layout", ["chunk", "fc-train", "fc-fix-train", "fc-fix-inference", "fc-all-train"])
 def test_torch_compile_traces_the_custom_op(layout):
     """The custom ops' fake implementations let ``torch.compile`` trace forward and backward, also
     with the fused-chunk training forward (its chunk states saved, their shape from the fake), the
     fused-chunk layout over several segments with the correction pass (its segments' entering states
-    saved for the fused-chunk backward), and an inference forward over segments (no graph recorded)."""
+    saved for the fused-chunk backward), an inference forward over segments (no graph recorded), and
+    ``fc_forward`` "all" (a training forward over segments that saves no states)."""
     if layout == "fc-train":
         _launch.CONFIG.update(design="auto", fc_forward="one_segment", fc_programs=1)
     elif layout == "fc-fix-train":
         _launch.CONFIG.update(design="fused_chunk", fc_segments="fix", fc_programs=10_000)
     elif layout == "fc-fix-inference":
         _launch.CONFIG.update(design="auto", fc_forward="segments_inference", fc_segments="fix", fc_programs=10_000)
+    elif layout == "fc-all-train":
+        _launch.CONFIG.update(design="auto", fc_forward="all", fc_segments="fix", fc_programs=10_000)
     else:
         _launch.CONFIG["design"] = "chunk"
     q, k, v, wq, bq, wk, bk = _inputs(2, 40 if not CUDA else 500, 2, 2, 16 if not CUDA else 64, 16 if not CUDA else 64,

@@ -96,7 +96,10 @@ CONFIG = {
     # "inference" (no autograd graph, one segment per walk: session 4's rule), "one_segment"
     # (training too: the forward then also stores the chunk states the chunk layout's backward
     # reads, STORE_H, so that no state walk runs), "always" (segments too: their sums by a state
-    # walk first), "segments_inference" ("one_segment", and inference over segments too)
+    # walk first), "segments_inference" ("one_segment", and inference over segments too), "all"
+    # (every forward, training over segments too as "fix" does, and a training forward stores no
+    # chunk states: the backward's query side recomputes them with one state walk, which costs
+    # less than the walk's per-chunk stores; under an initial state: "segments_inference")
     "fc_forward": "segments_inference",
     # causal walks over several segments (long sequences): add each segment's entering state to its
     # chunk states in place (_fold_kernel: one read and write of them) so that the output kernel and
@@ -212,11 +215,20 @@ def chunk_size(F: int, dtype: torch.dtype, max_len: int) -> int:
     return min(bt, 64 if (dtype == torch.bfloat16 or _pow2(F) <= 64) else 32)
 
 
-_FC_FORWARD = ("inference", "inference_all", "one_segment", "segments_inference", "always")
+_FC_FORWARD = ("inference", "inference_all", "one_segment", "segments_inference", "always", "all")
+
+
+def fc_forward_rule(init: bool) -> str:
+    """``CONFIG["fc_forward"]``, checked; "all" under an initial state reads "segments_inference"
+    (the backward's state walk that recomputes the chunk states starts from zero)."""
+    rule = CONFIG["fc_forward"]
+    if rule not in _FC_FORWARD:
+        raise ValueError(f'CONFIG["fc_forward"] must be one of {_FC_FORWARD}; got {rule!r}')
+    return "segments_inference" if (rule == "all" and init) else rule
 
 
 def uses_fused_chunk(causal: bool, F: int, DV: int, dtype: torch.dtype, *, train: bool, n_seq: int, H: int,
-                     max_len: int, forward: bool = True) -> bool:  # fmt: skip
+                     max_len: int, forward: bool = True, init: bool = False) -> bool:  # fmt: skip
     """Whether a causal pass takes the fused-chunk layout (``CONFIG["design"]``): "fused_chunk"
     always, "chunk" never; "auto": the backward (``forward`` False) never (the fused-chunk
     backward walks spill: 7.8 against 5.8 ms fwd+bwd, H200, 2026-11-28), the forward as
@@ -225,8 +237,9 @@ def uses_fused_chunk(causal: bool, F: int, DV: int, dtype: torch.dtype, *, train
     ``CONFIG["fc_programs"]``: forward 0.86 ms against the chunk layout's 1.26 at T = 4096),
     "one_segment" for training too, "segments_inference": also inference over several segments
     (``CONFIG["fc_segments"]``), "inference_all": every inference forward, no training forward,
-    "always" also training over segments. Only when the state fits a
-    program's registers: at most 64 features per half and 64 value columns."""
+    "always" also training over segments, "all" every forward (``init``: an initial state is
+    given, see :func:`fc_forward_rule`). Only when the state fits a program's registers: at most 64
+    features per half and 64 value columns."""
     mode = CONFIG["design"]
     if not causal or mode == "chunk" or _pow2(F) > 64 or _pow2(DV) > 64:
         return False
@@ -234,27 +247,36 @@ def uses_fused_chunk(causal: bool, F: int, DV: int, dtype: torch.dtype, *, train
         return True
     if mode != "auto":
         raise ValueError(f'CONFIG["design"] must be "auto", "chunk" or "fused_chunk"; got {mode!r}')
-    rule = CONFIG["fc_forward"]
-    if rule not in _FC_FORWARD:
-        raise ValueError(f'CONFIG["fc_forward"] must be one of {_FC_FORWARD}; got {rule!r}')
+    rule = fc_forward_rule(init)
     if not forward or (train and rule in ("inference", "inference_all")):
         return False
-    if rule == "always" or (rule in ("segments_inference", "inference_all") and not train):
+    if rule in ("always", "all") or (rule in ("segments_inference", "inference_all") and not train):
         return True
     bt = fc_chunk_size(F, dtype, max_len)
     return segments(n_seq, H, max_len, 1, bt, cap=int(CONFIG["fc_programs"]))[1] == 1
 
 
 def fc_stores_h(causal: bool, F: int, DV: int, dtype: torch.dtype, *, train: bool, n_seq: int, H: int,
-                max_len: int) -> bool:  # fmt: skip
+                max_len: int, init: bool = False) -> bool:  # fmt: skip
     """A training forward in the fused-chunk layout followed by the chunk layout's backward: the
-    forward stores the chunk states that backward reads (``_fc_fwd_kernel``'s ``STORE_H``)."""
-    kw = dict(train=train, n_seq=n_seq, H=H, max_len=max_len)
+    forward stores the chunk states that backward reads (``_fc_fwd_kernel``'s ``STORE_H``), unless
+    ``fc_forward`` is "all" (the backward recomputes them)."""
+    kw = dict(train=train, n_seq=n_seq, H=H, max_len=max_len, init=init)
     return (
         train
+        and fc_forward_rule(init) != "all"
         and uses_fused_chunk(causal, F, DV, dtype, **kw)
         and not uses_fused_chunk(causal, F, DV, dtype, **kw, forward=False)
     )
+
+
+def fc_recomputes_h(causal: bool, F: int, DV: int, dtype: torch.dtype, *, train: bool, n_seq: int, H: int,
+                    max_len: int, init: bool = False) -> bool:  # fmt: skip
+    """A training forward in the fused-chunk layout that keeps no states for the backward
+    (``fc_forward`` "all"): it returns no segment states either (the backward's state walk
+    recomputes the chunk states over its own segments)."""
+    kw = dict(train=train, n_seq=n_seq, H=H, max_len=max_len, init=init)
+    return train and fc_forward_rule(init) == "all" and uses_fused_chunk(causal, F, DV, dtype, **kw)
 
 
 def fc_chunk_size(F: int, dtype: torch.dtype, max_len: int) -> int:
@@ -332,7 +354,7 @@ class _Plan:
     """Shapes, block sizes, chunk tables and constexprs shared by the forward and backward."""
 
     def __init__(self, q, k, v, wq, bq, bk, mask, cu, *, activation, negation, fused, max_len, nc, varlen, causal,
-                 train=True, forward=False):  # fmt: skip
+                 train=True, forward=False, init=False):  # fmt: skip
         self.B, self.T, self.H, dq = q.shape
         self.HK, self.DV = k.shape[2], v.shape[3]
         self.N = cu.numel() - 1
@@ -345,9 +367,10 @@ class _Plan:
         self.FT = 2 * self.F if self.neg else self.F
         self.nhalf = 2 if self.neg else 1
         self.dev = q.device
-        kw = dict(train=train, n_seq=self.N, H=self.H, max_len=max_len)
+        kw = dict(train=train, n_seq=self.N, H=self.H, max_len=max_len, init=init)
         self.fc = uses_fused_chunk(causal, self.F, self.DV, v.dtype, **kw, forward=forward)
         self.store_h = forward and fc_stores_h(causal, self.F, self.DV, v.dtype, **kw)
+        self.recompute_h = forward and fc_recomputes_h(causal, self.F, self.DV, v.dtype, **kw)
         self.bt = bt = fc_chunk_size(self.F, v.dtype, max_len) if self.fc else chunk_size(self.F, v.dtype, max_len)
         # the chunk layout's launch shapes (tile_knob)
         self.tiles = {key: tile_knob(key, self.F, v.dtype, max_len) for key in _TILES}
@@ -457,7 +480,8 @@ def fwd(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, *, activation, negation, caus
     ``s_in [N, HK, NS, FT, DV]`` / ``z_in`` the segments' entering states (saved for the backward).
     """
     P = _Plan(q, k, v, wq, bq, bk, mask, cu, activation=activation, negation=negation, fused=fused,
-              max_len=max_len, nc=nc, varlen=varlen, causal=causal, train=train, forward=True)  # fmt: skip
+              max_len=max_len, nc=nc, varlen=varlen, causal=causal, train=train, forward=True,
+              init=s0 is not None)  # fmt: skip
     if P.fc:
         return _fc_fwd(P, q, k, v, wq, bq, wk, bk, s0, z0, eps)
     dev = P.dev
@@ -838,8 +862,12 @@ def _fc_fwd(P, q, k, v, wq, bq, wk, bk, s0, z0, eps):
             q, wq_, bq_, P.mask_, P.cu, s_in, z_in, o, den, P.T, P.H, P.HK, P.G, P.D, P.F, P.FT, P.DV, cps, ns,
             n_part, s_off, HAS_BQ=bq is not None, STAGES=int(CONFIG["fix_stages"]), **c,
         )  # fmt: skip
-        return o, den, h, hz, s_in, z_in, s_in[:, :, ns - 1] + se[:, :, ns - 1], z_in[:, :, ns - 1] + sez[:, :, ns - 1]
-    return o, den, h, hz, s_in, z_in, se[:, :, ns - 1].contiguous(), sez[:, :, ns - 1].contiguous()
+        s_fin, z_fin = s_in[:, :, ns - 1] + se[:, :, ns - 1], z_in[:, :, ns - 1] + sez[:, :, ns - 1]
+    else:
+        s_fin, z_fin = se[:, :, ns - 1].contiguous(), sez[:, :, ns - 1].contiguous()
+    if P.recompute_h:  # the backward's state walk has its own segments: nothing of these is read
+        s_in, z_in = q.new_empty(0, dtype=f32), q.new_empty(0, dtype=f32)
+    return o, den, h, hz, s_in, z_in, s_fin, z_fin
 
 
 def _fc_bwd_q(P, do, q, k, v, wq, bq, wk, bk, o, den, s_in, z_in):
