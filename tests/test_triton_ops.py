@@ -603,26 +603,28 @@ def test_fused_chunk_training_forward_stores_chunk_states(rule, kind, monkeypatc
         assert not torch.isnan(a).any() and rel(b.float(), a.float()) <= (1e-6 if dtype == torch.float32 else 1e-2)
 
 
-@pytest.mark.parametrize("segs", ["fc_many", "both_many", "init"])
+@pytest.mark.parametrize("segs", ["matched", "fc_many", "both_many", "init"])
 @pytest.mark.parametrize("kind", ["mask", "cu"])
 def test_fused_chunk_training_forward_recomputes_states(segs, kind, monkeypatch):
     """``fc_forward`` "all": a training forward runs the fused-chunk kernel (over several segments:
     walks from zero + the correction pass) and keeps no chunk states; the backward's query side
-    recomputes them with one forward state walk, over segments of its own ("fc_many": several
-    fused-chunk segments, one walk segment; "both_many": both several, of different lengths).
-    Under an initial state ("init") the forward stores them as "segments_inference" does.
-    Against the reference with padding or packed sequences and GQA."""
+    recomputes them with one forward state walk. "matched": the fused-chunk segments are whole
+    chunks of the walk, which starts each from the entering state the forward saved (complete
+    states, no fold); otherwise (fused-chunk chunks shorter than the walk's, "fc_many": one walk
+    segment, "both_many": several, folded) the walk's own segments. Under an initial state
+    ("init") the forward stores them as "segments_inference" does. Against the reference with
+    padding or packed sequences and GQA."""
     many, one = 10_000, 1
-    fc_p, walk_p = {"fc_many": (many, one), "both_many": (many, many), "init": (one, one)}[segs]
+    fc_p, walk_p = {"matched": (many, many), "fc_many": (many, one), "both_many": (many, many), "init": (one, one)}[segs]
     _launch.CONFIG.update(design="auto", fc_forward="all", fc_segments="fix", fc_programs=fc_p, min_programs=walk_p)
     B, T, H, HK, D = (2, 3000, 4, 2, 64) if CUDA else (2, 150, 2, 1, 16)
     if kind == "cu":
         B = 1
         if not CUDA:
             T = 200
-    if not CUDA:
-        _launch.CONFIG["fc_chunk"] = 16
     dtype = torch.bfloat16 if CUDA else torch.float32
+    bt = _launch.chunk_size(D, dtype, T)  # the state walk's chunks
+    _launch.CONFIG["fc_chunk"] = bt if segs == "matched" else bt // 2
     args = _inputs(B, T, H, HK, D, D, D, dtype, True)
     mask, cu = _mask_or_cu(kind, B, T)
     N = B if cu is None else cu.numel() - 1
@@ -630,19 +632,24 @@ def test_fused_chunk_training_forward_recomputes_states(segs, kind, monkeypatch)
     if segs == "init":
         g = torch.Generator(device="cpu").manual_seed(8)
         st0 = ((torch.rand(N, HK, 2 * D, D, generator=g) * 0.5).to(DEV), torch.rand(N, HK, 2 * D, generator=g).to(DEV))
-    stored, walks = [], []
-    fc_fwd, walk = _launch._fc_fwd, _launch._Plan.state_walk
+    stored, walks, folds = [], [], []
+    fc_fwd, walk, fold = _launch._fc_fwd, _launch._Plan.state_walk, _launch._fold
 
     def fc_spy(P, *a, **kw):
         stored.append((P.store_h, P.walk_segments()[1]))
         return fc_fwd(P, *a, **kw)
 
     def walk_spy(self, *a, **kw):
-        walks.append((kw["reverse"], kw["store_h"]))
+        walks.append((kw["reverse"], kw["store_h"], kw.get("seg") is not None))
         return walk(self, *a, **kw)
+
+    def fold_spy(*a, **kw):
+        folds.append(kw["skip"])
+        return fold(*a, **kw)
 
     monkeypatch.setattr(_launch, "_fc_fwd", fc_spy)
     monkeypatch.setattr(_launch._Plan, "state_walk", walk_spy)
+    monkeypatch.setattr(_launch, "_fold", fold_spy)
     kern, ref, low = _run_fused(
         args, activation="softmax", negation=True, causal=True, mask=mask, cu=cu, init=st0, dtype=dtype
     )
@@ -650,8 +657,12 @@ def test_fused_chunk_training_forward_recomputes_states(segs, kind, monkeypatch)
     assert len(stored) == 1 and stored[0][0] == (segs == "init"), stored
     assert (stored[0][1] > 1) == (segs != "init"), stored
     # the chunk states: recomputed by one forward walk in the backward, or stored by the forward
-    assert walks.count((False, True)) == (segs != "init"), walks
-    assert (False, False) not in walks, walks  # no segment-sum walk
+    recomputed = [w for w in walks if w[:2] == (False, True)]
+    assert len(recomputed) == (segs != "init"), walks
+    assert (False, False) not in [w[:2] for w in walks], walks  # no segment-sum walk
+    if segs != "init":
+        assert recomputed[0][2] == (segs == "matched"), walks  # the forward's segments imposed
+        assert (0 in folds) == (segs == "both_many"), folds  # the forward chunk states folded
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])

@@ -102,7 +102,7 @@ def _(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, activation, negation, causal, e
     if L.uses_fused_chunk(causal, F, DV, v.dtype, **kw):  # as _launch._fc_fwd
         ns = L.segments(N, H, max_len, 1, L.fc_chunk_size(F, v.dtype, max_len), cap=int(L.CONFIG["fc_programs"]))[1]
         store_h = L.fc_stores_h(causal, F, DV, v.dtype, **kw)
-        seg = (ns > 1 or s0 is not None) and not store_h and not L.fc_recomputes_h(causal, F, DV, v.dtype, **kw)
+        seg = (ns > 1 or s0 is not None) and not store_h
         return (
             q.new_empty(B, T, H, DV, dtype=v.dtype),
             q.new_empty(B * T, H, dtype=f32),

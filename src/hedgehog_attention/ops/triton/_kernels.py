@@ -435,8 +435,9 @@ def _state_kernel(
     the ``G`` query heads of the KV head: ``h[c] = sum_{c' > c} phi_q^T (do / den)``,
     ``hz[c] = sum phi_q * cd`` with ``cd = -(do . o) / den``.
     ``h [NC, HK, FT, DV]`` is indexed by the global chunk (``coff[n] + chunk``); ``st [N, HK, NS,
-    FT, DV]`` gets the segment's total. ``INIT`` (one segment): start from ``s0 [N, HK, FT, DV]``,
-    ``z0`` instead of 0. Grid: ``(N * HK * NS, halves * NV)``. ``BOTH`` (with negation): one
+    FT, DV]`` gets the segment's total. ``INIT``: start every segment from its entering state
+    ``s0 [N, HK, NS, FT, DV]`` / ``z0`` instead of 0 (one segment: the initial state ``[N, HK, FT,
+    DV]``); the chunk states are then complete. Grid: ``(N * HK * NS, halves * NV)``. ``BOTH`` (with negation): one
     program walks both feature halves (grid ``(N * HK * NS, NV)``): the chunk's loads and its
     pre-activation ``x W + b`` once for the two halves, two independent products per step.
     """
@@ -466,7 +467,7 @@ def _state_kernel(
     offs_f = tl.arange(0, BF)
     v0 = i_v * BV
     if INIT:
-        sb0 = (i_n * HK + i_hk).to(tl.int64) * FT
+        sb0 = ((i_n * HK + i_hk) * NS + i_s).to(tl.int64) * FT
         b_h, b_z = _load_half(s0_ptr + sb0 * DV, z0_ptr + sb0, row0, F, DV, v0, BF, BV, EVEN)
         if BOTH:
             b_h2, b_z2 = _load_half(s0_ptr + sb0 * DV, z0_ptr + sb0, F, F, DV, v0, BF, BV, EVEN)

@@ -99,7 +99,8 @@ CONFIG = {
     # walk first), "segments_inference" ("one_segment", and inference over segments too), "all"
     # (every forward, training over segments too as "fix" does, and a training forward stores no
     # chunk states: the backward's query side recomputes them with one state walk, which costs
-    # less than the walk's per-chunk stores; under an initial state: "segments_inference")
+    # less than the walk's per-chunk stores and starts every segment from the entering state the
+    # forward saved; under an initial state: "segments_inference")
     "fc_forward": "segments_inference",
     # causal walks over several segments (long sequences): add each segment's entering state to its
     # chunk states in place (_fold_kernel: one read and write of them) so that the output kernel and
@@ -270,15 +271,6 @@ def fc_stores_h(causal: bool, F: int, DV: int, dtype: torch.dtype, *, train: boo
     )
 
 
-def fc_recomputes_h(causal: bool, F: int, DV: int, dtype: torch.dtype, *, train: bool, n_seq: int, H: int,
-                    max_len: int, init: bool = False) -> bool:  # fmt: skip
-    """A training forward in the fused-chunk layout that keeps no states for the backward
-    (``fc_forward`` "all"): it returns no segment states either (the backward's state walk
-    recomputes the chunk states over its own segments)."""
-    kw = dict(train=train, n_seq=n_seq, H=H, max_len=max_len, init=init)
-    return train and fc_forward_rule(init) == "all" and uses_fused_chunk(causal, F, DV, dtype, **kw)
-
-
 def fc_chunk_size(F: int, dtype: torch.dtype, max_len: int) -> int:
     """Tokens per chunk of the fused-chunk walks: ``CONFIG["fc_chunk"]``, at most the chunk design's."""
     return min(int(CONFIG["fc_chunk"]), chunk_size(F, dtype, max_len))
@@ -370,7 +362,6 @@ class _Plan:
         kw = dict(train=train, n_seq=self.N, H=self.H, max_len=max_len, init=init)
         self.fc = uses_fused_chunk(causal, self.F, self.DV, v.dtype, **kw, forward=forward)
         self.store_h = forward and fc_stores_h(causal, self.F, self.DV, v.dtype, **kw)
-        self.recompute_h = forward and fc_recomputes_h(causal, self.F, self.DV, v.dtype, **kw)
         self.bt = bt = fc_chunk_size(self.F, v.dtype, max_len) if self.fc else chunk_size(self.F, v.dtype, max_len)
         # the chunk layout's launch shapes (tile_knob)
         self.tiles = {key: tile_knob(key, self.F, v.dtype, max_len) for key in _TILES}
@@ -433,8 +424,9 @@ class _Plan:
         """Run ``_state_kernel``; returns ``(h, hz, st, stz, cps, init)`` (``h``/``hz`` None unless
         ``store_h``). With one segment per sequence and a given ``(s0, z0)`` (initial state, or the
         final-state gradient when ``reverse``) the walk starts from it (``init``): the chunk states
-        are then complete and ``st`` includes it. ``seg = (CPS, NS)`` imposes the segments (the
-        fused-chunk walks' segment sums)."""
+        are then complete and ``st`` includes it; so too with several segments and ``s0 [N, HK, NS,
+        FT, DV]``, every segment's entering state. ``seg = (CPS, NS)`` imposes the segments (the
+        fused-chunk walks' segment sums, or the segments ``s0`` belongs to)."""
         bv = min(_pow2(self.DV), _pow2(CONFIG["state_bv"]))
         nv = triton.cdiv(self.DV, bv)
         both = self.nhalf == 2 and int(CONFIG["walk_halves"]) == 2
@@ -451,7 +443,7 @@ class _Plan:
         stz = _empty(self.N, self.HK, ns, self.FT, device=self.dev, dtype=f32)
         c = self.consts(bv)
         dummy = x
-        init = store_h and ns == 1 and s0 is not None
+        init = store_h and s0 is not None and (ns == 1 or (s0.dim() == 5 and s0.shape[2] == ns))
         _run(K._state_kernel, (self.N * self.HK * ns, nj * nv),
             x, w if w is not None else dummy, b if b is not None else dummy, u,
             den if den is not None else dummy, cd if cd is not None else dummy, self.mask_, self.cu, self.coff,
@@ -588,16 +580,22 @@ def bwd_q(
             do, o, den, cd, P.B * P.T, P.H, P.DV, BT=64, BV=_pow2(P.DV), num_warps=4
         )  # fmt: skip
     if causal and h.numel() == 0:
+        # the chunk states again (CONFIG["recompute_h"], a second backward, fc_forward "all"; no
+        # initial state: _setup_context). Where the forward saved its segments' entering states
+        # and the walk can take those segments, every segment starts from its entering state:
+        # complete chunk states, nothing to fold
+        seg = _entering_segments(P, s_in, v.dtype)
         h, hz, st, stz = P.state_walk(
-            k, wk if fused else None, bk if fused else None, v, None, None, None, None, reverse=False, store_h=True
-        )[:4]
-        if st.shape[2] > 1 and not (s_in.dim() == 5 and s_in.shape[2] > 1):
-            # a fused-chunk forward stored complete states (no segment states to save); the
-            # walk's are local to its segments (no initial state here: _setup_context)
+            k, wk if fused else None, bk if fused else None, v, None, None, s_in if seg else None, z_in if seg else None,
+            reverse=False, store_h=True, seg=seg,
+        )[:4]  # fmt: skip
+        if seg is None and st.shape[2] > 1:  # the walk's states are local to its segments
             s_in, z_in = _before(st), _before(stz)
             if CONFIG["seg_fold"]:
                 _fold(P, h, hz, s_in, z_in, cps, skip=0)
                 s_in, z_in = s_in.new_empty(0), z_in.new_empty(0)
+        else:  # complete chunk states: no segment states read
+            s_in, z_in = s_in.new_empty(0), z_in.new_empty(0)
         del st, stz
     zdt = torch.bfloat16 if v.dtype == torch.bfloat16 else f32
     dq = _empty(q.shape, device=dev, dtype=q.dtype)
@@ -759,6 +757,24 @@ def _fold(P: _Plan, h: torch.Tensor, hz: torch.Tensor, si: torch.Tensor, zi: tor
     )  # fmt: skip
 
 
+def _entering_segments(P: _Plan, s_in: torch.Tensor, dtype: torch.dtype) -> tuple[int, int] | None:
+    """``(CPS, NS)`` in the chunk layout's chunks of the segments whose entering states a causal
+    training forward saved (``s_in [N, HK, NS, FT, DV]``, several segments): the fused-chunk walks'
+    (``fc_chunk_size``-token chunks; None when a segment is not a whole number of the state walk's
+    chunks) or the forward state walk's own. None without such states."""
+    if s_in.dim() != 5 or s_in.shape[2] <= 1:
+        return None
+    ns = s_in.shape[2]
+    if uses_fused_chunk(True, P.F, P.DV, dtype, train=True, n_seq=P.N, H=P.H, max_len=P.max_len):
+        fbt = fc_chunk_size(P.F, dtype, P.max_len)
+        cps_f, ns_f = segments(P.N, P.H, P.max_len, 1, fbt, cap=int(CONFIG["fc_programs"]))
+        if ns_f != ns or (cps_f * fbt) % P.bt:
+            return None
+        return cps_f * fbt // P.bt, ns
+    cps = _fwd_cps(P)
+    return (cps, ns) if triton.cdiv(triton.cdiv(P.max_len, P.bt), cps) == ns else None
+
+
 def _fwd_cps(P: _Plan) -> int:
     """Chunks per segment of the forward state walk (the backward reads its segment states)."""
     bv = min(_pow2(P.DV), _pow2(CONFIG["state_bv"]))
@@ -865,8 +881,6 @@ def _fc_fwd(P, q, k, v, wq, bq, wk, bk, s0, z0, eps):
         s_fin, z_fin = s_in[:, :, ns - 1] + se[:, :, ns - 1], z_in[:, :, ns - 1] + sez[:, :, ns - 1]
     else:
         s_fin, z_fin = se[:, :, ns - 1].contiguous(), sez[:, :, ns - 1].contiguous()
-    if P.recompute_h:  # the backward's state walk has its own segments: nothing of these is read
-        s_in, z_in = q.new_empty(0, dtype=f32), q.new_empty(0, dtype=f32)
     return o, den, h, hz, s_in, z_in, s_fin, z_fin
 
 
