@@ -615,7 +615,8 @@ def test_fused_chunk_training_forward_recomputes_states(segs, kind, monkeypatch)
     ("init") the forward stores them as "segments_inference" does. Against the reference with
     padding or packed sequences and GQA."""
     many, one = 10_000, 1
-    fc_p, walk_p = {"matched": (many, many), "fc_many": (many, one), "both_many": (many, many), "init": (one, one)}[segs]
+    programs = {"matched": (many, many), "fc_many": (many, one), "both_many": (many, many), "init": (one, one)}
+    fc_p, walk_p = programs[segs]
     _launch.CONFIG.update(design="auto", fc_forward="all", fc_segments="fix", fc_programs=fc_p, min_programs=walk_p)
     B, T, H, HK, D = (2, 3000, 4, 2, 64) if CUDA else (2, 150, 2, 1, 16)
     if kind == "cu":

@@ -586,7 +586,7 @@ def bwd_q(
         # complete chunk states, nothing to fold
         seg = _entering_segments(P, s_in, v.dtype)
         h, hz, st, stz = P.state_walk(
-            k, wk if fused else None, bk if fused else None, v, None, None, s_in if seg else None, z_in if seg else None,
+            k, wk if fused else None, bk if fused else None, v, None, None, *((s_in, z_in) if seg else (None, None)),
             reverse=False, store_h=True, seg=seg,
         )[:4]  # fmt: skip
         if seg is None and st.shape[2] > 1:  # the walk's states are local to its segments
