@@ -523,9 +523,9 @@ def test_auto_design_uses_fused_chunk_for_inference_only(monkeypatch):
 
 
 def test_inference_over_segments_takes_the_fused_chunk_forward(monkeypatch):
-    """The default ``fc_forward = "segments_inference"``: inference over several segments per walk
-    runs the fused-chunk forward with the correction pass (no state walk), a recorded (training)
-    forward over several segments the chunk layout; same outputs and final state."""
+    """``fc_forward = "segments_inference"`` (session 7's default): inference over several segments
+    per walk runs the fused-chunk forward with the correction pass (no state walk), a recorded
+    (training) forward over several segments the chunk layout; same outputs and final state."""
     _launch.CONFIG.update(design="auto", fc_forward="segments_inference", fc_programs=10_000, fc_segments="fix")
     used = []
     fc_fwd = _launch._fc_fwd

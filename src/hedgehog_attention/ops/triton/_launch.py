@@ -101,7 +101,7 @@ CONFIG = {
     # chunk states: the backward's query side recomputes them with one state walk, which costs
     # less than the walk's per-chunk stores and starts every segment from the entering state the
     # forward saved; under an initial state: "segments_inference")
-    "fc_forward": "segments_inference",
+    "fc_forward": "all",
     # causal walks over several segments (long sequences): add each segment's entering state to its
     # chunk states in place (_fold_kernel: one read and write of them) so that the output kernel and
     # the backward read one state tile per chunk instead of the local state + the segment's
