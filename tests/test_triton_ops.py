@@ -617,7 +617,8 @@ def test_fused_chunk_training_forward_recomputes_states(segs, kind, monkeypatch)
     many, one = 10_000, 1
     programs = {"matched": (many, many), "fc_many": (many, one), "both_many": (many, many), "init": (one, one)}
     fc_p, walk_p = programs[segs]
-    _launch.CONFIG.update(design="auto", fc_forward="all", fc_segments="fix", fc_programs=fc_p, min_programs=walk_p)
+    _launch.CONFIG.update(design="auto", fc_forward="all", fc_segments="fix", fc_programs=fc_p, min_programs=walk_p,
+                          fc_train_max_len=10**9)  # fmt: skip
     B, T, H, HK, D = (2, 3000, 4, 2, 64) if CUDA else (2, 150, 2, 1, 16)
     if kind == "cu":
         B = 1
@@ -790,6 +791,27 @@ def test_core_dispatch_and_module_use_the_kernels():
     out = {b: m(q, k, v, use_cache=True) for b, m in attn.items()}
     assert rel(out["triton"].o, out["reference"].o) <= 2e-5
     assert rel(out["triton"].state.S, out["reference"].state.S) <= 2e-5
+
+
+def test_all_rule_trains_in_the_fused_chunk_layout_where_its_chunks_are_the_walks():
+    """``fc_forward`` "all" with ``fc_train_max_len`` "tiles": a training forward takes the
+    fused-chunk layout where the chunk layout's chunks are the walks' (the backward then starts its
+    recomputing walk from the forward's segments) and the chunk layout where they are longer;
+    inference takes the fused-chunk layout either way; an int limit is a token count."""
+    _launch.CONFIG.update(design="auto", fc_forward="all", fc_train_max_len="tiles")
+    bf16 = torch.bfloat16
+    kw = dict(n_seq=1, H=4, max_len=4096)
+    bt = _launch.chunk_size(64, bf16, 4096)
+    _launch.CONFIG["fc_chunk"] = bt
+    assert _launch.uses_fused_chunk(True, 64, 64, bf16, train=True, **kw)
+    assert not _launch.fc_stores_h(True, 64, 64, bf16, train=True, **kw)
+    _launch.CONFIG["fc_chunk"] = bt // 2
+    assert not _launch.uses_fused_chunk(True, 64, 64, bf16, train=True, **kw)
+    assert _launch.uses_fused_chunk(True, 64, 64, bf16, train=False, **kw)
+    _launch.CONFIG.update(fc_chunk=bt, fc_train_max_len=4095)
+    assert not _launch.uses_fused_chunk(True, 64, 64, bf16, train=True, **kw)
+    _launch.CONFIG["fc_train_max_len"] = 4096
+    assert _launch.uses_fused_chunk(True, 64, 64, bf16, train=True, **kw)
 
 
 _FAKE_LAYOUTS = {

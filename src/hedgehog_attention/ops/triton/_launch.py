@@ -102,6 +102,11 @@ CONFIG = {
     # less than the walk's per-chunk stores and starts every segment from the entering state the
     # forward saved; under an initial state: "segments_inference")
     "fc_forward": "all",
+    # "all": training forwards in the fused-chunk layout only where the chunk layout's chunks are
+    # the walks' ("tiles"; above small_tiles_max_len its 128-token output kernel costs less than the
+    # walk + correction pass: H200 run 31 at 128K, 5.71 against 6.13 ms of kernels per fwd+bwd), or
+    # up to this many tokens (an int)
+    "fc_train_max_len": "tiles",
     # causal walks over several segments (long sequences): add each segment's entering state to its
     # chunk states in place (_fold_kernel: one read and write of them) so that the output kernel and
     # the backward read one state tile per chunk instead of the local state + the segment's
@@ -219,13 +224,26 @@ def chunk_size(F: int, dtype: torch.dtype, max_len: int) -> int:
 _FC_FORWARD = ("inference", "inference_all", "one_segment", "segments_inference", "always", "all")
 
 
-def fc_forward_rule(init: bool) -> str:
-    """``CONFIG["fc_forward"]``, checked; "all" under an initial state reads "segments_inference"
-    (the backward's state walk that recomputes the chunk states starts from zero)."""
+def fc_forward_rule(init: bool, train: bool, F: int, dtype: torch.dtype, max_len: int) -> str:
+    """``CONFIG["fc_forward"]``, checked. "all" reads "segments_inference" under an initial state
+    (the backward's state walk that recomputes the chunk states starts from zero) and for a
+    training forward beyond ``CONFIG["fc_train_max_len"]``."""
     rule = CONFIG["fc_forward"]
     if rule not in _FC_FORWARD:
         raise ValueError(f'CONFIG["fc_forward"] must be one of {_FC_FORWARD}; got {rule!r}')
-    return "segments_inference" if (rule == "all" and init) else rule
+    if rule != "all":
+        return rule
+    if init:
+        return "segments_inference"
+    if train:
+        lim = CONFIG["fc_train_max_len"]
+        if lim == "tiles":
+            fits = chunk_size(F, dtype, max_len) == fc_chunk_size(F, dtype, max_len)
+        else:
+            fits = max_len <= int(lim)
+        if not fits:
+            return "segments_inference"
+    return rule
 
 
 def uses_fused_chunk(causal: bool, F: int, DV: int, dtype: torch.dtype, *, train: bool, n_seq: int, H: int,
@@ -248,7 +266,7 @@ def uses_fused_chunk(causal: bool, F: int, DV: int, dtype: torch.dtype, *, train
         return True
     if mode != "auto":
         raise ValueError(f'CONFIG["design"] must be "auto", "chunk" or "fused_chunk"; got {mode!r}')
-    rule = fc_forward_rule(init)
+    rule = fc_forward_rule(init, train, F, dtype, max_len)
     if not forward or (train and rule in ("inference", "inference_all")):
         return False
     if rule in ("always", "all") or (rule in ("segments_inference", "inference_all") and not train):
@@ -265,7 +283,7 @@ def fc_stores_h(causal: bool, F: int, DV: int, dtype: torch.dtype, *, train: boo
     kw = dict(train=train, n_seq=n_seq, H=H, max_len=max_len, init=init)
     return (
         train
-        and fc_forward_rule(init) != "all"
+        and fc_forward_rule(init, train, F, dtype, max_len) != "all"
         and uses_fused_chunk(causal, F, DV, dtype, **kw)
         and not uses_fused_chunk(causal, F, DV, dtype, **kw, forward=False)
     )
