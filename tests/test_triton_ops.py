@@ -820,6 +820,7 @@ _FAKE_LAYOUTS = {
     "fc-sums-train": dict(design="auto", fc_forward="always", fc_segments="sums", fc_programs=10_000),
     "fc-fix-inference": dict(design="auto", fc_forward="segments_inference", fc_segments="fix", fc_programs=10_000),
     "fc-all-train": dict(design="auto", fc_forward="all", fc_segments="fix", fc_programs=10_000),
+    "fc-one-inference": dict(design="auto", fc_forward="all", fc_programs=1),
 }
 
 
@@ -845,7 +846,7 @@ def test_forward_fake_matches_the_kernel(layout, init, monkeypatch):
     if init:
         g = torch.Generator(device="cpu").manual_seed(8)
         st0 = (torch.rand(2, 1, 32, 16, generator=g).to(DEV), torch.rand(2, 1, 32, generator=g).to(DEV))
-    train = layout != "fc-fix-inference"
+    train = not layout.endswith("-inference")
     leaves = [x.clone().requires_grad_(train) for x in args]
     fused_hedgehog_attention(*leaves, causal=True, initial_state=st0)
     assert len(calls) == 1 and calls[0][-1] == train

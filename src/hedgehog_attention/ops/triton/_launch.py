@@ -104,7 +104,7 @@ CONFIG = {
     "fc_forward": "all",
     # "all": training forwards in the fused-chunk layout only where the chunk layout's chunks are
     # the walks' ("tiles"; above small_tiles_max_len its 128-token output kernel costs less than the
-    # walk + correction pass: H200 run 31 at 128K, 5.71 against 6.13 ms of kernels per fwd+bwd), or
+    # walk + correction pass: H200 run 32 at 128K, 5.71 against 6.13 ms of kernels per fwd+bwd), or
     # up to this many tokens (an int)
     "fc_train_max_len": "tiles",
     # causal walks over several segments (long sequences): add each segment's entering state to its
