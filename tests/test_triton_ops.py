@@ -548,6 +548,26 @@ def test_inference_over_segments_takes_the_fused_chunk_forward(monkeypatch):
     assert (o_inf[~mask] == 0).all()
 
 
+def _training_case(kind: str, cpu_t: int, cpu_t_packed: int, *, with_init: bool):
+    """Inputs of the training-forward layout tests: ``(dtype, (q, k, v, wq, bq, wk, bk), mask, cu,
+    initial state)`` with GQA, bf16 D = 64 at T = 3000 on the GPU and fp32 D = 16 at ``cpu_t`` tokens
+    on the CPU; padding ("mask") or packed sequences ("cu", ``cpu_t_packed`` tokens on the CPU)."""
+    B, T, H, HK, D = (2, 3000, 4, 2, 64) if CUDA else (2, cpu_t, 2, 1, 16)
+    if kind == "cu":
+        B = 1
+        if not CUDA:
+            T = cpu_t_packed
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    args = _inputs(B, T, H, HK, D, D, D, dtype, True)
+    mask, cu = _mask_or_cu(kind, B, T)
+    N = B if cu is None else cu.numel() - 1
+    st0 = None
+    if with_init:
+        g = torch.Generator(device="cpu").manual_seed(8)
+        st0 = ((torch.rand(N, HK, 2 * D, D, generator=g) * 0.5).to(DEV), torch.rand(N, HK, 2 * D, generator=g).to(DEV))
+    return dtype, args, mask, cu, st0
+
+
 @pytest.mark.parametrize("rule", ["one_segment", "always"])
 @pytest.mark.parametrize("kind", ["mask", "cu"])
 def test_fused_chunk_training_forward_stores_chunk_states(rule, kind, monkeypatch):
@@ -557,21 +577,9 @@ def test_fused_chunk_training_forward_stores_chunk_states(rule, kind, monkeypatc
     GQA, an initial state (mask) and, for "always", several segments (their sums by a walk without
     stores); a second backward (retain_graph) recomputes the states by a walk over several segments."""
     _launch.CONFIG.update(design="auto", fc_forward=rule, fc_programs=1 if rule == "one_segment" else 10_000)
-    B, T, H, HK, D = (2, 3000, 4, 2, 64) if CUDA else (2, 45, 2, 1, 16)
-    if kind == "cu":
-        B = 1
-        if not CUDA:
-            T = 120
     if not CUDA:  # two fused-chunk chunks per chunk-layout chunk, as on the GPU (128 / 64)
         _launch.CONFIG["fc_chunk"] = 16
-    dtype = torch.bfloat16 if CUDA else torch.float32
-    args = _inputs(B, T, H, HK, D, D, D, dtype, True)
-    mask, cu = _mask_or_cu(kind, B, T)
-    N = B if cu is None else cu.numel() - 1
-    st0 = None
-    if kind == "mask":
-        g = torch.Generator(device="cpu").manual_seed(8)
-        st0 = ((torch.rand(N, HK, 2 * D, D, generator=g) * 0.5).to(DEV), torch.rand(N, HK, 2 * D, generator=g).to(DEV))
+    dtype, args, mask, cu, st0 = _training_case(kind, 45, 120, with_init=kind == "mask")
     stored, walks = [], []
     fc_fwd, walk = _launch._fc_fwd, _launch._Plan.state_walk
 
@@ -619,21 +627,9 @@ def test_fused_chunk_training_forward_recomputes_states(segs, kind, monkeypatch)
     fc_p, walk_p = programs[segs]
     _launch.CONFIG.update(design="auto", fc_forward="all", fc_segments="fix", fc_programs=fc_p, min_programs=walk_p,
                           fc_train_max_len=10**9)  # fmt: skip
-    B, T, H, HK, D = (2, 3000, 4, 2, 64) if CUDA else (2, 150, 2, 1, 16)
-    if kind == "cu":
-        B = 1
-        if not CUDA:
-            T = 200
-    dtype = torch.bfloat16 if CUDA else torch.float32
-    bt = _launch.chunk_size(D, dtype, T)  # the state walk's chunks
+    dtype, args, mask, cu, st0 = _training_case(kind, 150, 200, with_init=segs == "init")
+    bt = _launch.chunk_size(args[0].shape[3], dtype, args[0].shape[1])  # the state walk's chunks
     _launch.CONFIG["fc_chunk"] = bt if segs == "matched" else bt // 2
-    args = _inputs(B, T, H, HK, D, D, D, dtype, True)
-    mask, cu = _mask_or_cu(kind, B, T)
-    N = B if cu is None else cu.numel() - 1
-    st0 = None
-    if segs == "init":
-        g = torch.Generator(device="cpu").manual_seed(8)
-        st0 = ((torch.rand(N, HK, 2 * D, D, generator=g) * 0.5).to(DEV), torch.rand(N, HK, 2 * D, generator=g).to(DEV))
     stored, walks, folds = [], [], []
     fc_fwd, walk, fold = _launch._fc_fwd, _launch._Plan.state_walk, _launch._fold
 
