@@ -437,9 +437,10 @@ def _state_kernel(
     ``h [NC, HK, FT, DV]`` is indexed by the global chunk (``coff[n] + chunk``); ``st [N, HK, NS,
     FT, DV]`` gets the segment's total. ``INIT``: start every segment from its entering state
     ``s0 [N, HK, NS, FT, DV]`` / ``z0`` instead of 0 (one segment: the initial state ``[N, HK, FT,
-    DV]``); the chunk states are then complete. Grid: ``(N * HK * NS, halves * NV)``. ``BOTH`` (with negation): one
-    program walks both feature halves (grid ``(N * HK * NS, NV)``): the chunk's loads and its
-    pre-activation ``x W + b`` once for the two halves, two independent products per step.
+    DV]``); the chunk states are then complete. Grid: ``(N * HK * NS, halves * NV)``. ``BOTH``
+    (with negation): one program walks both feature halves (grid ``(N * HK * NS, NV)``): the
+    chunk's loads and its pre-activation ``x W + b`` once for the two halves, two independent
+    products per step.
     """
     i_nhs = tl.program_id(0)
     i_jv = tl.program_id(1)
