@@ -188,8 +188,10 @@ SWEEPS = {
     # session 6: the fused-chunk forward in training too (it stores the chunk states the chunk
     # layout's backward reads: no forward state walk), over segments at long T, and the bias
     # gradient from per-chunk partials written by the backward kernels; "base" = session 5's defaults
+    # (run 15 had "db_partial": False in "base"; the knob went with the partials, so "base" and
+    # "dbp" are the same configuration now)
     "train": {
-        "base": {"fc_forward": "inference", "db_partial": False},
+        "base": {"fc_forward": "inference"},
         "dbp": {"fc_forward": "inference"},
         "fc1": {"fc_forward": "one_segment"},
         "fcall": {"fc_forward": "always"},
@@ -254,6 +256,17 @@ SWEEPS = {
         "defaults": {},
         "tiles128": {"chunk": 128, "bwd_warps": 8, "state_warps": 8, "out_warps": 8, "min_programs": 132},
         "small_to_64k": {"small_tiles_max_len": 65536},
+    },
+    # session 8, prepared for the next device run (not yet timed): the correction pass capped at 168
+    # registers with two stages and three programs per SM (offline sm_90: 220 -> 168 registers, 32 B
+    # of spills, 60 KB of shared memory), its uncapped two-stage control, and small tiles at 128K
+    # (kernel time 5.28 against 5.71 ms in runs 32-33, wall 6.5-6.7 against 5.7: a host-side gap to
+    # explain first). Run with --sweep-seq-lens 16384,131072,32768 --sweep-profile.
+    "s8": {
+        "defaults": {},
+        "fix168": {"maxnreg": {"_fc_fix_kernel": 168}, "fix_stages": 2, "fix_programs": 6},
+        "fix_s2": {"fix_stages": 2},
+        "small128": {"small_tiles_max_len": 131072},
     },
     # the table's config picked among the likely winners (--pick; the first is the same-function
     # reference)
@@ -508,7 +521,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     t_start = time.time()
     REPS["warmup"], REPS["rep"] = (int(x) for x in args.reps.split(","))
-    BACKEND_CONFIG["triton fused"] = json.loads(args.config)
+    BACKEND_CONFIG["triton fused"] = check_config(json.loads(args.config), "--config")
     dev = torch.device(args.device)
     import triton
 
@@ -549,6 +562,8 @@ def main(argv=None):
         print("fla warm-up", meta["fla_warm_s"], "s", r, file=sys.stderr, flush=True)
     if args.sweep:  # configuration sweep of the fused kernel first: it picks the config
         sweep = SWEEPS[args.sweep] if args.sweep in SWEEPS else json.loads(args.sweep)
+        for cname, cfg in sweep.items():
+            check_config(cfg, f"--sweep variant {cname!r}")
         result["sweep_profile"], result["sweep_kernels"] = {}, {}
         ref = {}  # the first variant's o and dq on fixed inputs: every variant must compute the same
         for i, T in enumerate(int(x) for x in args.sweep_seq_lens.split(",") if x):
@@ -638,6 +653,15 @@ def _launch_config():
     from hedgehog_attention.ops.triton import _launch
 
     return _launch.CONFIG
+
+
+def check_config(cfg: dict, where: str) -> dict:
+    """``cfg`` if every key is a ``_launch.CONFIG`` knob: a misspelt one would otherwise time the
+    defaults under the variant's name."""
+    unknown = sorted(set(cfg) - set(_launch_config()))
+    if unknown:
+        raise ValueError(f"{where}: not launch knobs (_launch.CONFIG): {unknown}")
+    return cfg
 
 
 def _f(x, key):

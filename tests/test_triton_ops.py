@@ -810,6 +810,31 @@ def test_all_rule_trains_in_the_fused_chunk_layout_where_its_chunks_are_the_walk
     assert _launch.uses_fused_chunk(True, 64, 64, bf16, train=True, **kw)
 
 
+def test_register_cap_reaches_the_launch(monkeypatch):
+    """``CONFIG["maxnreg"]`` adds ``maxnreg`` to the named kernel's launch (and only its), the
+    correction pass then gives the same outputs; out-of-range caps are refused."""
+    _launch.CONFIG.update(design="auto", fc_forward="all", fc_segments="fix", fc_programs=10_000)
+    args = _inputs(2, 70, 2, 1, 16, 16, 16, torch.float32, True)
+    with torch.no_grad():
+        o_ref = fused_hedgehog_attention(*args, causal=True)[0]
+    launched = []
+    for kernel in (_launch.FC._fc_fix_kernel, _launch.FC._fc_fwd_kernel):  # the launch itself: kernel[grid](...) -> run
+
+        def spy(*a, _run=kernel.run, _name=kernel.fn.__name__, **kw):
+            launched.append((_name, kw.get("maxnreg")))
+            return _run(*a, **kw)
+
+        monkeypatch.setattr(kernel, "run", spy)
+    _launch.CONFIG["maxnreg"] = {"_fc_fix_kernel": 168}
+    with torch.no_grad():
+        o = fused_hedgehog_attention(*args, causal=True)[0]
+    assert ("_fc_fix_kernel", 168) in launched and ("_fc_fwd_kernel", None) in launched, launched
+    assert torch.equal(o, o_ref)
+    _launch.CONFIG["maxnreg"] = {"_fc_fix_kernel": 300}
+    with pytest.raises(ValueError, match="maxnreg"), torch.no_grad():
+        fused_hedgehog_attention(*args, causal=True)
+
+
 _FAKE_LAYOUTS = {
     "chunk": dict(design="chunk"),
     "fc-train": dict(design="auto", fc_forward="one_segment", fc_programs=1),

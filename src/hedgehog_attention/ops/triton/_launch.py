@@ -135,6 +135,13 @@ CONFIG = {
     # output kernel keeps them too (its row sums as products compiled to more instructions), as
     # does the softmax map's normaliser.
     "sums": "auto",
+    # registers per thread per kernel name (ptxas .maxnreg; none by default): more programs per SM
+    # for latency-bound kernels at the price of spills. Offline sm_90 compile (session 8,
+    # benchmarks/_compile_sm90.py): _fc_fix_kernel 220 registers at 4 warps / 3 stages (two
+    # programs per SM by registers, 77 KB of shared memory each); capped at 168 with 2 stages: 32 B
+    # of spills, 60 KB, three programs per SM fit ({"_fc_fix_kernel": 168}, fix_stages 2,
+    # fix_programs 6: not yet timed). The walks spill 176-432 B at 168.
+    "maxnreg": {},
 }
 
 
@@ -145,7 +152,9 @@ def _run(kernel, grid, *args, **kw):
     """``kernel[grid](*args, **kw)``; if the software-pipelined variant (``num_stages`` /
     ``P_STAGES`` > 1) needs more shared memory than a block may have (``OutOfResources`` at
     launch, before anything runs: e.g. the reverse walk over a GQA group of 2 heads with 3 stages,
-    H200 run of 2026-11-28 18:09), launch it with one stage; remembered per specialisation."""
+    H200 run of 2026-11-28 18:09), launch it with one stage; remembered per specialisation.
+    ``CONFIG["maxnreg"]`` caps the kernel's registers per thread (:func:`_register_cap`)."""
+    kw = _register_cap(kernel.fn.__name__, kw)
     key = (kernel.fn.__name__, tuple(sorted((k, str(v)) for k, v in kw.items())))
     if key in _UNSTAGED:
         kw = dict(kw, num_stages=1, **({"P_STAGES": 1} if "P_STAGES" in kw else {}))
@@ -157,6 +166,17 @@ def _run(kernel, grid, *args, **kw):
             raise
         _UNSTAGED.add(key)
         kernel[grid](*args, **dict(kw, num_stages=1, **({"P_STAGES": 1} if "P_STAGES" in kw else {})))
+
+
+def _register_cap(name: str, kw: dict) -> dict:
+    """Launch options ``kw`` with ``maxnreg`` (ptxas ``.maxnreg``: registers per thread) where
+    ``CONFIG["maxnreg"]`` names the kernel."""
+    cap = CONFIG["maxnreg"].get(name)
+    if cap is None:
+        return kw
+    if not 24 <= int(cap) <= 255:
+        raise ValueError(f'CONFIG["maxnreg"][{name!r}] must be 24..255 registers; got {cap!r}')
+    return dict(kw, maxnreg=int(cap))
 
 
 def _split(key: str, bt: int) -> int:

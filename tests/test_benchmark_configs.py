@@ -1,0 +1,25 @@
+"""The speed benchmark's launch-knob variants name real knobs (a misspelt knob would time the
+defaults under the variant's name): every ``SWEEPS`` entry, and ``--config`` / ``--sweep`` JSON."""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+import attention_speed  # noqa: E402
+
+
+@pytest.mark.parametrize("sweep", sorted(attention_speed.SWEEPS))
+def test_sweep_variants_name_launch_knobs(sweep):
+    for name, cfg in attention_speed.SWEEPS[sweep].items():
+        assert attention_speed.check_config(cfg, name) is cfg
+
+
+def test_unknown_knob_is_refused_before_anything_runs():
+    with pytest.raises(ValueError, match="fix_stage"):
+        attention_speed.check_config({"fix_stage": 2}, "--config")
+    with pytest.raises(ValueError, match="not launch knobs"):
+        attention_speed.main(["--device", "cpu", "--config", '{"fix_stage": 2}', "--out", "/nonexistent/x"])
