@@ -995,9 +995,11 @@ def _bwd_kernel(
         _map_bwd(zq, qp.to(tl.float32), qn.to(tl.float32), dqp, dqn, tq_ok, wq, xq, dx_ptr, dz_ptr, dw_ptr, db_ptr, bos,
                  L, q0, i_h, i_h, H, D, F, BQ, BD, BF, FUSED, ACT, NEG, MAP_PREC, EVEN, DW_ATOMIC, HAS_BQ)  # fmt: skip
     else:
-        # dk's two accumulators complete (with the reverse-state terms) before dv's products start:
-        # fewer live tiles than interleaving the two (offline sm_90, session 8: spill stack 424 ->
-        # 72 B at 4 warps and 64 tokens, 368 -> 216 B at 8 warps and 128; making dv first: 80 / 488)
+        # dk's two accumulators complete (with the reverse-state terms) before dv's products start,
+        # rather than interleaved. Offline sm_90 spill stack (session 8; the old kernel's counts
+        # match the H200's): G = 1: 120 -> 112 B at 4 warps / 64 tokens (with a mask 72 -> 96),
+        # 288 -> 120 B at 8 warps / 128 tokens; GQA (G > 1): 424 -> 72 B and 368 -> 216 B
+        # (making dv first instead: 80 and 488)
         dkp, dkn = _kv_dk(qp, qn, vv, g, cd, sp, zp, sn, zn, tril, first, BK, BF, NEG, CAUSAL, DOT_DT, PREC)
         dvv = _kv_dv(qp, qn, kp, kn, g, sp, sn, tril, first, BK, BV, NEG, CAUSAL, DOT_DT, PREC)
         _st(dv_ptr + bos * (H * DV) + i_h * DV, dvv, L, DV, H * DV, k0, 0, BK, BV, True, not EVEN)
