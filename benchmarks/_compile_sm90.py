@@ -59,8 +59,12 @@ def _ptr_type(p: str, dtype: str) -> str:
 
 def compile_kernel(fn, cons: dict, dtype: str, num_warps: int, num_stages: int = 1):
     params = list(inspect.signature(fn.fn).parameters)
-    if fn in (K._state_kernel, FC._fc_bwd_kv_kernel):
-        cons = dict(cons, G=cons.get("G", 1))  # a constexpr there (GQA group walked per step)
+    if "G" in params:
+        # a constexpr in the state walk and the fused-chunk key-side walk (GQA group walked per
+        # step); a runtime int elsewhere, which Triton specialises when it is 1 (no GQA, as in the
+        # benchmark): the H200's register and spill counts are those of G = 1 (session 8: the
+        # backward's key side 120 B of spills with it, 424 B without)
+        cons = dict(cons, G=cons.get("G", 1))
     sig = {
         p: "constexpr"
         if p in cons
