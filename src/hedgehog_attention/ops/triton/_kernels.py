@@ -780,49 +780,6 @@ def _delta_kernel(do_ptr, o_ptr, den_ptr, cd_ptr, NTOK, H, DV, BT: tl.constexpr,
     tl.store(cd_ptr + offs_t * H + i_h, -tl.sum(do * o, 1) / den, mask=t_ok)
 
 
-@triton.jit
-def _kv_dv(qp, qn, kp, kn, g, rp, rn, tril, first, BK: tl.constexpr, BV: tl.constexpr, NEG: tl.constexpr,
-           CAUSAL: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-    """Key side: ``dv = A^T g + phi_k R`` (``R`` = the reverse state ``(rp, rn)``, added by the
-    GQA group's ``first`` query head only); rows: keys, ``A^T`` masked by ``tril^T``."""
-    if CAUSAL:
-        at = tl.dot(kp, tl.trans(qp), input_precision=PREC)
-        if NEG:
-            at += tl.dot(kn, tl.trans(qn), input_precision=PREC)
-        at = tl.where(tl.trans(tril), at, 0.0).to(DOT_DT)
-        dvv = tl.dot(at, g, input_precision=PREC)
-    else:
-        dvv = tl.zeros([BK, BV], dtype=tl.float32)
-    if first:
-        dvv += tl.dot(kp, rp.to(DOT_DT), input_precision=PREC)
-        if NEG:
-            dvv += tl.dot(kn, rn.to(DOT_DT), input_precision=PREC)
-    return dvv
-
-
-@triton.jit
-def _kv_dk(qp, qn, vv, g, cd, rp, rzp, rn, rzn, tril, first, BK: tl.constexpr, BF: tl.constexpr,
-           NEG: tl.constexpr, CAUSAL: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-    """Key side: both halves of ``dphi_k = dA^T phi_q + v R^T + r`` with ``dA^T = tril^T(v g^T +
-    cd)`` (the ``R``, ``r`` terms from the ``first`` query head only)."""
-    if CAUSAL:
-        dat = tl.dot(vv, tl.trans(g), input_precision=PREC) + cd[None, :]
-        dat = tl.where(tl.trans(tril), dat, 0.0).to(DOT_DT)
-        dkp = tl.dot(dat, qp, input_precision=PREC)
-        if NEG:
-            dkn = tl.dot(dat, qn, input_precision=PREC)
-        else:
-            dkn = dkp
-    else:
-        dkp = tl.zeros([BK, BF], dtype=tl.float32)
-        dkn = dkp
-    if first:
-        dkp += tl.dot(vv, tl.trans(rp.to(DOT_DT)), input_precision=PREC) + rzp[None, :]
-        if NEG:
-            dkn += tl.dot(vv, tl.trans(rn.to(DOT_DT)), input_precision=PREC) + rzn[None, :]
-    return dkp, dkn
-
-
 @triton.jit(do_not_specialize=["T", "CPS", "NSI"])
 def _bwd_kernel(
     q_ptr,
@@ -954,8 +911,6 @@ def _bwd_kernel(
     if NEG:
         sn, zn = _chunk_state(si_ptr + sb * DV, zi_ptr + sb, h_ptr + hb * DV, hz_ptr + hb, F, F, DV, 0, BF, BV,
                               CAUSAL, SEG, EVEN)  # fmt: skip
-    else:  # (not read: one feature half)
-        sn, zn = sp, zp
 
     # features as DOT_DT right away (bf16 for bf16 inputs, like torch's bf16 map): fewer live
     # fp32 tiles; the map's backward uses the same rounded features
@@ -995,17 +950,35 @@ def _bwd_kernel(
         _map_bwd(zq, qp.to(tl.float32), qn.to(tl.float32), dqp, dqn, tq_ok, wq, xq, dx_ptr, dz_ptr, dw_ptr, db_ptr, bos,
                  L, q0, i_h, i_h, H, D, F, BQ, BD, BF, FUSED, ACT, NEG, MAP_PREC, EVEN, DW_ATOMIC, HAS_BQ)  # fmt: skip
     else:
-        # dk's two accumulators complete (with the reverse-state terms) before dv's products start,
-        # rather than interleaved. Offline sm_90 spill stack (session 8; the old kernel's counts
-        # match the H200's): G = 1: 120 -> 112 B at 4 warps / 64 tokens (with a mask 72 -> 96),
-        # 288 -> 120 B at 8 warps / 128 tokens; GQA (G > 1): 424 -> 72 B and 368 -> 216 B
-        # (making dv first instead: 80 and 488)
-        dkp, dkn = _kv_dk(qp, qn, vv, g, cd, sp, zp, sn, zn, tril, first, BK, BF, NEG, CAUSAL, DOT_DT, PREC)
-        dvv = _kv_dv(qp, qn, kp, kn, g, sp, sn, tril, first, BK, BV, NEG, CAUSAL, DOT_DT, PREC)
-        _st(dv_ptr + bos * (H * DV) + i_h * DV, dvv, L, DV, H * DV, k0, 0, BK, BV, True, not EVEN)
+        if CAUSAL:
+            # rows: keys s, columns: queries t (t >= s)
+            dat = tl.dot(vv, tl.trans(g), input_precision=PREC) + cd[None, :]
+            dat = tl.where(tl.trans(tril), dat, 0.0).to(DOT_DT)
+            at = tl.dot(kp, tl.trans(qp), input_precision=PREC)
+            dkp = tl.dot(dat, qp, input_precision=PREC)
+            if NEG:
+                at += tl.dot(kn, tl.trans(qn), input_precision=PREC)
+                dkn = tl.dot(dat, qn, input_precision=PREC)
+            else:
+                dkn = dkp
+            at = tl.where(tl.trans(tril), at, 0.0).to(DOT_DT)
+            dvv = tl.dot(at, g, input_precision=PREC)
+        else:
+            dkp = tl.zeros([BK, BF], dtype=tl.float32)
+            dkn = dkp
+            dvv = tl.zeros([BK, BV], dtype=tl.float32)
+        if first:
+            r = sp.to(DOT_DT)
+            dkp += tl.dot(vv, tl.trans(r), input_precision=PREC) + zp[None, :]
+            dvv += tl.dot(kp, r, input_precision=PREC)
+            if NEG:
+                r = sn.to(DOT_DT)
+                dkn += tl.dot(vv, tl.trans(r), input_precision=PREC) + zn[None, :]
+                dvv += tl.dot(kn, r, input_precision=PREC)
         if HAS_MASK:
             dkp = dkp * mk[:, None]
             dkn = dkn * mk[:, None]
+        _st(dv_ptr + bos * (H * DV) + i_h * DV, dvv, L, DV, H * DV, k0, 0, BK, BV, True, not EVEN)
         _map_bwd(zk, kp_raw.to(tl.float32), kn_raw.to(tl.float32), dkp, dkn, tk_ok, wk, xk, dx_ptr, dz_ptr, dw_ptr,
                  db_ptr, bos, L, k0, i_h, i_hk, H, D, F, BK, BD, BF, FUSED, ACT, NEG, MAP_PREC, EVEN, DW_ATOMIC,
                  HAS_BK)  # fmt: skip
