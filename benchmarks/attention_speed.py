@@ -262,6 +262,18 @@ SWEEPS = {
     # of spills, 60 KB of shared memory), its uncapped two-stage control, and small tiles at 128K
     # (kernel time 5.28 against 5.71 ms in runs 32-33, wall 6.5-6.7 against 5.7: a host-side gap to
     # explain first). Run with --sweep-seq-lens 16384,131072,32768 --sweep-profile.
+    # session 9: the backward kernel at 168 registers (three 4-warp programs per SM instead of two;
+    # offline sm_90: 368 / 552 B of spills on the query / key side against 48 / 120), at 8 warps
+    # (240 / 255 registers, 0 / 32 B: one program per SM), the correction pass capped (s8) and small
+    # tiles at 128K (s8: over 1 ms of host time, now profiled). Run with --sweep-seq-lens
+    # 4096,16384,131072 --sweep-profile
+    "s9": {
+        "defaults": {},
+        "bwd168": {"maxnreg": {"_bwd_kernel": 168}},
+        "bwd_w8": {"bwd_warps": 8},
+        "fix168": {"maxnreg": {"_fc_fix_kernel": 168}, "fix_stages": 2, "fix_programs": 6},
+        "small128": {"small_tiles_max_len": 131072},
+    },
     "s8": {
         "defaults": {},
         "fix168": {"maxnreg": {"_fc_fix_kernel": 168}, "fix_stages": 2, "fix_programs": 6},
@@ -414,13 +426,19 @@ def profile_kernels(T, dev, n_iter=5):
     for _ in range(2):
         fwd().backward(do)
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
         for _ in range(n_iter):
             for x in leaves:
                 x.grad = None
             fwd().backward(do)
         torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) * 1e3 / n_iter
     out = _kernel_times(prof, n_iter, "")
+    # host side (session 9: a variant whose wall time exceeded its kernels' by > 1 ms): the wall
+    # time per step under the profiler and the host calls that took longest
+    out["wall (profiled)"] = round(wall, 4)
+    out.update(_host_times(prof, n_iter))
     # the forward alone (no_grad): separates the forward walk from the reverse one (same kernel)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         with torch.no_grad():
@@ -441,6 +459,13 @@ def _kernel_times(prof, n_iter, prefix):
     top = dict(sorted(out.items(), key=lambda kv: -kv[1])[:14])
     top[prefix + "sum"] = round(sum(out.values()), 4)
     return top
+
+
+def _host_times(prof, n_iter, top=6):
+    """The host-side calls (CUDA runtime and ATen) with the most self time, ms per step."""
+    rows = [(e.key, e.self_cpu_time_total) for e in prof.key_averages() if e.device_type.name == "CPU"]
+    rows.sort(key=lambda kv: -kv[1])
+    return {f"host: {k[:50]}": round(t / 1e3 / n_iter, 4) for k, t in rows[:top] if t}
 
 
 def _same_function(cfg, B, T, dev, ref):
@@ -577,20 +602,21 @@ def main(argv=None):
                 before = set(kernel_resources())
                 row[name] = time_backend(name, TOKENS // T, T, dev, with_bwd=True)
                 print(T, name, row[name], file=sys.stderr, flush=True)
-                if i == 0:  # registers of the kernels this variant compiled; per-kernel times
+                if i == 0:  # registers of the kernels this variant compiled; the same function
                     result["sweep_kernels"][cname] = sorted(set(kernel_resources()) - before)
                     row[name]["vs_first"] = _same_function(cfg, TOKENS // T, T, dev, ref)
-                    if args.sweep_profile and "error" not in row[name]:
-                        saved = dict(_launch_config())
-                        _launch_config().update(cfg)
-                        try:
-                            result["sweep_profile"][cname] = profile_kernels(T, dev, n_iter=3)
-                        except Exception as e:  # report, keep sweeping
-                            result["sweep_profile"][cname] = {"error": f"{type(e).__name__}: {e}"[:200]}
-                        finally:
-                            _launch_config().clear()
-                            _launch_config().update(saved)
-                    print(" ", cname, result["sweep_kernels"][cname], result["sweep_profile"].get(cname),
+                if args.sweep_profile and "error" not in row[name]:  # per-kernel times at every T
+                    key = f"{cname} T={T}"
+                    saved = dict(_launch_config())
+                    _launch_config().update(cfg)
+                    try:
+                        result["sweep_profile"][key] = profile_kernels(T, dev, n_iter=3)
+                    except Exception as e:  # report, keep sweeping
+                        result["sweep_profile"][key] = {"error": f"{type(e).__name__}: {e}"[:200]}
+                    finally:
+                        _launch_config().clear()
+                        _launch_config().update(saved)
+                    print(" ", key, result["sweep_kernels"].get(cname), result["sweep_profile"][key],
                           file=sys.stderr, flush=True)  # fmt: skip
                 save()
             result["sweep"].append(row)
@@ -724,9 +750,9 @@ def format_table(result) -> str:
                 cells += [_ratio(s, t, "fwd_ms"), _ratio(s, t, "fwdbwd_ms"), _ratio(sa, t, "fwd_ms"),
                           _ratio(sa, t, "fwdbwd_ms"), _ratio(f, t, "fwd_ms"), _ratio(f, t, "fwdbwd_ms")]  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
-    for cname, prof in result.get("sweep_profile", {}).items():
-        lines += ["", f"sweep {cname} kernels (ms per fwd+bwd): " + ", ".join(f"{k}: {v}" for k, v in prof.items())]
-        lines += ["  " + x for x in result.get("sweep_kernels", {}).get(cname, [])]
+    for key, prof in result.get("sweep_profile", {}).items():
+        lines += ["", f"sweep {key} kernels (ms per fwd+bwd): " + ", ".join(f"{k}: {v}" for k, v in prof.items())]
+        lines += ["  " + x for x in result.get("sweep_kernels", {}).get(key.split(" T=")[0], [])]
     for T, prof in result.get("profile", {}).items():
         lines += ["", f"profile T={T} (ms per fwd+bwd): " + ", ".join(f"{k}: {v}" for k, v in prof.items())]
     if result["decode"]:
