@@ -274,6 +274,18 @@ SWEEPS = {
         "fix168": {"maxnreg": {"_fc_fix_kernel": 168}, "fix_stages": 2, "fix_programs": 6},
         "small128": {"small_tiles_max_len": 131072},
     },
+    # session 9, second call: the backward kernel persistent over (chunk, head) items with the next
+    # item's loads pipelined (offline sm_90: 140 KB of shared memory with 2 stages, one program
+    # per SM; key side 304 B of spills) or without pipelining (two per SM), and the fused-chunk
+    # forward's walk with its next chunk's loads pipelined (84 KB). --sweep-seq-lens 4096,131072
+    "s9b": {
+        "defaults": {},
+        "small128": {"small_tiles_max_len": 131072},
+        "bwd_p1s2": {"bwd_persist": 1, "bwd_persist_stages": 2},
+        "bwd_p2s1": {"bwd_persist": 2, "bwd_persist_stages": 1},
+        "bwd_p1s2w8": {"bwd_persist": 1, "bwd_persist_stages": 2, "bwd_warps": 8},
+        "fc_s2": {"fc_stages": 2},
+    },
     "s8": {
         "defaults": {},
         "fix168": {"maxnreg": {"_fc_fix_kernel": 168}, "fix_stages": 2, "fix_programs": 6},
@@ -334,6 +346,22 @@ def _bench(fn, grad_to_none=None):
     return do_bench(fn, warmup=REPS["warmup"], rep=REPS["rep"], grad_to_none=grad_to_none, return_mode="median")
 
 
+def _host_ms(fn, grad_to_none=None, n=5):
+    """Host time to issue one call of ``fn`` (ms): ``n`` calls back to back without waiting for
+    the GPU, which runs behind them. When it approaches the GPU time of a call, the wall time is
+    the host's (launch overhead), not the kernels'."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        for x in grad_to_none or ():
+            x.grad = None
+        fn()
+    host = (time.perf_counter() - t0) * 1e3 / n
+    torch.cuda.synchronize()
+    return round(host, 4)
+
+
 def time_backend(name, B, T, dev, with_bwd):
     from hedgehog_attention.ops.triton import _launch
 
@@ -345,6 +373,7 @@ def time_backend(name, B, T, dev, with_bwd):
         fwd, _ = BACKENDS[name.split(" @")[0]](B, T, dev, False)
         with torch.no_grad():
             res["fwd_ms"] = _bench(fwd)
+            res["fwd_host_ms"] = _host_ms(fwd)
         if name in SCALED:
             res["measured_tokens"] = max(1, TAYLOR_TOKENS // T) * T
             res["fwd_ms"] *= B * T / res["measured_tokens"]
@@ -367,6 +396,7 @@ def time_backend(name, B, T, dev, with_bwd):
             torch.cuda.synchronize()
             res["peak_gb"] = (torch.cuda.max_memory_allocated() - base) / 1e9
             res["fwdbwd_ms"] = _bench(step, grad_to_none=leaves)
+            res["fwdbwd_host_ms"] = _host_ms(step, leaves)
             if name.startswith("triton"):  # the forward of training (autograd records it): its layout can differ
                 res["fwd_train_ms"] = _bench(fwd)
             del fwd, leaves, do

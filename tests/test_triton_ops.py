@@ -381,14 +381,15 @@ def test_row_sums_mode_follows_dtype():
 @pytest.mark.parametrize("kind", ["mask", "cu"])
 def test_recomputed_chunk_states_match_reference(kind):
     """The sweep's knobs together: chunk states recomputed in the backward instead of held
-    (``recompute_h``), the output kernel persistent over (chunk, head) items (with ``cu_seqlens``),
-    ``cd`` computed in the backward kernel, and output and backward programs over half chunks
+    (``recompute_h``), the output and backward kernels persistent over (chunk, head) items (with
+    ``cu_seqlens``), ``cd`` computed in the backward kernel, and output and backward programs over half chunks
     (``*_split``), both feature halves in one walk program, map weight gradients accumulated
     in the kernels (``dw_atomic``); same outputs and gradients, with
     padding or packed sequences, GQA and several segments."""
     _launch.CONFIG.update(recompute_h=True, fuse_delta=True, out_split=2, bwd_split=2, walk_halves=2, dw_atomic=True)
     _launch.CONFIG["design"] = "chunk"
     _launch.CONFIG["out_persist"] = 2 if kind == "cu" else 0  # both output grids with split programs
+    _launch.CONFIG["bwd_persist"] = 2 if kind == "cu" else 0  # both backward grids likewise
     B, T, H, HK, D = (2, 3000, 4, 2, 64) if CUDA else (2, 45, 2, 1, 16)
     if kind == "cu":
         B = 1
