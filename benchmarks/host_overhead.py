@@ -1,0 +1,133 @@
+"""Host (CPU) time to issue the fused Triton kernel's forward and forward+backward, against its GPU time.
+
+The kernels run asynchronously: while the host issues a call faster than the GPU runs it, the
+wall time is the GPU's. Where the host is slower (small batches, or launch paths that grew), the
+wall time is the host's and no kernel speed-up shows. Run on a CUDA machine::
+
+    PYTHONPATH=src python benchmarks/host_overhead.py --out results/ [--cprofile 4096,131072]
+
+For each (B, T) prints the host time per call (``n`` calls issued back to back while a spin
+kernel holds the GPU), the GPU time per call (CUDA events around the same calls, run after the
+spin: no host gaps) and their ratio (above 1: host-bound); with
+``--cprofile``, the Python functions that took the most host time in one fwd+bwd at those T.
+Writes ``host_overhead.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pathlib
+import pstats
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from attention_speed import HEADS, TOKENS, make_triton  # noqa: E402
+
+SHAPES = ((1, 1024), (4, 1024), (32, 4096), (8, 16384), (1, 131072))
+
+
+def _issue_and_gpu_ms(fn, grads=(), n=10, hold_ms=200.0):
+    """(host ms, GPU ms) per call. The GPU is held by a ``hold_ms`` spin kernel while the host
+    issues ``n`` calls back to back, so the GPU time (CUDA events around the calls, which start
+    after the spin) has no host gaps in it; the host time is the issuing alone."""
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(int(hold_ms * 1_980_000))  # cycles at the H200's 1.98 GHz (longer if slower)
+    start.record()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        for x in grads:
+            x.grad = None
+        fn()
+    host_total = (time.perf_counter() - t0) * 1e3
+    end.record()
+    torch.cuda.synchronize()
+    if host_total > hold_ms:  # the GPU caught up with the host: its time has gaps in it
+        print(f"warning: issuing took {host_total:.0f} ms > the {hold_ms:.0f} ms hold", file=sys.stderr)
+    return round(host_total / n, 4), round(start.elapsed_time(end) / n, 4)
+
+
+def _top_functions(fn, top: int) -> list[str]:
+    """The ``top`` functions by own host time in one call of ``fn`` (cProfile, GPU running)."""
+    prof = cProfile.Profile()
+    prof.enable()
+    fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+    return [line for line in out.getvalue().splitlines() if line.strip()]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="results")
+    ap.add_argument("--shapes", default=",".join(f"{b}x{t}" for b, t in SHAPES), help="BxT,BxT,...")
+    ap.add_argument("--cprofile", default="", help="T values (B*T = 131072) to profile with cProfile")
+    ap.add_argument("--top", type=int, default=25)
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    rows = []
+    for shape in args.shapes.split(","):
+        B, T = (int(x) for x in shape.split("x"))
+        row = {"B": B, "T": T, "H": HEADS}
+        fwd, leaves = make_triton(B, T, dev, False)
+        with torch.no_grad():
+            row["fwd_host_ms"], row["fwd_gpu_ms"] = _issue_and_gpu_ms(fwd)
+        fwd, leaves = make_triton(B, T, dev, True)
+        do = torch.randn_like(fwd())
+
+        def step(fwd=fwd, do=do):
+            fwd().backward(do)
+
+        row["fwdbwd_host_ms"], row["fwdbwd_gpu_ms"] = _issue_and_gpu_ms(step, leaves)
+        rows.append(row)
+        print(row, file=sys.stderr, flush=True)
+        del fwd, leaves, do
+        torch.cuda.empty_cache()
+    profiles = {}
+    for T in (int(x) for x in args.cprofile.split(",") if x):
+        fwd, leaves = make_triton(TOKENS // T, T, dev, True)
+        do = torch.randn_like(fwd())
+        for _ in range(2):
+            fwd().backward(do)
+        torch.cuda.synchronize()
+        profiles[str(T)] = _top_functions(lambda fwd=fwd, do=do: fwd().backward(do), args.top)
+        del fwd, leaves, do
+    meta = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        pass
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "host_overhead.json").write_text(json.dumps({"meta": meta, "rows": rows, "cprofile": profiles}, indent=1))
+    print("| B | T | fwd host / GPU ms | fwd+bwd host / GPU ms | host/GPU fwd+bwd |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        ratio = r["fwdbwd_host_ms"] / r["fwdbwd_gpu_ms"]
+        print(
+            f"| {r['B']} | {r['T']} | {r['fwd_host_ms']:.3f} / {r['fwd_gpu_ms']:.3f} | "
+            f"{r['fwdbwd_host_ms']:.3f} / {r['fwdbwd_gpu_ms']:.3f} | {ratio:.2f} |"
+        )
+    for T, lines in profiles.items():
+        print(f"\ncProfile, one fwd+bwd at T = {T} (B*T = {TOKENS}):")
+        print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
