@@ -4,7 +4,7 @@ The kernels run asynchronously: while the host issues a call faster than the GPU
 wall time is the GPU's. Where the host is slower (small batches, or launch paths that grew), the
 wall time is the host's and no kernel speed-up shows. Run on a CUDA machine::
 
-    PYTHONPATH=src python benchmarks/host_overhead.py --out results/ [--cprofile 4096,131072]
+    PYTHONPATH=src python benchmarks/host_overhead.py --out results/ [--cprofile 1x1024,32x4096]
 
 For each (B, T) prints the host time per call (``n`` calls issued back to back while a spin
 kernel holds the GPU), the GPU time per call (CUDA events around the same calls, run after the
@@ -27,7 +27,7 @@ import time
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from attention_speed import HEADS, TOKENS, make_triton  # noqa: E402
+from attention_speed import HEADS, make_triton  # noqa: E402
 
 SHAPES = ((1, 1024), (4, 1024), (32, 4096), (8, 16384), (1, 131072))
 
@@ -55,12 +55,54 @@ def _issue_and_gpu_ms(fn, grads=(), n=10, hold_ms=200.0):
     return round(host_total / n, 4), round(start.elapsed_time(end) / n, 4)
 
 
+def _breakdown(fn, n=10) -> dict:
+    """Host ms per call spent inside the launcher's entry points and kernel launches (wrapped
+    with timers; nested: ``fwd`` includes its launches) and in the custom ops around them."""
+    from hedgehog_attention.ops.triton import _launch as L
+
+    spent: dict = {}
+
+    def timed(name, f):
+        def wrapper(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return f(*a, **kw)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - t0
+
+        return wrapper
+
+    names = ("fwd", "bwd_q", "bwd_kv", "_run", "_dw")
+    saved = {k: getattr(L, k) for k in names}
+    for k in names:
+        setattr(L, k, timed(k, saved[k]))
+    try:
+        with torch.autograd.set_multithreading_enabled(False):  # the backward on this thread
+            for _ in range(2):
+                fn()
+            torch.cuda.synchronize()
+            spent.clear()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            total = time.perf_counter() - t0
+            torch.cuda.synchronize()
+    finally:
+        for k, f in saved.items():
+            setattr(L, k, f)
+    out = {"total": total}
+    out.update(spent)
+    return {k: round(v * 1e3 / n, 4) for k, v in out.items()}
+
+
 def _top_functions(fn, top: int) -> list[str]:
-    """The ``top`` functions by own host time in one call of ``fn`` (cProfile, GPU running)."""
+    """The ``top`` functions by own host time in one call of ``fn`` (cProfile, GPU running; the
+    backward runs on this thread, which cProfile sees, instead of autograd's device thread)."""
     prof = cProfile.Profile()
-    prof.enable()
-    fn()
-    prof.disable()
+    with torch.autograd.set_multithreading_enabled(False):
+        prof.enable()
+        fn()
+        prof.disable()
     torch.cuda.synchronize()
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
@@ -71,7 +113,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="results")
     ap.add_argument("--shapes", default=",".join(f"{b}x{t}" for b, t in SHAPES), help="BxT,BxT,...")
-    ap.add_argument("--cprofile", default="", help="T values (B*T = 131072) to profile with cProfile")
+    ap.add_argument("--cprofile", default="", help="BxT shapes to profile with cProfile")
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -89,18 +131,20 @@ def main() -> None:
             fwd().backward(do)
 
         row["fwdbwd_host_ms"], row["fwdbwd_gpu_ms"] = _issue_and_gpu_ms(step, leaves)
+        row["fwdbwd_host_breakdown_ms"] = _breakdown(step)
         rows.append(row)
         print(row, file=sys.stderr, flush=True)
         del fwd, leaves, do
         torch.cuda.empty_cache()
     profiles = {}
-    for T in (int(x) for x in args.cprofile.split(",") if x):
-        fwd, leaves = make_triton(TOKENS // T, T, dev, True)
+    for shape in (x for x in args.cprofile.split(",") if x):
+        B, T = (int(x) for x in shape.split("x"))
+        fwd, leaves = make_triton(B, T, dev, True)
         do = torch.randn_like(fwd())
         for _ in range(2):
             fwd().backward(do)
         torch.cuda.synchronize()
-        profiles[str(T)] = _top_functions(lambda fwd=fwd, do=do: fwd().backward(do), args.top)
+        profiles[shape] = _top_functions(lambda fwd=fwd, do=do: fwd().backward(do), args.top)
         del fwd, leaves, do
     meta = {
         "gpu": torch.cuda.get_device_name(),
@@ -124,8 +168,10 @@ def main() -> None:
             f"| {r['B']} | {r['T']} | {r['fwd_host_ms']:.3f} / {r['fwd_gpu_ms']:.3f} | "
             f"{r['fwdbwd_host_ms']:.3f} / {r['fwdbwd_gpu_ms']:.3f} | {ratio:.2f} |"
         )
-    for T, lines in profiles.items():
-        print(f"\ncProfile, one fwd+bwd at T = {T} (B*T = {TOKENS}):")
+    for r in rows:
+        print(f"B={r['B']} T={r['T']} host ms per fwd+bwd inside:", r["fwdbwd_host_breakdown_ms"])
+    for shape, lines in profiles.items():
+        print(f"\ncProfile, one fwd+bwd at B x T = {shape}:")
         print("\n".join(lines))
 
 

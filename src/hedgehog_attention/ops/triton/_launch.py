@@ -14,6 +14,8 @@ reverse cumulative sum, ``_bwd_kernel``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -160,8 +162,11 @@ def _run(kernel, grid, *args, **kw):
     H200 run of 2026-11-28 18:09), launch it with one stage; remembered per specialisation.
     ``CONFIG["maxnreg"]`` caps the kernel's registers per thread (:func:`_register_cap`)."""
     kw = _register_cap(kernel.fn.__name__, kw)
-    key = (kernel.fn.__name__, tuple(sorted((k, str(v)) for k, v in kw.items())))
-    if key in _UNSTAGED:
+
+    def key():  # (formed only when needed: it is host time on every launch)
+        return kernel.fn.__name__, tuple(sorted((k, str(v)) for k, v in kw.items()))
+
+    if _UNSTAGED and key() in _UNSTAGED:
         kw = dict(kw, num_stages=1, **({"P_STAGES": 1} if "P_STAGES" in kw else {}))
     try:
         kernel[grid](*args, **kw)
@@ -169,7 +174,7 @@ def _run(kernel, grid, *args, **kw):
         staged = kw.get("num_stages", 1) > 1 or kw.get("P_STAGES", 1) > 1
         if not staged:
             raise
-        _UNSTAGED.add(key)
+        _UNSTAGED.add(key())
         kernel[grid](*args, **dict(kw, num_stages=1, **({"P_STAGES": 1} if "P_STAGES" in kw else {})))
 
 
@@ -208,7 +213,17 @@ def _empty(*shape, device, dtype) -> torch.Tensor:
 
 
 def _pow2(n: int) -> int:
-    return max(16, triton.next_power_of_2(int(n)))
+    """Block size for ``n``: the next power of two, at least 16. Plain Python: the host side of a
+    launch plan calls it and :func:`_cdiv` hundreds of times per step, and ``triton.cdiv`` /
+    ``next_power_of_2`` are constexpr functions whose wrappers cost microseconds per host call
+    (H200, session 9: ~300 calls per fwd+bwd)."""
+    n = int(n)
+    return max(16, 1 << (n - 1).bit_length() if n > 1 else 1)
+
+
+def _cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for ints (``triton.cdiv`` without its constexpr wrapper)."""
+    return -(-int(a) // int(b))
 
 
 _TILES = {"chunk": (64, 128), "min_programs": (264, 132), "state_warps": (4, 8), "out_warps": (4, 8),
@@ -351,7 +366,7 @@ def needs_fallback(F: int, dtype: torch.dtype, device: torch.device) -> bool:
 def n_chunks(cu: torch.Tensor | None, B: int, T: int, bt: int) -> int:
     """Number of ``bt``-token chunks over all sequences (host value; syncs for ``cu_seqlens``)."""
     if cu is None:
-        return B * triton.cdiv(T, bt)
+        return B * _cdiv(T, bt)
     lens = (cu[1:] - cu[:-1]).long()
     return int(((lens + bt - 1) // bt).sum().item())
 
@@ -369,20 +384,24 @@ def segments(n_seq: int, hk: int, max_len: int, n_prog: int, bt: int, cap: int |
     ``ceil(p0 * NS / cap) * ceil(chunks / NS)`` with ``cap = CONFIG["min_programs"]`` programs
     running at once (132 SMs x programs per SM; ``cap`` overrides it); the smallest such ``NS``
     (fewest segments)."""
-    n_ch = max(1, triton.cdiv(max_len, bt))
-    p0 = max(1, n_seq * hk * n_prog)
     if cap is None:
         cap = CONFIG["min_programs"] if CONFIG["min_programs"] != "auto" else _TILES["min_programs"][1]
-    cap = max(1, int(cap))
+    return _segment_search(max(1, _cdiv(max_len, bt)), max(1, n_seq * hk * n_prog), max(1, int(cap)))
+
+
+@functools.lru_cache(maxsize=1024)
+def _segment_search(n_ch: int, p0: int, cap: int) -> tuple[int, int]:
+    """:func:`segments` for ``n_ch`` chunks per sequence and ``p0`` programs per segment index
+    (cached: a long sequence over few heads tries dozens of candidates, on every launch plan)."""
     best, ns = None, 1
     for cand in range(1, n_ch + 1):
-        cost = triton.cdiv(p0 * cand, cap) * triton.cdiv(n_ch, cand)
+        cost = _cdiv(p0 * cand, cap) * _cdiv(n_ch, cand)
         if best is None or cost < best:
             best, ns = cost, cand
         if p0 * cand >= 4 * cap:
             break
-    cps = triton.cdiv(n_ch, ns)
-    return cps, triton.cdiv(n_ch, cps)
+    cps = _cdiv(n_ch, ns)
+    return cps, _cdiv(n_ch, cps)
 
 
 class _Plan:
@@ -471,7 +490,7 @@ class _Plan:
         FT, DV]``, every segment's entering state. ``seg = (CPS, NS)`` imposes the segments (the
         fused-chunk walks' segment sums, or the segments ``s0`` belongs to)."""
         bv = min(_pow2(self.DV), _pow2(CONFIG["state_bv"]))
-        nv = triton.cdiv(self.DV, bv)
+        nv = _cdiv(self.DV, bv)
         both = self.nhalf == 2 and int(CONFIG["walk_halves"]) == 2
         nj = 1 if both else self.nhalf  # programs per value block
         cps, ns = seg if seg is not None else segments(self.N, self.HK, self.max_len, nj * nv, self.bt,
@@ -547,7 +566,7 @@ def fwd(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, *, activation, negation, caus
     nsi = s_in.shape[2] if s_in.dim() == 5 else 1
     seg = (not causal) or nsi > 1
     bv = min(_pow2(P.DV), _pow2(CONFIG["out_bv"]))
-    nv = triton.cdiv(P.DV, bv)
+    nv = _cdiv(P.DV, bv)
     o = _empty(P.B, P.T, P.H, P.DV, device=dev, dtype=v.dtype)
     den = _empty(P.B * P.T, P.H, device=dev, dtype=torch.float32)
     c = P.consts(bv)
@@ -623,7 +642,7 @@ def bwd_q(
     cd = _empty(P.B * P.T, P.H, device=dev, dtype=f32)
     fuse_cd = bool(CONFIG["fuse_delta"])
     if not fuse_cd:
-        K._delta_kernel[(triton.cdiv(P.B * P.T, 64), P.H)](
+        K._delta_kernel[(_cdiv(P.B * P.T, 64), P.H)](
             do, o, den, cd, P.B * P.T, P.H, P.DV, BT=64, BV=_pow2(P.DV), num_warps=4
         )  # fmt: skip
     if causal and h.numel() == 0:
@@ -747,9 +766,9 @@ def _dw(x: torch.Tensor, dz: torch.Tensor, w: torch.Tensor, b: torch.Tensor | No
     ntok = x.numel() // (NH * D)
     x2, dz2 = x.reshape(ntok, NH, D), dz.reshape(ntok, NH, F)
     bt = 128 if _pow2(D) * _pow2(F) <= 64 * 64 else 64
-    n_par = max(1, min(triton.cdiv(ntok, bt), triton.cdiv(int(CONFIG["dw_programs"]) * _n_sm(x.device), NH)))
-    tpp = triton.cdiv(triton.cdiv(ntok, n_par), bt) * bt  # tokens per program, whole tiles
-    n_par = triton.cdiv(ntok, tpp)
+    n_par = max(1, min(_cdiv(ntok, bt), _cdiv(int(CONFIG["dw_programs"]) * _n_sm(x.device), NH)))
+    tpp = _cdiv(_cdiv(ntok, n_par), bt) * bt  # tokens per program, whole tiles
+    n_par = _cdiv(ntok, tpp)
     dw = _empty(n_par, NH, D, F, device=x.device, dtype=torch.float32)
     db = _empty(n_par, NH, F, device=x.device, dtype=torch.float32) if b is not None else dw
     _run(WG._dw_kernel, (n_par, NH),
@@ -819,14 +838,14 @@ def _entering_segments(P: _Plan, s_in: torch.Tensor, dtype: torch.dtype) -> tupl
             return None
         return cps_f * fbt // P.bt, ns
     cps = _fwd_cps(P)
-    return (cps, ns) if triton.cdiv(triton.cdiv(P.max_len, P.bt), cps) == ns else None
+    return (cps, ns) if _cdiv(_cdiv(P.max_len, P.bt), cps) == ns else None
 
 
 def _fwd_cps(P: _Plan) -> int:
     """Chunks per segment of the forward state walk (the backward reads its segment states)."""
     bv = min(_pow2(P.DV), _pow2(CONFIG["state_bv"]))
     nj = 1 if (P.nhalf == 2 and int(CONFIG["walk_halves"]) == 2) else P.nhalf
-    return segments(P.N, P.HK, P.max_len, nj * triton.cdiv(P.DV, bv), P.bt, cap=P.tiles["min_programs"])[0]
+    return segments(P.N, P.HK, P.max_len, nj * _cdiv(P.DV, bv), P.bt, cap=P.tiles["min_programs"])[0]
 
 
 def decode(q, k, v, wq, bq, wk, bk, s, z, *, activation, negation, eps):
@@ -918,7 +937,7 @@ def _fc_fwd(P, q, k, v, wq, bq, wk, bk, s0, z0, eps):
             s_in, z_in = s_in + s0[:, :, None], z_in + z0[:, :, None]
         s_off = 0 if s0 is not None else 1  # segment 0 entered from zero: nothing to add
         rows = P.N * P.H * (ns - s_off)
-        n_part = max(1, min(cps, triton.cdiv(int(CONFIG["fix_programs"]) * _n_sm(dev), rows)))
+        n_part = max(1, min(cps, _cdiv(int(CONFIG["fix_programs"]) * _n_sm(dev), rows)))
         c = dict(P.fc_consts(), num_warps=int(CONFIG["fix_warps"]))
         c.pop("STAGES")
         _run(FC._fc_fix_kernel, (rows * n_part,),
