@@ -286,6 +286,12 @@ SWEEPS = {
         "bwd_p1s2w8": {"bwd_persist": 1, "bwd_persist_stages": 2, "bwd_warps": 8},
         "fc_s2": {"fc_stages": 2},
     },
+    # session 9, third call: after the launcher's host-time cut, small tiles at 128K again (their
+    # wall time was over the kernels' because the host issued a fwd+bwd in 5.5 ms)
+    "s9c": {
+        "defaults": {},
+        "small128": {"small_tiles_max_len": 131072},
+    },
     "s8": {
         "defaults": {},
         "fix168": {"maxnreg": {"_fc_fix_kernel": 168}, "fix_stages": 2, "fix_programs": 6},
