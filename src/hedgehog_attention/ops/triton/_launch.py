@@ -46,10 +46,13 @@ CONFIG = {
     # "auto" (chunk, min_programs, *_warps): the tile profile of ``tile_knob`` (session 7, H200 sweeps
     # s7d-s7f: 64-token chunks and 4-warp programs for bf16 up to 64 features per half while
     # max_len <= small_tiles_max_len, fwd+bwd 5.30 -> 4.79 ms at T = 4K, 5.72 -> 5.52 at 64K; 128
-    # tokens and 8 warps above, where the twice as many chunk states to fold and walk cost more than
-    # the backward saves: 5.75 -> 5.9-6.6 at 128K)
+    # tokens and 8 warps above. Session 7 kept 128K on 128-token chunks (the twice as many chunk
+    # states to fold and walk: 5.75 -> 5.9-6.6 ms); since session 8 trains in the fused-chunk layout
+    # there, the small tiles take 5.71 -> 5.30 ms of kernels, and once the launcher's host time was
+    # cut (session 9: a fwd+bwd at 128K was issued in 5.5 ms, more than its kernels) the wall time
+    # follows: 5.77 -> 5.36 ms (H200 runs 35-39), peak 1.64 -> 1.95 GB (SDPA flash 2.16)
     "chunk": "auto",
-    "small_tiles_max_len": 65536,
+    "small_tiles_max_len": 131072,
     "state_bv": 64,
     "out_bv": 64,
     "min_programs": "auto",
