@@ -274,16 +274,13 @@ SWEEPS = {
         "fix168": {"maxnreg": {"_fc_fix_kernel": 168}, "fix_stages": 2, "fix_programs": 6},
         "small128": {"small_tiles_max_len": 131072},
     },
-    # session 9, second call: the backward kernel persistent over (chunk, head) items with the next
-    # item's loads pipelined (offline sm_90: 140 KB of shared memory with 2 stages, one program
-    # per SM; key side 304 B of spills) or without pipelining (two per SM), and the fused-chunk
-    # forward's walk with its next chunk's loads pipelined (84 KB). --sweep-seq-lens 4096,131072
+    # session 9, second call: the fused-chunk forward's walk with its next chunk's loads pipelined
+    # (84 KB) and small tiles at 128K; run 36 also timed the backward kernel persistent over
+    # (chunk, head) items (knobs bwd_persist / bwd_persist_stages of commit 3b1ba9d, removed after
+    # it lost: 2.51 -> 3.20-5.47 ms). --sweep-seq-lens 4096,131072
     "s9b": {
         "defaults": {},
         "small128": {"small_tiles_max_len": 131072},
-        "bwd_p1s2": {"bwd_persist": 1, "bwd_persist_stages": 2},
-        "bwd_p2s1": {"bwd_persist": 2, "bwd_persist_stages": 1},
-        "bwd_p1s2w8": {"bwd_persist": 1, "bwd_persist_stages": 2, "bwd_warps": 8},
         "fc_s2": {"fc_stages": 2},
     },
     # session 9, third call: after the launcher's host-time cut, small tiles at 128K again (their

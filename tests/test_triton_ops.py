@@ -389,7 +389,6 @@ def test_recomputed_chunk_states_match_reference(kind):
     _launch.CONFIG.update(recompute_h=True, fuse_delta=True, out_split=2, bwd_split=2, walk_halves=2, dw_atomic=True)
     _launch.CONFIG["design"] = "chunk"
     _launch.CONFIG["out_persist"] = 2 if kind == "cu" else 0  # both output grids with split programs
-    _launch.CONFIG["bwd_persist"] = 2 if kind == "cu" else 0  # both backward grids likewise
     B, T, H, HK, D = (2, 3000, 4, 2, 64) if CUDA else (2, 45, 2, 1, 16)
     if kind == "cu":
         B = 1

@@ -780,11 +780,8 @@ def _delta_kernel(do_ptr, o_ptr, den_ptr, cd_ptr, NTOK, H, DV, BT: tl.constexpr,
     tl.store(cd_ptr + offs_t * H + i_h, -tl.sum(do * o, 1) / den, mask=t_ok)
 
 
-@triton.jit
-def _bwd_item(
-    i_c,
-    i_sub,
-    i_h,
+@triton.jit(do_not_specialize=["T", "CPS", "NSI"])
+def _bwd_kernel(
     q_ptr,
     k_ptr,
     v_ptr,
@@ -861,6 +858,9 @@ def _bwd_item(
     the other side's rows are the whole chunk (causally masked): smaller tiles, more programs,
     the same chunk states.
     """
+    i_c = tl.program_id(0) // SPLIT
+    i_sub = tl.program_id(0) % SPLIT
+    i_h = tl.program_id(1)
     BS: tl.constexpr = BT // SPLIT
     i_hk = i_h // G
     first = (i_h % G) == 0
@@ -982,93 +982,6 @@ def _bwd_item(
         _map_bwd(zk, kp_raw.to(tl.float32), kn_raw.to(tl.float32), dkp, dkn, tk_ok, wk, xk, dx_ptr, dz_ptr, dw_ptr,
                  db_ptr, bos, L, k0, i_h, i_hk, H, D, F, BK, BD, BF, FUSED, ACT, NEG, MAP_PREC, EVEN, DW_ATOMIC,
                  HAS_BK)  # fmt: skip
-
-
-@triton.jit(do_not_specialize=["T", "CPS", "NSI", "NITEMS"])
-def _bwd_kernel(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    wq_ptr,
-    bq_ptr,
-    wk_ptr,
-    bk_ptr,
-    mask_ptr,
-    cu_ptr,
-    cidx_ptr,
-    h_ptr,
-    hz_ptr,
-    si_ptr,
-    zi_ptr,
-    do_ptr,
-    den_ptr,
-    cd_ptr,
-    o_ptr,
-    dx_ptr,
-    dz_ptr,
-    dv_ptr,
-    dw_ptr,
-    db_ptr,
-    T,
-    H,
-    HK,
-    G,
-    D,
-    F,
-    FT,
-    DV,
-    CPS,
-    NSI,
-    BT: tl.constexpr,
-    BD: tl.constexpr,
-    BF: tl.constexpr,
-    BV: tl.constexpr,
-    KV_SIDE: tl.constexpr,
-    FUSED: tl.constexpr,
-    HAS_BQ: tl.constexpr,
-    HAS_BK: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    SEG: tl.constexpr,
-    VARLEN: tl.constexpr,
-    ACT: tl.constexpr,
-    NEG: tl.constexpr,
-    W_NATIVE: tl.constexpr,
-    MAP_PREC: tl.constexpr,
-    PREC: tl.constexpr,
-    DOT_DT: tl.constexpr,
-    EVEN: tl.constexpr,
-    FUSE_CD: tl.constexpr,
-    SPLIT: tl.constexpr,
-    DW_ATOMIC: tl.constexpr,
-    NITEMS,
-    PERSIST: tl.constexpr,
-    P_STAGES: tl.constexpr,
-):
-    """Grid ``(NC * SPLIT, H)``: one (chunk, sub-block, query head) item per program
-    (:func:`_bwd_item`). ``PERSIST``: a 1-D grid of fewer programs, each looping over the
-    ``NITEMS`` items ``i = pid, pid + P, ...`` (``i % (NC * SPLIT)`` chunk and sub-block, ``i // (NC
-    * SPLIT)`` query head) with ``P_STAGES`` software-pipeline stages, so that the next item's loads
-    are issued under the current item's math (as ``_out_kernel``)."""
-    if PERSIST:
-        NCS = NITEMS // H  # chunks x sub-blocks
-        for it in tl.range(tl.program_id(0), NITEMS, tl.num_programs(0), num_stages=P_STAGES):
-            _bwd_item(
-                (it % NCS) // SPLIT, (it % NCS) % SPLIT, it // NCS,
-                q_ptr, k_ptr, v_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, mask_ptr, cu_ptr, cidx_ptr, h_ptr, hz_ptr, si_ptr,
-                zi_ptr, do_ptr, den_ptr, cd_ptr, o_ptr, dx_ptr, dz_ptr, dv_ptr, dw_ptr, db_ptr, T, H,
-                HK, G, D, F, FT, DV, CPS, NSI, BT, BD, BF, BV, KV_SIDE, FUSED, HAS_BQ, HAS_BK, HAS_MASK,
-                CAUSAL, SEG, VARLEN, ACT, NEG, W_NATIVE, MAP_PREC, PREC, DOT_DT, EVEN, FUSE_CD, SPLIT,
-                DW_ATOMIC,
-            )  # fmt: skip
-    else:
-        _bwd_item(
-            tl.program_id(0) // SPLIT, tl.program_id(0) % SPLIT, tl.program_id(1),
-            q_ptr, k_ptr, v_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, mask_ptr, cu_ptr, cidx_ptr, h_ptr, hz_ptr, si_ptr,
-            zi_ptr, do_ptr, den_ptr, cd_ptr, o_ptr, dx_ptr, dz_ptr, dv_ptr, dw_ptr, db_ptr, T, H, HK, G, D,
-            F, FT, DV, CPS, NSI, BT, BD, BF, BV, KV_SIDE, FUSED, HAS_BQ, HAS_BK, HAS_MASK, CAUSAL, SEG,
-            VARLEN, ACT, NEG, W_NATIVE, MAP_PREC, PREC, DOT_DT, EVEN, FUSE_CD, SPLIT, DW_ATOMIC,
-        )  # fmt: skip
 
 
 @triton.jit

@@ -73,11 +73,6 @@ CONFIG = {
     # program per item), each looping with ``out_persist_stages`` software-pipeline stages
     "out_persist": 2,
     "out_persist_stages": 2,
-    # backward kernel persistent over (chunk, head) items as the output kernel (session 9): this
-    # many programs per SM (0: one program per item, the default), each looping with
-    # ``bwd_persist_stages`` software-pipeline stages
-    "bwd_persist": 0,
-    "bwd_persist_stages": 2,
     # compute cd = -(do . o) / den in the query-side backward launch (no _delta_kernel)
     "fuse_delta": True,
     # sub-blocks per chunk in the output / backward programs: each program owns BT // split rows
@@ -609,18 +604,14 @@ def _bwd_plan(do, q, k, v, wq, bq, wk, bk, mask, cu, s_in, *, activation, negati
         """``si``/``zi``: segment states (read when there are several; the forward's segments on the
         query side, the reverse walk's on the key side)."""
         seg = (not causal) or (si.dim() == 5 and si.shape[2] > 1)
-        nitems = P.nc * split * P.H
-        persist = int(CONFIG["bwd_persist"])
-        grid = (min(nitems, persist * _n_sm(P.dev)),) if persist else (P.nc * split, P.H)
-        _run(K._bwd_kernel, grid,
+        _run(K._bwd_kernel, (P.nc * split, P.H),
             q, k, v, wq_, bq_, wk_, bk_, P.mask_, cu, P.cidx,
             hh if causal else q, hhz if causal else q, si if seg else q, zi if seg else q, do, den, cd, o, dx, dz, dv,
             dw if dw is not None else q, db if db is not None else q, P.T,
             P.H, P.HK, P.G, P.D, P.F, P.FT, P.DV, cps, si.shape[2] if seg else 1,
             KV_SIDE=kv_side, HAS_BQ=bq is not None, HAS_BK=bk is not None, CAUSAL=bool(causal), SEG=seg,
             VARLEN=P.varlen, NEG=P.neg, **{n: c[n] for n in _COMMON}, BV=_pow2(P.DV), FUSE_CD=fuse_cd, SPLIT=split,
-            DW_ATOMIC=dw is not None, NITEMS=nitems, PERSIST=bool(persist),
-            P_STAGES=int(CONFIG["bwd_persist_stages"]) if persist else 1,
+            DW_ATOMIC=dw is not None,
             num_warps=P.tiles["bwd_warps"], num_stages=CONFIG["bwd_stages"],
         )  # fmt: skip
 
