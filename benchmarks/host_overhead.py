@@ -55,6 +55,25 @@ def _issue_and_gpu_ms(fn, grads=(), n=10, hold_ms=200.0):
     return round(host_total / n, 4), round(start.elapsed_time(end) / n, 4)
 
 
+def _graph_ms(fwd, leaves, do, n=10) -> tuple[float, float]:
+    """(host ms, GPU ms) per replay of one fwd+bwd captured in a CUDA graph (warmed up on a side
+    stream first, as PyTorch's whole-network capture recipe does)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            for x in leaves:
+                x.grad = None
+            fwd().backward(do)
+    torch.cuda.current_stream().wait_stream(side)
+    for x in leaves:
+        x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fwd().backward(do)
+    return _issue_and_gpu_ms(graph.replay, n=n)
+
+
 def _breakdown(fn, n=10) -> dict:
     """Host ms per call spent inside the launcher's entry points and kernel launches (wrapped
     with timers; nested: ``fwd`` includes its launches) and in the custom ops around them."""
@@ -115,6 +134,7 @@ def main() -> None:
     ap.add_argument("--shapes", default=",".join(f"{b}x{t}" for b, t in SHAPES), help="BxT,BxT,...")
     ap.add_argument("--cprofile", default="", help="BxT shapes to profile with cProfile")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--graph", action="store_true", help="also replay the fwd+bwd from a CUDA graph")
     args = ap.parse_args()
     dev = torch.device("cuda")
     rows = []
@@ -132,6 +152,8 @@ def main() -> None:
 
         row["fwdbwd_host_ms"], row["fwdbwd_gpu_ms"] = _issue_and_gpu_ms(step, leaves)
         row["fwdbwd_host_breakdown_ms"] = _breakdown(step)
+        if args.graph:
+            row["graph_host_ms"], row["graph_gpu_ms"] = _graph_ms(fwd, leaves, do)
         rows.append(row)
         print(row, file=sys.stderr, flush=True)
         del fwd, leaves, do
@@ -160,13 +182,14 @@ def main() -> None:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "host_overhead.json").write_text(json.dumps({"meta": meta, "rows": rows, "cprofile": profiles}, indent=1))
-    print("| B | T | fwd host / GPU ms | fwd+bwd host / GPU ms | host/GPU fwd+bwd |")
-    print("|---|---|---|---|---|")
+    print("| B | T | fwd host / GPU ms | fwd+bwd host / GPU ms | host/GPU fwd+bwd | CUDA graph replay host / GPU ms |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         ratio = r["fwdbwd_host_ms"] / r["fwdbwd_gpu_ms"]
+        graph = f"{r['graph_host_ms']:.3f} / {r['graph_gpu_ms']:.3f}" if "graph_gpu_ms" in r else "-"
         print(
             f"| {r['B']} | {r['T']} | {r['fwd_host_ms']:.3f} / {r['fwd_gpu_ms']:.3f} | "
-            f"{r['fwdbwd_host_ms']:.3f} / {r['fwdbwd_gpu_ms']:.3f} | {ratio:.2f} |"
+            f"{r['fwdbwd_host_ms']:.3f} / {r['fwdbwd_gpu_ms']:.3f} | {ratio:.2f} | {graph} |"
         )
     for r in rows:
         print(f"B={r['B']} T={r['T']} host ms per fwd+bwd inside:", r["fwdbwd_host_breakdown_ms"])

@@ -962,3 +962,45 @@ def test_auto_tile_profile():
     assert _launch.chunk_size(64, bf16, 4096) == 128 and _launch.tile_knob("bwd_warps", 64, bf16, 4096) == 8
     _launch.CONFIG.update(chunk=32, bwd_warps=2)
     assert _launch.chunk_size(64, bf16, 4096) == 32 and _launch.tile_knob("bwd_warps", 64, bf16, 65536) == 2
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("T", [1024, 20000])
+def test_training_step_replays_from_a_cuda_graph(T):
+    """A forward+backward captured in a CUDA graph (the remedy for host-bound small batches:
+    benchmarks/host_overhead.py) replays to the eager gradients: the launcher neither syncs nor
+    allocates outside the graph's pool. T = 20000: several segments (correction pass, folds)."""
+    B, H, D = 1, 4, 64
+    args = _inputs(B, T, H, H, D, D, D, torch.bfloat16, True)
+    leaves = [x.detach().clone().requires_grad_() for x in args]
+    do = torch.randn(B, T, H, D, generator=torch.Generator().manual_seed(3)).to(DEV, torch.bfloat16)
+
+    def step():
+        for x in leaves:
+            x.grad = None
+        o, _ = fused_hedgehog_attention(*leaves, causal=True)
+        o.backward(do)
+        return o
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and warm up outside the capture
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    eager_o = step().detach().clone()
+    eager = [x.grad.clone() for x in leaves]
+    graph = torch.cuda.CUDAGraph()
+    for x in leaves:
+        x.grad = None
+    with torch.cuda.graph(graph):
+        static_o, _ = fused_hedgehog_attention(*leaves, causal=True)
+        static_o.backward(do)
+    for x in leaves:  # poison what the replay must overwrite
+        x.grad.fill_(float("nan"))
+    static_o.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_o, eager_o)
+    for name, x, b in zip(_NAMES, leaves, eager):  # the same kernels on the same inputs: bitwise
+        assert torch.equal(x.grad, b), name
