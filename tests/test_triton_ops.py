@@ -551,12 +551,13 @@ def test_inference_over_segments_takes_the_fused_chunk_forward(monkeypatch):
 def _training_case(kind: str, cpu_t: int, cpu_t_packed: int, *, with_init: bool):
     """Inputs of the training-forward layout tests: ``(dtype, (q, k, v, wq, bq, wk, bk), mask, cu,
     initial state)`` with GQA, bf16 D = 64 at T = 3000 on the GPU and fp32 D = 16 at ``cpu_t`` tokens
-    on the CPU; padding ("mask") or packed sequences ("cu", ``cpu_t_packed`` tokens on the CPU)."""
+    on the CPU; padding ("mask") or packed sequences ("cu", ``cpu_t_packed`` tokens and 4 query heads
+    over 2 KV heads on the CPU)."""
     B, T, H, HK, D = (2, 3000, 4, 2, 64) if CUDA else (2, cpu_t, 2, 1, 16)
     if kind == "cu":
         B = 1
-        if not CUDA:
-            T = cpu_t_packed
+        if not CUDA:  # packed sequences with GQA on the CPU too (the GPU case's combination)
+            T, H, HK = cpu_t_packed, 4, 2
     dtype = torch.bfloat16 if CUDA else torch.float32
     args = _inputs(B, T, H, HK, D, D, D, dtype, True)
     mask, cu = _mask_or_cu(kind, B, T)
