@@ -811,6 +811,34 @@ def test_all_rule_trains_in_the_fused_chunk_layout_where_its_chunks_are_the_walk
     assert _launch.uses_fused_chunk(True, 64, 64, bf16, train=True, **kw)
 
 
+def test_host_side_helpers_match_triton():
+    """The launcher's plain-Python ``_cdiv`` / ``_pow2`` (session 9: triton's are constexpr functions
+    whose host-side wrappers cost microseconds per call) give triton's values, and the cached
+    segment search what it computes uncached."""
+    for n in range(0, 700):
+        assert _launch._pow2(n) == max(16, triton.next_power_of_2(n)), n
+        for b in (1, 3, 16, 64, 128, 264):
+            assert _launch._cdiv(n, b) == triton.cdiv(n, b), (n, b)
+
+    def search(n_ch, p0, cap):  # the rule, uncached and with triton's cdiv
+        cands = []
+        for c in range(1, n_ch + 1):
+            cands.append(c)
+            if p0 * c >= 4 * cap:
+                break
+        best = min(cands, key=lambda c: (triton.cdiv(p0 * c, cap) * triton.cdiv(n_ch, c), c))
+        cps = triton.cdiv(n_ch, best)
+        return cps, triton.cdiv(n_ch, cps)
+
+    _launch._segment_search.cache_clear()
+    for n_seq, hk, max_len, n_prog, bt, cap in ((1, 16, 131072, 1, 64, 264), (8, 16, 16384, 1, 64, 264),
+                                                (3, 2, 1000, 2, 32, 16), (1, 1, 50, 1, 32, 10_000)):  # fmt: skip
+        want = search(triton.cdiv(max_len, bt), n_seq * hk * n_prog, cap)
+        assert _launch.segments(n_seq, hk, max_len, n_prog, bt, cap=cap) == want
+        assert _launch.segments(n_seq, hk, max_len, n_prog, bt, cap=cap) == want  # from the cache
+    assert _launch._segment_search.cache_info().hits >= 4
+
+
 def test_register_cap_reaches_the_launch(monkeypatch):
     """``CONFIG["maxnreg"]`` adds ``maxnreg`` to the named kernel's launch (and only its), the
     correction pass then gives the same outputs; out-of-range caps are refused."""
