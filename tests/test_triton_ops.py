@@ -884,13 +884,13 @@ def test_forward_fake_matches_the_kernel(layout, init, monkeypatch):
     import hedgehog_attention.ops.triton as tri
 
     calls = []
-    op = tri._la_fwd
+    op = tri._la_apply
 
     def spy(*a):
         calls.append(a)
         return op(*a)
 
-    monkeypatch.setattr(tri, "_la_fwd", spy)
+    monkeypatch.setattr(tri, "_la_apply", spy)
     args = _inputs(2, 40, 2, 1, 16, 16, 16, torch.float32, True)
     st0 = None
     if init:
@@ -901,6 +901,42 @@ def test_forward_fake_matches_the_kernel(layout, init, monkeypatch):
     fused_hedgehog_attention(*leaves, causal=True, initial_state=st0)
     assert len(calls) == 1 and calls[0][-1] == train
     torch.library.opcheck(torch.ops.hedgehog_attention.triton_la_fwd.default, calls[0], test_utils="test_faketensor")
+
+
+def test_eager_calls_bypass_the_custom_op_dispatch_with_the_same_result(monkeypatch):
+    """Eager calls run the launchers through ``_EagerForward`` (an autograd.Function): the custom
+    ops' dispatch is host time (session 9). Same outputs and gradients, bitwise, as the custom op
+    with its registered autograd, which torch.compile traces."""
+    import hedgehog_attention.ops.triton as tri
+
+    args = _inputs(2, 40, 2, 1, 16, 16, 16, torch.float32, True)
+    mask, _ = _mask_or_cu("mask", 2, 40)
+    do = torch.randn(2, 40, 2, 16, generator=torch.Generator().manual_seed(4)).to(DEV)
+
+    def run(via_op):
+        leaves = [x.clone().requires_grad_() for x in args]
+        if via_op:  # the custom op itself, as a trace would call it, with the arguments eager uses
+            calls = []
+            apply = tri._la_apply
+            monkeypatch.setattr(tri, "_la_apply", lambda *a: calls.append(a) or tri._la_fwd(*a))
+            o = fused_hedgehog_attention(*leaves, causal=True, attention_mask=mask)[0]
+            monkeypatch.setattr(tri, "_la_apply", apply)
+            assert len(calls) == 1
+        else:
+            o = fused_hedgehog_attention(*leaves, causal=True, attention_mask=mask)[0]
+        o.backward(do)
+        return [o.detach()] + [x.grad for x in leaves]
+
+    def refuse(*a, **kw):
+        raise AssertionError("eager call dispatched through the custom op")
+
+    with monkeypatch.context() as m:
+        for name in ("_la_fwd", "_la_bwd_q", "_la_bwd_kv"):
+            m.setattr(tri, name, refuse)
+        eager = run(False)
+    through_op = run(True)
+    for name, a, b in zip(["o"] + _NAMES, eager, through_op):
+        assert torch.equal(a, b), name
 
 
 @pytest.mark.parametrize("layout", ["chunk", "fc-train", "fc-fix-train", "fc-fix-inference", "fc-all-train"])
