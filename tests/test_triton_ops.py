@@ -813,8 +813,9 @@ def test_all_rule_trains_in_the_fused_chunk_layout_where_its_chunks_are_the_walk
 
 def test_host_side_helpers_match_triton():
     """The launcher's plain-Python ``_cdiv`` / ``_pow2`` (session 9: triton's are constexpr functions
-    whose host-side wrappers cost microseconds per call) give triton's values, and the cached
-    segment search what it computes uncached."""
+    whose host-side wrappers cost microseconds per call) give triton's values, the chunk count of
+    packed sequences from host lengths the tensor formula's, and the cached segment search what it
+    computes uncached."""
     for n in range(0, 700):
         assert _launch._pow2(n) == max(16, triton.next_power_of_2(n)), n
         for b in (1, 3, 16, 64, 128, 264):
@@ -829,6 +830,12 @@ def test_host_side_helpers_match_triton():
         best = min(cands, key=lambda c: (triton.cdiv(p0 * c, cap) * triton.cdiv(n_ch, c), c))
         cps = triton.cdiv(n_ch, best)
         return cps, triton.cdiv(n_ch, cps)
+
+    g = torch.Generator().manual_seed(0)
+    for bt in (32, 64, 128):  # chunks of packed sequences from host lengths = the tensor formula
+        lens = torch.randint(0, 300, (17,), generator=g)
+        assert _launch.n_chunks(lens.tolist(), 1, int(lens.sum()), bt) == int(((lens + bt - 1) // bt).sum())
+    assert _launch.n_chunks(None, 3, 100, 32) == 12
 
     _launch._segment_search.cache_clear()
     for n_seq, hk, max_len, n_prog, bt, cap in ((1, 16, 131072, 1, 64, 264), (8, 16, 16384, 1, 64, 264),

@@ -354,10 +354,13 @@ def _check_common(q, k, v, attention_mask, cu_seqlens, initial_state):
         if B != 1:
             raise ValueError(f"cu_seqlens needs B == 1 (sequences packed along T); got B={B}")
         cu = cu_seqlens.to(device=dev, dtype=torch.int32).contiguous()
-        max_len = int((cu[1:] - cu[:-1]).max().item()) if cu.numel() > 1 else 0
+        # the sequence lengths on the host in one transfer (one sync per call, not one for the
+        # longest and another for the chunk count)
+        lens = (cu[1:] - cu[:-1]).tolist()
+        max_len = max(lens, default=0)
     else:
         cu = (torch.arange(B + 1, device=dev, dtype=torch.int32) * T).contiguous()
-        max_len = T
+        max_len, lens = T, None
     mask = None
     if attention_mask is not None:
         if attention_mask.shape != (B, T):
@@ -368,7 +371,7 @@ def _check_common(q, k, v, attention_mask, cu_seqlens, initial_state):
         s0, z0 = initial_state
         s0 = s0.to(torch.float32).contiguous()
         z0 = z0.to(torch.float32).contiguous()
-    return cu, max_len, mask, s0, z0
+    return cu, max_len, lens, mask, s0, z0
 
 
 def _needs_grad(*xs) -> bool:
@@ -379,9 +382,10 @@ def _needs_grad(*xs) -> bool:
     return any(t.requires_grad for t in flat if isinstance(t, Tensor))
 
 
-def _n_chunks(cu: Tensor, cu_seqlens: Tensor | None, B: int, T: int, F: int, dtype: torch.dtype, max_len: int) -> int:
+def _n_chunks(lens: list[int] | None, B: int, T: int, F: int, dtype: torch.dtype, max_len: int) -> int:
+    """Chunks over all sequences (``lens``: the packed sequences' lengths, host ints; None: B x T)."""
     L = _lm()
-    return L.n_chunks(cu if cu_seqlens is not None else None, B, T, L.chunk_size(F, dtype, max_len))
+    return L.n_chunks(lens, B, T, L.chunk_size(F, dtype, max_len))
 
 
 def linear_attention_triton(
@@ -414,8 +418,8 @@ def linear_attention_triton(
     Returns:
         ``(o [B, T, H, Dv], final_state or None)``.
     """
-    cu, max_len, mask, s0, z0 = _check_common(fq, fk, v, attention_mask, cu_seqlens, initial_state)
-    nc = _n_chunks(cu, cu_seqlens, fq.shape[0], fq.shape[1], fq.shape[3], v.dtype, max_len)
+    cu, max_len, lens, mask, s0, z0 = _check_common(fq, fk, v, attention_mask, cu_seqlens, initial_state)
+    nc = _n_chunks(lens, fq.shape[0], fq.shape[1], fq.shape[3], v.dtype, max_len)
     o, *_, s_fin, z_fin = _la_apply(
         fq.contiguous(), fk.contiguous(), v.contiguous(), None, None, None, None, mask, cu, s0, z0,
         "softmax", False, bool(causal), float(eps), False, max_len, nc, cu_seqlens is not None,
@@ -465,7 +469,7 @@ def fused_hedgehog_attention(
     """
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {_ACTIVATIONS}; got {activation!r}")
-    cu, max_len, mask, s0, z0 = _check_common(q, k, v, attention_mask, cu_seqlens, initial_state)
+    cu, max_len, lens, mask, s0, z0 = _check_common(q, k, v, attention_mask, cu_seqlens, initial_state)
     H, D = q.shape[2], q.shape[3]
     HK = k.shape[2]
     if q.dtype != k.dtype or q.dtype != v.dtype:
@@ -485,7 +489,7 @@ def fused_hedgehog_attention(
             attention_mask=attention_mask, cu_seqlens=cu_seqlens, initial_state=initial_state,
             output_final_state=output_final_state, eps=eps,
         )  # fmt: skip
-    nc = _n_chunks(cu, cu_seqlens, q.shape[0], q.shape[1], F, v.dtype, max_len)
+    nc = _n_chunks(lens, q.shape[0], q.shape[1], F, v.dtype, max_len)
     o, *_, s_fin, z_fin = _la_apply(
         q.contiguous(), k.contiguous(), v.contiguous(),
         q_weight.contiguous(), None if q_bias is None else q_bias.contiguous(),

@@ -361,12 +361,12 @@ def needs_fallback(F: int, dtype: torch.dtype, device: torch.device) -> bool:
     return device.type == "cuda" and dtype != torch.bfloat16 and _pow2(F) > 64
 
 
-def n_chunks(cu: torch.Tensor | None, B: int, T: int, bt: int) -> int:
-    """Number of ``bt``-token chunks over all sequences (host value; syncs for ``cu_seqlens``)."""
-    if cu is None:
+def n_chunks(lens: list[int] | None, B: int, T: int, bt: int) -> int:
+    """Number of ``bt``-token chunks over all sequences: ``B`` sequences of ``T`` tokens, or packed
+    sequences of the given lengths (host ints: the caller read them with one transfer)."""
+    if lens is None:
         return B * _cdiv(T, bt)
-    lens = (cu[1:] - cu[:-1]).long()
-    return int(((lens + bt - 1) // bt).sum().item())
+    return sum(_cdiv(n, bt) for n in lens)
 
 
 def state_dtype(v_dtype: torch.dtype) -> torch.dtype:
