@@ -1076,3 +1076,41 @@ def test_training_step_replays_from_a_cuda_graph(T):
     assert torch.equal(static_o, eager_o)
     for name, x, b in zip(_NAMES, leaves, eager):  # the same kernels on the same inputs: bitwise
         assert torch.equal(x.grad, b), name
+
+
+def test_prefetch_hints_only_on_a_cuda_device(monkeypatch):
+    """The L2 prefetch hints are inline PTX: never under the CPU interpreter or on the CPU, and
+    ``CONFIG["l2_prefetch"]`` turns them off on a GPU too."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not _launch.prefetching(torch.device("cuda"))
+    assert not _launch.prefetching(torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert _launch.prefetching(torch.device("cuda"))
+    _launch.CONFIG["l2_prefetch"] = False
+    assert not _launch.prefetching(torch.device("cuda"))
+
+
+@pytest.mark.skipif(not CUDA, reason="the prefetch hints run on a GPU only")
+@pytest.mark.parametrize("kind", ["mask", "cu", "long"])
+def test_prefetch_hints_leave_every_result_bitwise_unchanged(kind):
+    """With and without the L2 prefetch hints (``_bwd_kernel``'s next-wave programs, the
+    fused-chunk walk's chunks ahead, at two distances each) a fwd+bwd gives bitwise the same
+    outputs and gradients: a hint may not write anything. bf16, padding / packed sequences with
+    GQA / several segments (T = 20000: the correction pass)."""
+    T, H, HK = (20000, 4, 4) if kind == "long" else (3001, 4, 2)
+    args = _inputs(2 if kind == "mask" else 1, T, H, HK, 64, 64, 64, torch.bfloat16, True)
+    mask, cu = _mask_or_cu(kind if kind != "long" else "none", 2 if kind == "mask" else 1, T)
+    do = torch.randn(args[0].shape[:3] + (64,), generator=torch.Generator().manual_seed(9)).to(DEV, torch.bfloat16)
+
+    def run(**cfg):
+        _launch.CONFIG.update(cfg)
+        leaves = [x.detach().clone().requires_grad_() for x in args]
+        o, _ = fused_hedgehog_attention(*leaves, causal=True, attention_mask=mask, cu_seqlens=cu)
+        o.backward(do)
+        return [o.detach()] + [x.grad for x in leaves]
+
+    off = run(l2_prefetch=False)
+    for cfg in (dict(l2_prefetch=True, prefetch_waves=1, fc_prefetch=1), dict(prefetch_waves=2, fc_prefetch=2)):
+        on = run(**cfg)
+        for name, a, b in zip(["o", *_NAMES], on, off):
+            assert torch.equal(a, b), (cfg, name)
