@@ -289,15 +289,6 @@ SWEEPS = {
         "defaults": {},
         "small128": {"small_tiles_max_len": 131072},
     },
-    # session 10: L2 prefetch hints (the backward's next-wave programs, the fused-chunk walk's
-    # next chunk), each part alone and the distances
-    "s10": {
-        "defaults": {},
-        "no_prefetch": {"l2_prefetch": False},
-        "bwd_only": {"fc_prefetch": 0},
-        "fc2": {"fc_prefetch": 2},
-        "waves2": {"prefetch_waves": 2},
-    },
     "s8": {
         "defaults": {},
         "fix168": {"maxnreg": {"_fc_fix_kernel": 168}, "fix_stages": 2, "fix_programs": 6},

@@ -34,8 +34,6 @@ from ._kernels import (
     _load_wb,
     _map_bwd,
     _preact,
-    _prefetch_tile,
-    _prefetch_x,
     _rowdot,
     _rowsum,
     _seq,
@@ -126,7 +124,7 @@ def _fc_fwd_kernel(
     HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr, HAS_MASK: tl.constexpr, SEG: tl.constexpr, VARLEN: tl.constexpr,
     ACT: tl.constexpr, NEG: tl.constexpr, W_NATIVE: tl.constexpr, MAP_PREC: tl.constexpr, PREC: tl.constexpr,
     DOT_DT: tl.constexpr, EVEN: tl.constexpr, STAGES: tl.constexpr, SUMS: tl.constexpr, STORE_H: tl.constexpr,
-    HBT: tl.constexpr, PF: tl.constexpr = 0,
+    HBT: tl.constexpr,
 ):  # fmt: skip
     """Outputs of one segment of one sequence for one query head (grid ``(N * H * NS,)``).
 
@@ -140,8 +138,6 @@ def _fc_fwd_kernel(
     of ``BT``), ``h [NC, HK, FT, DV]`` (its dtype) / ``hz [NC, HK, FT]`` (fp32), complete (from
     the segment's entering state): what the chunk layout's state walk stores, without the walk.
     ``hoff [N + 1]``: each sequence's first ``HBT``-chunk (``cu_seqlens``; otherwise arithmetic).
-    ``PF`` > 0: each step first asks the L2 for the q, k, v rows of the chunk ``PF`` steps ahead
-    (the loads of a step otherwise wait on DRAM: 27% of the stall samples, ncu 2026-11-29).
     """
     i_h, i_hk, bos, L, c0, c1, sb = _walk(cu_ptr, T, H, HK, G, FT, CPS, NS, BT, VARLEN)
     sp, zp, sn, zn = _state0(si_ptr, zi_ptr, sb, F, DV, BF, BV, SEG, NEG, EVEN)
@@ -199,14 +195,6 @@ def _fc_fwd_kernel(
             o = tl.where(mk[:, None] != 0, o, 0.0)
         _st(o_ptr + bos * (H * DV) + i_h * DV, o, L, DV, H * DV, t0, 0, BT, BV, True, not EVEN)
         tl.store(den_ptr + tok * H + i_h, den, mask=t_ok)
-        if PF > 0:  # noqa: SIM102 (a constexpr test, then a runtime one)
-            # at the end of the step (fewer live registers than at its start): the chunk PF steps
-            # after the next one
-            if ic + 1 + PF < c1:
-                tn = (ic + 1 + PF) * BT
-                _prefetch_x(q_ptr, bos, L, tn, i_h, H, D, F, BT, BD, BF, FUSED)
-                _prefetch_x(k_ptr, bos, L, tn, i_hk, HK, D, F, BT, BD, BF, FUSED)
-                _prefetch_tile(v_ptr + bos * (HK * DV) + i_hk * DV, L, DV, HK * DV, tn, BT, BV)
     if (i_h % G) == 0:
         _store_state(se_ptr, sez_ptr, sb, sp, zp, sn, zn, F, DV, BF, BV, NEG, EVEN)
 

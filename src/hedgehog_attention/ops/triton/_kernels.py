@@ -83,30 +83,6 @@ def _st(ptr, val, R, C, stride, r0, c0, BR: tl.constexpr, BC: tl.constexpr, CHEC
 
 
 @triton.jit
-def _l2_prefetch(ptrs, mask):
-    """Ask the L2 to fetch the lines at ``ptrs`` (where ``mask``): PTX ``prefetch.global.L2``, a
-    load that holds no register and that nothing waits on, so that a later load of those lines
-    hits the L2 instead of waiting for DRAM. Inline PTX: compiled kernels only (the launcher turns
-    prefetching off under the CPU interpreter); a hint, no effect on any result."""
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
-        "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1,
-    )  # fmt: skip
-
-
-@triton.jit
-def _prefetch_tile(ptr, R, C, stride, r0, BR: tl.constexpr, BC: tl.constexpr):
-    """L2 prefetch of the ``[BR, BC]`` tile at row ``r0`` of a row-major ``[R, C]`` matrix (as
-    :func:`_ld` reads it): one address per 128-byte line of each row inside the matrix."""
-    EL: tl.constexpr = ptr.dtype.element_ty.primitive_bitwidth // 8
-    PER: tl.constexpr = 128 // EL  # elements per line
-    NL: tl.constexpr = (BC + PER - 1) // PER
-    rows = r0 + tl.arange(0, BR)
-    cols = tl.arange(0, NL) * PER
-    _l2_prefetch(ptr + rows[:, None] * stride + cols[None, :], (rows < R)[:, None] & (cols < C)[None, :])
-
-
-@triton.jit
 def _e0(N: tl.constexpr, DT: tl.constexpr):
     """``[N, 16]`` tile with ones in column 0 (zeros elsewhere): ``x @ _e0`` holds ``x``'s row
     sums in its column 0 (16 columns: ``tl.dot``'s smallest tile)."""
@@ -248,16 +224,6 @@ def _ld_x(
         return _ld(x_ptr + bos * (NH * D) + i_h * D, L, D, NH * D, t0, 0, BT, BD, True, not EVEN)
     else:
         return _ld(x_ptr + bos * (NH * F) + i_h * F, L, F, NH * F, t0, 0, BT, BF, True, not EVEN)
-
-
-@triton.jit
-def _prefetch_x(x_ptr, bos, L, t0, i_h, NH, D, F, BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr,
-                FUSED: tl.constexpr):  # fmt: skip
-    """L2 prefetch of the tile :func:`_ld_x` reads for these arguments."""
-    if FUSED:
-        _prefetch_tile(x_ptr + bos * (NH * D) + i_h * D, L, D, NH * D, t0, BT, BD)
-    else:
-        _prefetch_tile(x_ptr + bos * (NH * F) + i_h * F, L, F, NH * F, t0, BT, BF)
 
 
 @triton.jit
@@ -814,44 +780,6 @@ def _delta_kernel(do_ptr, o_ptr, den_ptr, cd_ptr, NTOK, H, DV, BT: tl.constexpr,
     tl.store(cd_ptr + offs_t * H + i_h, -tl.sum(do * o, 1) / den, mask=t_ok)
 
 
-@triton.jit
-def _prefetch_program(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, h_ptr, cidx_ptr, cu_ptr, NEXT, T, H, HK, G, D, F, FT, DV,
-                      BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, KV_SIDE: tl.constexpr,
-                      FUSED: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, NEG: tl.constexpr,
-                      FUSE_CD: tl.constexpr, SPLIT: tl.constexpr):  # fmt: skip
-    """L2 prefetch of what ``_bwd_kernel``'s program ``NEXT`` places later in launch order (the
-    grid's first axis fastest) loads: its q, k, v, do (and o) rows and its chunk state."""
-    n0 = tl.num_programs(0)
-    nxt = tl.program_id(1) * n0 + tl.program_id(0) + NEXT
-    i_h = nxt // n0
-    if i_h < H:
-        i_c = (nxt % n0) // SPLIT
-        i_sub = (nxt % n0) % SPLIT
-        BS: tl.constexpr = BT // SPLIT
-        i_hk = i_h // G
-        i_n, i_t, bos, L = _chunk(cidx_ptr, cu_ptr, i_c, T, BT, VARLEN)
-        t0 = i_t * BT
-        if KV_SIDE:
-            BQ: tl.constexpr = BT
-            BK: tl.constexpr = BS
-            q0 = t0
-            k0 = t0 + i_sub * BS
-        else:
-            BQ: tl.constexpr = BS
-            BK: tl.constexpr = BT
-            q0 = t0 + i_sub * BS
-            k0 = t0
-        _prefetch_x(q_ptr, bos, L, q0, i_h, H, D, F, BQ, BD, BF, FUSED)
-        _prefetch_x(k_ptr, bos, L, k0, i_hk, HK, D, F, BK, BD, BF, FUSED)
-        _prefetch_tile(do_ptr + bos * (H * DV) + i_h * DV, L, DV, H * DV, q0, BQ, BV)
-        _prefetch_tile(v_ptr + bos * (HK * DV) + i_hk * DV, L, DV, HK * DV, k0, BK, BV)
-        if FUSE_CD and not KV_SIDE:
-            _prefetch_tile(o_ptr + bos * (H * DV) + i_h * DV, L, DV, H * DV, q0, BQ, BV)
-        if CAUSAL:
-            NR: tl.constexpr = BF * (1 + NEG)
-            _prefetch_tile(h_ptr + (i_c * HK + i_hk).to(tl.int64) * FT * DV, FT, DV, DV, 0, NR, BV)
-
-
 @triton.jit(do_not_specialize=["T", "CPS", "NSI"])
 def _bwd_kernel(
     q_ptr,
@@ -909,8 +837,6 @@ def _bwd_kernel(
     FUSE_CD: tl.constexpr,
     SPLIT: tl.constexpr,
     DW_ATOMIC: tl.constexpr,
-    NEXT,
-    PF: tl.constexpr,
 ):
     """Gradients of one chunk and one query head (grid ``(NC, H)``, all of Dv, no loop).
 
@@ -931,10 +857,6 @@ def _bwd_kernel(
     keys on the key side) are the ``BS = BT // SPLIT`` tokens of sub-block ``i_sub`` of the chunk;
     the other side's rows are the whole chunk (causally masked): smaller tiles, more programs,
     the same chunk states.
-    ``PF``: after its own loads a program asks the L2 for the tiles of the program ``NEXT``
-    places after it in launch order (about one wave of resident programs ahead), so that those
-    loads hit the L2 (ncu, H200, 2026-11-29: 47% of the query side's stall samples were waits on
-    its loads at two programs per SM).
     """
     i_c = tl.program_id(0) // SPLIT
     i_sub = tl.program_id(0) % SPLIT
@@ -984,9 +906,6 @@ def _bwd_kernel(
         mk = tl.load(mask_ptr + tokk, mask=tk_ok, other=0.0)
     wq, bq = _load_wb(wq_ptr, bq_ptr, i_h, D, F, BD, BF, FUSED, HAS_BQ, EVEN)
     wk, bk = _load_wb(wk_ptr, bk_ptr, i_hk, D, F, BD, BF, FUSED, HAS_BK, EVEN)
-    if PF:
-        _prefetch_program(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, h_ptr, cidx_ptr, cu_ptr, NEXT, T, H, HK, G, D, F, FT, DV,
-                          BT, BD, BF, BV, KV_SIDE, FUSED, CAUSAL, VARLEN, NEG, FUSE_CD, SPLIT)  # fmt: skip
     sp, zp = _chunk_state(si_ptr + sb * DV, zi_ptr + sb, h_ptr + hb * DV, hz_ptr + hb, 0, F, DV, 0, BF, BV, CAUSAL,
                           SEG, EVEN)  # fmt: skip
     if NEG:

@@ -15,7 +15,6 @@ reverse cumulative sum, ``_bwd_kernel``.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -148,16 +147,6 @@ CONFIG = {
     # of spills, 60 KB, three programs per SM fit ({"_fc_fix_kernel": 168}, fix_stages 2,
     # fix_programs 6: not yet timed). The walks spill 176-432 B at 168.
     "maxnreg": {},
-    # L2 prefetch (PTX prefetch.global.L2; compiled kernels only, off under the CPU interpreter):
-    # the backward programs ask for the tiles of the program about `prefetch_waves` waves of
-    # resident programs later in launch order, the fused-chunk forward walks for the chunk
-    # `fc_prefetch` steps ahead. Why (ncu, H200, T = 4096, 2026-11-29): at two programs per SM the
-    # query side's backward spent 47% of its stall samples waiting on its loads, the fused-chunk
-    # forward 27%; a prefetch holds no register (a cp.async pipeline spilled: fc_stages 2, and the
-    # persistent backward's prefetch cost an SM slot)
-    "l2_prefetch": True,
-    "prefetch_waves": 1,
-    "fc_prefetch": 1,
 }
 
 
@@ -206,12 +195,6 @@ def _split(key: str, bt: int) -> int:
     while split > 1 and bt // split < 16:
         split //= 2
     return split
-
-
-def prefetching(dev: torch.device) -> bool:
-    """L2 prefetch hints in the kernels (``CONFIG["l2_prefetch"]``): inline PTX, so on a CUDA
-    device only (the CPU interpreter runs no PTX)."""
-    return bool(CONFIG["l2_prefetch"]) and dev.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
 
 
 def _n_sm(dev: torch.device) -> int:
@@ -617,10 +600,6 @@ def _bwd_plan(do, q, k, v, wq, bq, wk, bk, mask, cu, s_in, *, activation, negati
     wq_, bq_ = (wq if fused else q), (bq if bq is not None else q)
     wk_, bk_ = (wk if fused else q), (bk if bk is not None else q)
 
-    # programs resident at once (two 4-warp programs per SM by registers, one 8-warp program)
-    resident = (2 if P.tiles["bwd_warps"] <= 4 else 1) * _n_sm(P.dev)
-    nxt = int(CONFIG["prefetch_waves"]) * resident if prefetching(P.dev) else 0
-
     def launch(kv_side, hh, hhz, si, zi, den, cd, o, dx, dz, dv, fuse_cd, dw=None, db=None):
         """``si``/``zi``: segment states (read when there are several; the forward's segments on the
         query side, the reverse walk's on the key side)."""
@@ -632,7 +611,7 @@ def _bwd_plan(do, q, k, v, wq, bq, wk, bk, mask, cu, s_in, *, activation, negati
             P.H, P.HK, P.G, P.D, P.F, P.FT, P.DV, cps, si.shape[2] if seg else 1,
             KV_SIDE=kv_side, HAS_BQ=bq is not None, HAS_BK=bk is not None, CAUSAL=bool(causal), SEG=seg,
             VARLEN=P.varlen, NEG=P.neg, **{n: c[n] for n in _COMMON}, BV=_pow2(P.DV), FUSE_CD=fuse_cd, SPLIT=split,
-            DW_ATOMIC=dw is not None, NEXT=nxt, PF=nxt > 0,
+            DW_ATOMIC=dw is not None,
             num_warps=P.tiles["bwd_warps"], num_stages=CONFIG["bwd_stages"],
         )  # fmt: skip
 
@@ -943,7 +922,6 @@ def _fc_fwd(P, q, k, v, wq, bq, wk, bk, s0, z0, eps):
         h if P.store_h else q, hz if P.store_h else q, hoff,
         float(eps), P.T, P.H, P.HK, P.G, P.D, P.F, P.FT, P.DV, cps, ns,
         HAS_BQ=bq is not None, HAS_BK=bk is not None, SEG=seg, STORE_H=P.store_h, HBT=hbt,
-        PF=int(CONFIG["fc_prefetch"]) if prefetching(P.dev) else 0,
     )  # fmt: skip
     if P.store_h:  # the chunk states are complete: the backward reads no segment states
         s_in, z_in = q.new_empty(0, dtype=f32), q.new_empty(0, dtype=f32)
