@@ -289,6 +289,12 @@ SWEEPS = {
         "defaults": {},
         "small128": {"small_tiles_max_len": 131072},
     },
+    # session 10: one side of the backward at 168 registers (three programs per SM)
+    "s10b": {
+        "defaults": {},
+        "q168": {"maxnreg": {"_bwd_kernel_q": 168}},
+        "kv168": {"maxnreg": {"_bwd_kernel_kv": 168}},
+    },
     "s8": {
         "defaults": {},
         "fix168": {"maxnreg": {"_fc_fix_kernel": 168}, "fix_stages": 2, "fix_programs": 6},

@@ -145,7 +145,9 @@ CONFIG = {
     # benchmarks/_compile_sm90.py): _fc_fix_kernel 220 registers at 4 warps / 3 stages (two
     # programs per SM by registers, 77 KB of shared memory each); capped at 168 with 2 stages: 32 B
     # of spills, 60 KB, three programs per SM fit ({"_fc_fix_kernel": 168}, fix_stages 2,
-    # fix_programs 6: not yet timed). The walks spill 176-432 B at 168.
+    # fix_programs 6: not yet timed). The walks spill 176-432 B at 168. "_bwd_kernel_q" /
+    # "_bwd_kernel_kv": one side of the backward only (its query side waits on its loads for 47%
+    # of its stall samples at two programs per SM: ncu, 2026-11-29)
     "maxnreg": {},
 }
 
@@ -613,6 +615,7 @@ def _bwd_plan(do, q, k, v, wq, bq, wk, bk, mask, cu, s_in, *, activation, negati
             VARLEN=P.varlen, NEG=P.neg, **{n: c[n] for n in _COMMON}, BV=_pow2(P.DV), FUSE_CD=fuse_cd, SPLIT=split,
             DW_ATOMIC=dw is not None,
             num_warps=P.tiles["bwd_warps"], num_stages=CONFIG["bwd_stages"],
+            **_register_cap("_bwd_kernel_kv" if kv_side else "_bwd_kernel_q", {}),
         )  # fmt: skip
 
     return P, do, cps, launch
