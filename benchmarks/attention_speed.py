@@ -289,6 +289,12 @@ SWEEPS = {
         "defaults": {},
         "small128": {"small_tiles_max_len": 131072},
     },
+    # session 10: the reverse walk's segment states added by the key side instead of folded into
+    # its chunk states (run 16 chose the fold with 128-token chunks and older kernels)
+    "s10c": {
+        "defaults": {},
+        "nofold": {"seg_fold": False},
+    },
     # session 10: one side of the backward at 168 registers (three programs per SM)
     "s10b": {
         "defaults": {},
