@@ -267,7 +267,9 @@ def test_pytorch_fallback_matches_reference(kind):
 
 
 _PLAIN = dict(recompute_h=False, out_persist=0, fuse_delta=False, walk_halves=1)  # the launch knobs off
-_GPU_DEFAULTS = dict(recompute_h=False, out_persist=2, fuse_delta=True, walk_halves=2, seg_fold=True)  # CONFIG's
+_GPU_DEFAULTS = dict(  # CONFIG's
+    recompute_h=False, out_persist=2, fuse_delta=True, walk_halves=2, seg_fold=True, rev_fold_max_segments=2
+)
 
 
 @pytest.mark.parametrize(
@@ -277,15 +279,23 @@ _GPU_DEFAULTS = dict(recompute_h=False, out_persist=2, fuse_delta=True, walk_hal
         (1, False, _PLAIN),
         (10_000, True, _GPU_DEFAULTS),
         (10_000, True, dict(_GPU_DEFAULTS, seg_fold=False)),
+        (10_000, True, dict(_GPU_DEFAULTS, rev_fold_max_segments=10**9)),
     ],
-    ids=["one-segment-init", "one-segment-plain", "many-segments-init-gpu-defaults", "many-segments-init-unfolded"],
+    ids=[
+        "one-segment-init",
+        "one-segment-plain",
+        "many-segments-init-gpu-defaults",
+        "many-segments-init-unfolded",
+        "many-segments-init-all-folded",
+    ],
 )
 def test_segment_split_is_invisible(min_programs, init, knobs):
     """The number of segments per sequence changes the schedule, not the result. One segment:
     the walks start from the initial state / final-state gradient (or 0) and the output and
     backward kernels read the chunk states alone; several: the segment states are added to the
-    chunk states first (``seg_fold``, forward and reverse walks) or, unfolded, by the output and
-    backward kernels. ``plain``: kept chunk states, one output program per item, the separate delta
+    chunk states first (``seg_fold``, forward and reverse walks; the reverse walk's only up to
+    ``rev_fold_max_segments`` segments, which the defaults exceed here) or, unfolded, by the output
+    and backward kernels. ``plain``: kept chunk states, one output program per item, the separate delta
     kernel, a walk program per feature half; the many-segment case runs the GPU defaults."""
     _launch.CONFIG["min_programs"] = min_programs
     _launch.CONFIG.update(knobs)
@@ -299,14 +309,15 @@ def test_segment_split_is_invisible(min_programs, init, knobs):
     _check(kern, ref, low, torch.float32, _NAMES + (["S0", "z0"] if init else []))
 
 
-@pytest.mark.parametrize("fold", [True, False], ids=["folded", "unfolded"])
+@pytest.mark.parametrize("fold", [(True, 10**9), (False, 0), (True, 1)], ids=["folded", "unfolded", "reverse-unfolded"])
 def test_segments_without_final_state_gradient(fold):
     """Several segments and no final-state gradient (the common training call): the reverse walk's
-    last segment starts from zero, which the fold skips; outputs and every gradient against the
+    last segment starts from zero, which the fold skips (folded: both walks' states; reverse-unfolded:
+    the forward's only, the key side adds the reverse segment states); outputs and every gradient against the
     float64 reference, with padding and GQA, within 4x the error of the chunked PyTorch op in fp32
     (the same state-passing algorithm; the segments' entering states as ``total - cumsum`` lost
     ~25x that in the key-side gradients, caught here)."""
-    _launch.CONFIG.update(design="chunk", min_programs=10_000, seg_fold=fold)
+    _launch.CONFIG.update(design="chunk", min_programs=10_000, seg_fold=fold[0], rev_fold_max_segments=fold[1])
     B, T, H, HK, D = (2, 2000, 4, 2, 64) if CUDA else (2, 300, 4, 2, 32)  # (the old error showed from ~300)
     args = _inputs(B, T, H, HK, D, D, D, torch.float32, True)
     mask, _ = _mask_or_cu("mask", B, T)

@@ -116,6 +116,11 @@ CONFIG = {
     # chunk states in place (_fold_kernel: one read and write of them) so that the output kernel and
     # the backward read one state tile per chunk instead of the local state + the segment's
     "seg_fold": True,
+    # ... except the reverse walk's (backward, key side) when it has more segments than this: the
+    # key side then adds each chunk's segment state itself. H200 run 51 (sweep s10c): the fold
+    # costs 0.18 / 0.26 / 0.35 ms at T = 16K / 32K / 128K (2 / 4 / 16 segments), the key side's
+    # additions 0.18 at every T: fwd+bwd 4.98 -> 4.99, 5.20 -> 5.12, 5.35 -> 5.20 ms
+    "rev_fold_max_segments": 2,
     # fused-chunk forward over several segments: "fix" = every walk starts its segment from zero and
     # _fc_fix_kernel then adds the entering states (sums of the walks' own end states) to the
     # outputs of later segments, in parallel programs (fix_programs per SM); "sums" = a state walk
@@ -715,7 +720,8 @@ def bwd_kv(
         r_in, rz_in = tot[:, :, None].contiguous(), ztot[:, :, None].contiguous()
     if causal and cps_r != cps:
         raise RuntimeError("forward and backward state walks must use the same segments")
-    if causal and rt.shape[2] > 1 and CONFIG["seg_fold"]:  # complete reverse states: r_in not read
+    fold = CONFIG["seg_fold"] and rt.shape[2] <= int(CONFIG["rev_fold_max_segments"])
+    if causal and rt.shape[2] > 1 and fold:  # complete reverse states: r_in not read
         _fold(P, dh, dhz, r_in, rz_in, cps, skip=-1 if ds_fin is not None else rt.shape[2] - 1)
         r_in, rz_in = r_in.new_empty(0), rz_in.new_empty(0)
 
