@@ -294,7 +294,7 @@ def test_segment_split_is_invisible(min_programs, init, knobs):
     the walks start from the initial state / final-state gradient (or 0) and the output and
     backward kernels read the chunk states alone; several: the segment states are added to the
     chunk states first (``seg_fold``, forward and reverse walks; the reverse walk's only up to
-    ``rev_fold_max_segments`` segments, which the defaults exceed here) or, unfolded, by the output
+    ``rev_fold_max_segments`` segments, which the GPU-size case exceeds) or, unfolded, by the output
     and backward kernels. ``plain``: kept chunk states, one output program per item, the separate delta
     kernel, a walk program per feature half; the many-segment case runs the GPU defaults."""
     _launch.CONFIG["min_programs"] = min_programs
