@@ -295,15 +295,6 @@ SWEEPS = {
         "defaults": {},
         "nofold": {"seg_fold": False},
     },
-    # session 11: the backward kernel's order of work (CONFIG["bwd_seq_halves"]: feature halves one at
-    # a time into the map's gradient, dv before dk, states as product operands; 2: the key side's
-    # reverse states loaded late). Offline sm_90 spill stacks at 64 tokens / 4 warps: query side 48
-    # -> 40 B, key side 120 -> 80 / 32 B. --sweep-seq-lens 4096,32768,131072 --sweep-profile
-    "s11": {
-        "defaults": {},
-        "halves1": {"bwd_seq_halves": 1},
-        "halves2": {"bwd_seq_halves": 2},
-    },
     # session 10: one side of the backward at 168 registers (three programs per SM)
     "s10b": {
         "defaults": {},

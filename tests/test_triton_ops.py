@@ -412,31 +412,6 @@ def test_recomputed_chunk_states_match_reference(kind):
     _check(kern, ref, low, dtype, _NAMES)
 
 
-@pytest.mark.parametrize("order", [1, 2])
-@pytest.mark.parametrize("kind", ["none", "mask", "cu"])
-def test_backward_work_orders_match_reference(order, kind):
-    """``CONFIG["bwd_seq_halves"]``: the backward kernel's feature halves one at a time into the
-    map's gradient, the key side's dv before dk, the chunk states as product operands (1), and
-    the key side's reverse states loaded late (2): the same gradients, with padding or packed
-    sequences + GQA + an initial state, several segments (forward and reverse, folded and not)."""
-    _launch.CONFIG.update(bwd_seq_halves=order, design="chunk", rev_fold_max_segments=2 if kind == "cu" else 0)
-    B, T, H, HK, D = (2, 3000, 4, 2, 64) if CUDA else (2, 45, 2, 1, 16)
-    if kind == "cu":
-        B = 1
-    dtype = torch.bfloat16 if CUDA else torch.float32
-    args = _inputs(B, T, H, HK, D, D, D, dtype, True)
-    mask, cu = _mask_or_cu(kind, B, T)
-    init = None
-    if kind == "cu":
-        N = cu.numel() - 1
-        g = torch.Generator(device="cpu").manual_seed(3)
-        init = ((torch.rand(N, HK, 2 * D, D, generator=g) * 0.5).to(DEV), torch.rand(N, HK, 2 * D, generator=g).to(DEV))
-    kern, ref, low = _run_fused(
-        args, activation="softmax", negation=True, causal=True, mask=mask, cu=cu, init=init, dtype=dtype
-    )
-    _check(kern, ref, low, dtype, _NAMES + (["S0", "z0"] if init else []))
-
-
 def test_chunk_states_are_freed_before_the_key_side(monkeypatch):
     """Peak memory: the forward's chunk states are held for the query side of the backward only
     and no reference is left when the key side (reverse walk) starts; a second backward through

@@ -282,7 +282,6 @@ def _map_bwd(
     EVEN: tl.constexpr,
     DW_ATOMIC: tl.constexpr,
     HAS_B: tl.constexpr,
-    DZ_GIVEN: tl.constexpr = False,
 ):
     """Store the input gradient of one chunk (``dx = dz W^T``) and the pre-activation gradient
     ``dz [tokens, NH, F]`` (the launcher forms ``dW = x^T dz``, ``db = sum dz`` with one batched
@@ -290,15 +289,11 @@ def _map_bwd(
     H200 run 15, 2026-11-29); ``DW_ATOMIC``: instead of storing ``dz``, add this chunk's
     ``x^T dz`` / ``sum dz`` to the fp32 accumulators ``dw [NW, D, F]`` / ``db [NW, F]`` of map head
     ``i_w`` (atomics; the same operand precision as the batched matmul). Generic path: the
-    feature gradient is the input gradient. ``DZ_GIVEN`` (fused): ``dp`` is already ``dz``, summed
-    over the halves by the caller (:func:`_half_bwd`), and ``p``, ``n``, ``dn`` are not read."""
+    feature gradient is the input gradient."""
     if FUSED:
-        if DZ_GIVEN:
-            dz = dp
-        else:
-            dz = _act_bwd(z, 1.0, p, dp, ACT)
-            if NEG:
-                dz += _act_bwd(z, -1.0, n, dn, ACT)
+        dz = _act_bwd(z, 1.0, p, dp, ACT)
+        if NEG:
+            dz += _act_bwd(z, -1.0, n, dn, ACT)
         dz = tl.where(t_ok[:, None], dz, 0.0)
         dx = tl.dot(dz, tl.trans(w.to(tl.float32)), input_precision=MAP_PREC)
         _st(dx_ptr + bos * (NH * D) + i_h * D, dx, L, D, NH * D, t0, 0, BT, BD, True, not EVEN)
@@ -356,23 +351,6 @@ def _chunk_state(
     else:
         s, z = _load_half(h_ptr, hz_ptr, row0, F, DV, v0, BF, BV, EVEN)
     return s, z
-
-
-@triton.jit
-def _state_operand(s_ptr, sz_ptr, h_ptr, hz_ptr, row0, F, DV, BF: tl.constexpr, BV: tl.constexpr,
-                   SEG: tl.constexpr, DOT_DT: tl.constexpr, EVEN: tl.constexpr):  # fmt: skip
-    """:func:`_chunk_state` (``LOCAL``) as a product operand: the ``[BF, BV]`` state in ``DOT_DT``
-    and its fp32 normaliser. Without ``SEG`` the stored tile is loaded as it is (bf16 for bf16
-    inputs: no fp32 copy held in registers until its products, session 11); with ``SEG`` the
-    segment's entering state + the local one are summed in fp32 first."""
-    if SEG:
-        s, z = _chunk_state(s_ptr, sz_ptr, h_ptr, hz_ptr, row0, F, DV, 0, BF, BV, True, True, EVEN)
-        return s.to(DOT_DT), z
-    else:
-        offs_f = tl.arange(0, BF)
-        s = _ld(h_ptr + row0 * DV, F, DV, DV, 0, 0, BF, BV, not EVEN, not EVEN).to(DOT_DT)
-        z = tl.load(hz_ptr + row0 + offs_f, mask=offs_f < F, other=0.0).to(tl.float32)
-        return s, z
 
 
 @triton.jit
@@ -802,42 +780,6 @@ def _delta_kernel(do_ptr, o_ptr, den_ptr, cd_ptr, NTOK, H, DV, BT: tl.constexpr,
     tl.store(cd_ptr + offs_t * H + i_h, -tl.sum(do * o, 1) / den, mask=t_ok)
 
 
-@triton.jit
-def _half_bwd(z, sign, x, g, s, sz, cd, da, y, CAUSAL: tl.constexpr, FUSED: tl.constexpr, ACT: tl.constexpr,
-              PREC: tl.constexpr, DOT_DT: tl.constexpr):  # fmt: skip
-    """One feature half of the query side: ``dphi = g S^T + cd z^T (+ dA phi_k)`` for the half's
-    state ``(S, z)`` and keys ``y``, then (``FUSED``) its share of the map's pre-activation
-    gradient (``x`` = the half's features): the half's fp32 tile dies here, before the other
-    half's exists (registers: session 11, fewer spills than both halves' tiles at once)."""
-    d = tl.dot(g, tl.trans(s.to(DOT_DT)), input_precision=PREC) + cd[:, None] * sz[None, :]
-    if CAUSAL:
-        d += tl.dot(da, y, input_precision=PREC)
-    if FUSED:
-        d = _act_bwd(z, sign, x.to(tl.float32), d, ACT)
-    return d
-
-
-@triton.jit
-def _key_half_bwd(z, sign, x, q, vv, r, rz, dat, mk, first, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-                  FUSED: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr, DOT_DT: tl.constexpr):  # fmt: skip
-    """One feature half of the key side: ``dphi_k = dA^T phi_q (+ v R^T + e`` from the group's
-    first query head), keys masked, then (``FUSED``) its share of the map's pre-activation
-    gradient (``x`` = the half's unmasked key features)."""
-    if CAUSAL:
-        d = tl.dot(dat, q, input_precision=PREC)
-        if first:
-            d += tl.dot(vv, tl.trans(r.to(DOT_DT)), input_precision=PREC) + rz[None, :]
-    else:
-        d = tl.dot(vv, tl.trans(r.to(DOT_DT)), input_precision=PREC) + rz[None, :]
-        if not first:
-            d = d * 0.0
-    if HAS_MASK:
-        d = d * mk[:, None]
-    if FUSED:
-        d = _act_bwd(z, sign, x.to(tl.float32), d, ACT)
-    return d
-
-
 @triton.jit(do_not_specialize=["T", "CPS", "NSI"])
 def _bwd_kernel(
     q_ptr,
@@ -895,7 +837,6 @@ def _bwd_kernel(
     FUSE_CD: tl.constexpr,
     SPLIT: tl.constexpr,
     DW_ATOMIC: tl.constexpr,
-    SEQ_HALVES: tl.constexpr = 0,
 ):
     """Gradients of one chunk and one query head (grid ``(NC, H)``, all of Dv, no loop).
 
@@ -965,21 +906,11 @@ def _bwd_kernel(
         mk = tl.load(mask_ptr + tokk, mask=tk_ok, other=0.0)
     wq, bq = _load_wb(wq_ptr, bq_ptr, i_h, D, F, BD, BF, FUSED, HAS_BQ, EVEN)
     wk, bk = _load_wb(wk_ptr, bk_ptr, i_hk, D, F, BD, BF, FUSED, HAS_BK, EVEN)
-    if SEQ_HALVES != 0 and CAUSAL:
-        # the states as product operands (bf16 for bf16 inputs); the key side's (SEQ_HALVES 2)
-        # loaded where they are read (registers: session 11)
-        if not (KV_SIDE and SEQ_HALVES == 2):
-            sp, zp = _state_operand(si_ptr + sb * DV, zi_ptr + sb, h_ptr + hb * DV, hz_ptr + hb, 0, F, DV, BF, BV, SEG,
-                                    DOT_DT, EVEN)  # fmt: skip
-            if NEG:
-                sn, zn = _state_operand(si_ptr + sb * DV, zi_ptr + sb, h_ptr + hb * DV, hz_ptr + hb, F, F, DV, BF, BV,
-                                        SEG, DOT_DT, EVEN)  # fmt: skip
-    else:
-        sp, zp = _chunk_state(si_ptr + sb * DV, zi_ptr + sb, h_ptr + hb * DV, hz_ptr + hb, 0, F, DV, 0, BF, BV, CAUSAL,
-                              SEG, EVEN)  # fmt: skip
-        if NEG:
-            sn, zn = _chunk_state(si_ptr + sb * DV, zi_ptr + sb, h_ptr + hb * DV, hz_ptr + hb, F, F, DV, 0, BF, BV,
-                                  CAUSAL, SEG, EVEN)  # fmt: skip
+    sp, zp = _chunk_state(si_ptr + sb * DV, zi_ptr + sb, h_ptr + hb * DV, hz_ptr + hb, 0, F, DV, 0, BF, BV, CAUSAL,
+                          SEG, EVEN)  # fmt: skip
+    if NEG:
+        sn, zn = _chunk_state(si_ptr + sb * DV, zi_ptr + sb, h_ptr + hb * DV, hz_ptr + hb, F, F, DV, 0, BF, BV,
+                              CAUSAL, SEG, EVEN)  # fmt: skip
 
     # features as DOT_DT right away (bf16 for bf16 inputs, like torch's bf16 map): fewer live
     # fp32 tiles; the map's backward uses the same rounded features
@@ -1004,53 +935,7 @@ def _bwd_kernel(
         kn = kp
     g = (do.to(tl.float32) * (1.0 / den)[:, None]).to(DOT_DT)
     tril = offs_q[:, None] >= offs_k[None, :]  # [BQ, BK]: key at or before the query
-    if SEQ_HALVES != 0:
-        if CAUSAL and KV_SIDE and SEQ_HALVES == 2:
-            sp, zp = _state_operand(si_ptr + sb * DV, zi_ptr + sb, h_ptr + hb * DV, hz_ptr + hb, 0, F, DV, BF, BV, SEG,
-                                    DOT_DT, EVEN)  # fmt: skip
-            if NEG:
-                sn, zn = _state_operand(si_ptr + sb * DV, zi_ptr + sb, h_ptr + hb * DV, hz_ptr + hb, F, F, DV, BF, BV,
-                                        SEG, DOT_DT, EVEN)  # fmt: skip
-        if not KV_SIDE:
-            if CAUSAL:
-                da = tl.dot(g, tl.trans(vv), input_precision=PREC) + cd[:, None]
-                da = tl.where(tril, da, 0.0).to(DOT_DT)
-            else:
-                da = g  # (not read)
-            dz = _half_bwd(zq, 1.0, qp, g, sp, zp, cd, da, kp, CAUSAL, FUSED, ACT, PREC, DOT_DT)
-            if NEG:
-                dz += _half_bwd(zq, -1.0, qn, g, sn, zn, cd, da, kn, CAUSAL, FUSED, ACT, PREC, DOT_DT)
-            _map_bwd(zq, dz, dz, dz, dz, tq_ok, wq, xq, dx_ptr, dz_ptr, dw_ptr, db_ptr, bos, L, q0, i_h, i_h, H, D, F,
-                     BQ, BD, BF, FUSED, ACT, NEG, MAP_PREC, EVEN, DW_ATOMIC, HAS_BQ, FUSED)  # fmt: skip
-        else:
-            # dv first: A and g die before dk's products
-            if CAUSAL:
-                at = tl.dot(kp, tl.trans(qp), input_precision=PREC)
-                if NEG:
-                    at += tl.dot(kn, tl.trans(qn), input_precision=PREC)
-                at = tl.where(tl.trans(tril), at, 0.0).to(DOT_DT)
-                dvv = tl.dot(at, g, input_precision=PREC)
-            else:
-                dvv = tl.zeros([BK, BV], dtype=tl.float32)
-            if first:
-                dvv += tl.dot(kp, sp.to(DOT_DT), input_precision=PREC)
-                if NEG:
-                    dvv += tl.dot(kn, sn.to(DOT_DT), input_precision=PREC)
-            _st(dv_ptr + bos * (H * DV) + i_h * DV, dvv, L, DV, H * DV, k0, 0, BK, BV, True, not EVEN)
-            if CAUSAL:  # rows: keys s, columns: queries t (t >= s); formed as the query side's dA
-                dat = tl.dot(g, tl.trans(vv), input_precision=PREC) + cd[:, None]
-                dat = tl.trans(tl.where(tril, dat, 0.0).to(DOT_DT))
-            else:
-                dat = g  # (not read)
-            mkr = mk if HAS_MASK else 0.0
-            dz = _key_half_bwd(zk, 1.0, kp_raw, qp, vv, sp, zp, dat, mkr, first, CAUSAL, HAS_MASK, FUSED, ACT, PREC,
-                               DOT_DT)  # fmt: skip
-            if NEG:
-                dz += _key_half_bwd(zk, -1.0, kn_raw, qn, vv, sn, zn, dat, mkr, first, CAUSAL, HAS_MASK, FUSED, ACT,
-                                    PREC, DOT_DT)  # fmt: skip
-            _map_bwd(zk, dz, dz, dz, dz, tk_ok, wk, xk, dx_ptr, dz_ptr, dw_ptr, db_ptr, bos, L, k0, i_h, i_hk, H, D, F,
-                     BK, BD, BF, FUSED, ACT, NEG, MAP_PREC, EVEN, DW_ATOMIC, HAS_BK, FUSED)  # fmt: skip
-    elif not KV_SIDE:
+    if not KV_SIDE:
         dqp = tl.dot(g, tl.trans(sp.to(DOT_DT)), input_precision=PREC) + cd[:, None] * zp[None, :]
         if NEG:
             dqn = tl.dot(g, tl.trans(sn.to(DOT_DT)), input_precision=PREC) + cd[:, None] * zn[None, :]

@@ -121,12 +121,6 @@ CONFIG = {
     # costs 0.18 / 0.26 / 0.35 ms at T = 16K / 32K / 128K (2 / 4 / 16 segments), the key side's
     # additions 0.18 at every T: fwd+bwd 4.98 -> 4.99, 5.20 -> 5.12, 5.35 -> 5.20 ms
     "rev_fold_max_segments": 2,
-    # the backward kernel's order of work (session 11): 0 = both feature halves' fp32 gradient tiles
-    # at once, then the map's backward; 1 = one half at a time into the map's pre-activation
-    # gradient, the key side's dv before its dk, the chunk states held as product operands; 2 = 1
-    # with the key side's reverse states loaded where they are read. Offline sm_90 spill stacks at
-    # 64 tokens / 4 warps: query side 48 / 40 / 40 B, key side 120 / 80 / 32 B
-    "bwd_seq_halves": 0,
     # fused-chunk forward over several segments: "fix" = every walk starts its segment from zero and
     # _fc_fix_kernel then adds the entering states (sums of the walks' own end states) to the
     # outputs of later segments, in parallel programs (fix_programs per SM); "sums" = a state walk
@@ -624,7 +618,7 @@ def _bwd_plan(do, q, k, v, wq, bq, wk, bk, mask, cu, s_in, *, activation, negati
             P.H, P.HK, P.G, P.D, P.F, P.FT, P.DV, cps, si.shape[2] if seg else 1,
             KV_SIDE=kv_side, HAS_BQ=bq is not None, HAS_BK=bk is not None, CAUSAL=bool(causal), SEG=seg,
             VARLEN=P.varlen, NEG=P.neg, **{n: c[n] for n in _COMMON}, BV=_pow2(P.DV), FUSE_CD=fuse_cd, SPLIT=split,
-            DW_ATOMIC=dw is not None, SEQ_HALVES=int(CONFIG["bwd_seq_halves"]),
+            DW_ATOMIC=dw is not None,
             num_warps=P.tiles["bwd_warps"], num_stages=CONFIG["bwd_stages"],
             **_register_cap("_bwd_kernel_kv" if kv_side else "_bwd_kernel_q", {}),
         )  # fmt: skip
