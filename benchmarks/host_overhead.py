@@ -73,6 +73,38 @@ def _graph_ms(fwd, leaves, do, n=10) -> tuple[float, float]:
     return _issue_and_gpu_ms(graph.replay, n=n)
 
 
+def _compiled_ms(B, T, dev, n=10) -> tuple[float, float, float]:
+    """(host ms, GPU ms, largest relative difference to eager) per fwd+bwd of the attention under
+    ``torch.compile(mode="reduce-overhead", fullgraph=True)``: inductor records the forward and
+    backward graphs (the custom ops inside) in PyTorch's CUDA-graph trees and replays them."""
+    from hedgehog_attention.ops.triton import fused_hedgehog_attention
+
+    _, leaves = make_triton(B, T, dev, True)
+
+    def f(q, k, v, wq, bq, wk, bk):
+        return fused_hedgehog_attention(q, k, v, wq, bq, wk, bk, causal=True)[0]
+
+    compiled = torch.compile(f, mode="reduce-overhead", fullgraph=True)
+    do = torch.randn(B, T, HEADS, leaves[2].shape[3], device=dev, dtype=leaves[2].dtype)
+
+    def step():
+        compiled(*leaves).backward(do)
+
+    diffs = []
+    for fn in (step, lambda: f(*leaves).backward(do)):
+        for x in leaves:
+            x.grad = None
+        fn()
+        diffs.append([x.grad.float().clone() for x in leaves])
+    worst = max(float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(*diffs))
+    for _ in range(3):  # record, then replays
+        for x in leaves:
+            x.grad = None
+        step()
+    host, gpu = _issue_and_gpu_ms(step, leaves, n=n)
+    return host, gpu, worst
+
+
 def _breakdown(fn, n=10) -> dict:
     """Host ms per call spent inside the launcher's entry points and kernel launches (wrapped
     with timers; nested: ``fwd`` includes its launches) and in the custom ops around them."""
@@ -141,6 +173,7 @@ def main() -> None:
     ap.add_argument("--cprofile", default="", help="BxT shapes to profile with cProfile")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--graph", action="store_true", help="also replay the fwd+bwd from a CUDA graph")
+    ap.add_argument("--compiled", action="store_true", help='also torch.compile(mode="reduce-overhead")')
     args = ap.parse_args()
     dev = torch.device("cuda")
     rows = []
@@ -160,6 +193,8 @@ def main() -> None:
         row["fwdbwd_host_breakdown_ms"] = _breakdown(step)
         if args.graph:
             row["graph_host_ms"], row["graph_gpu_ms"] = _graph_ms(fwd, leaves, do)
+        if args.compiled:
+            row["compiled_host_ms"], row["compiled_gpu_ms"], row["compiled_vs_eager"] = _compiled_ms(B, T, dev)
         rows.append(row)
         print(row, file=sys.stderr, flush=True)
         del fwd, leaves, do
@@ -188,14 +223,20 @@ def main() -> None:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "host_overhead.json").write_text(json.dumps({"meta": meta, "rows": rows, "cprofile": profiles}, indent=1))
-    print("| B | T | fwd host / GPU ms | fwd+bwd host / GPU ms | host/GPU fwd+bwd | CUDA graph replay host / GPU ms |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| B | T | fwd host / GPU ms | fwd+bwd host / GPU ms | host/GPU fwd+bwd | CUDA graph replay host / GPU ms "
+        '| torch.compile "reduce-overhead" host / GPU ms (rel. diff of the gradients to eager) |'
+    )
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = r["fwdbwd_host_ms"] / r["fwdbwd_gpu_ms"]
         graph = f"{r['graph_host_ms']:.3f} / {r['graph_gpu_ms']:.3f}" if "graph_gpu_ms" in r else "-"
+        comp = "-"
+        if "compiled_gpu_ms" in r:
+            comp = f"{r['compiled_host_ms']:.3f} / {r['compiled_gpu_ms']:.3f} ({r['compiled_vs_eager']:.1e})"
         print(
             f"| {r['B']} | {r['T']} | {r['fwd_host_ms']:.3f} / {r['fwd_gpu_ms']:.3f} | "
-            f"{r['fwdbwd_host_ms']:.3f} / {r['fwdbwd_gpu_ms']:.3f} | {ratio:.2f} | {graph} |"
+            f"{r['fwdbwd_host_ms']:.3f} / {r['fwdbwd_gpu_ms']:.3f} | {ratio:.2f} | {graph} | {comp} |"
         )
     for r in rows:
         print(f"B={r['B']} T={r['T']} host ms per fwd+bwd inside:", r["fwdbwd_host_breakdown_ms"])

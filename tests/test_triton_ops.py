@@ -1087,3 +1087,37 @@ def test_training_step_replays_from_a_cuda_graph(T):
     assert torch.equal(static_o, eager_o)
     for name, x, b in zip(_NAMES, leaves, eager):  # the same kernels on the same inputs: bitwise
         assert torch.equal(x.grad, b), name
+
+
+@pytest.mark.skipif(not CUDA, reason="inductor's CUDA graphs need a GPU")
+@pytest.mark.parametrize("T", [1024, 20000])
+def test_torch_compile_reduce_overhead_matches_eager(T):
+    """``torch.compile(mode="reduce-overhead", fullgraph=True)`` (inductor, the custom ops captured
+    in PyTorch's CUDA-graph trees: the other remedy for host-bound small batches) gives the eager
+    outputs and gradients on replay after replay, with new inputs copied in between.
+    T = 20000: several segments (correction pass, folds, the forward's saved segment states)."""
+    B, H, D = 1, 4, 64
+    args = _inputs(B, T, H, H, D, D, D, torch.bfloat16, True)
+    leaves = [x.detach().clone().requires_grad_() for x in args]
+    gen = torch.Generator().manual_seed(3)
+    dos = [torch.randn(B, T, H, D, generator=gen).to(DEV, torch.bfloat16) for _ in range(3)]
+
+    def f(q, k, v, wq, bq, wk, bk):
+        return fused_hedgehog_attention(q, k, v, wq, bq, wk, bk, causal=True)[0]
+
+    compiled = torch.compile(f, mode="reduce-overhead", fullgraph=True)
+    for step, do in enumerate(dos * 2):  # the first calls record the graphs, the later ones replay them
+        with torch.no_grad():
+            leaves[0].add_(0.01 * step)  # new inputs in the same buffers
+        for x in leaves:
+            x.grad = None
+        o = compiled(*leaves)
+        o.backward(do)
+        got = [o.detach().clone()] + [x.grad.clone() for x in leaves]
+        for x in leaves:
+            x.grad = None
+        o_e = f(*leaves)
+        o_e.backward(do)
+        want = [o_e.detach()] + [x.grad for x in leaves]
+        for name, a, b in zip(["o"] + _NAMES, got, want):  # the same kernels on the same inputs
+            assert not torch.isnan(a).any() and rel(a, b) <= 1e-6, (step, name, rel(a, b))
