@@ -998,6 +998,34 @@ def test_torch_compile_traces_the_custom_op(layout):
         assert rel(a, b) <= 1e-6
 
 
+@pytest.mark.parametrize("dynamic", [True, None])
+@pytest.mark.parametrize("layout", ["chunk", "fc-all-train"])
+def test_torch_compile_with_changing_shapes(layout, dynamic):
+    """Sizes that change between calls: ``dynamic=True`` traces them as SymInts from the start, the
+    default (None) recompiles with them symbolic once a size changes (the GPU benchmark's second
+    shape raised ``TypeError: unhashable type: non-nested SymInt`` in the fake implementation's
+    cached segment search, H200 run 54). Each shape gives the eager gradients."""
+    if layout == "fc-all-train":
+        _launch.CONFIG.update(design="auto", fc_forward="all", fc_segments="fix", fc_programs=10_000)
+    else:
+        _launch.CONFIG["design"] = "chunk"
+    torch._dynamo.reset()
+
+    def f(q, k, v, wq, bq, wk, bk):
+        o, st = fused_hedgehog_attention(q, k, v, wq, bq, wk, bk, output_final_state=True)
+        return o.square().sum() + st.S.sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=dynamic)
+    shapes = [(2, 40), (3, 45), (1, 70)] if not CUDA else [(2, 1000), (3, 1500), (1, 3000)]
+    for B, T in shapes:
+        D = 16 if not CUDA else 64
+        leaves = [x.requires_grad_() for x in _inputs(B, T, 2, 2, D, D, D, torch.float32, True)]
+        eager = torch.autograd.grad(f(*leaves), leaves)
+        traced = torch.autograd.grad(compiled(*leaves), leaves)
+        for name, a, b in zip(_NAMES, traced, eager):
+            assert rel(a, b) <= 1e-6, (B, T, name)
+
+
 _DW_CASES = [(3, 37, 5, 24, 20, torch.float32, True), (2, 50, 3, 16, 16, torch.float32, False)]
 if CUDA:
     _DW_CASES += [(4, 3001, 16, 64, 64, torch.bfloat16, True), (1, 777, 8, 128, 128, torch.float32, True)]

@@ -391,7 +391,12 @@ def segments(n_seq: int, hk: int, max_len: int, n_prog: int, bt: int, cap: int |
     (fewest segments)."""
     if cap is None:
         cap = CONFIG["min_programs"] if CONFIG["min_programs"] != "auto" else _TILES["min_programs"][1]
-    return _segment_search(max(1, _cdiv(max_len, bt)), max(1, n_seq * hk * n_prog), max(1, int(cap)))
+    # int(): under torch.compile with dynamic shapes the sizes reach the custom ops' fake
+    # implementations as SymInts, which the cached search cannot hash (a TypeError in the trace);
+    # int() specialises them (a guard: a new size recompiles), as the segment count they give
+    # decides the shapes of the op's outputs anyway
+    n_ch, p0 = int(max(1, _cdiv(max_len, bt))), int(max(1, n_seq * hk * n_prog))
+    return _segment_search(n_ch, p0, max(1, int(cap)))
 
 
 @functools.lru_cache(maxsize=1024)
