@@ -79,6 +79,7 @@ def _compiled_ms(B, T, dev, n=10) -> tuple[float, float, float]:
     backward graphs (the custom ops inside) in PyTorch's CUDA-graph trees and replays them."""
     from hedgehog_attention.ops.triton import fused_hedgehog_attention
 
+    torch._dynamo.reset()  # every shape compiled on its own (static shapes, as a fixed-shape training loop)
     _, leaves = make_triton(B, T, dev, True)
 
     def f(q, k, v, wq, bq, wk, bk):
