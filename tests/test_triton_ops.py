@@ -1026,6 +1026,29 @@ def test_torch_compile_with_changing_shapes(layout, dynamic):
             assert rel(a, b) <= 1e-6, (B, T, name)
 
 
+def test_torch_compile_with_packed_sequences_breaks_the_graph_there():
+    """``cu_seqlens``: the launcher reads the sequence lengths on the host (chunk table and grid),
+    so ``torch.compile`` breaks the graph at the call (``fullgraph=True`` raises) and runs the op
+    eagerly there, with the eager gradients."""
+    _launch.CONFIG["design"] = "chunk"
+    torch._dynamo.reset()
+    T = 50 if not CUDA else 3000
+    D = 16 if not CUDA else 64
+    leaves = [x.requires_grad_() for x in _inputs(1, T, 2, 2, D, D, D, torch.float32, True)]
+    _, cu = _mask_or_cu("cu", 1, T)
+
+    def f(q, k, v, wq, bq, wk, bk, cu):
+        return fused_hedgehog_attention(q, k, v, wq, bq, wk, bk, cu_seqlens=cu)[0].square().sum()
+
+    eager = torch.autograd.grad(f(*leaves, cu), leaves)
+    traced = torch.autograd.grad(torch.compile(f, backend="aot_eager")(*leaves, cu), leaves)
+    for name, a, b in zip(_NAMES, traced, eager):
+        assert rel(a, b) <= 1e-6, name
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.TorchDynamoException):  # (Unsupported: the host read)
+        torch.compile(f, backend="aot_eager", fullgraph=True)(*leaves, cu)
+
+
 _DW_CASES = [(3, 37, 5, 24, 20, torch.float32, True), (2, 50, 3, 16, 16, torch.float32, False)]
 if CUDA:
     _DW_CASES += [(4, 3001, 16, 64, 64, torch.bfloat16, True), (1, 777, 8, 128, 128, torch.float32, True)]
