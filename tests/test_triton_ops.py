@@ -1049,6 +1049,27 @@ def test_torch_compile_with_packed_sequences_breaks_the_graph_there():
         torch.compile(f, backend="aot_eager", fullgraph=True)(*leaves, cu)
 
 
+@pytest.mark.parametrize("ns", [1, 2, 5])
+@pytest.mark.parametrize("reverse, last", [(False, False), (True, False), (True, True)])
+def test_segment_entering_sums_match_reference(ns, reverse, last):
+    """``_launch._entering`` (``_seg_scan_kernel``: the state and normaliser entering each segment,
+    one launch) against the PyTorch shifted cumulative sums ``_before`` / ``_after`` in float64,
+    with a state size that is not a multiple of the kernel's block (3 x 20 x 24 = 1440 > 1024)."""
+    g = torch.Generator().manual_seed(ns)
+    N, HK, FT, DV = 2, 3, 20, 24
+    x = torch.randn(N, HK, ns, FT, DV, generator=g, dtype=torch.float64).to(DEV)
+    xz = torch.randn(N, HK, ns, FT, generator=g, dtype=torch.float64).to(DEV)
+    lx = torch.randn(N, HK, FT, DV, generator=g, dtype=torch.float64).to(DEV) if last else None
+    lz = torch.randn(N, HK, FT, generator=g, dtype=torch.float64).to(DEV) if last else None
+    got, got_z = _launch._entering(x, xz, reverse=reverse, last=lx, last_z=lz)
+    if reverse:
+        want, want_z = _launch._after(x, lx), _launch._after(xz, lz)
+    else:
+        want, want_z = _launch._before(x), _launch._before(xz)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_z, want_z, rtol=1e-12, atol=1e-12)
+
+
 _DW_CASES = [(3, 37, 5, 24, 20, torch.float32, True), (2, 50, 3, 16, 16, torch.float32, False)]
 if CUDA:
     _DW_CASES += [(4, 3001, 16, 64, 64, torch.bfloat16, True), (1, 777, 8, 128, 128, torch.float32, True)]

@@ -562,7 +562,7 @@ def fwd(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, *, activation, negation, caus
         # totals (``[N, HK, 1, FT, DV]`` fp32: 67 MB at T = 1K, over SDPA's peak memory in run 7)
         s_in, z_in = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
     elif causal:
-        s_in, z_in = _before(st), _before(stz)
+        s_in, z_in = _entering(st, stz, reverse=False)
         if add0:
             s_in, z_in = s_in + s0[:, :, None], z_in + z0[:, :, None]
         if CONFIG["seg_fold"]:  # complete chunk states: s_in neither read nor saved
@@ -663,7 +663,7 @@ def bwd_q(
             reverse=False, store_h=True, seg=seg,
         )[:4]  # fmt: skip
         if seg is None and st.shape[2] > 1:  # the walk's states are local to its segments
-            s_in, z_in = _before(st), _before(stz)
+            s_in, z_in = _entering(st, stz, reverse=False)
             if CONFIG["seg_fold"]:
                 _fold(P, h, hz, s_in, z_in, cps, skip=0)
                 s_in, z_in = s_in.new_empty(0), z_in.new_empty(0)
@@ -720,7 +720,7 @@ def bwd_kv(
         r_in, rz_in = rt, rtz
     elif causal:
         # queries after each segment (+ the final-state gradient): reverse exclusive cumsum
-        r_in, rz_in = _after(rt, ds_fin), _after(rtz, dz_fin)
+        r_in, rz_in = _entering(rt, rtz, reverse=True, last=ds_fin, last_z=dz_fin)
     else:
         r_in, rz_in = tot[:, :, None].contiguous(), ztot[:, :, None].contiguous()
     if causal and cps_r != cps:
@@ -798,10 +798,29 @@ def _dw_reference(x: torch.Tensor, dz: torch.Tensor, w: torch.Tensor, b: torch.T
     return dw, db
 
 
+def _entering(x: torch.Tensor, xz: torch.Tensor, *, reverse: bool, last: torch.Tensor | None = None,
+              last_z: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """What enters each segment of a state ``x [N, HK, NS, FT, DV]`` and its normaliser ``xz
+    [N, HK, NS, FT]`` (both fp32): :func:`_before` (forward) or, ``reverse``, :func:`_after` with the
+    final-state gradient ``(last, last_z)`` (or None), both in one ``_seg_scan_kernel`` launch."""
+    x, xz = x.contiguous(), xz.contiguous()
+    N, HK, NS = x.shape[:3]
+    m1, m2 = x[0, 0, 0].numel(), xz[0, 0, 0].numel()
+    out, out_z = torch.empty_like(x), torch.empty_like(xz)
+    has_last = last is not None
+    bm = 1024
+    K._seg_scan_kernel[(N * HK, _cdiv(m1, bm) + _cdiv(m2, bm))](
+        x, last.contiguous() if has_last else x, out, xz, last_z.contiguous() if has_last else xz, out_z, NS, m1, m2,
+        BM=bm, REVERSE=bool(reverse), HAS_LAST=has_last, num_warps=4,
+    )  # fmt: skip
+    return out, out_z
+
+
 def _before(x: torch.Tensor) -> torch.Tensor:
     """Exclusive prefix sums over the segment axis 2 of ``x [N, HK, NS, ...]``: what enters each
     segment going forward. A shifted cumulative sum, not ``cumsum(x) - x`` (which rounds the
-    large running sum and subtracts: its error scales with the total, not with the result)."""
+    large running sum and subtracts: its error scales with the total, not with the result).
+    (PyTorch reference of :func:`_entering`, which the launchers call.)"""
     out = torch.zeros_like(x)
     out[:, :, 1:] = torch.cumsum(x[:, :, :-1], 2)
     return out
@@ -811,7 +830,8 @@ def _after(x: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
     """Exclusive suffix sums over axis 2 (+ ``last [N, HK, ...]``, the final-state gradient): what
     enters each segment going backward. Summed from the end, not ``total - cumsum(x)``: that
     difference lost up to ~25x the fp32 rounding in the key-side gradients with several segments
-    (CPU, 2026-11-29: bk 1.7e-5 against 6.9e-7 for the chunked PyTorch op)."""
+    (CPU, 2026-11-29: bk 1.7e-5 against 6.9e-7 for the chunked PyTorch op). (PyTorch reference of
+    :func:`_entering`.)"""
     out = torch.zeros_like(x)
     out[:, :, :-1] = torch.flip(torch.cumsum(torch.flip(x[:, :, 1:], [2]), 2), [2])
     if last is not None:
@@ -906,7 +926,7 @@ def _fc_fwd(P, q, k, v, wq, bq, wk, bk, s0, z0, eps):
             k, wk if P.c["FUSED"] else None, bk if P.c["FUSED"] else None, v, None, None, None, None,
             reverse=False, store_h=False, seg=(cps, ns),
         )  # fmt: skip
-        s_in, z_in = _before(st), _before(stz)
+        s_in, z_in = _entering(st, stz, reverse=False)
         del st, stz
         if s0 is not None:
             s_in, z_in = s_in + s0[:, :, None], z_in + z0[:, :, None]
@@ -940,7 +960,7 @@ def _fc_fwd(P, q, k, v, wq, bq, wk, bk, s0, z0, eps):
     if P.store_h:  # the chunk states are complete: the backward reads no segment states
         s_in, z_in = q.new_empty(0, dtype=f32), q.new_empty(0, dtype=f32)
     if fix:  # se: each segment's own sum; entering states = the sums of the segments before it
-        s_in, z_in = _before(se), _before(sez)
+        s_in, z_in = _entering(se, sez, reverse=False)
         if s0 is not None:
             s_in, z_in = s_in + s0[:, :, None], z_in + z0[:, :, None]
         s_off = 0 if s0 is not None else 1  # segment 0 entered from zero: nothing to add
@@ -992,7 +1012,7 @@ def _fc_bwd_kv(P, do, ds_fin, dz_fin, q, k, v, wq, bq, wk, bk, den, cd, need_ds0
             q, wq if fused else None, bq if fused else None, do, den, cd, None, None, reverse=True, store_h=False,
             seg=(cps, ns),
         )  # fmt: skip
-        r_in, rz_in = _after(rt, ds_fin), _after(rtz, dz_fin)
+        r_in, rz_in = _entering(rt, rtz, reverse=True, last=ds_fin, last_z=dz_fin)
         del rt, rtz
     elif ds_fin is not None:
         r_in, rz_in = ds_fin[:, :, None], dz_fin[:, :, None]
