@@ -1049,12 +1049,12 @@ def test_torch_compile_with_packed_sequences_breaks_the_graph_there():
         torch.compile(f, backend="aot_eager", fullgraph=True)(*leaves, cu)
 
 
-@pytest.mark.parametrize("ns", [1, 2, 5])
+@pytest.mark.parametrize("ns", [1, 2, 5, 17])
 @pytest.mark.parametrize("reverse, last", [(False, False), (True, False), (True, True)])
 def test_segment_entering_sums_match_reference(ns, reverse, last):
     """``_launch._entering`` (``_seg_scan_kernel``: the state and normaliser entering each segment,
     one launch) against the PyTorch shifted cumulative sums ``_before`` / ``_after`` in float64,
-    with a state size that is not a multiple of the kernel's block (3 x 20 x 24 = 1440 > 1024)."""
+    with a state size that is not a multiple of the kernel's block (20 x 24 = 480), and more segments than 16."""
     g = torch.Generator().manual_seed(ns)
     N, HK, FT, DV = 2, 3, 20, 24
     x = torch.randn(N, HK, ns, FT, DV, generator=g, dtype=torch.float64).to(DEV)
