@@ -808,8 +808,8 @@ def _entering(x: torch.Tensor, xz: torch.Tensor, *, reverse: bool, last: torch.T
     m1, m2 = x[0, 0, 0].numel(), xz[0, 0, 0].numel()
     out, out_z = torch.empty_like(x), torch.empty_like(xz)
     has_last = last is not None
-    nsp = _pow2(NS)
-    bm = max(16, min(1024, 4096 // nsp))  # a [NS, BM] tile of at most 4096 values per program
+    nsp = max(2, 1 << (NS - 1).bit_length())  # (no padding to 16 rows: run 59, 2 segments 0.010 -> 0.039 ms)
+    bm = min(1024, 4096 // nsp)  # a [NSP, BM] tile of at most 4096 values per program
     K._seg_scan_kernel[(N * HK, _cdiv(m1, bm) + _cdiv(m2, bm))](
         x, last.contiguous() if has_last else x, out, xz, last_z.contiguous() if has_last else xz, out_z, NS, m1, m2,
         NSP=nsp, BM=bm, REVERSE=bool(reverse), HAS_LAST=has_last, num_warps=4,
