@@ -57,7 +57,7 @@ def _ptr_type(p: str, dtype: str) -> str:
     return f"*{dtype}"
 
 
-def compile_kernel(fn, cons: dict, dtype: str, num_warps: int, num_stages: int = 1):
+def compile_kernel(fn, cons: dict, dtype: str, num_warps: int, num_stages: int = 1, maxnreg: int | None = None):
     params = list(inspect.signature(fn.fn).parameters)
     if "G" in params:
         # a constexpr in the state walk and the fused-chunk key-side walk (GQA group walked per
@@ -71,13 +71,22 @@ def compile_kernel(fn, cons: dict, dtype: str, num_warps: int, num_stages: int =
         else (_ptr_type(p, dtype) if p.endswith("_ptr") else ("fp32" if p == "eps" else "i32"))
         for p in params
     }
+    for p in params:  # TMA descriptors (the fused-chunk forward / correction pass with TMA=True; unused otherwise)
+        if p.endswith("_desc"):
+            cols = cons["BV"] if p[0] in "vo" else (cons["BD"] if cons.get("FUSED") else cons["BF"])
+            blk = f"{cons['BT']}, {cols}" if cons.get("VARLEN") else f"1, {cons['BT']}, {cols}"
+            blk = f"{cons['BF']}, {cons['BV']}" if p == "h_desc" else blk
+            sig[p] = f"tensordesc<{dtype}[{blk}]>" if cons.get("TMA") else "i32"
     consts = {(params.index(k),): v for k, v in cons.items() if k in params}
     # the GPU launcher specialises 16-byte-aligned pointers and ints divisible by 16 ("D"):
     # aligned vector loads; without these the register counts are far from the H200's
-    aligned = {p for p in params if p not in cons and (p.endswith("_ptr") or p in DIV16_INTS)}
+    aligned = {p for p in params if p not in cons and (p.endswith("_ptr") or p in DIV16_INTS) and p in sig}
     attrs = {(params.index(p),): [["tt.divisibility", 16]] for p in aligned}
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
+    return triton.compile(src, target=TARGET, options=options)
 
 
 def resources(compiled) -> str:
@@ -99,7 +108,7 @@ def constexprs(
         PREC="ieee" if dtype == "fp32" else "tf32", DOT_DT=dot, EVEN=True, HAS_B=True, HAS_BQ=True, HAS_BK=True,
         CAUSAL=causal, REVERSE=False, STORE_H=causal, KV_SIDE=False, INIT=False, SEG=not causal, VARLEN=False,
         PERSIST=False, P_STAGES=1, FUSE_CD=False, SPLIT=1, BOTH=False, DW_ATOMIC=False, STAGES=1,
-        SUMS=7 if dtype == "bf16" else 0, HBT=2 * bt,
+        SUMS=7 if dtype == "bf16" else 0, HBT=2 * bt, TMA=False,
     )  # fmt: skip
 
 
@@ -138,6 +147,16 @@ def main() -> None:
                     c = compile_kernel(fn, cons, "bf16", nw, ns)
                     name = fn.fn.__name__ + ((" rev" if fn is K._state_kernel else " kv") if rev else "")
                     print(f"BT={bt} {name:18s} warps={nw} stages={ns} BV={bv}: {resources(c)}", flush=True)
+        # the fused-chunk forward and its correction pass as the launcher runs them (fc_stages /
+        # fc_tma_stages, fix_stages / fix_tma_stages + fix_tma_maxnreg; session 12 with triton 3.6:
+        # the walk 255 registers, 288 B of stack with pointers at 1 stage, 368 B with TMA at 2;
+        # the pass 218 registers at 3 stages with pointers, 168 without spills with TMA)
+        fc = dict(constexprs("bf16", 64, "softmax", True, True, False), SEG=False, STORE_H=False)
+        runs = ((FC._fc_fwd_kernel, 1, False, None), (FC._fc_fwd_kernel, 2, True, None),
+                (FC._fc_fix_kernel, 3, False, None), (FC._fc_fix_kernel, 3, True, 168))  # fmt: skip
+        for fn, stages, tma, cap in runs:
+            c = compile_kernel(fn, dict(fc, STAGES=stages, TMA=tma), "bf16", 4, 1, maxnreg=cap)
+            print(f"BT=64 {fn.fn.__name__:18s} warps=4 stages={stages} TMA={tma}: {resources(c)}", flush=True)
         return
     n = 0
     for dtype, D, act, fused, causal, mask in itertools.product(

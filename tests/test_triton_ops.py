@@ -449,14 +449,16 @@ def test_chunk_states_are_freed_before_the_key_side(monkeypatch):
     ids=["one-segment", "many-segments-fix", "many-segments-sums"],
 )  # fmt: skip
 @pytest.mark.parametrize("kind", ["mask", "cu"])
-def test_fused_chunk_segments(fc_programs, how, kind, monkeypatch):
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+def test_fused_chunk_segments(fc_programs, how, kind, tma, monkeypatch):
     """The fused-chunk walks with one segment per sequence (each program walks a whole sequence
     from the initial state / final-state gradient) and with many: "sums" (segment sums by the state
     walk, then each program starts from its segment's entering state) or "fix" (each forward walk
     starts from zero, then ``_fc_fix_kernel`` adds the entering states to the outputs and
     normalisers, which the backward reads); GQA, padding or packed sequences, an initial state
-    (segment 0 corrected too); outputs, final state and every gradient against the reference."""
-    _launch.CONFIG.update(design="fused_chunk", fc_programs=fc_programs, fc_segments=how)
+    (segment 0 corrected too); outputs, final state and every gradient against the reference; the
+    forward walk and the correction pass with pointer loads and through TMA descriptors."""
+    _launch.CONFIG.update(design="fused_chunk", fc_programs=fc_programs, fc_segments=how, fc_tma=tma)
     fixes, fwd_walks = [], []
     run, walk_ = _launch._run, _launch._Plan.state_walk
 
@@ -502,6 +504,57 @@ def test_fused_chunk_segments(fc_programs, how, kind, monkeypatch):
     several = fc_programs > 1
     assert any(fixes) == (several and how == "fix"), fixes
     assert any(fwd_walks) == (several and how == "sums"), fwd_walks  # the segment-sum walk
+
+
+@pytest.mark.parametrize("kind", ["batch-even", "batch-ragged", "cu"])
+def test_tma_loads_match_pointer_loads_and_keep_sequences_apart(kind, monkeypatch):
+    """``fc_tma``: the fused-chunk forward and the correction pass through TMA descriptors give
+    bitwise the pointer path's outputs, normalisers and final states (one and several segments;
+    the descriptor blocks cover whole chunks, so where a sequence ends inside a chunk the block
+    reaches into the next sequence's rows). Those rows must not leak: with the next sequence made
+    NaN / inf, the first sequence's results do not change. ``batch-even``: T a multiple of the
+    chunk (whole-block stores, no row masking)."""
+    used = []
+    descriptor = _launch._descriptor
+    monkeypatch.setattr(_launch, "_descriptor", lambda *a: used.append(1) or descriptor(*a))
+    chunk = 16 if not CUDA else 64
+    T = {"batch-even": 4 * chunk, "batch-ragged": 3 * chunk + 5, "cu": 4 * chunk}[kind]
+    q, k, v, wq, bq, wk, bk = _inputs(2, T, 2, 1, 16, 16, 16, torch.bfloat16 if CUDA else torch.float32, True)
+    if CUDA:
+        q, k, v, wq, bq, wk, bk = _inputs(2, T, 2, 1, 64, 64, 64, torch.bfloat16, True)
+    cu = None
+    first = (slice(0, 1), slice(None))  # batch row 0, every token
+    if kind == "cu":  # two packed sequences, the first ending inside a chunk
+        q, k, v = (x.reshape(1, 2 * T, *x.shape[2:]) for x in (q, k, v))
+        cut = T - 3
+        cu = torch.tensor([0, cut, 2 * T], dtype=torch.int32, device=DEV)
+        first = (slice(None), slice(0, cut))
+    _launch.CONFIG.update(design="fused_chunk", fc_chunk=chunk, fc_segments="fix")
+
+    def run(q, k, v, tma, fc_programs):
+        _launch.CONFIG.update(fc_tma=tma, fc_programs=fc_programs)
+        with torch.no_grad():
+            o, (s, z) = fused_hedgehog_attention(q, k, v, wq, bq, wk, bk, causal=True, cu_seqlens=cu,
+                                                 output_final_state=True)  # fmt: skip
+        return o, s[0], z[0]  # the first sequence's final state
+
+    for fc_programs in (1, 10_000):  # one segment per sequence; several (the correction pass runs)
+        ref = run(q, k, v, False, fc_programs)
+        n0 = len(used)
+        got = run(q, k, v, True, fc_programs)
+        assert len(used) > n0  # the descriptors were made
+        for a, b in zip(got, ref):
+            assert torch.equal(a, b)
+        bad_q, bad_k, bad_v = q.clone(), k.clone(), v.clone()
+        for i, x in enumerate((bad_q, bad_k, bad_v)):  # everything after the first sequence
+            if kind == "cu":
+                x[:, cut:] = (float("nan"), float("inf"), -float("inf"))[i]
+            else:
+                x[1:] = (float("nan"), float("inf"), -float("inf"))[i]
+        poisoned = run(bad_q, bad_k, bad_v, True, fc_programs)
+        assert torch.isfinite(poisoned[0][first]).all()
+        assert torch.equal(poisoned[0][first], ref[0][first])
+        assert torch.equal(poisoned[1], ref[1]) and torch.equal(poisoned[2], ref[2])
 
 
 def test_auto_design_uses_fused_chunk_for_inference_only(monkeypatch):
@@ -582,13 +635,16 @@ def _training_case(kind: str, cpu_t: int, cpu_t_packed: int, *, with_init: bool)
 
 @pytest.mark.parametrize("rule", ["one_segment", "always"])
 @pytest.mark.parametrize("kind", ["mask", "cu"])
-def test_fused_chunk_training_forward_stores_chunk_states(rule, kind, monkeypatch):
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+def test_fused_chunk_training_forward_stores_chunk_states(rule, kind, tma, monkeypatch):
     """``fc_forward`` "one_segment" / "always": a training forward runs the fused-chunk kernel, which
     also stores the chunk layout's chunk states (complete: no segment states) for the chunk layout's
     backward, so no forward state walk runs. Against the reference with padding or packed sequences,
     GQA, an initial state (mask) and, for "always", several segments (their sums by a walk without
-    stores); a second backward (retain_graph) recomputes the states by a walk over several segments."""
+    stores); a second backward (retain_graph) recomputes the states by a walk over several segments.
+    The states stored by pointers and through a TMA descriptor (``fc_tma``)."""
     _launch.CONFIG.update(design="auto", fc_forward=rule, fc_programs=1 if rule == "one_segment" else 10_000)
+    _launch.CONFIG["fc_tma"] = tma
     if not CUDA:  # two fused-chunk chunks per chunk-layout chunk, as on the GPU (128 / 64)
         _launch.CONFIG["fc_chunk"] = 16
     dtype, args, mask, cu, st0 = _training_case(kind, 45, 120, with_init=kind == "mask")
@@ -801,6 +857,38 @@ def test_core_dispatch_and_module_use_the_kernels():
     assert rel(out["triton"].state.S, out["reference"].state.S) <= 2e-5
 
 
+def test_tma_applies_and_the_auto_training_rule():
+    """``fc_tma``: TMA needs power-of-two head dims and 16-byte rows; "auto" also a CUDA device of
+    compute capability 9+, 16-bit inputs and equal lengths (never under the CPU interpreter). ``fc_forward``
+    "auto" reads "always" with TMA (the training forward stores the chunk states, no recomputing
+    walk in the backward) and "all" without."""
+    bf16, cpu = torch.bfloat16, torch.device("cpu")
+    _launch.CONFIG["fc_tma"] = True
+    assert _launch.tma_applies(cpu, bf16, 64, 64, 64, 16, 16)
+    assert not _launch.tma_applies(cpu, bf16, 48, 64, 64, 16, 16)  # blocks would pass the head
+    assert _launch.tma_applies(cpu, bf16, 64, 64, 32, 16, 16)  # smaller value heads are fine
+    assert not _launch.tma_applies(cpu, torch.float16, 4, 4, 4, 1, 1)  # 8-byte rows
+    _launch.CONFIG["fc_tma"] = "auto"
+    assert not _launch.tma_applies(cpu, bf16, 64, 64, 64, 16, 16)
+    if CUDA:
+        want = torch.cuda.get_device_capability()[0] >= 9
+        assert _launch.tma_applies(torch.device("cuda"), bf16, 64, 64, 64, 16, 16) == want
+        assert not _launch.tma_applies(torch.device("cuda"), torch.float32, 64, 64, 64, 16, 16)
+        assert not _launch.tma_applies(torch.device("cuda"), bf16, 64, 64, 64, 16, 16, packed=True)
+    _launch.CONFIG["fc_tma"] = False
+    assert not _launch.tma_applies(cpu, bf16, 64, 64, 64, 16, 16)
+    _launch.CONFIG["fc_tma"] = "yes"
+    with pytest.raises(ValueError, match="fc_tma"):
+        _launch.tma_applies(cpu, bf16, 64, 64, 64, 16, 16)
+    _launch.CONFIG.update(design="auto", fc_forward="auto", fc_programs=1)
+    kw = dict(n_seq=1, H=4, max_len=4096, train=True)
+    assert _launch.fc_forward_rule(False, True, 64, bf16, 4096, tma=True) == "always"
+    assert _launch.fc_forward_rule(False, True, 64, bf16, 4096, tma=False) == "all"
+    assert _launch.fc_stores_h(True, 64, 64, bf16, **kw, tma=True)
+    assert not _launch.fc_stores_h(True, 64, 64, bf16, **kw, tma=False)
+    assert _launch.uses_fused_chunk(True, 64, 64, bf16, **kw, tma=True)
+
+
 def test_all_rule_trains_in_the_fused_chunk_layout_where_its_chunks_are_the_walks():
     """``fc_forward`` "all" with ``fc_train_max_len`` "tiles": a training forward takes the
     fused-chunk layout where the chunk layout's chunks are the walks' (the backward then starts its
@@ -889,6 +977,8 @@ _FAKE_LAYOUTS = {
     "fc-fix-inference": dict(design="auto", fc_forward="segments_inference", fc_segments="fix", fc_programs=10_000),
     "fc-all-train": dict(design="auto", fc_forward="all", fc_segments="fix", fc_programs=10_000),
     "fc-one-inference": dict(design="auto", fc_forward="all", fc_programs=1),
+    # "auto" with the TMA forward: a training forward stores the chunk states (as "always")
+    "fc-tma-auto-train": dict(design="auto", fc_forward="auto", fc_tma=True, fc_programs=10_000),
 }
 
 

@@ -107,7 +107,9 @@ def _(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, activation, negation, causal, e
     bv = min(L._pow2(DV), L._pow2(L.CONFIG["state_bv"]))
     F = wq.shape[2] if fused else q.shape[3]
     f32, hdt = torch.float32, L.state_dtype(v.dtype)
-    kw = dict(train=train, n_seq=N, H=H, max_len=max_len, init=s0 is not None)
+    D = wq.shape[1] if fused else q.shape[3]
+    tma = L.tma_applies(q.device, v.dtype, D, F, DV, H, HK, bool(varlen))
+    kw = dict(train=train, n_seq=N, H=H, max_len=max_len, init=s0 is not None, tma=tma)
     if L.uses_fused_chunk(causal, F, DV, v.dtype, **kw):  # as _launch._fc_fwd
         ns = L.segments(N, H, max_len, 1, L.fc_chunk_size(F, v.dtype, max_len), cap=int(L.CONFIG["fc_programs"]))[1]
         store_h = L.fc_stores_h(causal, F, DV, v.dtype, **kw)

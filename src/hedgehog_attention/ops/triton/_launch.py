@@ -106,7 +106,7 @@ CONFIG = {
     # chunk states: the backward's query side recomputes them with one state walk, which costs
     # less than the walk's per-chunk stores and starts every segment from the entering state the
     # forward saved; under an initial state: "segments_inference")
-    "fc_forward": "all",
+    "fc_forward": "auto",
     # "all": training forwards in the fused-chunk layout only where the chunk layout's chunks are
     # the walks' ("tiles"; above small_tiles_max_len its 128-token output kernel costs less than the
     # walk + correction pass: H200 run 32 at 128K, 5.71 against 6.13 ms of kernels per fwd+bwd), or
@@ -130,6 +130,20 @@ CONFIG = {
     "fix_programs": 4,
     "fix_warps": 4,
     "fix_stages": 3,
+    # TMA (Hopper's tensor-memory accelerator) for the fused-chunk forward's q, k, v loads and o
+    # stores and the correction pass's q, o: "auto" = on CUDA devices of compute capability >= 9 for
+    # bf16/fp16 inputs with power-of-two head dims, True = wherever those dims allow (the tests run
+    # it under the CPU interpreter), False = pointer loads. The copy engine writes the tiles to
+    # shared memory, so the loop's software pipeline holds no registers for them: H200 run 60,
+    # inference forward at B*T = 131072 (bitwise the same outputs) with the walk at two stages
+    # (fc_tma_stages; one stage: 0.864 -> 1.044 ms, three: 1.52, one program per SM by shared
+    # memory) 0.864 -> 0.783 ms at 4K, 1.081 -> 1.002 at 16K, 1.191 -> 1.112 at 32K; the correction
+    # pass at three stages, 168 registers and 6 programs per SM 1.191 -> 1.126 at 32K
+    "fc_tma": "auto",
+    "fc_tma_stages": 2,
+    "fix_tma_stages": 3,
+    "fix_tma_programs": 6,
+    "fix_tma_maxnreg": 168,
     # dW / db of the map by _dw_kernel (one pass over dz, fp32 partials) rather than a cuBLAS
     # batched matmul + dz.sum; dw_programs: its programs per SM (split-K over tokens)
     "dw_kernel": True,
@@ -212,6 +226,46 @@ def _n_sm(dev: torch.device) -> int:
 _COMMON = ("BT", "BD", "BF", "FUSED", "HAS_MASK", "ACT", "W_NATIVE", "MAP_PREC", "PREC", "DOT_DT", "EVEN")
 
 
+@functools.cache
+def _tma_device(dev: torch.device) -> bool:
+    return dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 9
+
+
+def tma_applies(device: torch.device, dtype: torch.dtype, D: int, F: int, DV: int, H: int, HK: int,
+                packed: bool = False) -> bool:  # fmt: skip
+    """Whether the fused-chunk forward and its correction pass read (and store) through TMA
+    descriptors (``CONFIG["fc_tma"]``): blocks must cover the head dims exactly (powers of two) and
+    every row of q, k, v, o be a multiple of 16 bytes; "auto" also asks for a device of compute
+    capability 9 or more, bf16/fp16 inputs (the timed case: H200 runs 60-62) and equal lengths:
+    with ``cu_seqlens`` (``packed``) a block reaches into the next sequence, whose rows the kernel
+    zeroes, and two timings of 32 packed sequences of 1K-7K tokens disagreed (run 61: 1.475 ms with
+    pointers, 1.569 with TMA; run 62: 1.487 and 1.409), so packed inputs keep the pointers unless
+    ``fc_tma`` is True."""
+    mode = CONFIG["fc_tma"]
+    if mode not in ("auto", True, False):
+        raise ValueError(f'CONFIG["fc_tma"] must be "auto", True or False; got {mode!r}')
+    if mode is False or any(_pow2(n) != n for n in (D, F, DV)):
+        return False
+    size = torch.empty(0, dtype=dtype).element_size()
+    if any((n * size) % 16 for n in (H * D, HK * D, H * DV, HK * DV)):
+        return False
+    if mode is True:
+        return True
+    return not packed and dtype in (torch.bfloat16, torch.float16) and _tma_device(torch.device(device))
+
+
+def _descriptor(x: torch.Tensor, rows: int, cols: int, packed: bool):
+    """TMA descriptor over ``x [B, T, heads, C]`` (contiguous) as ``[B, T, heads * C]`` with blocks
+    ``[1, rows, cols]`` (rows past ``T`` read as 0, stores there dropped), or for ``packed``
+    sequences as ``[tokens, heads * C]`` with blocks ``[rows, cols]`` (sequence ends are the kernel's
+    to mask)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if packed:
+        return TensorDescriptor.from_tensor(x.view(-1, x.shape[-2] * x.shape[-1]), [rows, cols])
+    return TensorDescriptor.from_tensor(x.view(x.shape[0], x.shape[1], -1), [1, rows, cols])
+
+
 def _empty(*shape, device, dtype) -> torch.Tensor:
     t = torch.empty(*shape, device=device, dtype=dtype)
     return t.fill_(float("nan")) if CONFIG["poison"] and t.is_floating_point() else t
@@ -266,16 +320,20 @@ def chunk_size(F: int, dtype: torch.dtype, max_len: int) -> int:
     return min(bt, 64 if (dtype == torch.bfloat16 or _pow2(F) <= 64) else 32)
 
 
-_FC_FORWARD = ("inference", "inference_all", "one_segment", "segments_inference", "always", "all")
+_FC_FORWARD = ("inference", "inference_all", "one_segment", "segments_inference", "always", "all", "auto")
 
 
-def fc_forward_rule(init: bool, train: bool, F: int, dtype: torch.dtype, max_len: int) -> str:
-    """``CONFIG["fc_forward"]``, checked. "all" reads "segments_inference" under an initial state
-    (the backward's state walk that recomputes the chunk states starts from zero) and for a
-    training forward beyond ``CONFIG["fc_train_max_len"]``."""
+def fc_forward_rule(init: bool, train: bool, F: int, dtype: torch.dtype, max_len: int, tma: bool = False) -> str:
+    """``CONFIG["fc_forward"]``, checked. "auto": "always" where the forward goes through TMA
+    (``tma``: :func:`tma_applies`; a training forward then stores the chunk states by TMA, which
+    costs less than the backward's walk that would recompute them), "all" otherwise. "all" reads
+    "segments_inference" under an initial state (the backward's state walk that recomputes the chunk
+    states starts from zero) and for a training forward beyond ``CONFIG["fc_train_max_len"]``."""
     rule = CONFIG["fc_forward"]
     if rule not in _FC_FORWARD:
         raise ValueError(f'CONFIG["fc_forward"] must be one of {_FC_FORWARD}; got {rule!r}')
+    if rule == "auto":
+        rule = "always" if tma else "all"
     if rule != "all":
         return rule
     if init:
@@ -292,7 +350,7 @@ def fc_forward_rule(init: bool, train: bool, F: int, dtype: torch.dtype, max_len
 
 
 def uses_fused_chunk(causal: bool, F: int, DV: int, dtype: torch.dtype, *, train: bool, n_seq: int, H: int,
-                     max_len: int, forward: bool = True, init: bool = False) -> bool:  # fmt: skip
+                     max_len: int, forward: bool = True, init: bool = False, tma: bool = False) -> bool:  # fmt: skip
     """Whether a causal pass takes the fused-chunk layout (``CONFIG["design"]``): "fused_chunk"
     always, "chunk" never; "auto": the backward (``forward`` False) never (the fused-chunk
     backward walks spill: 7.8 against 5.8 ms fwd+bwd, H200, 2026-11-28), the forward as
@@ -311,7 +369,7 @@ def uses_fused_chunk(causal: bool, F: int, DV: int, dtype: torch.dtype, *, train
         return True
     if mode != "auto":
         raise ValueError(f'CONFIG["design"] must be "auto", "chunk" or "fused_chunk"; got {mode!r}')
-    rule = fc_forward_rule(init, train, F, dtype, max_len)
+    rule = fc_forward_rule(init, train, F, dtype, max_len, tma)
     if not forward or (train and rule in ("inference", "inference_all")):
         return False
     if rule in ("always", "all") or (rule in ("segments_inference", "inference_all") and not train):
@@ -321,14 +379,14 @@ def uses_fused_chunk(causal: bool, F: int, DV: int, dtype: torch.dtype, *, train
 
 
 def fc_stores_h(causal: bool, F: int, DV: int, dtype: torch.dtype, *, train: bool, n_seq: int, H: int,
-                max_len: int, init: bool = False) -> bool:  # fmt: skip
+                max_len: int, init: bool = False, tma: bool = False) -> bool:  # fmt: skip
     """A training forward in the fused-chunk layout followed by the chunk layout's backward: the
     forward stores the chunk states that backward reads (``_fc_fwd_kernel``'s ``STORE_H``), unless
-    ``fc_forward`` is "all" (the backward recomputes them)."""
-    kw = dict(train=train, n_seq=n_seq, H=H, max_len=max_len, init=init)
+    ``fc_forward`` is (or "auto" without ``tma`` reads) "all" (the backward recomputes them)."""
+    kw = dict(train=train, n_seq=n_seq, H=H, max_len=max_len, init=init, tma=tma)
     return (
         train
-        and fc_forward_rule(init, train, F, dtype, max_len) != "all"
+        and fc_forward_rule(init, train, F, dtype, max_len, tma) != "all"
         and uses_fused_chunk(causal, F, DV, dtype, **kw)
         and not uses_fused_chunk(causal, F, DV, dtype, **kw, forward=False)
     )
@@ -431,7 +489,9 @@ class _Plan:
         self.FT = 2 * self.F if self.neg else self.F
         self.nhalf = 2 if self.neg else 1
         self.dev = q.device
-        kw = dict(train=train, n_seq=self.N, H=self.H, max_len=max_len, init=init)
+        # the fused-chunk forward through TMA descriptors (tma_applies; needs the fused-chunk layout)
+        self.tma = tma_applies(q.device, v.dtype, self.D, self.F, self.DV, self.H, self.HK, bool(varlen))
+        kw = dict(train=train, n_seq=self.N, H=self.H, max_len=max_len, init=init, tma=self.tma)
         self.fc = uses_fused_chunk(causal, self.F, self.DV, v.dtype, **kw, forward=forward)
         self.store_h = forward and fc_stores_h(causal, self.F, self.DV, v.dtype, **kw)
         self.bt = bt = fc_chunk_size(self.F, v.dtype, max_len) if self.fc else chunk_size(self.F, v.dtype, max_len)
@@ -860,7 +920,7 @@ def _entering_segments(P: _Plan, s_in: torch.Tensor, dtype: torch.dtype) -> tupl
     if s_in.dim() != 5 or s_in.shape[2] <= 1:
         return None
     ns = s_in.shape[2]
-    if uses_fused_chunk(True, P.F, P.DV, dtype, train=True, n_seq=P.N, H=P.H, max_len=P.max_len):
+    if uses_fused_chunk(True, P.F, P.DV, dtype, train=True, n_seq=P.N, H=P.H, max_len=P.max_len, tma=P.tma):
         fbt = fc_chunk_size(P.F, dtype, P.max_len)
         cps_f, ns_f = segments(P.N, P.H, P.max_len, 1, fbt, cap=int(CONFIG["fc_programs"]))
         if ns_f != ns or (cps_f * fbt) % P.bt:
@@ -952,11 +1012,27 @@ def _fc_fwd(P, q, k, v, wq, bq, wk, bk, s0, z0, eps):
             hoff = P.cu
     else:
         h, hz, hoff = q.new_empty(0, dtype=P.hdt), q.new_empty(0, dtype=f32), P.cu
-    _fc_run(FC._fc_fwd_kernel, (P.N * P.H * ns,), P,
+    fc = P.fc_consts()
+    tma = P.tma
+    if tma:  # descriptors in place of the pointers (the kernel's TMA branch)
+        bx = fc["BD"] if fc["FUSED"] else fc["BF"]
+        bt, pk = fc["BT"], P.varlen
+        qd, kd, vd = _descriptor(q, bt, bx, pk), _descriptor(k, bt, bx, pk), _descriptor(v, bt, fc["BV"], pk)
+        od = _descriptor(o, bt, fc["BV"], pk)
+        fc["STAGES"] = int(CONFIG["fc_tma_stages"])
+        if P.store_h:  # the chunk states as [NC * HK * FT, DV] rows, a feature half per block
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            hd = TensorDescriptor.from_tensor(h.view(-1, P.DV), [fc["BF"], fc["BV"]])
+        else:
+            hd = q
+    else:
+        qd = kd = vd = od = hd = q
+    _run(FC._fc_fwd_kernel, (P.N * P.H * ns,),
         q, k, v, wq_, bq_, wk_, bk_, P.mask_, P.cu, s_in if seg else q, z_in if seg else q, se, sez, o, den,
-        h if P.store_h else q, hz if P.store_h else q, hoff,
+        h if P.store_h else q, hz if P.store_h else q, hoff, qd, kd, vd, od, hd,
         float(eps), P.T, P.H, P.HK, P.G, P.D, P.F, P.FT, P.DV, cps, ns,
-        HAS_BQ=bq is not None, HAS_BK=bk is not None, SEG=seg, STORE_H=P.store_h, HBT=hbt,
+        HAS_BQ=bq is not None, HAS_BK=bk is not None, SEG=seg, STORE_H=P.store_h, HBT=hbt, TMA=tma, **fc,
     )  # fmt: skip
     if P.store_h:  # the chunk states are complete: the backward reads no segment states
         s_in, z_in = q.new_empty(0, dtype=f32), q.new_empty(0, dtype=f32)
@@ -966,12 +1042,16 @@ def _fc_fwd(P, q, k, v, wq, bq, wk, bk, s0, z0, eps):
             s_in, z_in = s_in + s0[:, :, None], z_in + z0[:, :, None]
         s_off = 0 if s0 is not None else 1  # segment 0 entered from zero: nothing to add
         rows = P.N * P.H * (ns - s_off)
-        n_part = max(1, min(cps, _cdiv(int(CONFIG["fix_programs"]) * _n_sm(dev), rows)))
+        per_sm = int(CONFIG["fix_tma_programs" if tma else "fix_programs"])
+        n_part = max(1, min(cps, _cdiv(per_sm * _n_sm(dev), rows)))
         c = dict(P.fc_consts(), num_warps=int(CONFIG["fix_warps"]))
         c.pop("STAGES")
+        if tma:
+            c["maxnreg"] = int(CONFIG["fix_tma_maxnreg"])
         _run(FC._fc_fix_kernel, (rows * n_part,),
-            q, wq_, bq_, P.mask_, P.cu, s_in, z_in, o, den, P.T, P.H, P.HK, P.G, P.D, P.F, P.FT, P.DV, cps, ns,
-            n_part, s_off, HAS_BQ=bq is not None, STAGES=int(CONFIG["fix_stages"]), **c,
+            q, wq_, bq_, P.mask_, P.cu, s_in, z_in, o, den, qd, od, P.T, P.H, P.HK, P.G, P.D, P.F, P.FT, P.DV, cps,
+            ns, n_part, s_off, HAS_BQ=bq is not None, STAGES=int(CONFIG["fix_tma_stages" if tma else "fix_stages"]),
+            TMA=tma, **c,
         )  # fmt: skip
         s_fin, z_fin = s_in[:, :, ns - 1] + se[:, :, ns - 1], z_in[:, :, ns - 1] + sez[:, :, ns - 1]
     else:
