@@ -295,6 +295,16 @@ SWEEPS = {
         "defaults": {},
         "nofold": {"seg_fold": False},
     },
+    # session 12 (runs 60-62): TMA descriptors in the fused-chunk forward and its correction pass,
+    # and the training forward storing the chunk states by TMA ("auto" reads "always" with TMA)
+    # against the backward recomputing them ("all"); "pointers" is session 11's default
+    "s12": {
+        "defaults": {},
+        "pointers": {"fc_tma": False},
+        "tma_all": {"fc_forward": "all"},
+        "tma_s1": {"fc_tma_stages": 1},
+        "fix_p4_255": {"fix_tma_programs": 4, "fix_tma_maxnreg": 255},
+    },
     # session 10: one side of the backward at 168 registers (three programs per SM)
     "s10b": {
         "defaults": {},
