@@ -34,6 +34,7 @@ from hedgehog_attention.convert import (  # noqa: E402
     linearized_modules,
     unlinearize,
 )
+from hedgehog_attention.convert.base import cache_kwargs  # noqa: E402
 from hedgehog_attention.convert.distill import TeacherCapture, capture_qkv, distill, evaluate_fidelity  # noqa: E402
 from hedgehog_attention.convert.serialization import CheckpointError, load_linearized, save_linearized  # noqa: E402
 
@@ -276,9 +277,10 @@ def test_prefill_plus_decode_equals_full_forward(arch, keep):
     x = ids(2, 20, seed=7)
     full = out(m, x)
     cache = DynamicCache()
-    logits = [m(x[:, :12], cache=cache, use_cache=True).logits]
+    ckw = cache_kwargs(m, cache)  # "cache" (transformers 5.24) or "past_key_values" (5.17)
+    logits = [m(x[:, :12], use_cache=True, **ckw).logits]
     for t in range(12, 20):
-        logits.append(m(x[:, t : t + 1], cache=cache, use_cache=True).logits)
+        logits.append(m(x[:, t : t + 1], use_cache=True, **ckw).logits)
     torch.testing.assert_close(torch.cat(logits, 1), full, atol=1e-4, rtol=1e-4)
     kinds = [type(layer).__name__ for layer in cache.layers]
     want = ["DynamicLayer" if i in keep else "LinearStateCacheLayer" for i in range(2)]

@@ -13,6 +13,8 @@ rest (masks, decode state, distillation capture) lives here once.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import re
 import weakref
 from collections.abc import Callable
@@ -205,6 +207,19 @@ class LinearizedAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, layer_idx={self.layer_idx}, scale={self.scale:.4g}"
+
+
+@functools.cache
+def _cache_kwarg(cls: type) -> str:
+    """The name under which ``cls.forward`` takes its KV cache: transformers renamed
+    ``past_key_values`` to ``cache`` in its 5.2x releases (5.17 has the old name, 5.24 the new)."""
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def cache_kwargs(module: nn.Module, cache) -> dict:
+    """``{name: cache}`` for calling ``module`` (an attention module or a whole model) with a cache,
+    under the keyword its transformers version uses."""
+    return {_cache_kwarg(type(module)): cache}
 
 
 # ---------------------------------------------------------------------------------------- adapters

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Adapter, LinearizedAttention, register_adapter
+from .base import Adapter, LinearizedAttention, cache_kwargs, register_adapter
 from .config import LinearizeConfig
 
 __all__ = ["BertLinearAttention"]
@@ -36,7 +36,9 @@ class BertLinearAttention(LinearizedAttention):
             hidden_states,
             attention_mask,
             cache,
-            lambda: self.original(hidden_states, attention_mask=attention_mask, cache=cache, **kwargs),
+            lambda: self.original(
+                hidden_states, attention_mask=attention_mask, **cache_kwargs(self.original, cache), **kwargs
+            ),
         )
 
 

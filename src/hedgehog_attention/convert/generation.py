@@ -57,6 +57,9 @@ class LinearStateCacheLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
+    def get_max_cache_shape(self) -> int:  # the same, under its name before transformers 5.13
+        return -1
+
     def reset(self) -> None:
         self.state, self.seen, self.is_initialized = None, 0, False
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Adapter, LinearizedAttention, register_adapter
+from .base import Adapter, LinearizedAttention, cache_kwargs, register_adapter
 from .config import LinearizeConfig
 
 __all__ = ["GPT2LinearAttention"]
@@ -47,7 +47,11 @@ class GPT2LinearAttention(LinearizedAttention):
             attention_mask,
             cache,
             lambda: self.original(
-                hidden_states, cache=cache, attention_mask=attention_mask, output_attentions=output_attentions, **kwargs
+                hidden_states,
+                attention_mask=attention_mask,
+                output_attentions=output_attentions,
+                **cache_kwargs(self.original, cache),
+                **kwargs,
             ),
         )
 

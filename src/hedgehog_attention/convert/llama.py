@@ -13,7 +13,7 @@ import sys
 import torch
 from torch import nn
 
-from .base import Adapter, LinearizedAttention, register_adapter
+from .base import Adapter, LinearizedAttention, cache_kwargs, register_adapter
 from .config import LinearizeConfig
 
 __all__ = ["LlamaLinearAttention"]
@@ -58,7 +58,7 @@ class LlamaLinearAttention(LinearizedAttention):
                 hidden_states,
                 position_embeddings=position_embeddings,
                 attention_mask=attention_mask,
-                cache=cache,
+                **cache_kwargs(self.original, cache),
                 **kwargs,
             ),
             position_embeddings=position_embeddings,

@@ -230,6 +230,11 @@ _COMMON = ("BT", "BD", "BF", "FUSED", "HAS_MASK", "ACT", "W_NATIVE", "MAP_PREC",
 
 @functools.cache
 def _tma_device(dev: torch.device) -> bool:
+    """A device with TMA (compute capability 9+) and a triton with host tensor descriptors."""
+    try:
+        import triton.tools.tensor_descriptor  # noqa: F401  (host descriptors: not in older triton releases)
+    except ImportError:
+        return False
     return dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 9
 
 
