@@ -305,6 +305,16 @@ SWEEPS = {
         "tma_s1": {"fc_tma_stages": 1},
         "fix_p4_255": {"fix_tma_programs": 4, "fix_tma_maxnreg": 255},
     },
+    # the correction pass above 8K with TMA (the forward's last 0.02-0.07 ms over 1.0 ms at 32K-128K):
+    # stages, programs per SM, warps; not yet run (session 12 ended without device time)
+    "s12fix": {
+        "defaults": {},
+        "s2": {"fix_tma_stages": 2},
+        "p4": {"fix_tma_programs": 4},
+        "p8": {"fix_tma_programs": 8},
+        "s2p9": {"fix_tma_stages": 2, "fix_tma_programs": 9},
+        "w8": {"fix_warps": 8, "fix_tma_maxnreg": 128},
+    },
     # session 10: one side of the backward at 168 registers (three programs per SM)
     "s10b": {
         "defaults": {},
