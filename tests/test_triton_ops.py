@@ -857,6 +857,36 @@ def test_core_dispatch_and_module_use_the_kernels():
     assert rel(out["triton"].state.S, out["reference"].state.S) <= 2e-5
 
 
+def test_tma_falls_back_to_pointers_for_misaligned_inputs(monkeypatch):
+    """TMA descriptors need 16-byte aligned base addresses: a contiguous ``q`` that starts at an odd
+    offset of its storage takes the pointer loads (no descriptor made) with the same outputs, final
+    state and gradients, in a training forward that stores its chunk states too."""
+    made = []
+    descriptor = _launch._descriptor
+    monkeypatch.setattr(_launch, "_descriptor", lambda *a: made.append(1) or descriptor(*a))
+    _launch.CONFIG.update(design="auto", fc_forward="always", fc_programs=1, fc_tma=True)
+    q, k, v, wq, bq, wk, bk = _inputs(2, 40, 2, 1, 16, 16, 16, torch.float32, True)
+    flat = torch.empty(q.numel() + 1, dtype=q.dtype, device=DEV)
+    q_odd = flat[1:].view(q.shape)  # contiguous, 4 bytes past an aligned start
+    q_odd.copy_(q)
+    assert q_odd.is_contiguous() and q_odd.data_ptr() % 16 != 0
+
+    def run(qq):
+        leaves = [x.detach().clone().requires_grad_() for x in (wq, bq, wk, bk)]
+        qq = qq.detach().requires_grad_()
+        o, st = fused_hedgehog_attention(qq, k, v, *leaves, causal=True, output_final_state=True)
+        grads = torch.autograd.grad((o * o).sum() + st[0].sum(), [qq, *leaves])
+        return (o, *st, *grads)
+
+    aligned = run(q)
+    assert made  # the aligned inputs went through descriptors
+    made.clear()
+    odd = run(q_odd)
+    assert not made
+    for a, b in zip(odd, aligned):
+        assert torch.equal(a, b)
+
+
 def test_tma_applies_and_the_auto_training_rule():
     """``fc_tma``: TMA needs power-of-two head dims and 16-byte rows; "auto" also a CUDA device of
     compute capability 9+, 16-bit inputs and equal lengths (never under the CPU interpreter). ``fc_forward``

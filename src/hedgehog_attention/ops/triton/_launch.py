@@ -1020,7 +1020,9 @@ def _fc_fwd(P, q, k, v, wq, bq, wk, bk, s0, z0, eps):
     else:
         h, hz, hoff = q.new_empty(0, dtype=P.hdt), q.new_empty(0, dtype=f32), P.cu
     fc = P.fc_consts()
-    tma = P.tma
+    # TMA also needs 16-byte aligned bases: a contiguous view at an odd offset takes the pointers
+    # (same results; a training forward then stores its chunk states by pointer)
+    tma = P.tma and all(t.data_ptr() % 16 == 0 for t in (q, k, v))
     if tma:  # descriptors in place of the pointers (the kernel's TMA branch)
         bx = fc["BD"] if fc["FUSED"] else fc["BF"]
         bt, pk = fc["BT"], P.varlen
