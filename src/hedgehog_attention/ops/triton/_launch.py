@@ -245,15 +245,15 @@ def tma_applies(device: torch.device, dtype: torch.dtype, D: int, F: int, DV: in
     every row of q, k, v, o be a multiple of 16 bytes; "auto" also asks for a device of compute
     capability 9 or more, bf16/fp16 inputs (the timed case: H200 runs 60-62) and equal lengths:
     with ``cu_seqlens`` (``packed``) a block reaches into the next sequence, whose rows the kernel
-    zeroes, and two timings of 32 packed sequences of 1K-7K tokens disagreed (run 61: 1.475 ms with
-    pointers, 1.569 with TMA; run 62: 1.487 and 1.409), so packed inputs keep the pointers unless
-    ``fc_tma`` is True."""
+    zeroes, and three timings of 32 packed sequences of 1K-7K tokens showed no gain (pointers -> TMA:
+    1.475 -> 1.569 ms in run 61, 1.487 -> 1.409 in run 62, 1.318-1.359 -> 1.365 in run 64), so packed
+    inputs keep the pointers unless ``fc_tma`` is True."""
     mode = CONFIG["fc_tma"]
     if mode not in ("auto", True, False):
         raise ValueError(f'CONFIG["fc_tma"] must be "auto", True or False; got {mode!r}')
     if mode is False or any(_pow2(n) != n for n in (D, F, DV)):
         return False
-    size = torch.empty(0, dtype=dtype).element_size()
+    size = dtype.itemsize
     if any((n * size) % 16 for n in (H * D, HK * D, H * DV, HK * DV)):
         return False
     if mode is True:
