@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import pathlib
 import platform
 import sys
@@ -627,7 +628,7 @@ def main(argv=None):
 
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "gpu": torch.cuda.get_device_name(),
+        "gpu": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "triton": triton.__version__,
         "python": platform.python_version(),
@@ -651,9 +652,11 @@ def main(argv=None):
     p = pathlib.Path(args.out)
     p.mkdir(parents=True, exist_ok=True)
 
-    def save():
+    def save():  # atomically: a job killed mid-write keeps the previous complete file
         result["meta"]["elapsed_s"] = round(time.time() - t_start, 1)
-        (p / "attention_speed.json").write_text(json.dumps(result, indent=1))
+        tmp = p / "attention_speed.json.tmp"
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, p / "attention_speed.json")
 
     if args.warm_fla:  # fla compiles and autotunes on its first calls: before anything is timed
         t0 = time.time()
@@ -746,7 +749,9 @@ def main(argv=None):
                     continue
                 row[name] = time_backend(name, TOKENS // T, T, dev, with_bwd=True)
                 print(T, name, row[name], file=sys.stderr, flush=True)
-            save()  # after every T so that a run stopped at its time limit still leaves its rows
+                # after every backend: a run killed by an outer time limit still leaves what it
+                # measured (run 63 lost its 128K SDPA rows from the JSON when only T was the unit)
+                save()
     result["kernels"] = kernel_resources()
     save()
     print(format_table(result))

@@ -3,6 +3,7 @@ defaults under the variant's name): every ``SWEEPS`` entry, and ``--config`` / `
 
 from __future__ import annotations
 
+import json
 import pathlib
 import sys
 
@@ -23,3 +24,19 @@ def test_unknown_knob_is_refused_before_anything_runs():
         attention_speed.check_config({"fix_stage": 2}, "--config")
     with pytest.raises(ValueError, match="not launch knobs"):
         attention_speed.main(["--device", "cpu", "--config", '{"fix_stage": 2}', "--out", "/nonexistent/x"])
+
+
+def test_cpu_smoke_run_writes_its_json_atomically(tmp_path, monkeypatch):
+    """``--device cpu`` with no backends runs the whole script (no CUDA calls) and leaves one
+    complete JSON, no temporary file; ``save`` replaces the file whole after every backend."""
+    writes = []
+    replace = attention_speed.os.replace
+    monkeypatch.setattr(
+        attention_speed.os, "replace", lambda a, b: writes.append(pathlib.Path(b).name) or replace(a, b)
+    )
+    args = ["--device", "cpu", "--backends", "", "--extra-backends", "", "--no-decode", "--seq-lens", "", "--out"]
+    attention_speed.main([*args, str(tmp_path)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["attention_speed.json"]
+    assert writes and set(writes) == {"attention_speed.json"}
+    meta = json.loads((tmp_path / "attention_speed.json").read_text())["meta"]
+    assert meta["gpu"] == "cpu" and meta["tokens"] == attention_speed.TOKENS
