@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import math
 import os
@@ -133,10 +134,16 @@ def cleanup_distributed() -> None:
     """Destroy the process group if :func:`init_distributed` created it."""
     global _INITIALIZED_BY_US
     if _INITIALIZED_BY_US and dist.is_initialized():
-        # Wait for every rank first: a gloo rank that tears down while a peer is still working (e.g.
-        # rank 0 writing a report) can abort with "terminate called without an active exception".
+        # DDP wrappers caught in reference cycles (reducer hooks) keep the process group alive past
+        # destroy_process_group; freed later, at interpreter exit, their gloo work can abort the
+        # process ("terminate called without an active exception", seen in CI on a rank that
+        # returned early). Collect them now, while the group and the interpreter are whole.
+        gc.collect()
+        # Then wait for every rank: a gloo rank that tears down while a peer is still working (e.g.
+        # rank 0 writing a report) can abort the same way.
         dist.barrier()
         dist.destroy_process_group()
+        gc.collect()
     _INITIALIZED_BY_US = False
 
 
