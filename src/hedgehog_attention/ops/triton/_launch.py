@@ -1,15 +1,22 @@
 """Launchers: ``fwd`` / ``bwd`` / ``decode`` turn validated tensors into kernel grids.
 
-Forward (``docs/kernels.md``): (1) ``_state_kernel`` per (sequence, KV head, segment, feature
-half, value block) stores the state entering every chunk relative to its segment
+Chunk layout (``docs/kernels.md``), forward: (1) ``_state_kernel`` per (sequence, KV head, segment,
+feature half, value block) stores the state entering every chunk relative to its segment
 (``h [NC, HK, FT, DV]``, bf16 for bf16 inputs, fp32 otherwise; ``hz [NC, HK, FT]`` fp32) and
-each segment's total; (2) PyTorch: exclusive cumulative sum over the few segments + the initial
-state = each segment's entering state ``s_in [N, HK, NS, FT, DV]`` fp32; (3) ``_out_kernel`` over
-(chunk, query head, value block). Segments only exist so that long sequences with few heads
-still give enough programs to the sequential state walk; the output kernel adds the segment
-state to the chunk's local state. Bidirectional: (1) without per-chunk stores, every chunk reads
-the sequence total. Backward mirrors it: ``_delta_kernel``, the reverse ``_state_kernel``, a
-reverse cumulative sum, ``_bwd_kernel``.
+each segment's total; (2) ``_seg_scan_kernel`` (``_entering``): exclusive cumulative sum over the
+few segments (+ the initial state) = each segment's entering state ``s_in [N, HK, NS, FT, DV]`` fp32,
+which ``_fold_kernel`` adds to the chunk states (``seg_fold``); (3) ``_out_kernel`` over (chunk,
+query head, value block). Segments only exist so that long sequences with few heads still give
+enough programs to the sequential state walk. Bidirectional: (1) without per-chunk stores, every
+chunk reads the sequence total. Backward mirrors it: ``_delta_kernel``, the reverse
+``_state_kernel``, a reverse cumulative sum, ``_bwd_kernel``, ``_dw_kernel``.
+
+Fused-chunk layout (causal forward, ``uses_fused_chunk``): ``_fc_fwd_kernel`` walks each
+(sequence, query head, segment) chunk by chunk with the state in registers and writes ``o``
+directly; with several segments the walks start from zero and ``_fc_fix_kernel`` adds each
+segment's entering state's contribution afterwards (``fc_segments`` "fix"), or a training forward
+that stores its chunk states for the chunk layout's backward walks from the segment sums. ``design``
+"fused_chunk" also takes the backward to ``_fc_bwd_q_kernel`` / ``_fc_bwd_kv_kernel``.
 """
 
 from __future__ import annotations
