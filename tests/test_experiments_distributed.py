@@ -4,8 +4,9 @@ A tiny LM config (toy 64-id stream, 2 layers, context 16, global batch 4) trains
 Hedgehog variants for a few steps in this process and under ``torchrun --nproc_per_node=2 -m
 hedgehog_attention.cli lm`` (DDP on CPU, the same global batch split 2 x 2). The per-step training
 losses, the validation curve and the test perplexity must agree within float32 reordering
-tolerance, and the 2-process report must say it ran on 2 processes (only rank 0 writes).
-One launch; process start-up dominates the cost.
+tolerance, and the 2-process report must say it ran on 2 processes (only rank 0 writes). The
+recall test does the same against 1 process with 2 accumulated micro-batches (its loss is a mean
+of micro-batch means). One launch each; process start-up dominates the cost.
 """
 
 from __future__ import annotations
@@ -76,3 +77,35 @@ def test_lm_two_processes_match_one(tmp_path):
     assert env["processes"] == 2
     assert "| hedgehog |" in (tmp_path / "two" / "lm.md").read_text()
     assert sorted(p.name for p in (tmp_path / "two" / "ckpt" / "softmax").glob("*.pt")) == ["ckpt-00000006.pt"]
+
+
+RECALL_CONFIG = HERE.parent / "configs" / "recall_smoke.yaml"
+
+
+def test_recall_two_processes_match_one_with_accumulation(tmp_path):
+    """``hedgehog recall`` under torchrun: the step loss is the mean of the micro-batch means (the
+    number of queries varies per sequence), so 2 processes x 16 sequences match 1 process with 2
+    accumulated micro-batches of 16 (not 1 x 32); with the distilled variant's Eq. 3 term too."""
+    from hedgehog_attention.experiments.recall import main as recall_main
+
+    sets = ["train.steps=8", "train.log_every=4", "train.checkpoint_every=4",
+            "variants=[{name: softmax, attention: softmax}, {name: hedgehog-distill, attention: hedgehog, "
+            "distill_weight: 1.0}]"]  # fmt: skip
+    args = ["--config", str(RECALL_CONFIG), *(a for s in sets for a in ("--set", s))]
+    import torch
+
+    torch.set_num_threads(1)
+    assert recall_main([*args, "--set", "train.grad_accum_steps=2", "--out", str(tmp_path / "one")]) == 0
+    two = _launch("", Path("."), timeout=120,
+                  argv=["-m", "hedgehog_attention.cli", "recall", *args, "--out", str(tmp_path / "two")])  # fmt: skip
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-5000:]
+    for name in ("softmax", "hedgehog-distill"):
+        a, b = (json.loads((tmp_path / d / "runs" / f"{name}_s0.json").read_text()) for d in ("one", "two"))
+        assert (a["world_size"], b["world_size"]) == (1, 2) and a["engine"] == b["engine"] == "trainer"
+        assert a["steps"] == b["steps"] == 8
+        assert [c["step"] for c in a["curve"]] == [c["step"] for c in b["curve"]] == [4, 8]
+        np.testing.assert_allclose([c["loss"] for c in b["curve"]], [c["loss"] for c in a["curve"]], rtol=TOL)
+        assert a["curve"][-1]["loss"] < a["curve"][0]["loss"]  # it trained
+        assert [c["valid_acc"] for c in b["curve"]] == [c["valid_acc"] for c in a["curve"]]
+        assert b["test_accuracy"] == a["test_accuracy"] and b["entropy"] == pytest.approx(a["entropy"], rel=TOL)
+    assert "| hedgehog-distill |" in (tmp_path / "two" / "recall.md").read_text()
