@@ -1,4 +1,4 @@
-"""``hedgehog demo``: train a Hedgehog map to mimic softmax on synthetic q/k; no downloads, ~30 s on CPU.
+"""``hedgehog demo``: train a Hedgehog map to mimic softmax on synthetic q/k; no downloads, ~10 s on 2 CPU cores.
 
 Queries and keys come from one random token stream through two related projections (as in a real
 attention layer, where q and k are correlated): ``q = x W_q``, ``k = x W_k``. The demo prints the
