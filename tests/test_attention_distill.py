@@ -175,6 +175,45 @@ def test_module_chunked_and_reference_backends_agree_with_map_gradients():
             torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
 
 
+def test_performer_gqa_query_heads_share_their_kv_heads_projection():
+    att = LinearAttention(4, 8, num_kv_heads=2, feature_map="performer")
+    x = torch.randn(1, 3, 1, 8)  # the same vector as a query of every head and a key of every KV head
+    fq, fk = att.features(x.expand(1, 3, 4, 8), x.expand(1, 3, 2, 8))  # [1, 3, 4, m], [1, 3, 2, m]
+    for h in range(4):
+        assert torch.equal(fq[:, :, h], fk[:, :, h // 2]), f"query head {h}"
+    assert not torch.equal(fq[:, :, 0], fq[:, :, 2])  # the two KV heads draw their own features
+
+
+@pytest.mark.parametrize("num_kv_heads", [2, 1])
+@pytest.mark.parametrize("redraw_every", [1, 2, 3])
+def test_performer_redraws_keep_queries_and_keys_on_the_same_features(redraw_every, num_kv_heads):
+    """A redraw between the query and the key call of one forward would pair different random
+    features (phi(q).phi(k) no longer estimates exp(q.k)): redraws are counted once per q/k pair."""
+    att = LinearAttention(2, 4, num_kv_heads=num_kv_heads, feature_map="performer",
+                          feature_map_kwargs={"redraw_every": redraw_every}).train()  # fmt: skip
+    x = torch.randn(1, 2, 1, 4)
+    draws = []
+    for _ in range(7):
+        fq, fk = att.features(x.expand(1, 2, 2, 4), x.expand(1, 2, num_kv_heads, 4))
+        torch.testing.assert_close(fq[:, :, 0], fk[:, :, 0], rtol=0, atol=0)
+        draws.append(fq[:, :, 0])
+    changed = [not torch.equal(a, b) for a, b in zip(draws, draws[1:])]
+    assert changed == [(i + 1) % redraw_every == 0 for i in range(6)]  # one redraw every redraw_every pairs
+
+
+def test_performer_loads_state_dicts_that_stored_the_key_projection():
+    """Before the key map read the query map's projection, state dicts held a copy under
+    ``feature_map_k.projection``: they still load (strict), and the query map's copy is used."""
+    att = LinearAttention(4, 8, num_kv_heads=2, feature_map="performer", feature_map_kwargs={"seed": 0})
+    sd = att.state_dict()
+    assert "feature_map_k.projection" not in sd
+    old = {**sd, "feature_map_k.projection": torch.zeros(2, 8, 8)}
+    fresh = LinearAttention(4, 8, num_kv_heads=2, feature_map="performer", feature_map_kwargs={"seed": 1})
+    fresh.load_state_dict(old)
+    x = torch.randn(1, 3, 4, 8)
+    torch.testing.assert_close(fresh.features(x, x[:, :, :2]), att.features(x, x[:, :, :2]), rtol=0, atol=0)
+
+
 def test_tie_qk_shares_parameters_and_rejects_gqa():
     att = LinearAttention(2, 4, tie_qk=True)
     assert att.feature_map_q is att.feature_map_k
@@ -195,11 +234,24 @@ def test_entropy_and_monotonicity_known_values():
 
 
 def test_softmax_weights_are_their_own_best_fit():
-    q, k = torch.randn(2, 1, 12, 2, 4, dtype=torch.float64).unbind(0)
-    p = softmax_attention_weights(q, k, causal=True)
-    fid = attention_fidelity(q, k, torch.rand(1, 12, 2, 6), torch.rand(1, 12, 2, 6), causal=True)
-    assert (fid["kl"] > 0).all() and torch.allclose(fid["monotonicity_softmax"], torch.ones(2, dtype=torch.float64))
-    assert torch.allclose(p.sum(-1), torch.ones_like(p.sum(-1)))
+    """phi(q_i) = exp(s_i.) and one-hot phi(k_j) = e_j give phi(q_i).phi(k_j) = exp(q_i.k_j / sqrt(D)), i.e.
+    linear weights == softmax: KL 0, CE = entropy, monotonicity 1. Random features: KL = sum p log(p / w)."""
+    t, d = 12, 4
+    q, k = torch.randn(2, 1, t, 2, d, dtype=torch.float64).unbind(0)  # [B, T, H, D]
+    s = torch.einsum("bihd,bjhd->bihj", q, k) / math.sqrt(d)  # [B, T, H, T]
+    fk = torch.eye(t, dtype=torch.float64).view(1, t, 1, t).expand(1, t, 2, t)  # [B, T, H, F = T]
+    fid = attention_fidelity(q, k, s.exp(), fk, causal=True)
+    torch.testing.assert_close(fid["kl"], torch.zeros(2, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(fid["ce"], fid["entropy_softmax"])
+    torch.testing.assert_close(fid["entropy_linear"], fid["entropy_softmax"])
+    for key in ("monotonicity_softmax", "monotonicity_linear"):
+        torch.testing.assert_close(fid[key], torch.ones(2, dtype=torch.float64))
+    fq, fk = torch.rand(2, 1, t, 2, 6, dtype=torch.float64).unbind(0)  # [B, T, H, F]
+    p = softmax_attention_weights(q, k, causal=True)  # [B, H, T, T]
+    w = linear_attention_weights(fq, fk, causal=True, eps=0.0)
+    kl = torch.where(p > 0, p * (p / w).log(), 0.0).sum(-1).mean((0, 2))  # [H], every query row valid
+    assert (kl > 0.01).all()
+    torch.testing.assert_close(attention_fidelity(q, k, fq, fk, causal=True)["kl"], kl)
 
 
 def test_output_mse_masks_padding():

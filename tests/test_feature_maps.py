@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hedgehog_attention import available_feature_maps, build_feature_map
-from hedgehog_attention.feature_maps import HedgehogFeatureMap
+from hedgehog_attention.feature_maps import HedgehogFeatureMap, T2RFeatureMap
 
 
 def x_1x1x1(values):
@@ -22,6 +22,9 @@ def test_registry_lists_all_paper_maps_and_rejects_unknown():
         build_feature_map("softplus-magic", num_heads=1, head_dim=2)
     with pytest.raises(TypeError, match="exp_t"):
         build_feature_map("exp_t", num_heads=1, head_dim=2, activation="softmax")
+    # the paper-table aliases: Hedgehog with Eq. 5's element-wise exp, T2R-HH = the T2R map
+    assert build_feature_map("hedgehog_exp", num_heads=1, head_dim=2).activation == "exp"
+    assert isinstance(build_feature_map("t2r_hh", num_heads=1, head_dim=2), T2RFeatureMap)
 
 
 def test_hedgehog_identity_init_softmax_values():
@@ -41,6 +44,21 @@ def test_hedgehog_exp_variant_is_eq5():
     z = torch.tensor([1.0 * 1 + 2.0 * 0 + 0.5, 1.0 * 2 + 2.0 * -1 - 0.5], dtype=torch.float64)  # [1.5, -0.5]
     expect = torch.cat([z.exp(), (-z).exp()])
     torch.testing.assert_close(fm(x).flatten().double(), expect)
+
+
+@pytest.mark.parametrize("activation", ["softmax", "exp"])
+def test_hedgehog_is_activation_of_each_heads_affine_map(activation):
+    """phi_h(x) = [act(x W_h + b_h), act(-x W_h - b_h)]: each head its own W [D, F], b [F]; F != D."""
+    fm = HedgehogFeatureMap(2, 3, feature_dim=4, activation=activation).double()
+    with torch.no_grad():
+        fm.weight.normal_()
+        fm.bias.normal_()
+    x = torch.randn(2, 5, 2, 3, dtype=torch.float64)  # [B, T, H, D]
+    act = torch.exp if activation == "exp" else (lambda z: torch.softmax(z, dim=-1))
+    out = fm(x).double()  # [B, T, H, 2F]
+    for h in range(2):
+        z = x[:, :, h] @ fm.weight[h] + fm.bias[h]  # [B, T, F]
+        torch.testing.assert_close(out[:, :, h], torch.cat([act(z), act(-z)], dim=-1), rtol=1e-5, atol=1e-6)
 
 
 def test_hedgehog_per_head_parameters_and_rectangular_identity():
@@ -101,6 +119,37 @@ def test_performer_estimates_softmax_kernel():
     assert not torch.equal(before, fm.projection)
 
 
+def test_performer_is_favor_plus_formula_with_orthogonal_gaussian_rows():
+    """phi(x) = exp(w.x' - |x'|^2/2)/sqrt(m), x' = x/D^(1/4), one projection per head; w in blocks of D
+    orthogonal rows (m = 10 cuts the last block) with chi norms, so E[w w^T] = I."""
+    d, m = 4, 10
+    fm = build_feature_map("performer", num_heads=2, head_dim=d, num_features=m, seed=0)
+    x = torch.randn(2, 3, 2, d)  # [B, T, H, D]
+    out = fm(x)  # [B, T, H, m]
+    for h in range(2):
+        xs, w = x[:, :, h].double() / d**0.25, fm.projection[h].double()  # [B, T, D], [D, m]
+        expect = torch.exp(xs @ w - (xs * xs).sum(-1, keepdim=True) / 2) / math.sqrt(m)
+        torch.testing.assert_close(out[:, :, h].double(), expect, rtol=1e-5, atol=0)
+    rows = fm.projection[0].T  # [m, D]
+    for blk in (rows[:d], rows[d : 2 * d]):
+        gram = blk @ blk.T
+        torch.testing.assert_close(gram, torch.diag(gram.diagonal()), rtol=0, atol=1e-5)
+    assert not torch.equal(fm.projection[0], fm.projection[1])
+    again = build_feature_map("performer", num_heads=2, head_dim=d, num_features=m, seed=0)
+    assert torch.equal(again.projection, fm.projection)  # seeded draws are reproducible
+    big = build_feature_map("performer", num_heads=1, head_dim=d, num_features=8192, seed=0).projection[0]
+    torch.testing.assert_close(big @ big.T / 8192, torch.eye(d), rtol=0, atol=0.1)
+
+
+def test_performer_is_unbiased_in_every_direction():
+    d = 8
+    fm = build_feature_map("performer", num_heads=1, head_dim=d, num_features=16384, seed=0).double()
+    e = torch.eye(d, dtype=torch.float64)
+    x = 0.5 * d**0.25 * torch.cat([e, -e]).view(1, 2 * d, 1, d)  # [1, 2D, 1, D]: +-axes, |x/D^(1/4)| = 0.5
+    est = (fm(x) ** 2).sum(-1)  # phi(x).phi(x) [1, 2D, 1]; exact exp(x.x/sqrt(D)) = exp(1/4)
+    assert (est / math.exp(0.25) - 1).abs().max() < 0.05  # sampling error <= 2.6% over seeds 0..7
+
+
 def test_cosformer_reweighting_by_position():
     fm = build_feature_map("cosformer", num_heads=1, head_dim=2, max_length=10)
     x = torch.tensor([[1.0, -1.0], [2.0, 3.0]]).view(1, 2, 1, 2)
@@ -109,16 +158,21 @@ def test_cosformer_reweighting_by_position():
     expect_pos1 = torch.tensor([2 * math.cos(a), 3 * math.cos(a), 2 * math.sin(a), 3 * math.sin(a)])
     torch.testing.assert_close(out[0, 0, 0], torch.tensor([1.0, 0.0, 0.0, 0.0]))
     torch.testing.assert_close(out[0, 1, 0], expect_pos1)
-    # q_i.k_j reproduces relu(q).relu(k) cos(pi (i - j) / 2M)
+    # q_i.k_j reproduces relu(q).relu(k) cos(pi (i - j) / 2M): relu([1, -1]).relu([2, 3]) = 2, i - j = -5
+    torch.testing.assert_close((out[0, 0, 0] * out[0, 1, 0]).sum(), torch.tensor(2 * math.cos(a)))
+    torch.testing.assert_close(fm(x), fm(x, torch.tensor([[0, 1]])))  # default positions are 0..T-1
     with pytest.raises(ValueError, match="max_length"):
         fm(x, torch.tensor([[0, 10]]))
 
 
 def test_t2r_is_relu_mlp():
-    fm = build_feature_map("t2r", num_heads=2, head_dim=3)
-    x = torch.randn(1, 4, 2, 3)
-    expect = torch.relu(torch.einsum("bthd,hdf->bthf", x, fm.weight) + fm.bias)
-    torch.testing.assert_close(fm(x), expect)
+    fm = build_feature_map("t2r", num_heads=2, head_dim=3, feature_dim=5)
+    with torch.no_grad():
+        fm.bias.normal_()  # a zero bias would hide a dropped "+ b"
+    x = torch.randn(1, 4, 2, 3)  # [B, T, H, D]
+    out = fm(x)  # [B, T, H, F]
+    for h in range(2):
+        torch.testing.assert_close(out[:, :, h], torch.relu(x[:, :, h] @ fm.weight[h] + fm.bias[h]))
     assert fm.trainable and not build_feature_map("elu", num_heads=1, head_dim=2).trainable
 
 

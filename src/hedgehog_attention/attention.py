@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .feature_maps import FeatureMap, HedgehogFeatureMap, build_feature_map
+from .feature_maps import FeatureMap, HedgehogFeatureMap, PerformerFeatureMap, build_feature_map
 from .ops import (
     DEFAULT_EPS,
     LinearAttentionState,
@@ -82,21 +82,18 @@ class LinearAttention(nn.Module):
             self.feature_map_name = feature_map.name
         else:
             self.feature_map_name = feature_map
+            if feature_map == "performer" and num_kv_heads != num_heads:
+                kwargs["head_groups"] = num_heads // num_kv_heads  # a query group shares its KV head's draw
             self.feature_map_q = build_feature_map(feature_map, num_heads=num_heads, head_dim=head_dim, **kwargs)
             if tie_qk:
                 self.feature_map_k = self.feature_map_q
-            else:
-                if feature_map == "performer" and num_kv_heads == num_heads:
-                    # Performer needs the same random projection for q and k to estimate exp(q.k).
-                    self.feature_map_k = self.feature_map_q
-                else:
-                    self.feature_map_k = build_feature_map(
-                        feature_map, num_heads=num_kv_heads, head_dim=head_dim, **kwargs
-                    )
-                    if feature_map == "performer":
-                        group = num_heads // num_kv_heads
-                        with torch.no_grad():
-                            self.feature_map_k.projection.copy_(self.feature_map_q.projection[::group])
+            elif not isinstance(self.feature_map_q, PerformerFeatureMap):
+                self.feature_map_k = build_feature_map(feature_map, num_heads=num_kv_heads, head_dim=head_dim, **kwargs)
+        if isinstance(self.feature_map_q, PerformerFeatureMap):
+            # Performer estimates exp(q.k) only if q and k take the same random features: the key map
+            # reads the query map's projection (KV head j: its query group's), and a redraw, counted
+            # once per q/k pair, changes both
+            self.feature_map_k = self.feature_map_q.key_map(num_heads // num_kv_heads)
         self.feature_dim = self.feature_map_q.feature_dim
 
     # ------------------------------------------------------------------ features

@@ -37,6 +37,7 @@ __all__ = [
     "EluFeatureMap",
     "ReluFeatureMap",
     "PerformerFeatureMap",
+    "PerformerKeyMap",
     "CosFormerFeatureMap",
     "ExpFeatureMap",
     "Taylor2FeatureMap",
@@ -239,9 +240,13 @@ class PerformerFeatureMap(FeatureMap):
     """FAVOR+ positive orthogonal random features (Choromanski et al., 2021).
 
     ``phi(x) = exp(w_i . x' - |x'|^2 / 2) / sqrt(m)`` with ``x' = x / D^(1/4)`` so that
-    ``E[phi(q).phi(k)] = exp(q.k / sqrt(D))``. ``w`` are blocks of orthogonal Gaussian rows, one
-    projection per head, stored as a buffer; :meth:`redraw` draws new ones (``redraw_every`` steps
-    in training when set). Computed and returned in float32 (exponent clamped to +-30).
+    ``E[phi(q).phi(k)] = exp(q.k / sqrt(D))``. ``w`` are blocks of orthogonal Gaussian rows (Haar:
+    QR with the signs of ``diag(R)`` corrected, so no direction is favoured), one projection per
+    head, stored as a buffer; :meth:`redraw` draws new ones (every ``redraw_every`` calls in
+    training when set). ``head_groups``: consecutive heads that share one draw (the query heads of
+    a grouped-query KV head). Keys must use the same features: :meth:`key_map` gives the map for
+    them, which reads this map's projection and never redraws on its own. Computed and returned in
+    float32 (exponent clamped to +-30).
     """
 
     name = "performer"
@@ -253,10 +258,14 @@ class PerformerFeatureMap(FeatureMap):
         num_features: int | None = None,
         redraw_every: int | None = None,
         seed: int | None = None,
+        head_groups: int = 1,
     ) -> None:
         super().__init__(num_heads, head_dim)
+        if head_groups < 1 or num_heads % head_groups:
+            raise ValueError(f"head_groups ({head_groups}) must divide num_heads ({num_heads})")
         self.feature_dim = num_features or head_dim
         self.redraw_every = redraw_every
+        self.head_groups = head_groups
         self._generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self.register_buffer("projection", self._draw(), persistent=True)
         self.register_buffer("_calls", torch.zeros((), dtype=torch.long), persistent=False)
@@ -265,30 +274,77 @@ class PerformerFeatureMap(FeatureMap):
         """Orthogonal random features ``[H, D, m]`` scaled by chi-distributed row norms."""
         d, m = self.head_dim, self.feature_dim
         mats = []
-        for _ in range(self.num_heads):
+        for _ in range(self.num_heads // self.head_groups):
             blocks = []
             for _ in range(math.ceil(m / d)):
                 g = torch.randn(d, d, generator=self._generator)
-                qmat, _ = torch.linalg.qr(g)
+                qmat, r = torch.linalg.qr(g)
+                # LAPACK's QR fixes the signs of diag(R), which biases Q's rows towards some
+                # directions (measured: the estimate of exp(q.k) ~9% off along the axes); flipping
+                # each column by sign(R_ii) makes Q Haar-distributed
+                qmat = qmat * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)
                 blocks.append(qmat.T)
             w = torch.cat(blocks, dim=0)[:m]  # [m, D], orthogonal rows within each block
             norms = torch.randn(m, d, generator=self._generator).norm(dim=1)
             mats.append((w * norms[:, None]).T)  # [D, m]
-        return torch.stack(mats)
+        return torch.stack(mats).repeat_interleave(self.head_groups, dim=0)
 
     @torch.no_grad()
     def redraw(self) -> None:
         self.projection.copy_(self._draw().to(self.projection.device))
+
+    def key_map(self, group: int = 1) -> PerformerKeyMap:
+        """The map for keys with ``num_heads // group`` heads (KV head ``j`` takes query head
+        ``j * group``'s features, which its whole query group shares when ``head_groups == group``)."""
+        if group < 1 or self.num_heads % group or (group > 1 and self.head_groups % group):
+            raise ValueError(
+                f"a key map over groups of {group} query heads needs num_heads ({self.num_heads}) and "
+                f"head_groups ({self.head_groups}) divisible by it"
+            )
+        return PerformerKeyMap(self, group)
 
     def features(self, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         if self.training and self.redraw_every:
             if int(self._calls) > 0 and int(self._calls) % self.redraw_every == 0:
                 self.redraw()
             self._calls += 1
+        return self.favor(x, self.projection)
+
+    def favor(self, x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+        """FAVOR+ features of ``x [B, T, H, D]`` under ``projection [H, D, m]``: ``[B, T, H, m]`` float32."""
         xs = x.float() / self.head_dim**0.25
-        proj = torch.einsum("bthd,hdm->bthm", xs, self.projection.float())
+        proj = torch.einsum("bthd,hdm->bthm", xs, projection.float())
         sq = 0.5 * (xs * xs).sum(-1, keepdim=True)
         return torch.exp((proj - sq).clamp(-EXP_CLAMP, EXP_CLAMP)) / math.sqrt(self.feature_dim)
+
+
+class PerformerKeyMap(FeatureMap):
+    """Keys' side of a :class:`PerformerFeatureMap` (``source``): the same random features, read
+    from the source at every call, so a redraw (counted on the query calls only, once per q/k pair)
+    changes both sides at once. Holds no buffer of its own: the source owns the projection."""
+
+    name = "performer"
+
+    def __init__(self, source: PerformerFeatureMap, group: int = 1) -> None:
+        super().__init__(source.num_heads // group, source.head_dim)
+        self.feature_dim = source.feature_dim
+        self.group = group
+        self._source = [source]  # a list, not a submodule: one owner of the projection in state dicts
+
+    @property
+    def source(self) -> PerformerFeatureMap:
+        return self._source[0]
+
+    def features(self, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        return self.source.favor(x, self.source.projection[:: self.group])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:  # fmt: skip
+        # checkpoints from before this class held the key map's own copy of the projection: the
+        # source's copy wins (they were equal, or the keys were wrong: GQA)
+        state_dict.pop(prefix + "projection", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)  # fmt: skip
 
 
 class CosFormerFeatureMap(FeatureMap):
