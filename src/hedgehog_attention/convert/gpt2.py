@@ -76,6 +76,8 @@ register_adapter(
         class_names=("GPT2Attention",),
         accepts=lambda m: not getattr(m, "is_cross_attention", False) and hasattr(m, "c_attn"),
         build=_build,
-        lora_targets=("c_attn", "c_proj"),
+        # peft matches name suffixes: a bare "c_proj" would also adapt every MLP's c_proj; the
+        # attention's projections sit under "attn." (softmax model) or "original." (converted layer)
+        lora_targets=("attn.c_attn", "attn.c_proj", "original.c_attn", "original.c_proj"),
     )
 )
