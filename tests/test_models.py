@@ -4,7 +4,7 @@ equals one full pass, the auxiliary Eq. 3 term trains only the feature maps."""
 import pytest
 import torch
 
-from hedgehog_attention import available_feature_maps
+from hedgehog_attention import attention_distillation_loss, available_feature_maps
 from hedgehog_attention.models import RotaryTransformer, TransformerConfig, apply_rotary, lm_labels, rotary_cos_sin
 
 ATTENTIONS = ["softmax", *available_feature_maps()]
@@ -67,11 +67,40 @@ def test_aux_distillation_trains_only_feature_maps():
     assert model(x, return_aux=True).aux_loss is not None
 
 
-def test_attention_weights_rows_sum_to_one_and_are_causal():
-    for att in ("softmax", "hedgehog", "relu"):
+def _capture_attention_calls(model):
+    """Record (attention module, its input x, positions, output) of every layer's forward."""
+    calls = []
+    for blk in model.blocks:
+        blk.attn.register_forward_hook(lambda m, args, out: calls.append((m, args[0], args[1], out[0])))
+    return calls
+
+
+def test_aux_loss_is_weighted_layer_mean_of_eq3_on_rotated_qk():
+    model = _model("hedgehog", distill_weight=0.5)
+    x = torch.randint(0, 24, (2, 16))
+    calls = _capture_attention_calls(model)
+    aux = model(x).aux_loss  # training mode: the Eq. 3 term is on
+    per_layer = []
+    for attn, h, pos, _ in calls:
+        q, k, _ = attn._qkv(h, pos)  # rotated q, k [B, T, H, D]
+        per_layer.append(attention_distillation_loss(q, k, *attn.linear.features(q, k), causal=True))
+    torch.testing.assert_close(aux, 0.5 * torch.stack(per_layer).mean())
+
+
+def test_attention_weights_are_causal_rows_that_the_forward_uses():
+    for att in ("softmax", "hedgehog", "relu", "cosformer"):
         model = _model(att).eval()
-        ws = model.attention_weights(torch.randint(0, 24, (2, 12)))
+        x = torch.randint(0, 24, (2, 12))
+        ws = model.attention_weights(x)
         assert len(ws) == 2 and ws[0].shape == (2, 2, 12, 12)
+        # ...and they are the weights the forward pass uses: out(w @ v) == each layer's attention output
+        calls = _capture_attention_calls(model)
+        with torch.no_grad():
+            model(x)
+            for w, (attn, h, pos, y) in zip(ws, calls):
+                v = attn._qkv(h, pos)[2]  # [B, T, H, D]
+                o = torch.einsum("bhij,bjhd->bihd", w, v).reshape(2, 12, -1)
+                torch.testing.assert_close(attn.out(o), y, rtol=1e-4, atol=1e-5)
         for w in ws:
             rows = w.sum(-1)
             ok = (rows - 1).abs() < 1e-4

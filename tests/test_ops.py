@@ -26,13 +26,14 @@ def make_inputs(b, t, h, hk, f, dv, dtype=torch.float64, requires_grad=True):
 
 
 def padding_mask(b, t, kind):
+    """[B, T] with n_i = (3i + 1) or (5i + 2) padded tokens mod T + 1: every case pads some row, T = 1
+    pads a whole sequence, B = 2 gives two different lengths."""
     m = torch.ones(b, t, dtype=torch.bool)
-    if kind == "left":
-        for i in range(b):
-            m[i, : (i * 3) % max(t, 1)] = False
-    elif kind == "right":
-        for i in range(1, b):
-            m[i, t - (i * 5) % max(t, 1) :] = False
+    for i in range(b):
+        if kind == "left":
+            m[i, : (3 * i + 1) % (t + 1)] = False
+        elif kind == "right":
+            m[i, t - (5 * i + 2) % (t + 1) :] = False
     return m
 
 
@@ -250,9 +251,10 @@ def test_bad_inputs_raise_clear_errors(mutate, exc, words):
 
 
 def test_state_reorder_for_beam_search():
-    st = LinearAttentionState.zeros(3, 2, 4, 5)
-    st.S[1] += 1
-    assert st.index_select(torch.tensor([1, 1, 0])).S[:2].eq(1).all()
+    st = LinearAttentionState(torch.randn(3, 2, 4, 5), torch.rand(3, 2, 4))  # S [N, Hk, F, Dv], z [N, Hk, F]
+    idx = torch.tensor([2, 2, 0])
+    new = st.index_select(idx)
+    assert torch.equal(new.S, st.S[idx]) and torch.equal(new.z, st.z[idx])
 
 
 # --------------------------------------------------------------------------- property-based

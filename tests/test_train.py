@@ -98,15 +98,48 @@ class StopAt(TrainerCallback):
 # --------------------------------------------------------------------------------------------------
 
 
+class GradSpy(TrainerCallback):
+    """Records the gradients the optimizer steps on (after accumulation and clipping)."""
+
+    def __init__(self) -> None:
+        self.grads: list[dict[str, torch.Tensor]] = []
+
+    def on_train_begin(self, trainer):
+        def pre_step(opt, args, kwargs):
+            self.grads.append({n: p.grad.detach().clone() for n, p in zip(trainer.trainable_names, trainer.params)})
+
+        trainer.optimizer.register_step_pre_hook(pre_step)
+
+
 def test_accumulation_equals_bigger_micro_batch():
-    a, _ = run(make_config(micro_batch_size=8, grad_accum_steps=1))
-    b, _ = run(make_config(micro_batch_size=4, grad_accum_steps=2))
-    c, _ = run(make_config(micro_batch_size=2, grad_accum_steps=4))
+    spies = [GradSpy() for _ in range(3)]
+    a, _ = run(make_config(micro_batch_size=8, grad_accum_steps=1), callbacks=[spies[0]])
+    b, _ = run(make_config(micro_batch_size=4, grad_accum_steps=2), callbacks=[spies[1]])
+    c, _ = run(make_config(micro_batch_size=2, grad_accum_steps=4), callbacks=[spies[2]])
     assert len(a.losses) == 10
-    torch.testing.assert_close(torch.tensor(b.losses), torch.tensor(a.losses), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(torch.tensor(c.losses), torch.tensor(a.losses), rtol=1e-12, atol=1e-12)
+    f64 = dict(dtype=torch.float64)  # float32 would round the 1e-12 comparison away
+    torch.testing.assert_close(torch.tensor(b.losses, **f64), torch.tensor(a.losses, **f64), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.tensor(c.losses, **f64), torch.tensor(a.losses, **f64), rtol=1e-12, atol=1e-12)
     evals = [r["eval_loss"] for r in a.history if r["eval_loss"] is not None]
     assert evals[-1] < evals[0]  # it learns
+    # AdamW and clipping hide a gradient off by a constant factor: compare the gradients themselves,
+    # unclipped, with autograd of the mean loss over step 1's global batch (the first 8 of epoch 0's
+    # permutation, seed 0), computed here without the trainer.
+    oracle = TinyNet()
+    x = Points(40).x[torch.randperm(40, generator=torch.Generator().manual_seed(0))[:8]]
+    oracle(x).backward()
+    want = {n: p.grad for n, p in oracle.named_parameters() if p.requires_grad}
+    for micro, accum in ((8, 1), (4, 2), (2, 4)):
+        spy = GradSpy()
+        run(make_config(max_steps=1, micro_batch_size=micro, grad_accum_steps=accum, max_grad_norm=None),
+            callbacks=[spy], eval_data=False)  # fmt: skip
+        assert set(spy.grads[0]) == set(want)
+        for n, g in spy.grads[0].items():
+            torch.testing.assert_close(g, want[n], rtol=1e-12, atol=1e-14, msg=f"{n} micro {micro} x accum {accum}")
+    for s in spies[1:]:  # and every later step's (clipped) gradient agrees across the splits
+        for ga, gb in zip(spies[0].grads, s.grads):
+            for n in ga:
+                torch.testing.assert_close(gb[n], ga[n], rtol=1e-10, atol=1e-13)
 
 
 def test_frozen_params_untouched_and_not_in_optimizer():
@@ -147,24 +180,37 @@ def test_params_subset_freezes_the_rest():
     assert not model.blocks[1].weight.requires_grad
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.2], ids=["nodrop", "dropout-rng"])
-def test_resume_after_kill_matches_uninterrupted(tmp_path: Path, dropout: float):
+# plateau: lr 0.5 unclipped, an eval every step; the eval of step 5 does not improve, so from step 6
+# on the lr is halved: the checkpoint of step 6 must carry the schedule's state.
+PLATEAU = dict(scheduler="plateau", plateau_patience=0, eval_every=1, lr=0.5, max_grad_norm=None)
+
+
+@pytest.mark.parametrize(("dropout", "sched"), [(0.0, {}), (0.2, {}), (0.0, PLATEAU)],
+                         ids=["nodrop", "dropout-rng", "plateau-state"])  # fmt: skip
+def test_resume_after_kill_matches_uninterrupted(tmp_path: Path, dropout: float, sched: dict):
     # 40 samples / global batch 8 = 5 steps per epoch, so the run crosses epochs; the kill at step 7
     # falls mid-epoch, after the checkpoint of step 6.
     full, m_full = run(make_config(max_steps=12, checkpoint_every=3, checkpoint_dir=str(tmp_path / "a"),
-                                   grad_accum_steps=2), dropout=dropout)  # fmt: skip
-    cfg = make_config(max_steps=12, checkpoint_every=3, checkpoint_dir=str(tmp_path / "b"), grad_accum_steps=2)
+                                   grad_accum_steps=2, **sched), dropout=dropout)  # fmt: skip
+    if sched:
+        assert {r["step"]: r["lr"] for r in full.history}[7] < sched["lr"], "the lr must have dropped by step 7"
+    cfg = make_config(max_steps=12, checkpoint_every=3, checkpoint_dir=str(tmp_path / "b"), grad_accum_steps=2,
+                      **sched)  # fmt: skip
     with pytest.raises(KeyboardInterrupt):
         run(cfg, dropout=dropout, callbacks=[StopAt(7)])
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "b")] == ["ckpt-00000003.pt", "ckpt-00000006.pt"]
     torch.manual_seed(1234)  # a different global RNG before resuming must not matter
     resumed, m_res = run(make_config(max_steps=12, checkpoint_every=3, checkpoint_dir=str(tmp_path / "b"),
-                                     grad_accum_steps=2, resume=True), dropout=dropout)  # fmt: skip
+                                     grad_accum_steps=2, resume=True, **sched), dropout=dropout)  # fmt: skip
     assert resumed.resumed_from == 6 and resumed.steps_done == 12
     assert resumed.losses == full.losses  # bit-exact
     for name, p in trainable(m_full).items():
         torch.testing.assert_close(trainable(m_res)[name], p, rtol=0, atol=0)
-    assert [r["step"] for r in resumed.history] == [r["step"] for r in full.history]
+
+    def rows(res):  # everything but the wall-clock fields
+        return [{k: v for k, v in r.items() if k not in ("time", "tokens_per_s")} for r in res.history]
+
+    assert rows(resumed) == rows(full)  # steps, train/eval losses, lr, cumulative tokens
     assert resumed.best_eval_loss == full.best_eval_loss
 
 
@@ -194,10 +240,34 @@ def test_corrupted_checkpoint_is_skipped_with_warning(tmp_path: Path):
     assert not list(d.glob(".*.tmp")), "the stale temp file is cleaned at the next save"
 
 
+class _RunsCode:
+    """Unpickling this object would call os.mkdir(path): a checkpoint must never run code."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        import os
+
+        return (os.mkdir, (str(self.path),))
+
+
 def test_checkpoint_is_weights_only_and_trainable_only(tmp_path: Path):
-    run(make_config(max_steps=2, checkpoint_every=2, checkpoint_dir=str(tmp_path)))
+    _, model = run(make_config(max_steps=2, checkpoint_every=2, checkpoint_dir=str(tmp_path)))
     state = ckpt.load_checkpoint(tmp_path / "ckpt-00000002.pt")  # weights_only=True inside
     assert set(state["model"]) == {"blocks.0.weight", "blocks.0.bias", "blocks.1.weight", "blocks.1.bias"}
+    for name, p in trainable(model).items():  # the state after step 2, not a stale copy
+        assert torch.equal(state["model"][name], p), name
+    marker = tmp_path / "code-ran"
+    evil = tmp_path / "ckpt-00000004.pt"
+    torch.save({"format_version": ckpt.FORMAT_VERSION, "x": _RunsCode(marker)}, evil)
+    with pytest.raises(Exception):  # noqa: B017 -- torch's unpickler error type varies by version
+        ckpt.load_checkpoint(evil)
+    with pytest.warns(RuntimeWarning, match=r"skipping corrupted or unreadable checkpoint .*ckpt-00000004\.pt"):
+        found = ckpt.find_latest_valid(tmp_path)
+    assert found is not None and found[0].name == "ckpt-00000002.pt"
+    assert not marker.exists(), "loading a checkpoint ran pickled code"
+    evil.unlink()
     assert state["meta"]["step"] == 2 and state["meta"]["config"]["max_steps"] == 2
     assert (tmp_path / "ckpt-00000002.json").exists()
     run(make_config(max_steps=2, checkpoint_every=2, checkpoint_dir=str(tmp_path / "f"), full_state_dict=True))
@@ -217,8 +287,9 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path: Path):
     assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["x.bin"]
 
 
-def test_nonfinite_loss_raises_with_step():
-    class NaNAt3(nn.Module):
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_nonfinite_loss_raises_with_step(bad: float):
+    class BadAt3(nn.Module):
         def __init__(self):
             super().__init__()
             self.w = nn.Parameter(torch.ones(()))
@@ -226,13 +297,13 @@ def test_nonfinite_loss_raises_with_step():
 
         def forward(self, x):
             self.calls += 1
-            return self.w * x.sum() * (float("nan") if self.calls == 3 else 0.0)
+            return self.w * (bad if self.calls == 3 else 0.0)
 
-    model = NaNAt3()
+    model = BadAt3()
     tr = Trainer(model, loss_fn, Points(40), None, make_config(max_steps=5))
-    with pytest.raises(FloatingPointError, match="at step 3"):
+    with pytest.raises(FloatingPointError, match=r"training loss is -?(nan|inf) at step 3 "):
         tr.fit()
-    assert model.w.item() == 1.0  # NaN never reached the weights
+    assert model.w.item() == 1.0  # the bad loss never reached the weights
 
 
 def test_early_stopping_and_best_eval():
@@ -250,6 +321,10 @@ def test_history_rows():
     assert [r["eval_loss"] is not None for r in res.history] == [False, True, False, True]
     assert res.history[-1]["tokens"] == 10 * 4 * D  # B*T of the 2-D batch tensor, per step
     assert all(set(r) >= {"step", "train_loss", "eval_loss", "lr", "tokens", "time"} for r in res.history)
+    windows = [res.losses[0:4], res.losses[4:5], res.losses[5:8], res.losses[8:10]]  # since the previous row
+    for r, w in zip(res.history, windows):
+        assert r["train_loss"] == pytest.approx(sum(w) / len(w), rel=1e-12), r["step"]
+    assert [r["lr"] for r in res.history] == [0.1] * 4
 
 
 def test_lr_schedules():
@@ -264,6 +339,26 @@ def test_lr_schedules():
     pl2 = LRSchedule(make_config(lr=1.0, scheduler="plateau"))
     pl2.load_state_dict(pl.state_dict())
     assert pl2.lr(5) == pl.lr(5)
+
+
+def test_lr_schedule_is_what_the_optimizer_steps_with():
+    """The schedule must reach every param group at every step (a history row alone would not show it)."""
+    seen: list[list[float]] = []
+
+    class LRSpy(TrainerCallback):
+        def on_step_end(self, trainer, step, loss):
+            seen.append([g["lr"] for g in trainer.optimizer.param_groups])
+
+    cfg = make_config(max_steps=10, lr=0.2, scheduler="cosine", warmup_steps=3, min_lr_ratio=0.1,
+                      decay_matrices_only=True, weight_decay=0.1)  # fmt: skip
+    res, _ = run(cfg, callbacks=[LRSpy()], eval_data=False)
+    # written out: linear warmup (s+1)/3 for steps 0..2, then cosine from 1 to 0.1 over the 7 remaining
+    want = [0.2 * (s + 1) / 3 for s in range(3)]
+    want += [0.2 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 3) / 7))) for s in range(3, 10)]
+    assert len(seen) == 10 and all(len(groups) == 2 for groups in seen)
+    for s, groups in enumerate(seen):
+        assert groups == [pytest.approx(want[s], rel=1e-12)] * 2, s
+    assert [r["lr"] for r in res.history] == pytest.approx(want, rel=1e-12)
 
 
 def test_sampler_split_is_independent_of_world_and_accum():
