@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 
 import pytest
 import torch
@@ -415,6 +416,24 @@ def test_real_minilm_swap_padding_and_undo():
         torch.testing.assert_close(lin[1, :short], alone[0], atol=1e-4, rtol=1e-4)
         unlinearize(m)
         assert torch.equal(m(**enc).last_hidden_state, ref)
+
+
+def test_evaluate_loss_is_the_token_mean_over_uneven_batches():
+    """Batches of 4 and 1 sequences (a short last batch), some labels ignored: the mean loss is the
+    mean over every predicted token, as one batch of all 5 would give (not a mean of batch means)."""
+    from hedgehog_attention.convert.finetune import evaluate_loss
+
+    m = tiny("gpt2").eval()
+    x = ids(5, 10, seed=7)
+    labels = x.clone()
+    labels[4, 1:7] = -100  # the short batch predicts 3 of its 9 tokens
+    whole = {"input_ids": x, "labels": labels}
+    split = [{k: v[:4] for k, v in whole.items()}, {k: v[4:] for k, v in whole.items()}]
+    with torch.no_grad():
+        want = m(**whole).loss.item()
+    loss, acc = evaluate_loss(m, split, "lm")
+    assert loss == pytest.approx(want, rel=1e-6) and math.isnan(acc)
+    assert m(**split[1]).loss.item() != pytest.approx(want, rel=1e-3)  # the batches' means do differ
 
 
 def test_cli_rejects_unknown_method():

@@ -69,21 +69,34 @@ def _loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
     return out.loss
 
 
+def _loss_terms(batch: Batch, task: str) -> int:
+    """How many terms the model's mean loss averages over: sequences (classification) or predicted
+    tokens (lm: labels after the one-token shift, ``-100`` ignored, as HF's causal-LM loss)."""
+    labels = batch["labels"]
+    if task == "classification":
+        return len(labels)
+    return int((labels[..., 1:] != -100).sum())
+
+
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, batches: Sequence[Batch], task: str) -> tuple[float, float]:
-    """Mean loss and (classification) accuracy over ``batches``."""
+    """Mean loss over every sequence (classification) or predicted token (lm) of ``batches``, each
+    batch's mean weighted by its count (a short last batch is not over-weighted), and
+    (classification) accuracy."""
     was = model.training
     model.eval()
     total, n, correct, count = 0.0, 0, 0, 0
     for b in batches:
         loss, logits = _loss(model, b)
-        total += loss.item()
-        n += 1
+        terms = _loss_terms(b, task)
+        if terms:
+            total += loss.item() * terms
+            n += terms
         if task == "classification":
             correct += int((logits.argmax(-1).cpu() == b["labels"]).sum())
             count += len(b["labels"])
     model.train(was)
-    return total / max(n, 1), (correct / count if count else math.nan)
+    return (total / n if n else math.nan), (correct / count if count else math.nan)
 
 
 def finetune(
