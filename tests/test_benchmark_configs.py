@@ -19,11 +19,19 @@ def test_sweep_variants_name_launch_knobs(sweep):
         assert attention_speed.check_config(cfg, name) is cfg
 
 
-def test_unknown_knob_is_refused_before_anything_runs():
+def test_unknown_knob_is_refused_before_anything_runs(tmp_path):
     with pytest.raises(ValueError, match="fix_stage"):
         attention_speed.check_config({"fix_stage": 2}, "--config")
     with pytest.raises(ValueError, match="not launch knobs"):
         attention_speed.main(["--device", "cpu", "--config", '{"fix_stage": 2}', "--out", "/nonexistent/x"])
+    # A --sweep JSON variant with a misspelt knob (next to a valid one) is refused before the sweep
+    # times anything or writes a result (a time limit of 0 would otherwise record it as "not run").
+    sweep = json.dumps({"ok": {"chunk": 64}, "typo": {"fix_stage": 2}})
+    args = ["--device", "cpu", "--sweep", sweep, "--sweep-time-limit", "0", "--backends", "", "--extra-backends", "",
+            "--no-decode", "--seq-lens", "", "--out", str(tmp_path)]  # fmt: skip
+    with pytest.raises(ValueError, match=r"'typo'.*fix_stage"):
+        attention_speed.main(args)
+    assert not (tmp_path / "attention_speed.json").exists()
 
 
 def test_cpu_smoke_run_writes_its_json_atomically(tmp_path, monkeypatch):

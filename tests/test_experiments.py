@@ -99,8 +99,23 @@ def test_recall_cli_smoke_writes_report(tmp_path):
     assert all(0 <= r["acc_mean"] <= 1 and r["entropy_mean"] > 0 for r in res)
     assert all(r["steps"] == [8] for r in res)
     assert (out / "weights" / "hedgehog_s0.pt").exists()
+    # The summary and the table hold the runs' own numbers (one seed: the mean is that run's value).
+    for r in res:
+        run = json.loads((out / "runs" / f"{r['variant']}_s0.json").read_text())
+        assert r["acc_per_seed"] == [run["test_accuracy"]] and r["acc_mean"] == run["test_accuracy"]
+        assert r["entropy_mean"] == run["entropy"] and r["acc_std"] == r["entropy_std"] == 0.0
+        acc, valid = 100 * run["test_accuracy"], 100 * run["valid_accuracy"]
+        row = f"| {r['variant']} | 0.003 | {acc:.1f} ± 0.0 | {acc:.1f} | {valid:.1f} | {run['entropy']:.3f} ± 0.000 |"
+        assert row in md, (row, md)
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + 3
     # A rerun skips finished runs (resume at run granularity) and rebuilds the same table.
-    assert recall_main(["--config", str(CONFIGS / "recall_smoke.yaml"), "--out", str(out), "--report-only"]) == 0
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()}
+    smoke = ["--config", str(CONFIGS / "recall_smoke.yaml"), "--out", str(out)]
+    assert recall_main([*smoke, "--set", "train.steps=8"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()} == stamps
+    assert recall_main([*smoke, "--report-only"]) == 0
+    assert [line for line in (out / "recall.md").read_text().splitlines() if line.startswith("|")] == table
 
 
 def test_recall_resume_continues_exactly(tmp_path):
@@ -154,6 +169,28 @@ def test_lm_cli_smoke_and_resume(tmp_path):
     assert (out / "ckpt" / "softmax" / "ckpt-00000015.pt").exists() and (out / "lm_curves.png").exists()
     md = (out / "lm.md").read_text()
     assert "gap elu->softmax closed" in md and "| softmax |" in md and "at step 30" in md
+    # Test perplexity = exp(mean next-token NLL) over the full non-overlapping blocks of the test
+    # stream (max_eval_blocks: 8 of 64 tokens), recomputed from the final weights (the step-30 checkpoint).
+    import torch
+
+    from hedgehog_attention.models import RotaryTransformer
+
+    cfg = load_config(LMConfig, CONFIGS / "lm_smoke.yaml", [f"data.npz_path={npz}", "data.vocab_size=64"])
+    model = RotaryTransformer(cfg.model_config(cfg.variants[0], 64))
+    model.load_state_dict(torch.load(out / "ckpt" / "softmax" / "ckpt-00000030.pt", weights_only=False)["model"])
+    model.eval()
+    test = torch.from_numpy(np.load(npz)["test"].astype(np.int64))[: 8 * 64 + 1]
+    x, y = test[:-1].view(8, 64), test[1:].view(8, 64)  # block i predicts tokens 64 i + 1 .. 64 i + 64
+    with torch.no_grad():
+        nll = torch.nn.functional.cross_entropy(model(x).logits.flatten(0, 1).double(), y.flatten())
+    assert res["softmax"]["test_ppl"] == pytest.approx(float(nll.exp()), rel=1e-4)
+    assert res["softmax"]["test_tokens"] == 8 * 64
+    # The table holds those numbers; gap closed = (ppl[elu] - ppl[x]) / (ppl[elu] - ppl[softmax]).
+    ppl = {k: r["test_ppl"] for k, r in res.items()}
+    gap = 100 * (ppl["elu"] - ppl["hedgehog"]) / (ppl["elu"] - ppl["softmax"])
+    assert f"| hedgehog | {ppl['hedgehog']:.2f} | {res['hedgehog']['valid_ppl']:.2f} | {gap:.1f}% | 30/30 |" in md
+    assert f"| softmax | {ppl['softmax']:.2f} | {res['softmax']['valid_ppl']:.2f} | 100.0% | 30/30 |" in md
+    assert f"| elu | {ppl['elu']:.2f} | {res['elu']['valid_ppl']:.2f} | 0.0% | 30/30 |" in md
     # As if killed after step 15: drop the last checkpoint and the result; --resume continues from
     # step 15 and reproduces the uninterrupted run exactly (same losses, curve and perplexity).
     for p in (out / "ckpt" / "softmax").glob("ckpt-00000030.*"):

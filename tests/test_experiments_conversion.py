@@ -50,6 +50,16 @@ def test_finetuned_conversion_smoke(tmp_path):
     assert hh["monotonicity_linear"] > res["methods"][0]["monotonicity_linear"]
     md = (out / "finetuned_conversion.md").read_text()
     assert "% of teacher" in md and "| hedgehog | yes |" in md
+    # The table holds each method's own numbers; % of teacher = test accuracy / teacher test accuracy.
+    teacher = res["teacher"]["test_accuracy"]
+    assert f"test accuracy **{100 * teacher:.1f}%**" in md
+    for m in res["methods"]:
+        row = (
+            f"| {m['method']} | {'yes' if m['distill'] else 'no'} | {100 * m['test_accuracy']:.1f} | "
+            f"{100 * m['test_accuracy'] / teacher:.1f}% | {100 * m['dev_accuracy_after_swap']:.1f} | "
+            f"{m['entropy_linear']:.2f} | {m['monotonicity_linear']:.2f} | {m['kl']:.3f} |"
+        )
+        assert row in md, (row, md)
     assert (out / "monotonicity.png").exists() and (out / "attention_maps_layer0.png").exists()
     _check_snapshots(out / "attention_maps.npz", {"t2r", "hedgehog"}, causal=False)
     # --report-only re-renders the table from results.json (how a partial run is reported).
@@ -94,6 +104,31 @@ def test_pretrained_conversion_smoke(tmp_path):
     assert res["methods"][1]["distill_tokens"] == 0
     md = (out / "pretrained_conversion.md").read_text()
     assert "softmax (original)" in md and "finetune tokens" in md
+    # The table holds each method's own numbers.
+    assert f"| softmax (original) | - | {res['original_test_ppl']:.2f} | - | - | 0 | 0 |" in md
+    for m in res["methods"]:
+        after_distill = f"{m['ppl_after_distill']:.1f}" if m["distill"] else "-"
+        row = (
+            f"| {m['method']} | {'yes' if m['distill'] else 'no'} | {m['test_ppl']:.2f} | {m['ppl_after_swap']:.1f} | "
+            f"{after_distill} | {m['distill_tokens']:,} | {m['finetune_tokens']:,} |"
+        )
+        assert row in md, (row, md)
+    # The original model's perplexity = exp(mean next-token NLL) over the test blocks (one batch of 8
+    # here), recomputed from the model and blocks the run loads.
+    import torch
+    import torch.nn.functional as F
+
+    from hedgehog_attention.experiments.common import load_config
+    from hedgehog_attention.experiments.pretrained_conversion import PretrainedConversionConfig, load_model_and_blocks
+
+    cfg = load_config(PretrainedConversionConfig, CONFIGS / "pretrained_conversion_smoke.yaml")
+    model, _, blocks = load_model_and_blocks(cfg)
+    test = blocks["test"]
+    assert test.shape == (8, 32)
+    with torch.no_grad():
+        logits = model.eval()(input_ids=test).logits.double()
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), test[:, 1:].flatten())
+    assert res["original_test_ppl"] == pytest.approx(float(nll.exp()), rel=1e-4)
     _check_snapshots(out / "attention_maps.npz", {"hedgehog", "1+elu"}, causal=True)
 
 

@@ -32,6 +32,22 @@ def test_paper_setting_statistics():
     expected_distinct = 20 * (1 - (19 / 20) ** 64)
     assert stats["distinct_keys_per_sequence"] == pytest.approx(expected_distinct, rel=0.01)
     assert stats["queries_per_sequence"] == pytest.approx(64 - expected_distinct, rel=0.01)
+    # The statistics by hand (not through recall_statistics): queries are the labelled positions.
+    assert float((y != -100).sum(1).float().mean()) == pytest.approx(64 - expected_distinct, rel=0.01)
+    # Every one of the 20 keys and 20 values is used, about uniformly (1/20 each).
+    keys, values = x[:, 0::2], x[:, 1::2]
+    key_share = torch.bincount(keys.flatten(), minlength=40).float() / keys.numel()
+    assert key_share[20:].sum() == 0 and ((key_share[:20] - 0.05).abs() < 0.005).all(), key_share
+    value_share = torch.bincount(values.flatten(), minlength=40).float() / values.numel()
+    assert value_share[:20].sum() == 0 and ((value_share[20:] - 0.05).abs() < 0.005).all(), value_share
+    # Each sequence draws its own key -> value map: across sequences, the value paired with a key
+    # is spread over all 20 values (a map shared by the batch would pin it to one value).
+    for k in range(20):
+        first = (keys == k).float().argmax(1)
+        has = (keys == k).any(1)
+        paired = values[torch.arange(2000), first][has]
+        share = torch.bincount(paired - 20, minlength=20).float() / len(paired)
+        assert (share > 0).all() and share.max() < 0.1, (k, share)
 
 
 def test_layout_and_answers_are_correct():
@@ -58,9 +74,20 @@ def test_reproducible_and_accuracy_counts():
     b = make_batch(task, 4, torch.Generator().manual_seed(5))
     assert all(torch.equal(u, v) for u, v in zip(a, b))
     x, y = a
+    assert not torch.equal(make_batch(task, 4, torch.Generator().manual_seed(6))[0], x)  # the seed matters
     perfect = torch.nn.functional.one_hot(y.clamp_min(0), 8).float()
     c, n = recall_accuracy(perfect, y)
     assert c == n == int((y != -100).sum()) and n > 0
+
+
+def test_recall_accuracy_hand_computed():
+    """Argmax accuracy over the query positions (labels != -100) only, counted over the whole batch."""
+    labels = torch.tensor([[-100, 5, -100, 7, -100], [6, -100, -100, -100, 4]])
+    pred = torch.tensor([[5, 5, 7, 4, 1], [6, 6, 1, 2, 5]])  # queries: 5 ok, 7 wrong | 6 ok, 4 wrong
+    logits = torch.nn.functional.one_hot(pred, 8).float() * 3.0 - 1.0
+    assert recall_accuracy(logits, labels) == (2, 4)
+    assert recall_accuracy(logits[:1], labels[:1]) == (1, 2)
+    assert recall_accuracy(logits, torch.full_like(labels, -100)) == (0, 0)
 
 
 def test_task_validation():
@@ -144,6 +171,109 @@ def test_graph_engine_loop_matches_trainer(variant):
 
     init = RotaryTransformer(_tiny_cfg("trainer", **variant).model_config(_tiny_cfg("trainer", **variant).variants[0]))
     assert (init.state_dict()["embed.weight"] - a["state_dict"]["embed.weight"]).abs().max() > 1e-3
+
+
+def test_run_one_trains_validates_and_tests_on_disjoint_sequences(monkeypatch):
+    """Training, validation and test sequences never overlap; the test set does not depend on the
+    seed (all runs are scored on the same sequences); the reported test accuracy is the query
+    accuracy of the returned weights on it, and the entropy the mean attention entropy (nats)."""
+    import hedgehog_attention.experiments.recall as rec
+    from hedgehog_attention.models import RotaryTransformer
+
+    scored: list[tuple[torch.Tensor, torch.Tensor]] = []
+    streams: list[rec.RecallStream] = []
+    evaluate = rec.evaluate
+
+    def spy(model, x, y, batch=256):
+        scored.append((x.clone(), y.clone()))
+        return evaluate(model, x, y, batch)
+
+    class Stream(rec.RecallStream):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            streams.append(self)
+
+    monkeypatch.setattr(rec, "evaluate", spy)
+    monkeypatch.setattr(rec, "RecallStream", Stream)
+    # 64 validation and 64 test sequences: equal sizes, so only distinct seeds keep them apart
+    cfg = _tiny_cfg("trainer", attention="softmax", train={"steps": 4, "log_every": 2, "valid_sequences": 64})
+    runs = []
+    for seed in (0, 1):
+        scored.clear()
+        res = run_one(cfg, cfg.variants[0], seed, torch.device("cpu"))
+        train = streams[-1].batch(0, len(streams[-1]))
+        valid = scored[0]  # the first validation point (step 2)
+        test = [s for s in scored if not torch.equal(s[0], valid[0])]
+        assert len(test) == 1 and len(scored) >= 4  # validation at steps 2, 4 and after training; one test
+        runs.append((res, train, valid, test[0]))
+    for res, train, valid, test in runs:
+        rows = {name: {tuple(r) for r in t[0].tolist()} for name, t in (("train", train), ("valid", valid),
+                                                                          ("test", test))}  # fmt: skip
+        assert len(rows["train"]) == 4 * 24 and len(rows["valid"]) == 64 and len(rows["test"]) == 64
+        assert not rows["train"] & rows["valid"] and not rows["train"] & rows["test"]
+        assert not rows["valid"] & rows["test"]
+        # The reported numbers, recomputed from the returned weights on the test sequences.
+        model = RotaryTransformer(cfg.model_config(cfg.variants[0]))
+        model.load_state_dict(res["state_dict"])
+        model.eval()
+        tx, ty = test
+        with torch.no_grad():
+            pred = model(tx).logits.argmax(-1)
+            ws = torch.stack(model.attention_weights(tx[:8])).double()  # [L, B, H, T, T]
+        q = ty != -100
+        assert res["test_accuracy"] == int((pred[q] == ty[q]).sum()) / int(q.sum())
+        ent = -(ws * ws.clamp_min(1e-30).log()).sum(-1)  # every causal row is valid
+        assert res["entropy"] == pytest.approx(float(ent.mean()), rel=1e-5)
+        assert res["entropy_per_layer"] == pytest.approx(ent.mean((1, 2, 3)).tolist(), rel=1e-5)
+    (_, train0, valid0, test0), (_, train1, valid1, test1) = runs
+    assert torch.equal(test0[0], test1[0]) and torch.equal(test0[1], test1[1])  # shared by every run
+    assert torch.equal(valid0[0], valid1[0])
+    assert not torch.equal(train0[0], train1[0])  # each seed trains on its own stream
+
+
+def test_summary_and_report_hold_the_runs_numbers(tmp_path):
+    """summarize / render_report: per-variant mean and SAMPLE std over seeds, per-seed values in run
+    order, and the table prints exactly those numbers."""
+    from hedgehog_attention.experiments.recall import render_report, summarize
+
+    cfg = RecallConfig(
+        task=RecallTask(16, 32), model=RecallModel(d_model=16, n_layers=1, n_heads=2),
+        variants=[RecallVariant("softmax", "softmax"), RecallVariant("elu", "elu", train={"lr": 1e-2}),
+                  RecallVariant("never-run", "relu")],
+        seeds=[0, 1, 2], device="cpu",
+    )  # fmt: skip
+
+    def run(variant, seed, acc, ent, valid, seconds):
+        return {"variant": variant, "seed": seed, "test_accuracy": acc, "valid_accuracy": valid, "entropy": ent,
+                "steps": 100, "train_seconds": seconds, "parameters": 1234, "uniform_entropy": 2.5,
+                "curve": [{"step": 100, "loss": 1.0, "valid_acc": valid}]}  # fmt: skip
+
+    results = [
+        run("softmax", 0, 1.0, 0.5, 0.99, 10.0),
+        run("elu", 0, 0.2, 2.5, 0.21, 20.0),
+        run("softmax", 1, 0.9, 0.7, 0.91, 10.0),
+        run("softmax", 2, 0.95, 0.6, 0.94, 40.0),
+        run("elu", 1, 0.3, 2.9, 0.32, 40.0),
+    ]
+    rows = summarize(cfg, results)
+    assert [r["variant"] for r in rows] == ["softmax", "elu"]  # config order; variants without runs left out
+    sm, elu = rows
+    assert sm["seeds"] == 3 and sm["acc_per_seed"] == [1.0, 0.9, 0.95]
+    assert sm["valid_acc_per_seed"] == [0.99, 0.91, 0.94]
+    assert sm["acc_mean"] == pytest.approx(0.95) and sm["acc_std"] == pytest.approx(0.05)  # population std: 0.041
+    assert sm["entropy_mean"] == pytest.approx(0.6) and sm["entropy_std"] == pytest.approx(0.1)
+    assert sm["train_seconds"] == pytest.approx(20.0) and sm["steps_per_s"] == pytest.approx((10 + 10 + 2.5) / 3)
+    assert elu["acc_mean"] == pytest.approx(0.25) and elu["acc_std"] == pytest.approx(0.05 * 2**0.5)
+    assert elu["entropy_mean"] == pytest.approx(2.7) and elu["entropy_std"] == pytest.approx(0.2 * 2**0.5)
+    assert (sm["lr"], elu["lr"]) == (1e-3, 1e-2) and sm["steps"] == [100]
+    md = render_report(cfg, results, tmp_path, {"device": "cpu"}, "hedgehog recall")
+    table = [line for line in md.splitlines() if line.startswith("| ")][1:]
+    assert table == [
+        "| softmax | 0.001 | 95.0 ± 5.0 | 100.0 / 90.0 / 95.0 | 99.0 / 91.0 / 94.0 | 0.600 ± 0.100 | 100 | 20 | 7.5 |",
+        "| elu | 0.01 | 25.0 ± 7.1 | 20.0 / 30.0 | 21.0 / 32.0 | 2.700 ± 0.283 | 100 | 30 | 3.8 |",
+    ]
+    assert "never-run" not in md.split("| attention |")[1]
+    assert "(uniform causal weights: 2.500 nats)" in md and "1234 parameters" in md
 
 
 def test_recall_stream_batch_equals_items_across_chunks():

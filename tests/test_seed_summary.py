@@ -23,7 +23,12 @@ def test_mean_std_and_pct_of_teacher_per_seed(tmp_path):
         0.8,
         [{"method": "hedgehog", "test_accuracy": 0.8, "kl": 0.1}, {"method": "t2r", "test_accuracy": 0.6}],
     )
-    b = _write(tmp_path, 1, 0.9, [{"method": "hedgehog", "test_accuracy": 0.72, "kl": 0.3}])
+    b = _write(
+        tmp_path,
+        1,
+        0.9,
+        [{"method": "hedgehog", "test_accuracy": 0.72, "kl": 0.3}, {"method": "elu", "test_accuracy": 0.45}],
+    )
     s = summarize_seeds(load_seed_runs([a, b]))
     hh = s["methods"]["hedgehog"]
     assert hh["test_accuracy"]["values"] == [0.8, 0.72]
@@ -34,8 +39,17 @@ def test_mean_std_and_pct_of_teacher_per_seed(tmp_path):
     assert hh["kl"]["mean"] == pytest.approx(0.2)
     # a method present in one seed only: n = 1, no std
     assert s["methods"]["t2r"]["test_accuracy"]["n"] == 1 and math.isnan(s["methods"]["t2r"]["test_accuracy"]["std"])
+    # ... and its % of teacher is against the teacher of the seed it ran in (seed 1's 0.9 for elu)
+    assert s["methods"]["t2r"]["pct_of_teacher"]["values"] == pytest.approx([0.75])
+    assert s["methods"]["elu"]["pct_of_teacher"]["values"] == pytest.approx([0.5])
+    assert s["teacher"]["values"] == [0.8, 0.9] and s["teacher"]["mean_std"] == pytest.approx((0.85, 0.1 / 2**0.5))
     md = seeds_markdown(s)
-    assert "| hedgehog | 76.0 ± 5.7 (2) | 90.0 ± 14.1 (2) |" in md and "80.0, 72.0" in md
+    assert md.splitlines()[0].startswith("Seeds [0, 1]; teacher test accuracy 85.0 ± 7.1% (per seed: 80.0, 90.0).")
+    assert md.splitlines()[4:] == [  # methods in order of first appearance; "-" where a metric is missing
+        "| hedgehog | 76.0 ± 5.7 (2) | 90.0 ± 14.1 (2) | - | 0.200 ± 0.141 (2) | - | 80.0, 72.0 |",
+        "| t2r | 60.0 (1) | 75.0 (1) | - | - | - | 60.0 |",
+        "| elu | 45.0 (1) | 50.0 (1) | - | - | - | 45.0 |",
+    ]
     out = tmp_path / "t.md"
     main([str(a), str(b), "--out", str(out)])
     assert out.read_text() == md and json.loads(out.with_suffix(".json").read_text())["seeds"] == [0, 1]

@@ -184,6 +184,14 @@ def test_split_deterministic_disjoint_and_complete():
     # Adding documents never moves an existing one.
     c = split_documents(_docs(3000), 0.1, 0.1)
     assert names["test"] <= {d.name for d in c["test"]}
+    # Each fraction goes to its own split (unequal fractions: swapping them would show), every
+    # document lands where assign_split puts it, and the input order is kept within a split.
+    d = split_documents(docs, 0.3, 0.05)
+    assert 520 < len(d["validation"]) < 680 and 60 < len(d["test"]) < 140, {s: len(v) for s, v in d.items()}
+    for s, part in d.items():
+        assert all(assign_split(doc.name, 0.3, 0.05) == s for doc in part)
+        in_part = {doc.name for doc in part}
+        assert [doc.name for doc in part] == [doc.name for doc in docs if doc.name in in_part]
 
 
 def test_split_pinned_values():
@@ -213,6 +221,32 @@ def test_pack_tokens_shapes(n, block):
     assert out.dtype == torch.long and out.shape == (n // block, block)
     assert out.flatten().tolist() == ids[: (n // block) * block]
     assert torch.equal(pack_tokens(torch.arange(n), block), out)
+
+
+def test_public_domain_lm_splits_pack_each_split_of_documents(monkeypatch):
+    """Split by document before packing: each split's stream is its own documents (eos-joined, in
+    corpus order), so no block mixes training and held-out text; the fractions go to their splits."""
+    from hedgehog_attention.tasks import lm_data
+
+    docs = [Document(f"book/{i:03d}", chr(0x4E00 + i) * (1 + i % 3)) for i in range(400)]  # one char per doc
+    monkeypatch.setattr(lm_data, "load_public_domain_corpus", lambda unit, include: docs)
+    splits = lm_data.public_domain_lm_splits(block_size=1, tokenizer=_CharTokenizer(), validation_fraction=0.25,
+                                             test_fraction=0.05)  # fmt: skip
+    assert set(splits) == {"train", "validation", "test"}
+    want = split_documents(docs, 0.25, 0.05)
+    assert 70 < len(want["validation"]) < 130 and 5 < len(want["test"]) < 40
+    owner = {}
+    for s, ds in splits.items():
+        stream = ds.blocks.flatten().tolist()
+        assert stream == tokenize_documents(want[s], _CharTokenizer())
+        for t in set(stream) - {0}:
+            assert owner.setdefault(t, s) == s  # a document's text is in one split only
+    assert len(owner) == len(docs)
+    with_blocks = lm_data.public_domain_lm_splits(block_size=4, tokenizer=_CharTokenizer(), validation_fraction=0.25,
+                                                  test_fraction=0.05)  # fmt: skip
+    for s in splits:
+        n = len(splits[s].blocks) // 4 * 4
+        assert with_blocks[s].blocks.flatten().tolist() == splits[s].blocks.flatten().tolist()[:n]
 
 
 def test_pack_tokens_errors():
