@@ -198,6 +198,34 @@ def test_padded_batch_equals_unpadded_rows():
     torch.testing.assert_close(o2[1, :20], o[1, :20])
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+@pytest.mark.parametrize("backend", ("reference",) + FAST_BACKENDS)
+def test_padded_outputs_are_zero_with_eps_zero(backend, causal):
+    """eps >= 0 is allowed; padded queries must give exactly 0 (not 0/0 = NaN) and finite gradients."""
+    fq, fk, v = make_inputs(2, 6, 2, 1, 3, 2)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, :2] = False  # left padding: these queries see no mass
+    mask[1, :] = False  # a fully padded row
+    o, _ = linear_attention(fq, fk, v, causal=causal, attention_mask=mask, eps=0.0, backend=backend)
+    assert torch.all(o[~mask] == 0) and torch.isfinite(o).all()
+    for g in grads(o, (fq, fk, v), torch.randn_like(o)):
+        assert torch.isfinite(g).all()
+    w = linear_attention_weights(fq, fk, causal=causal, attention_mask=mask, eps=0.0)
+    assert torch.all(w.transpose(1, 2)[~mask] == 0)
+
+
+@pytest.mark.parametrize("backend", ("reference",) + FAST_BACKENDS)
+def test_cu_seqlens_final_state_dtype_with_empty_sequence(backend):
+    """State is float32 for float32 inputs, whether or not a packed sequence is empty."""
+    fq, fk, v = make_inputs(1, 9, 2, 2, 4, 3, dtype=torch.float32, requires_grad=False)
+    s0 = (torch.rand(3, 2, 4, 3, dtype=torch.float64), torch.rand(3, 2, 4, dtype=torch.float64))
+    for cu in (torch.tensor([0, 4, 4, 9]), torch.tensor([0, 2, 4, 9])):
+        _, st = linear_attention(
+            fq, fk, v, causal=True, cu_seqlens=cu, initial_state=s0, output_final_state=True, backend=backend
+        )
+        assert st.S.dtype == torch.float32 and st.z.dtype == torch.float32, (cu.tolist(), st.S.dtype)
+
+
 def test_weights_rows_sum_to_one_and_match_output():
     fq, fk, v = make_inputs(2, 25, 4, 2, 8, 8, requires_grad=False)
     w = linear_attention_weights(fq, fk, causal=True, eps=0.0)

@@ -167,13 +167,15 @@ def linear_attention(
         return run(fq, fk, v, mask, state)
     # Packed variable-length input: run each sequence on its own (the PyTorch paths are O(T) either way).
     bounds = cu_seqlens.tolist()
+    # state dtype of the backends: float64 for float64 inputs, else float32 (whatever initial_state's dtype)
+    sd = torch.float64 if torch.float64 in (fq.dtype, fk.dtype, v.dtype) else torch.float32
     outs, finals = [], []
     for i, (a, e) in enumerate(zip(bounds, bounds[1:])):
         st = None if state is None else LinearAttentionState(state.S[i : i + 1], state.z[i : i + 1])
         if e == a:
             if output_final_state:
                 hk, f, dv = fk.shape[2], fk.shape[3], v.shape[3]
-                finals.append(st or LinearAttentionState.zeros(1, hk, f, dv, device=fq.device))
+                finals.append(st or LinearAttentionState.zeros(1, hk, f, dv, device=fq.device, dtype=sd))
             continue
         o_i, fin = run(fq[:, a:e], fk[:, a:e], v[:, a:e], None, st)
         outs.append(o_i)
@@ -182,8 +184,5 @@ def linear_attention(
     o = torch.cat(outs, dim=1)
     final = None
     if output_final_state:
-        final = LinearAttentionState(
-            torch.cat([s.S.float() if s.S.dtype != torch.float64 else s.S for s in finals]),
-            torch.cat([s.z.float() if s.z.dtype != torch.float64 else s.z for s in finals]),
-        )
+        final = LinearAttentionState(torch.cat([s.S.to(sd) for s in finals]), torch.cat([s.z.to(sd) for s in finals]))
     return o, final

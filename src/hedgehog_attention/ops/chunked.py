@@ -57,9 +57,12 @@ def linear_attention_chunked(
     g = h // hk
     cd = _compute_dtype(fq, fk, v)
     fq_, fk_, v_ = fq.to(cd), fk.to(cd), v.to(cd)
+    # Padded queries divide by 1 (their outputs are zeroed below), not by 0 + eps: 0 / 0 when eps = 0.
+    den_pad = torch.zeros(b, t, 1, 1, dtype=cd, device=fq.device)
     if attention_mask is not None:
         keep = attention_mask.to(cd)[:, :, None, None]
         fk_ = fk_ * keep  # padded keys leave numerator and normalizer alike
+        den_pad = 1 - keep
     s0 = z0 = None
     if initial_state is not None:
         s0, z0 = initial_state[0].to(cd), initial_state[1].to(cd)
@@ -72,7 +75,7 @@ def linear_attention_chunked(
         fqg = fq_.view(b, t, hk, g, f)  # (B, T, Hk, G, F)
         num = torch.einsum("btkgf,bkfd->btkgd", fqg, s)
         den = torch.einsum("btkgf,bkf->btkg", fqg, z)
-        o = num / (den + eps).unsqueeze(-1)
+        o = num / (den + eps + den_pad).unsqueeze(-1)
         final = LinearAttentionState(s, z) if output_final_state else None
     else:
         c = max(1, min(chunk_size, t)) if t > 0 else 1
@@ -81,6 +84,7 @@ def linear_attention_chunked(
             fq_ = F.pad(fq_, (0, 0, 0, 0, 0, pad))
             fk_ = F.pad(fk_, (0, 0, 0, 0, 0, pad))
             v_ = F.pad(v_, (0, 0, 0, 0, 0, pad))
+            den_pad = F.pad(den_pad, (0, 0, 0, 0, 0, pad))
         n = (t + pad) // c
         fqc = fq_.view(b, n, c, hk, g, f)  # (B, N, C, Hk, G, F)
         fkc = fk_.view(b, n, c, hk, f)  # (B, N, C, Hk, F)
@@ -100,7 +104,8 @@ def linear_attention_chunked(
         scores = scores * tril
         num = num + torch.einsum("bnkgcj,bnjkd->bnckgd", scores, vc)
         den = den + scores.sum(-1).permute(0, 1, 4, 2, 3)
-        o = (num / (den + eps).unsqueeze(-1)).reshape(b, n * c, hk, g, dv)[:, :t]
+        den = den + eps + den_pad.view(b, n, c, 1, 1)
+        o = (num / den.unsqueeze(-1)).reshape(b, n * c, hk, g, dv)[:, :t]
         final = None
         if output_final_state:
             s_fin, z_fin = s_last, z_last

@@ -76,8 +76,10 @@ def recurrent_step(
     z = state.z.to(sd) + fk_
     fq_ = fq.to(sd).view(b, hk, h // hk, f)  # (B, Hk, G, F): query heads grouped by their KV head
     num = torch.einsum("bkgf,bkfd->bkgd", fq_, s)
-    den = torch.einsum("bkgf,bkf->bkg", fq_, z)
-    o = (num / (den + eps).unsqueeze(-1)).reshape(b, h, dv)
+    den = torch.einsum("bkgf,bkf->bkg", fq_, z) + eps
+    if key_mask is not None:  # padded tokens divide by 1 (output zeroed below), not 0 / 0 when eps = 0
+        den = den + (~key_mask.to(torch.bool)).to(sd)[:, None, None]
+    o = (num / den.unsqueeze(-1)).reshape(b, h, dv)
     if key_mask is not None:
         o = o * key_mask.to(o.dtype)[:, None, None]
     return o.to(v.dtype), LinearAttentionState(s, z)
@@ -120,8 +122,10 @@ def linear_attention_recurrent(
         sd = state.S.dtype
         fq_ = fq.to(sd).view(b, t_len, fk.shape[2], h // fk.shape[2], -1)
         num = torch.einsum("btkgf,bkfd->btkgd", fq_, state.S)
-        den = torch.einsum("btkgf,bkf->btkg", fq_, state.z)
-        o = (num / (den + eps).unsqueeze(-1)).reshape(b, t_len, h, -1)
+        den = torch.einsum("btkgf,bkf->btkg", fq_, state.z) + eps
+        if attention_mask is not None:  # padded queries: num / 1 then zeroed, not 0 / 0 when eps = 0
+            den = den + (1 - attention_mask.to(sd))[:, :, None, None]
+        o = (num / den.unsqueeze(-1)).reshape(b, t_len, h, -1)
         if attention_mask is not None:
             o = o * attention_mask.to(o.dtype)[:, :, None, None]
         o = o.to(v.dtype)

@@ -80,7 +80,10 @@ def linear_attention_weights(
     ``w_ij = phi(q_i).phi(k_j) / (sum_m phi(q_i).phi(k_m) + eps)`` in float32 (float64 for float64).
     """
     a = linear_attention_scores(fq, fk, causal=causal, attention_mask=attention_mask, cu_seqlens=cu_seqlens)
-    return a / (a.sum(-1, keepdim=True) + eps)
+    den = a.sum(-1, keepdim=True) + eps
+    if attention_mask is not None:  # padded rows: 0 / 1, not 0 / 0 when eps = 0
+        den = den + (~attention_mask.to(device=a.device, dtype=torch.bool))[:, None, :, None].to(a.dtype)
+    return a / den
 
 
 def linear_attention_reference(
@@ -117,7 +120,10 @@ def linear_attention_reference(
         fqg = _group(fq.to(cd), hk)
         num = num + torch.einsum("btkgf,btkfd->btkgd", fqg, s0.expand(b, t, -1, -1, -1))
         den = den + torch.einsum("btkgf,btkf->btkg", fqg, z0.expand(b, t, -1, -1))
-    o = num / (den + eps).unsqueeze(-1)
+    den = den + eps
+    if attention_mask is not None:  # padded queries: num / 1 then zeroed, not 0 / 0 when eps = 0
+        den = den + (1 - attention_mask.to(cd))[:, :, None, None]
+    o = num / den.unsqueeze(-1)
     if attention_mask is not None:
         o = o * attention_mask.to(cd)[:, :, None, None, None]
     o = o.reshape(b, t, h, dv).to(v.dtype)
