@@ -19,6 +19,15 @@ from hedgehog_attention import (
 from hedgehog_attention.metrics import attention_entropy, monotonicity
 from hedgehog_attention.ops import visibility_mask
 
+try:  # imported here, not inside the test: the first import of these modules takes seconds
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import hedgehog_attention.train  # noqa: F401  (distill's Trainer)
+    from hedgehog_attention.convert import DistillConfig, linearize
+    from hedgehog_attention.convert.distill import distill, evaluate_fidelity
+except ImportError:  # pragma: no cover
+    LlamaConfig = LlamaForCausalLM = None
+
 
 def eq3_direct(q, k, fq, fk, causal, mask=None):
     """Independent loop-based Eq. 3: per (b, h, i), -sum_j p_ij log w_ij over visible j; mean."""
@@ -270,3 +279,63 @@ def test_distillation_loss_rejects_mismatched_shapes():
     fq, fk = att.features(q, q)
     with pytest.raises(ValueError, match="matching B,T,H"):
         attention_distillation_loss(q, q[:, :4], fq, fk, causal=True)
+
+
+def test_monotonicity_averages_the_ranks_of_tied_weights():
+    """Spearman's rho ranks tied values by their mean rank: weights [0, 0, 1, 1] over increasing q.k
+    give 2/sqrt(5) whatever the key order, and uniform weights (all tied) carry no rank information."""
+    vis = visibility_mask(1, 4, causal=False)
+    dots = torch.tensor([1.0, 2.0, 3.0, 4.0]).expand(1, 1, 4, 4)
+    steps = torch.tensor([0.0, 0.0, 0.5, 0.5]).expand(1, 1, 4, 4)
+    rho = 2 / math.sqrt(5)  # ranks [0, 1, 2, 3] vs [0.5, 0.5, 2.5, 2.5]
+    assert monotonicity(dots, steps, vis).item() == pytest.approx(rho)
+    assert monotonicity(dots.flip(-1), steps.flip(-1), vis).item() == pytest.approx(rho)
+    torch.manual_seed(0)
+    dots = torch.randn(2, 3, 9, 9)
+    vis = visibility_mask(2, 9, causal=True)
+    uniform = vis[:, None].double().expand(2, 3, 9, 9)
+    uniform = uniform / uniform.sum(-1, keepdim=True)
+    torch.testing.assert_close(monotonicity(dots, uniform, vis), torch.zeros(3, dtype=torch.float64))
+
+
+@pytest.mark.skipif(LlamaForCausalLM is None, reason="needs transformers")
+@pytest.mark.parametrize("capture", ["cached", "online"])
+def test_converted_distill_best_eval_loss_is_the_trainers_held_out_loss(capture):
+    """The held-out loss is a mean over held-out sequences: eval batches of 4 and 1 sequences give
+    the final (kept-maps) ``best_eval_loss`` and ``evaluate_fidelity``'s ce the value the Trainer
+    reported at ``best_step`` (the one-row batch is not weighted like the four-row one)."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=32, max_position_embeddings=32, tie_word_embeddings=True,
+    )  # fmt: skip
+    m = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(8.0)  # peaky teacher attention
+    linearize(m)
+    gen = torch.Generator().manual_seed(1)
+
+    def batch(b):
+        return {"input_ids": torch.randint(1, 61, (b, 10), generator=gen), "attention_mask": torch.ones(b, 10)}
+
+    train, held = [batch(4), batch(4)], [batch(4), batch(1)]
+    res = distill(m, train, held, DistillConfig(steps=2, eval_every=1, patience=0, capture=capture), progress=False)
+    best = res.eval_loss[res.eval_steps.index(res.best_step)]
+    assert res.best_eval_loss == pytest.approx(best, rel=1e-5)
+    fid = evaluate_fidelity(m, held)
+    assert sum(v["ce"] for v in fid.values()) == pytest.approx(best, rel=1e-5)
+
+
+def test_fidelity_uniform_entropy_counts_the_keys_each_query_sees():
+    """Uniform weights over the visible keys: log T bidirectional, mean log(i) causal, fewer keys and
+    no padded rows with padding."""
+    q, k = torch.randn(2, 4, 2, 8, dtype=torch.float64), torch.randn(2, 4, 2, 8, dtype=torch.float64)
+    fid = lambda **kw: attention_fidelity(q, k, q.exp(), k.exp(), **kw)["uniform_entropy"]  # noqa: E731
+    torch.testing.assert_close(fid(causal=False), torch.full((2,), math.log(4), dtype=torch.float64))
+    causal = sum(math.log(i) for i in range(1, 5)) / 4
+    torch.testing.assert_close(fid(causal=True), torch.full((2,), causal, dtype=torch.float64))
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]], dtype=torch.bool)  # row 1: 2 queries see 2 keys
+    padded = (4 * math.log(4) + 2 * math.log(2)) / 6
+    torch.testing.assert_close(fid(causal=False, attention_mask=mask), torch.full((2,), padded, dtype=torch.float64))

@@ -6,8 +6,6 @@ All functions take normalized weights ``[B, H, Tq, Tk]`` whose rows sum to 1 ove
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .ops.reference import linear_attention_weights, softmax_attention_weights, visibility_mask
@@ -46,7 +44,12 @@ def kl_divergence(p: torch.Tensor, w: torch.Tensor, eps: float = 1e-12) -> torch
 
 
 def _ranks(x: torch.Tensor) -> torch.Tensor:
-    return x.argsort(-1).argsort(-1).double()
+    """0-based ranks along the last dim; tied values share their mean rank (Spearman's convention)."""
+    x = x.contiguous()
+    s = x.sort(-1).values
+    below = torch.searchsorted(s, x)  # values < x
+    upto = torch.searchsorted(s, x, right=True)  # values <= x
+    return (below + upto - 1).double() / 2
 
 
 def monotonicity(dots: torch.Tensor, weights: torch.Tensor, visible: torch.Tensor, min_keys: int = 3) -> torch.Tensor:
@@ -59,6 +62,7 @@ def monotonicity(dots: torch.Tensor, weights: torch.Tensor, visible: torch.Tenso
         min_keys: rows with fewer visible keys are skipped (a rank correlation needs a few points).
 
     Returns ``[H]``; 1.0 means the weights are a monotone increasing function of q.k (softmax).
+    Tied values share their mean rank (a row of all-equal weights scores 0).
     Invisible keys get the lowest ranks in both orders, which shifts the visible ranks equally
     and leaves the correlation over the visible keys unchanged.
     """
@@ -89,7 +93,9 @@ def attention_fidelity(
     """All diagnostics of one attention layer at once, per head ``[H]``.
 
     Keys: ``ce`` (Eq. 3), ``kl`` (to softmax), ``entropy_softmax``, ``entropy_linear``,
-    ``monotonicity_softmax`` (~1 by construction), ``monotonicity_linear``.
+    ``monotonicity_softmax`` (~1 by construction), ``monotonicity_linear``, ``uniform_entropy`` (the
+    mean entropy of uniform weights over the keys each query sees: ``log T`` bidirectional, the mean
+    of ``log(i)`` causal, less with padding).
     """
     b, t, h, d = q.shape
     p = softmax_attention_weights(q, k, causal=causal, attention_mask=attention_mask, scale=scale)
@@ -100,6 +106,7 @@ def attention_fidelity(
     vis = visibility_mask(b, t, causal=causal, attention_mask=attention_mask, device=q.device)
     ce = cross_entropy(p, w)
     ent_p = attention_entropy(p)
+    uniform = (vis.double() / vis.sum(-1, keepdim=True).clamp_min(1))[:, None]  # [B, 1, T, T]
     return {
         "ce": ce,
         "kl": ce - ent_p,
@@ -107,5 +114,6 @@ def attention_fidelity(
         "entropy_linear": attention_entropy(w),
         "monotonicity_softmax": monotonicity(dots, p, vis),
         "monotonicity_linear": monotonicity(dots, w, vis),
-        "uniform_entropy": torch.full((h,), math.log(max(t, 1)), dtype=torch.float64),
+        # the reference point of "spikiness": uniform weights over the keys each query sees
+        "uniform_entropy": attention_entropy(uniform).expand(h),
     }

@@ -215,29 +215,39 @@ class DistillResult:
         return dict(self.__dict__)
 
 
+def _rows(batch: Batch) -> int:
+    """Sequences in a batch (the first dimension of its tensors)."""
+    return next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.ndim >= 1)
+
+
 def _eval_cached(layers, cache: dict[str, list[LayerRecord]], cfg: DistillConfig) -> dict[str, float]:
+    """Per layer, the held-out loss with each batch weighted by its sequences (as the Trainer's)."""
     out = {}
     with torch.no_grad():
         for name, layer in layers:
             recs = cache[name]
             out[name] = sum(
                 layer_losses(layer, r.q, r.k, r.v, r.mask, cfg.output_mse_weight, cfg.query_chunk_size).item()
+                * r.q.shape[0]
                 for r in recs
-            ) / max(len(recs), 1)
+            ) / max(sum(r.q.shape[0] for r in recs), 1)
     return out
 
 
 def _eval_online(model, layers, batches: Sequence[Batch], cfg: DistillConfig) -> dict[str, float]:
     sums = {n: 0.0 for n, _ in layers}
+    rows = 0
     with torch.no_grad():
         for batch in batches:
             with TeacherCapture(
                 model, compute_loss=True, output_mse_weight=cfg.output_mse_weight, query_chunk_size=cfg.query_chunk_size
             ) as cap:
                 _forward(model, batch)
+            b = _rows(batch)
+            rows += b
             for n in sums:
-                sums[n] += cap.losses[n].item()
-    return {n: s / max(len(batches), 1) for n, s in sums.items()}
+                sums[n] += cap.losses[n].item() * b
+    return {n: s / max(rows, 1) for n, s in sums.items()}
 
 
 # ------------------------------------------------------------------------------------- Trainer glue
@@ -371,7 +381,8 @@ def distill(
         progress / desc: the Trainer's progress bar (rank 0) and its label.
 
     Every process returns the same result. ``eval_loss_per_layer`` is measured at the end, on the
-    kept maps, over ``eval_batches`` as given.
+    kept maps, over ``eval_batches`` as given, each batch weighted by its sequences (as the
+    Trainer weights its held-out batches).
     """
     from ..train import TrainConfig, Trainer, call_model, world_info
     from .data import BatchRows, pad_collate
@@ -472,10 +483,11 @@ def distill(
 def evaluate_fidelity(
     model: nn.Module, batches: Iterable[Batch], *, records: dict[str, list[LayerRecord]] | None = None
 ) -> dict[str, dict[str, float]]:
-    """Per converted layer, the head- and batch-averaged diagnostics of
+    """Per converted layer, the diagnostics of
     :func:`hedgehog_attention.metrics.attention_fidelity` on ``batches``: ``ce`` (Eq. 3), ``kl``,
-    ``entropy_softmax``, ``entropy_linear``, ``monotonicity_softmax``, ``monotonicity_linear``.
-    Pass ``records`` (from :func:`capture_qkv`) to reuse captured ``q, k``."""
+    ``entropy_softmax``, ``entropy_linear``, ``monotonicity_softmax``, ``monotonicity_linear``,
+    averaged over heads and over batches, each batch weighted by its sequences (as the held-out
+    loss of :func:`distill`). Pass ``records`` (from :func:`capture_qkv`) to reuse captured ``q, k``."""
     layers = linearized_modules(model)
     if records is None:
         records = capture_qkv(model, batches)
@@ -489,8 +501,8 @@ def evaluate_fidelity(
             for key, val in fid.items():
                 if key == "uniform_entropy":
                     continue
-                acc[key] = acc.get(key, 0.0) + float(val.mean())
-        out[name] = {k: v / max(len(recs), 1) for k, v in acc.items()}
+                acc[key] = acc.get(key, 0.0) + float(val.mean()) * r.q.shape[0]  # batches weighted by rows
+        out[name] = {k: v / max(sum(r.q.shape[0] for r in recs), 1) for k, v in acc.items()}
     return out
 
 
