@@ -456,3 +456,59 @@ def test_left_padded_generate_equals_rows_alone():
     alone_b = m.generate(b, attention_mask=torch.ones_like(b), max_new_tokens=6, do_sample=False)
     assert torch.equal(gen[0, 10:], alone_a[0, 10:])
     assert torch.equal(gen[1, 10:], alone_b[0, 6:])
+
+
+def test_position_dependent_map_decodes_like_the_full_forward():
+    """cosFormer's features depend on the token position: decoded tokens continue at the number of
+    tokens seen, not at 0 (a small max_length makes the re-weighting visible)."""
+    m = tiny("gpt2")
+    linearize(m, LinearizeConfig(feature_map="cosformer", feature_map_kwargs={"max_length": 32}))
+    x = ids(2, 14, seed=7)
+    with torch.no_grad():
+        full = out(m, x)
+        cache = DynamicCache()
+        ckw = cache_kwargs(m, cache)
+        logits = [m(x[:, :8], use_cache=True, **ckw).logits, m(x[:, 8:10], use_cache=True, **ckw).logits]
+        for t in range(10, 14):
+            logits.append(m(x[:, t : t + 1], use_cache=True, **ckw).logits)
+    torch.testing.assert_close(torch.cat(logits, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_load_keeps_attn_implementation_and_float32_maps(tmp_path):
+    """A hybrid saved under sdpa reloads under sdpa (eager rounds its softmax layers differently),
+    and a dtype given at load leaves the feature maps in float32 like linearize does."""
+    m = tiny("llama", "sdpa")
+    linearize(m, LinearizeConfig(keep_softmax_layers=[1]))
+    x = ids(2, 12, seed=9)
+    mask = torch.ones_like(x)
+    mask[1, 8:] = 0
+    with torch.no_grad():
+        ref = out(m, x, mask)
+    path = save_linearized(m, tmp_path / "ckpt")
+    back = load_linearized(path)
+    assert back.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        assert torch.equal(out(back, x, mask), ref)
+    half = load_linearized(path, dtype=torch.bfloat16)
+    assert half.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert {p.dtype for _, mod in linearized_modules(half) for p in mod.attn.parameters()} == {torch.float32}
+
+
+def test_unsupported_models_and_caches_say_why():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    with pytest.raises(TypeError, match="expected a torch.nn.Module, got NoneType"):
+        linearize(None)
+    cfg = MistralConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=32, sliding_window=8,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"refused although of a supported class.*sliding-window"):
+        linearize(MistralForCausalLM(cfg))
+    m = tiny("llama")
+    linearize(m)
+    x = ids(1, 6)
+    with pytest.raises(TypeError, match="static cache"):
+        m.generate(
+            x, attention_mask=torch.ones_like(x), max_new_tokens=2, do_sample=False, cache_implementation="static"
+        )

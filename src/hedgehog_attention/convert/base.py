@@ -184,20 +184,28 @@ class LinearizedAttention(nn.Module):
         **project_kwargs,
     ) -> tuple[torch.Tensor, None]:
         q, k, v = self.project(hidden_states, **project_kwargs)  # (B, T, H, D), (B, T, Hk, D) x2
+        layer = None
+        if self._collector is None and cache is not None and self.causal:
+            from .generation import linear_state_layer
+
+            # before the mask: an unsupported cache says so instead of failing the mask check
+            layer = linear_state_layer(cache, self.layer_idx)
         key_mask = key_padding_mask(attention_mask, q.shape[1], causal=self.causal)
         if self._collector is not None:
             self._collector.observe(self, q, k, v, key_mask)
             return teacher()
-        layer = None
-        if cache is not None and self.causal:
-            from .generation import linear_state_layer
-
-            layer = linear_state_layer(cache, self.layer_idx)
+        # A position-dependent map (cosFormer) defaults to positions 0..T-1: after a state the new
+        # tokens continue at `seen`, as in the full forward. (Hedgehog maps ignore positions; leaving
+        # them out keeps the fused kernel eligible.)
+        positions = None
+        if layer is not None and layer.seen > 0 and not self.attn._fused_hedgehog():
+            positions = torch.arange(layer.seen, layer.seen + q.shape[1], device=q.device).expand(q.shape[0], -1)
         out = self.attn(
             q,
             k,
             v,
             attention_mask=key_mask,
+            positions=positions,
             state=None if layer is None else layer.state,
             use_cache=layer is not None,
         )
@@ -268,6 +276,21 @@ def _supported() -> str:
     return "; ".join(f"{a.name}: {', '.join(a.class_names)}" for a in available_adapters().values())
 
 
+def _refused(named) -> str:
+    """The note for modules of a supported class that their adapter's ``accepts`` turned down."""
+    names = [
+        f"{n} ({type(m).__name__})"
+        for n, m in named
+        if any(type(m).__name__ in a.class_names and not a.accepts(m) for a in available_adapters().values())
+    ]
+    if not names:
+        return ""
+    return (
+        f"; refused although of a supported class: {names} (a configuration linear attention cannot reproduce, "
+        "e.g. sliding-window or cross-attention)"
+    )
+
+
 def find_targets(model: nn.Module, targets: list[str] | None = None) -> tuple[Adapter, list[tuple[str, nn.Module]]]:
     """The adapter and the ``(name, module)`` attention modules it converts, in model order.
 
@@ -290,7 +313,7 @@ def find_targets(model: nn.Module, targets: list[str] | None = None) -> tuple[Ad
     if not found:
         raise ValueError(
             f"no supported attention module found in {type(model).__name__}; attention-like modules: "
-            f"{_attention_like(model) or 'none'}; supported classes: {_supported()}"
+            f"{_attention_like(model) or 'none'}; supported classes: {_supported()}{_refused(modules.items())}"
         )
     used = set()
     for n, m in found:
@@ -298,7 +321,7 @@ def find_targets(model: nn.Module, targets: list[str] | None = None) -> tuple[Ad
         if not match:
             raise ValueError(
                 f"module {n!r} ({type(m).__name__}) is not a supported attention module; supported classes: "
-                f"{_supported()}"
+                f"{_supported()}{_refused([(n, m)])}"
             )
         used.add(match[0].name)
     if len(used) > 1:
@@ -345,10 +368,10 @@ def linearize(model: nn.Module, config: LinearizeConfig | None = None) -> Conver
     are left as they are. The result is also stored on the model as ``model.hedgehog_conversion``.
     """
     config = config or LinearizeConfig()
-    if linearized_modules(model):
-        raise ValueError("the model is already linearized; call unlinearize(model) first")
     if model is None or not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if linearized_modules(model):
+        raise ValueError("the model is already linearized; call unlinearize(model) first")
     adapter, found = find_targets(model, config.targets)
     n = len(found)
     keep = set()

@@ -12,7 +12,7 @@ reordering, batch expansion and reset work on the state.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, EncoderDecoderCache
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, EncoderDecoderCache, StaticLayer
 
 from ..ops import LinearAttentionState
 
@@ -104,6 +104,11 @@ def linear_state_layer(cache: Cache, layer_idx: int) -> LinearStateCacheLayer:
         factory = cache.layer_class_to_replicate or DynamicLayer
         layers.append(factory())
     slot = layers[layer_idx]
+    if isinstance(slot, StaticLayer):
+        raise TypeError(
+            f"cache slot {layer_idx} is a preallocated {type(slot).__name__}: linearized layers keep a recurrent "
+            "state in a DynamicCache; use cache_implementation='dynamic' (the default), not a static cache"
+        )
     if not isinstance(slot, LinearStateCacheLayer):
         if slot.get_seq_length() > 0:
             raise RuntimeError(

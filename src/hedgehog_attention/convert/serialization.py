@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,9 @@ def save_linearized(model: nn.Module, directory: str | Path, tokenizer: Any = No
             # constructor options that the HF config does not record (BertModel without pooler)
             "init_kwargs": {"add_pooling_layer": False} if getattr(model, "pooler", "absent") is None else {},
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            # config.to_dict() leaves the attention implementation out; softmax layers kept in a
+            # hybrid compute differently under eager and sdpa
+            "attn_implementation": getattr(model.config, "_attn_implementation", None),
             "architecture": conv.architecture,
             "linearize": lin_cfg,
             "converted": list(conv.converted),
@@ -108,7 +112,9 @@ def load_linearized(
     dtype: torch.dtype | None = None,
     verify: bool = True,
 ) -> nn.Module:
-    """Rebuild a model saved by :func:`save_linearized` (in eval mode).
+    """Rebuild a model saved by :func:`save_linearized` (in eval mode), under the attention
+    implementation it was saved with; ``dtype`` casts the model's weights (the feature maps stay
+    float32, as :func:`linearize` makes them).
 
     Raises :class:`CheckpointError` when files are missing, the format is unknown, the weights'
     checksum does not match (``verify=True``) or the tensors do not fit the rebuilt model.
@@ -139,15 +145,20 @@ def load_linearized(
     if cls is None:
         raise CheckpointError(f"unknown model class {meta['model_class']!r} in {directory / META}")
     config = transformers.AutoConfig.for_model(**cfg_dict)
-    attn_impl = cfg_dict.get("_attn_implementation") or "eager"
-    model = cls._from_config(config, attn_implementation=attn_impl, **meta.get("init_kwargs", {}))
-    saved_dtype = getattr(torch, meta.get("dtype", "float32"))
-    model.to(dtype=saved_dtype)
+    attn_impl = meta.get("attn_implementation") or cfg_dict.get("_attn_implementation") or "eager"
+    try:
+        model = cls._from_config(config, attn_implementation=attn_impl, **meta.get("init_kwargs", {}))
+    except (ImportError, ValueError) as err:  # e.g. flash-attention saved on a GPU, loaded without it
+        if attn_impl == "eager":
+            raise
+        warnings.warn(f"attn_implementation {attn_impl!r} unavailable ({err}); loading with 'eager'", stacklevel=2)
+        model = cls._from_config(config, attn_implementation="eager", **meta.get("init_kwargs", {}))
+    # cast before the swap: the feature maps stay float32 whatever the model dtype (the saved
+    # tensors are cast into the parameters as they load)
+    model.to(dtype=dtype if dtype is not None else getattr(torch, meta.get("dtype", "float32")))
     linearize(model, LinearizeConfig.from_dict(meta["linearize"]))
     try:
         missing, unexpected = load_model(model, str(directory / WEIGHTS), strict=True)
     except (SafetensorError, RuntimeError, OSError) as err:
         raise CheckpointError(f"corrupted or incompatible checkpoint {directory}: {err}") from err
-    if dtype is not None:
-        model.to(dtype=dtype)
     return model.to(device).eval()
