@@ -136,6 +136,23 @@ def test_decompress_entry_errors():
         decompress_entry(struct.pack(">I", len(raw)) + b"not zlib", 1)
 
 
+@pytest.mark.parametrize("kind", [b"2", b"1", b"Z"])
+def test_decompress_entry_truncated_is_reader_error(kind):
+    """A truncated entry raises RDataReaderError (as documented) for every codec, bzip2 included
+    (whose decompressor reports truncation as a plain ValueError)."""
+    import bz2
+
+    raw = b"X\n" + bytes(range(256)) * 8
+    payload = {
+        b"2": bz2.compress(raw),
+        b"1": zlib.compress(raw),
+        b"Z": lzma.compress(raw, format=lzma.FORMAT_RAW, filters=rdata_reader._R_LZMA_FILTERS),
+    }[kind]
+    blob = struct.pack(">I", len(raw)) + kind + payload
+    with pytest.raises(RDataReaderError, match="corrupt"):
+        decompress_entry(blob[:-5], 3)
+
+
 @needs_rdata
 @pytest.mark.parametrize("compressed", [1, 3], ids=["zlib", "xz"])
 def test_lazy_load_db_round_trip(tmp_path, compressed):

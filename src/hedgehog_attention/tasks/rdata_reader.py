@@ -108,7 +108,10 @@ def decompress_entry(blob: bytes, compressed: int = 1) -> bytes:
             return bytes(blob)
         else:
             raise RDataReaderError(f"unknown `compressed` value in the .rdx: expected 0-3, got {compressed}")
-    except (zlib.error, lzma.LZMAError, OSError) as exc:
+    except RDataReaderError:
+        raise
+    except (zlib.error, lzma.LZMAError, OSError, EOFError, ValueError) as exc:
+        # bz2 reports a truncated stream as a plain ValueError, lzma/zlib as their own errors.
         raise RDataReaderError(f"corrupt lazy-load entry (compressed={compressed}): {exc}") from exc
     if len(out) != expected_len:
         raise RDataReaderError(
