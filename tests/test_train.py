@@ -564,3 +564,90 @@ def test_train_mode_false_keeps_dropout_off():
     assert modes == [True] * 3 + [False] * 3
     ref, _ = run(make_config(max_steps=3))  # dropout off in eval mode: the same as no dropout at all
     assert eval_mode.losses == ref.losses and with_dropout.losses != ref.losses
+
+
+def test_history_train_loss_window_survives_resume(tmp_path: Path):
+    # log rows every 4 steps, checkpoints every 3: the resumed run restarts between two rows; the row
+    # of step 4 must still be the mean of steps 1..4 (as in the uninterrupted run), not of step 4 alone.
+    kw = dict(max_steps=10, log_every=4, eval_every=5, checkpoint_every=3)
+    full, _ = run(make_config(checkpoint_dir=str(tmp_path / "a"), **kw))
+    with pytest.raises(KeyboardInterrupt):
+        run(make_config(checkpoint_dir=str(tmp_path / "b"), **kw), callbacks=[StopAt(4)])
+    res, _ = run(make_config(checkpoint_dir=str(tmp_path / "b"), resume=True, **kw))
+    assert res.resumed_from == 3 and res.losses == full.losses
+    assert [(r["step"], r["train_loss"]) for r in res.history] == [(r["step"], r["train_loss"]) for r in full.history]
+
+
+class _SqrtAtZero(nn.Module):
+    """A finite loss whose gradient is inf: d sqrt(|w|)/dw at w = 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros((), dtype=torch.float64))
+        self.v = nn.Parameter(torch.ones((), dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt(self.w.abs()) + (self.v - 2) ** 2 + 0 * x.sum()
+
+
+@pytest.mark.parametrize("max_grad_norm", [1.0, None], ids=["clip", "noclip"])
+def test_nonfinite_gradient_raises_with_step_before_the_update(max_grad_norm):
+    model = _SqrtAtZero()
+    tr = Trainer(model, loss_fn, Points(40), None, make_config(max_steps=3, max_grad_norm=max_grad_norm))
+    with pytest.raises(FloatingPointError, match=r"gradient norm is (nan|inf) at step 1 "):
+        tr.fit()
+    assert model.w.item() == 0.0 and model.v.item() == 1.0  # no optimizer step on the bad gradient
+
+
+def test_should_stop_in_on_checkpoint_stops_after_that_step(tmp_path: Path):
+    class SaveAndStop(TrainerCallback):
+        def on_checkpoint(self, trainer, step, path):
+            if step == 4:
+                trainer.should_stop = True
+
+    res, _ = run(make_config(max_steps=10, checkpoint_every=2, checkpoint_dir=str(tmp_path)), callbacks=[SaveAndStop()])
+    assert res.steps_done == 4
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["ckpt-00000002.pt", "ckpt-00000004.pt"]
+
+
+def test_raising_max_steps_after_an_off_grid_final_eval_warns(tmp_path: Path):
+    # the first run ends at step 10, off the eval_every=4 grid, with an extra eval that an uninterrupted
+    # 20-step run never does (it feeds best/plateau/early stopping): continuing it cannot match.
+    kw = dict(eval_every=4, checkpoint_every=4, checkpoint_dir=str(tmp_path))
+    run(make_config(max_steps=10, **kw))
+    with pytest.warns(RuntimeWarning, match=r"final step 10, .*eval_every=4"):
+        run(make_config(max_steps=20, resume=True, **kw))
+    run(make_config(max_steps=8, **(kw | {"checkpoint_dir": str(tmp_path / "on_grid")})))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # on the grid: a clean continuation, no warning
+        run(make_config(max_steps=20, resume=True, **(kw | {"checkpoint_dir": str(tmp_path / "on_grid")})))
+
+
+def test_resume_applies_the_configs_weight_decay_and_betas(tmp_path: Path):
+    run(make_config(max_steps=2, checkpoint_every=2, checkpoint_dir=str(tmp_path)))
+    cfg = make_config(max_steps=3, checkpoint_every=2, checkpoint_dir=str(tmp_path), resume=True, weight_decay=0.5,
+                      betas=(0.8, 0.99), decay_matrices_only=False)  # fmt: skip
+    tr = Trainer(TinyNet(), loss_fn, Points(40), None, cfg)
+    with pytest.warns(RuntimeWarning, match="different config"):
+        tr.fit()
+    assert [(g["weight_decay"], tuple(g["betas"])) for g in tr.optimizer.param_groups] == [(0.5, (0.8, 0.99))]
+
+
+def test_more_config_validation():
+    for kw, msg in [(dict(eval_batch_size=0), "eval_batch_size"), (dict(eval_batch_size=-2), "eval_batch_size"),
+                    (dict(min_lr_ratio=-0.5), "min_lr_ratio"), (dict(min_lr_ratio=1.5), "min_lr_ratio"),
+                    (dict(plateau_patience=-1), "plateau_patience")]:  # fmt: skip
+        with pytest.raises(ValueError, match=msg):
+            make_config(**kw)
+
+
+def test_duplicate_params_are_trained_once():
+    """A parameter listed twice (e.g. tied embeddings given as embed + lm_head params) must not be stepped twice."""
+    ref_model, dup_model = TinyNet(), TinyNet()
+    Trainer(ref_model, loss_fn, Points(40), None, make_config(max_steps=2), params=ref_model.blocks.parameters()).fit()
+    ps = list(dup_model.blocks.parameters())
+    tr = Trainer(dup_model, loss_fn, Points(40), None, make_config(max_steps=2), params=ps + ps[:1])
+    assert tr.trainable_names == ["blocks.0.weight", "blocks.0.bias", "blocks.1.weight", "blocks.1.bias"]
+    tr.fit()
+    for name, p in trainable(ref_model).items():
+        torch.testing.assert_close(trainable(dup_model)[name], p, rtol=0, atol=0)

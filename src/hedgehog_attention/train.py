@@ -301,6 +301,10 @@ class TrainConfig:
             (self.early_stopping_patience is None or self.early_stopping_patience >= 1,
              "early_stopping_patience must be >= 1 or None", self.early_stopping_patience),
             (0 < self.plateau_factor < 1, "plateau_factor must be in (0, 1)", self.plateau_factor),
+            (self.plateau_patience >= 0, "plateau_patience must be >= 0", self.plateau_patience),
+            (0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]", self.min_lr_ratio),
+            (self.eval_batch_size is None or self.eval_batch_size >= 1, "eval_batch_size must be >= 1 or None",
+             self.eval_batch_size),
             (self.early_stopping_min_delta >= 0, "early_stopping_min_delta must be >= 0",
              self.early_stopping_min_delta),
         ]  # fmt: skip
@@ -654,6 +658,7 @@ class Trainer:
         # Which parameters train: by name, so they survive wrapping (FSDP2 swaps Parameter objects).
         name_of = {id(p): name for name, p in model.named_parameters()}
         chosen = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
+        chosen = list({id(p): p for p in chosen}.values())  # a parameter listed twice is still stepped once
         missing = [p for p in chosen if id(p) not in name_of]
         if missing:
             raise ValueError(f"{len(missing)} of the given params are not parameters of the model")
@@ -910,6 +915,13 @@ class Trainer:
         self.wrapped.train(was_training)
         return (total[0] / total[1]).item()
 
+    def _agree_on_stop(self) -> None:
+        """A callback may stop one rank: stop them all (or they would hang). Collective under torchrun."""
+        if self.world.distributed:
+            flag = torch.tensor([float(self.should_stop)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            self.should_stop = bool(flag.item())
+
     def fit(self) -> TrainResult:
         """Run until ``max_steps``, early stopping or ``should_stop``; resumes when ``config.resume``."""
         c = self.config
@@ -928,13 +940,27 @@ class Trainer:
                     RuntimeWarning, stacklevel=2,
                 )  # fmt: skip
             changed = _config_changes(meta["config"], c.to_dict())
+            old_max, old_every = meta["config"]["max_steps"], meta["config"]["eval_every"]
+            if (self.eval_data is not None and meta["step"] == old_max < c.max_steps and old_max % old_every
+                    and not state["trainer"].get("stopped_early", False) and self.world.is_main):  # fmt: skip
+                warnings.warn(
+                    f"resuming {state['path']} past its final step {old_max}, which was evaluated off the "
+                    f"eval_every={old_every} grid: that eval is in the resumed state (best, plateau, early stopping, "
+                    "history), so the run will not match an uninterrupted one",
+                    RuntimeWarning, stacklevel=2,
+                )  # fmt: skip
             if changed and self.world.is_main:
                 warnings.warn(
                     f"resuming {state['path']} with a different config: {changed}; the run will not match an "
                     "uninterrupted one", RuntimeWarning, stacklevel=2,
                 )  # fmt: skip
             self._load_model_state(state["model"])
+            # load_state_dict restores the saved param groups' hyperparameters; the current config's
+            # weight_decay/betas must apply (a change is warned about above), as lr does via the schedule
+            hyper = [{k: g[k] for k in ("weight_decay", "betas")} for g in self.optimizer.param_groups]
             self._load_optim_state(state["optimizer"])
+            for g, h in zip(self.optimizer.param_groups, hyper):
+                g.update(h)
             self.schedule.load_state_dict(state["schedule"])
             rngs = state["rng"]
             _set_rng_state(rngs[self.world.rank] if len(rngs) == self.world.world_size else rngs[0])
@@ -966,7 +992,7 @@ class Trainer:
 
         self.wrapped.train(c.train_mode)
         start = time.perf_counter()
-        window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, start
+        window_tokens, window_start = 0, start
         data = self._micro_batches(epoch, step_in_epoch)
         stop_now = step >= c.max_steps or self.should_stop
         while not stop_now:
@@ -1006,7 +1032,17 @@ class Trainer:
                     "Lower lr, keep max_grad_norm set, or check the data and the loss for inf/NaN"
                 )
             if c.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
+            else:
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor (collective, every rank)
+                grad_norm = grad_norm.full_tensor()
+            grad_norm = float(grad_norm)
+            if not math.isfinite(grad_norm):  # a finite loss can still have inf/NaN gradients
+                raise FloatingPointError(
+                    f"gradient norm is {grad_norm} at step {step + 1} (lr={lr:.3g}, loss {step_loss:.4g}); the "
+                    "optimizer step was skipped. Check the loss for non-differentiable points (sqrt/log at 0)"
+                )
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -1018,8 +1054,6 @@ class Trainer:
             tokens = int(loss_sum[1].item())
             tokens_total += tokens
             result.losses.append(step_loss)
-            window_loss += step_loss
-            window_steps += 1
             window_tokens += tokens
             if bar is not None:
                 bar.update(1)
@@ -1049,16 +1083,15 @@ class Trainer:
             elif self.eval_data is None and c.scheduler == "plateau" and step % c.eval_every == 0:
                 self.schedule.observe(sum(result.losses[-c.eval_every :]) / c.eval_every)
 
-            if self.world.distributed:  # a callback may stop one rank: stop them all (or they would hang)
-                flag = torch.tensor([float(self.should_stop)], device=self.device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                self.should_stop = bool(flag.item())
+            self._agree_on_stop()
             stop_now = step >= c.max_steps or self.should_stop
             if step % c.log_every == 0 or is_eval or stop_now:
                 now = time.perf_counter()
+                # since the previous row, from the losses (restored on resume, unlike a running sum)
+                window = result.losses[result.history[-1]["step"] if result.history else 0 :]
                 row = {
                     "step": step,
-                    "train_loss": window_loss / max(1, window_steps),
+                    "train_loss": sum(window) / max(1, len(window)),
                     "eval_loss": eval_loss,
                     "lr": lr,
                     "tokens": tokens_total,
@@ -1071,7 +1104,7 @@ class Trainer:
                         "step %d train_loss %.5g%s lr %.3g tok/s %.0f", step, row["train_loss"],
                         "" if eval_loss is None else f" eval_loss {eval_loss:.5g}", lr, row["tokens_per_s"],
                     )  # fmt: skip
-                window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, now
+                window_tokens, window_start = 0, now
 
             if c.checkpoint_every is not None and (step % c.checkpoint_every == 0 or stop_now):
                 extra = {
@@ -1083,6 +1116,9 @@ class Trainer:
                 path = self.save_checkpoint(step, (epoch, step_in_epoch), extra)
                 for cb in self.callbacks:
                     cb.on_checkpoint(self, step, path)
+                if not stop_now:  # "save and stop": a stop asked for in on_checkpoint ends the run at this step
+                    self._agree_on_stop()
+                    stop_now = self.should_stop
 
         if bar is not None:
             bar.close()
