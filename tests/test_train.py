@@ -651,3 +651,16 @@ def test_duplicate_params_are_trained_once():
     tr.fit()
     for name, p in trainable(ref_model).items():
         torch.testing.assert_close(trainable(dup_model)[name], p, rtol=0, atol=0)
+
+
+def test_fresh_run_refuses_a_folder_with_another_runs_checkpoints(tmp_path):
+    """Pruning by step would delete a fresh run's ckpt-2 in favour of an older run's ckpt-10, and a
+    later resume would continue the old run: a fresh run into such a folder is refused, nothing deleted."""
+    ck = str(tmp_path / "ck")
+    run(make_config(checkpoint_every=5, checkpoint_dir=ck))
+    before = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    with pytest.raises(FileExistsError, match="resume=True"):
+        run(make_config(max_steps=2, checkpoint_every=1, checkpoint_dir=ck))
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == before
+    res, _ = run(make_config(max_steps=12, checkpoint_every=1, checkpoint_dir=ck, resume=True))  # continuing is fine
+    assert res.resumed_from == 10

@@ -834,6 +834,22 @@ class Trainer:
         barrier()
         return path
 
+    def _refuse_stale_checkpoints(self) -> None:
+        """A fresh run must not write into a folder holding another run's checkpoints: pruning by
+        step would delete the new ones (an older ``ckpt-100`` outranks a new ``ckpt-2``) and a later
+        ``resume`` would continue the old run. Rank 0 looks; every rank raises alike."""
+        found: list[Any] = [None]
+        if self.world.is_main:
+            old = ckpt.list_checkpoints(self.config.checkpoint_dir)
+            found[0] = [p.name for p in old] or None
+        if self.world.distributed:
+            dist.broadcast_object_list(found, src=0)
+        if found[0]:
+            raise FileExistsError(
+                f"checkpoint_dir {self.config.checkpoint_dir} already holds checkpoints {found[0]} of an earlier "
+                "run: pass resume=True to continue it, or remove them / choose an empty folder for a fresh run"
+            )
+
     def _load_latest(self) -> dict[str, Any] | None:
         """All ranks read the file rank 0 chose (so a corrupted file is judged once)."""
         choice: list[Any] = [None]
@@ -930,6 +946,8 @@ class Trainer:
         best, bad_evals, time_offset, tokens_total = math.inf, 0, 0.0, 0
         _seed_all(c.seed + self.world.rank)  # rank offset: dropout masks differ across ranks
 
+        if not c.resume and c.checkpoint_every is not None:
+            self._refuse_stale_checkpoints()
         state = self._load_latest() if c.resume else None
         if state is not None:
             meta = state["meta"]
