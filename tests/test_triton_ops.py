@@ -833,6 +833,86 @@ def test_rejects_bad_arguments():
         fused_hedgehog_attention(q, k, v, wq, bq, wk[:, :, :8], bk)
 
 
+def test_rejects_mismatched_shapes_before_any_launch():
+    """Shapes the kernels would read out of bounds (or silently misread) raise ``ValueError`` in
+    the wrappers: k's head dim, fk's features, the initial state, ``cu_seqlens``, the decode step's
+    tokens and weights."""
+    q, k, v, wq, bq, wk, bk = _inputs(1, 8, 2, 2, 16, 8, 16, torch.float32, True)
+    with pytest.raises(ValueError, match="head dim"):
+        fused_hedgehog_attention(q, k[..., :8], v, wq, bq, wk, bk)
+    with pytest.raises(ValueError, match="initial_state"):  # F' = 2F = 16 rows with negation
+        st = (torch.zeros(1, 2, 8, 16, device=DEV), torch.zeros(1, 2, 8, device=DEV))
+        fused_hedgehog_attention(q, k, v, wq, bq, wk, bk, initial_state=st)
+    fq, fk = q.exp(), k.exp()
+    with pytest.raises(ValueError, match="feature dim"):
+        linear_attention_triton(fq, fk[..., :4], v, causal=True)
+    with pytest.raises(ValueError, match="initial_state"):
+        st = (torch.zeros(2, 2, 16, 16, device=DEV), torch.zeros(2, 2, 16, device=DEV))  # N = 1, not 2
+        linear_attention_triton(fq, fk, v, causal=True, initial_state=st)
+    for cu, err in [([0, 3, 6], ValueError), ([0, 5, 3, 8], ValueError), ([[0, 3, 8]], ValueError)]:
+        with pytest.raises(err, match="cu_seqlens"):
+            fused_hedgehog_attention(q, k, v, wq, bq, wk, bk, cu_seqlens=torch.tensor(cu, device=DEV))
+    with pytest.raises(TypeError, match="cu_seqlens"):
+        fused_hedgehog_attention(q, k, v, wq, bq, wk, bk, cu_seqlens=torch.tensor([0.0, 3.5, 8.0], device=DEV))
+    S, z = torch.zeros(1, 2, 16, 16, device=DEV), torch.zeros(1, 2, 16, device=DEV)
+    for args in [
+        (q[:, 0], k[:, 0, :, :8], v[:, 0], wq, bq, wk, bk),  # k's head dim
+        (q[:, 0], k[:, 0], v[:, 0], wq[:, :8], bq, wk, bk),  # q_weight's D
+        (q[:, 0], k[:, 0], v[:, 0], wq, bq, wk[:1], bk),  # k_weight's heads
+        (q[:, 0], k[:, 0], v[:, 0], wq, bq[:, :4], wk, bk),  # q_bias's F
+    ]:
+        with pytest.raises(ValueError):
+            fused_hedgehog_decode_step(*args, (S, z))
+
+
+def test_query_and_key_weights_of_different_dtypes():
+    """Half inputs with one map weight in their dtype and the other fp32 (docs: weights may be
+    fp32 with half inputs): the same result as both fp32, each weight's gradient in its dtype."""
+    q, k, v, wq, bq, wk, bk = _inputs(1, 8, 1, 1, 16, 8, 16, torch.float16, True)
+    do = torch.randn(1, 8, 1, 16, generator=torch.Generator().manual_seed(3)).to(DEV)
+
+    def run(wq_, wk_):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, wq_, bq, wk_, bk)]
+        o, _ = fused_hedgehog_attention(*leaves, causal=True)
+        o.backward(do.to(o.dtype))
+        return o.detach(), leaves
+
+    o32, l32 = run(wq.half().float(), wk)
+    o, leaves = run(wq.half(), wk)
+    assert torch.equal(o, o32)
+    assert leaves[3].grad.dtype == torch.float16 and leaves[5].grad.dtype == torch.float32
+    assert torch.equal(leaves[3].grad, l32[3].grad.half()) and torch.equal(leaves[5].grad, l32[5].grad)
+
+
+def test_masks_are_read_as_true_or_false(monkeypatch):
+    """An ``attention_mask`` is a token / padding flag: an integer mask with other nonzero values
+    gives the bool mask's result, and the PyTorch fallback takes the same masks as the kernels."""
+    q, k, v, wq, bq, wk, bk = _inputs(2, 12, 1, 1, 16, 8, 16, torch.float32, True)
+    mask, _ = _mask_or_cu("mask", 2, 12)
+    o, st = fused_hedgehog_attention(q, k, v, wq, bq, wk, bk, attention_mask=mask, output_final_state=True)
+    o2, st2 = fused_hedgehog_attention(q, k, v, wq, bq, wk, bk, attention_mask=mask.long() * 2, output_final_state=True)
+    assert torch.equal(o, o2) and torch.equal(st.S, st2.S) and torch.equal(st.z, st2.z)
+    monkeypatch.setitem(_launch.CONFIG, "fallback", "always")
+    o3, _ = fused_hedgehog_attention(q, k, v, wq, bq, wk, bk, attention_mask=mask.float())
+    assert rel(o3, o) <= 2e-5
+
+
+def test_cpu_tensors_without_the_interpreter_raise_a_clear_error(monkeypatch):
+    """Without CUDA tensors or ``TRITON_INTERPRET=1`` the kernels cannot run: a clear error."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v, wq, bq, wk, bk = (
+        None if x is None else x.cpu() for x in _inputs(1, 4, 1, 1, 16, 8, 16, torch.float32, True)
+    )
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        fused_hedgehog_attention(q, k, v, wq, bq, wk, bk)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        linear_attention_triton(q.exp(), k.exp(), v, causal=True)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        fused_hedgehog_decode_step(
+            q[:, 0], k[:, 0], v[:, 0], wq, bq, wk, bk, (torch.zeros(1, 1, 16, 16), torch.zeros(1, 1, 16))
+        )
+
+
 def test_core_dispatch_and_module_use_the_kernels():
     """``linear_attention(backend="triton")`` and ``LinearAttention(backend="triton")`` (fused path)
     agree with the reference backend, state included."""

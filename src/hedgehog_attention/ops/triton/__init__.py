@@ -336,11 +336,23 @@ def _la_apply(*args):
     return _EagerForward.apply(*args)
 
 
+def _check_device(t: Tensor) -> None:
+    """The kernels run on CUDA tensors, or on the CPU under the interpreter (``TRITON_INTERPRET=1``,
+    set before triton is imported): anything else gets a clear error instead of triton's own
+    ("0 active drivers", or a CPU pointer handed to a GPU kernel)."""
+    if t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            f"the Triton kernels need CUDA tensors (got {t.device}); on the CPU set TRITON_INTERPRET=1 before "
+            "importing triton, or use another backend (linear_attention(..., backend='chunked'))"
+        )
+
+
 def _check_common(q, k, v, attention_mask, cu_seqlens, initial_state):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
             f"expected q, k, v of shape [B, T, H, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
+    _check_device(q)
     B, T, H, _ = q.shape
     if k.shape[:2] != (B, T) or v.shape[:3] != k.shape[:3]:
         raise ValueError(
@@ -355,10 +367,17 @@ def _check_common(q, k, v, attention_mask, cu_seqlens, initial_state):
     if cu_seqlens is not None:
         if B != 1:
             raise ValueError(f"cu_seqlens needs B == 1 (sequences packed along T); got B={B}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens must be a 1-D tensor [N + 1], N >= 1; got shape {tuple(cu_seqlens.shape)}")
+        if cu_seqlens.is_floating_point() or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool:
+            raise TypeError(f"cu_seqlens must be an integer tensor; got {cu_seqlens.dtype}")
         cu = cu_seqlens.to(device=dev, dtype=torch.int32).contiguous()
-        # the sequence lengths on the host in one transfer (one sync per call, not one for the
-        # longest and another for the chunk count)
-        lens = (cu[1:] - cu[:-1]).tolist()
+        # the offsets on the host in one transfer (one sync per call: the checks, the longest
+        # sequence and the chunk count all come from it)
+        offs = cu.tolist()
+        lens = [b - a for a, b in zip(offs, offs[1:])]
+        if offs[0] != 0 or offs[-1] != T or min(lens) < 0:
+            raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at T={T}; got {offs}")
         max_len = max(lens, default=0)
     else:
         cu = (torch.arange(B + 1, device=dev, dtype=torch.int32) * T).contiguous()
@@ -367,13 +386,26 @@ def _check_common(q, k, v, attention_mask, cu_seqlens, initial_state):
     if attention_mask is not None:
         if attention_mask.shape != (B, T):
             raise ValueError(f"attention_mask must be [B, T] = {(B, T)}; got {tuple(attention_mask.shape)}")
-        mask = attention_mask.to(device=dev, dtype=torch.float32).reshape(B * T).contiguous()
+        # True / nonzero = token: the kernels weight keys by the mask's value, so it must be 0/1
+        mask = (attention_mask != 0).to(device=dev, dtype=torch.float32).reshape(B * T).contiguous()
     s0 = z0 = None
     if initial_state is not None:
         s0, z0 = initial_state
         s0 = s0.to(torch.float32).contiguous()
         z0 = z0.to(torch.float32).contiguous()
     return cu, max_len, lens, mask, s0, z0
+
+
+def _check_state(s0: Tensor | None, z0: Tensor | None, cu: Tensor, HK: int, FT: int, DV: int) -> None:
+    """``initial_state`` must be ``(S [N, Hk, F', Dv], z [N, Hk, F'])`` (the kernels read it unchecked)."""
+    if s0 is None:
+        return
+    want_s, want_z = (cu.shape[0] - 1, HK, FT, DV), (cu.shape[0] - 1, HK, FT)
+    if tuple(s0.shape) != want_s or tuple(z0.shape) != want_z:
+        raise ValueError(
+            f"initial_state must be S [N, Hk, F', Dv] = {want_s}, z [N, Hk, F'] = {want_z}; "
+            f"got {tuple(s0.shape)}, {tuple(z0.shape)}"
+        )
 
 
 def _needs_grad(*xs) -> bool:
@@ -421,6 +453,9 @@ def linear_attention_triton(
         ``(o [B, T, H, Dv], final_state or None)``.
     """
     cu, max_len, lens, mask, s0, z0 = _check_common(fq, fk, v, attention_mask, cu_seqlens, initial_state)
+    if fk.shape[3] != fq.shape[3]:
+        raise ValueError(f"fq and fk must have the same feature dim F; got {fq.shape[3]} and {fk.shape[3]}")
+    _check_state(s0, z0, cu, fk.shape[2], fq.shape[3], v.shape[3])
     nc = _n_chunks(lens, fq.shape[0], fq.shape[1], fq.shape[3], v.dtype, max_len)
     o, *_, s_fin, z_fin = _la_apply(
         fq.contiguous(), fk.contiguous(), v.contiguous(), None, None, None, None, mask, cu, s0, z0,
@@ -476,6 +511,8 @@ def fused_hedgehog_attention(
     HK = k.shape[2]
     if q.dtype != k.dtype or q.dtype != v.dtype:
         raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape[3] != D:
+        raise ValueError(f"q and k must share the head dim D; got {D} and {k.shape[3]}")
     if q_weight.dim() != 3 or q_weight.shape[:2] != (H, D):
         raise ValueError(f"q_weight must be [H, D, F] = [{H}, {D}, F]; got {tuple(q_weight.shape)}")
     F = q_weight.shape[2]
@@ -485,12 +522,18 @@ def fused_hedgehog_attention(
         raise ValueError(f"q_bias must be [H, F] = {(H, F)}; got {tuple(q_bias.shape)}")
     if k_bias is not None and tuple(k_bias.shape) != (HK, F):
         raise ValueError(f"k_bias must be [Hk, F] = {(HK, F)}; got {tuple(k_bias.shape)}")
+    _check_state(s0, z0, cu, HK, 2 * F if negation else F, v.shape[3])
     if _lm().needs_fallback(F, q.dtype, q.device):
         return _fused_fallback(
             q, k, v, q_weight, q_bias, k_weight, k_bias, activation=activation, negation=negation, causal=causal,
-            attention_mask=attention_mask, cu_seqlens=cu_seqlens, initial_state=initial_state,
-            output_final_state=output_final_state, eps=eps,
+            attention_mask=None if attention_mask is None else attention_mask != 0, cu_seqlens=cu_seqlens,
+            initial_state=initial_state, output_final_state=output_final_state, eps=eps,
         )  # fmt: skip
+    if q_weight.dtype != k_weight.dtype:
+        # the kernels take one weight dtype (native half products when it is the inputs'): a common
+        # one (exact: the pre-activation is fp32 anyway); autograd returns dW in each one's dtype
+        wdt = torch.promote_types(q_weight.dtype, k_weight.dtype)
+        q_weight, k_weight = q_weight.to(wdt), k_weight.to(wdt)
     nc = _n_chunks(lens, q.shape[0], q.shape[1], F, v.dtype, max_len)
     o, *_, s_fin, z_fin = _la_apply(
         q.contiguous(), k.contiguous(), v.contiguous(),
@@ -554,8 +597,28 @@ def fused_hedgehog_decode_step(
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {_ACTIVATIONS}; got {activation!r}")
     S, z = state
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(
+            f"expected q [B, H, D], k [B, Hk, D], v [B, Hk, Dv]; got {tuple(q.shape)}, {tuple(k.shape)}, "
+            f"{tuple(v.shape)}"
+        )
+    _check_device(q)
     B, H, D = q.shape
-    HK, F = k.shape[1], q_weight.shape[2]
+    HK = k.shape[1]
+    if tuple(k.shape) != (B, HK, D) or v.shape[:2] != (B, HK) or H % HK != 0:
+        raise ValueError(
+            f"q [B, H, D], k [B, Hk, D], v [B, Hk, Dv] with H % Hk == 0; got {tuple(q.shape)}, {tuple(k.shape)}, "
+            f"{tuple(v.shape)}"
+        )
+    if q_weight.dim() != 3 or q_weight.shape[:2] != (H, D):
+        raise ValueError(f"q_weight must be [H, D, F] = [{H}, {D}, F]; got {tuple(q_weight.shape)}")
+    F = q_weight.shape[2]
+    if tuple(k_weight.shape) != (HK, D, F):
+        raise ValueError(f"k_weight must be [Hk, D, F] = {(HK, D, F)}; got {tuple(k_weight.shape)}")
+    if q_bias is not None and tuple(q_bias.shape) != (H, F):
+        raise ValueError(f"q_bias must be [H, F] = {(H, F)}; got {tuple(q_bias.shape)}")
+    if k_bias is not None and tuple(k_bias.shape) != (HK, F):
+        raise ValueError(f"k_bias must be [Hk, F] = {(HK, F)}; got {tuple(k_bias.shape)}")
     FT = 2 * F if negation else F
     if S.dtype != torch.float32 or z.dtype != torch.float32 or not S.is_contiguous() or not z.is_contiguous():
         raise ValueError("state (S, z) must be contiguous float32 tensors (it is updated in place)")

@@ -536,12 +536,13 @@ class _Plan:
             HAS_MASK=mask is not None,
             ACT=activation,
             W_NATIVE=bool(fused and half and wq.dtype == q.dtype),
-            # fp32 inputs: exact fp32 products everywhere; half inputs: tf32 is exact for the
-            # map's bf16/fp16 operands
+            # fp32/fp64 inputs: exact fp32 products everywhere; half inputs: tf32 is exact for the
+            # map's bf16/fp16 operands (fp32 weights round to tf32 there: below the inputs' own precision)
             MAP_PREC="tf32" if half else "ieee",
             # attention products: bf16 operands for bf16 (fp32 accumulation); fp16 runs them in
-            # tf32 (fp16 cannot hold e^30 exp features, states or do/den), fp32 in ieee fp32
-            PREC="ieee" if v.dtype == torch.float32 else "tf32",
+            # tf32 (fp16 cannot hold e^30 exp features, states or do/den), fp32 and fp64 in ieee fp32
+            # (fp64 took tf32 here before 2026-11-29: 10-bit products for the most precise inputs)
+            PREC="tf32" if half else "ieee",
             DOT_DT=tl.bfloat16 if v.dtype == torch.bfloat16 else tl.float32,
             # every block dimension exactly the tensor's: only row masks are needed
             EVEN=_pow2(self.D) == self.D and _pow2(self.F) == self.F,
