@@ -664,3 +664,20 @@ def test_fresh_run_refuses_a_folder_with_another_runs_checkpoints(tmp_path):
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == before
     res, _ = run(make_config(max_steps=12, checkpoint_every=1, checkpoint_dir=ck, resume=True))  # continuing is fine
     assert res.resumed_from == 10
+
+
+def test_nonfinite_eval_loss_raises_with_step():
+    """A NaN held-out loss would count as "no improvement" and pass unnoticed: it stops the run."""
+
+    class NanOnEval(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(()))
+
+        def forward(self, x):
+            loss = ((x.sum(-1) * self.w) ** 2).mean()
+            return loss if self.training else loss * float("nan")
+
+    trainer = Trainer(NanOnEval(), lambda m, b: m(b), Points(40), Points(10, seed=2), make_config(max_steps=6))
+    with pytest.raises(FloatingPointError, match="eval loss is nan at step 5"):
+        trainer.fit()

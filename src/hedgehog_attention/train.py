@@ -1084,6 +1084,11 @@ class Trainer:
             if is_eval:
                 eval_loss = self.evaluate()
                 assert eval_loss is not None
+                if not math.isfinite(eval_loss):  # would count as "no improvement" and pass unnoticed
+                    raise FloatingPointError(
+                        f"eval loss is {eval_loss} at step {step} (lr={lr:.3g}, train loss {step_loss:.4g}): the model "
+                        "diverged or the eval data makes the loss undefined"
+                    )
                 for cb in self.callbacks:
                     cb.on_eval(self, step, eval_loss)
                 if eval_loss < best - c.early_stopping_min_delta:
