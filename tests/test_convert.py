@@ -512,3 +512,19 @@ def test_unsupported_models_and_caches_say_why():
         m.generate(
             x, attention_mask=torch.ones_like(x), max_new_tokens=2, do_sample=False, cache_implementation="static"
         )
+
+
+def test_tokenize_passages_pads_right_whatever_the_tokenizers_default():
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from hedgehog_attention.convert.data import tokenize_passages
+
+    vocab = {"<pad>": 0, "<unk>": 1, **{c: i + 2 for i, c in enumerate("abc ")}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>",
+                                               padding_side="left")  # fmt: skip
+    (b,) = tokenize_passages(["abc a", "b"], tok, batch_size=2, max_length=8)
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert b["input_ids"][1].tolist() == [vocab["b"], 0, 0, 0, 0]

@@ -86,6 +86,7 @@ def tokenize_passages(
         enc = tokenizer(
             list(texts[i : i + batch_size]),
             padding=True,
+            padding_side="right",  # whatever the tokenizer's default (decoder tokenizers often pad left)
             truncation=True,
             max_length=max_length,
             return_tensors="pt",
