@@ -5,13 +5,16 @@ numbers, strings, lists, dicts), loaded with ``torch.load(weights_only=True)`` s
 can never run code. A crash while writing leaves only a ``.ckpt-*.tmp`` file, which is ignored;
 a final-named file that fails to load (disk error, truncated copy) is reported with a warning and
 the next older one is used. A JSON sidecar ``ckpt-<step>.json`` holds the human-readable
-metadata (step, data position, config) for inspection; the ``.pt`` file is the source of truth.
+metadata (step, data position, config) for inspection; the ``.pt`` file is the source of truth
+(a sidecar is removed before its ``.pt`` is replaced or pruned, so a crash can leave a ``.pt`` without
+its sidecar but never a sidecar describing another state).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import operator
 import os
 import re
 import warnings
@@ -22,7 +25,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-CKPT_RE = re.compile(r"^ckpt-(\d{8})\.pt$")
+# ASCII digits only (``\d`` takes any Unicode digit, which ``int`` parses); ``\Z``, not ``$``, which
+# also matches before a trailing newline; 9+ digits for steps >= 10**8 (``{step:08d}`` widens).
+CKPT_RE = re.compile(r"^ckpt-([0-9]{8}|[1-9][0-9]{8,})\.pt\Z")
 FORMAT_VERSION = 1
 
 
@@ -67,11 +72,19 @@ def save_checkpoint(directory: str | os.PathLike, step: int, state: dict[str, An
         directory: checkpoint folder (created if missing).
         step: optimizer steps done; part of the file name.
         state: plain containers of tensors/numbers/strings (loadable with ``weights_only=True``).
-        keep_last: keep this many newest checkpoints (``None`` keeps all).
+        keep_last: keep this many newest checkpoints (``None`` keeps all): the one just written and
+            the ``keep_last - 1`` newest of lower steps. The one just written is never deleted, and
+            files of higher steps (a corrupted newest file a resume skipped, or another run's) are
+            left alone, neither deleted nor counted.
 
     Returns:
         The final path.
     """
+    step = operator.index(step)
+    if step < 0:
+        raise ValueError(f"save_checkpoint: step must be >= 0 (got {step})")
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"save_checkpoint: keep_last must be >= 1 or None (got {keep_last})")
     directory = Path(directory)
     path = checkpoint_path(directory, step)
     # Temp files of earlier writers of this folder that died mid-write (only one process writes a
@@ -81,25 +94,32 @@ def save_checkpoint(directory: str | os.PathLike, step: int, state: dict[str, An
             if not stale.name.endswith(f".{os.getpid()}.tmp"):
                 stale.unlink(missing_ok=True)
     state = {"format_version": FORMAT_VERSION, **state}
+    sidecar = path.with_suffix(".json")
+    if sidecar.exists():  # an earlier save of this step: never leave its metadata beside the new state
+        sidecar.unlink(missing_ok=True)
+        _fsync_dir(directory)
     atomic_write_bytes(path, lambda f: torch.save(state, f))
     meta = state.get("meta")
     if meta is not None:
         text = json.dumps(meta, indent=2, sort_keys=True, default=str).encode()
-        atomic_write_bytes(path.with_suffix(".json"), lambda f: f.write(text))
+        atomic_write_bytes(sidecar, lambda f: f.write(text))
     if keep_last is not None:
-        for old in list_checkpoints(directory)[:-keep_last]:
+        older = [p for s, p in _steps_and_paths(directory) if s < step]
+        for old in older[: len(older) - (keep_last - 1)]:
+            old.with_suffix(".json").unlink(missing_ok=True)  # sidecar first: a crash leaves no orphan .json
             old.unlink(missing_ok=True)
-            old.with_suffix(".json").unlink(missing_ok=True)
     return path
+
+
+def _steps_and_paths(directory: Path) -> list[tuple[int, Path]]:
+    if not directory.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in directory.iterdir() if (m := CKPT_RE.match(p.name)))
 
 
 def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
     """Final-named checkpoint files in ``directory``, oldest first (temp files are never listed)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := CKPT_RE.match(p.name))]
-    return [p for _, p in sorted(found)]
+    return [p for _, p in _steps_and_paths(Path(directory))]
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

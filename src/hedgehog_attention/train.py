@@ -835,9 +835,9 @@ class Trainer:
         return path
 
     def _refuse_stale_checkpoints(self) -> None:
-        """A fresh run must not write into a folder holding another run's checkpoints: pruning by
-        step would delete the new ones (an older ``ckpt-100`` outranks a new ``ckpt-2``) and a later
-        ``resume`` would continue the old run. Rank 0 looks; every rank raises alike."""
+        """A fresh run must not write into a folder holding another run's checkpoints: a later
+        ``resume`` would continue whichever run has the highest step (an older ``ckpt-100`` outranks
+        a new ``ckpt-2``). Rank 0 looks; every rank raises alike."""
         found: list[Any] = [None]
         if self.world.is_main:
             old = ckpt.list_checkpoints(self.config.checkpoint_dir)
