@@ -103,7 +103,8 @@ def main(src: str, dst: str) -> None:
     axes[2].set_ylabel("peak memory of fwd+bwd, GB")
     axes[2].set_title("memory")
     axes[2].grid(True, alpha=0.3)
-    _decode_panel(axes[3], res.get("decode") or [], "ours, one launch", "decode step", 8)
+    dec = res.get("decode") or []  # a list of rows, or {"error": ...} when decode failed
+    _decode_panel(axes[3], dec if isinstance(dec, list) else [], "ours, one launch", "decode step", 8)
     axes[0].legend(fontsize=8)
     m = res["meta"]
     fig.suptitle(f"{m['gpu']}, torch {m['torch']}, triton {m['triton']}, fla {m['fla']}, {m['date']}", fontsize=9)

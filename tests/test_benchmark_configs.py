@@ -48,3 +48,28 @@ def test_cpu_smoke_run_writes_its_json_atomically(tmp_path, monkeypatch):
     assert writes and set(writes) == {"attention_speed.json"}
     meta = json.loads((tmp_path / "attention_speed.json").read_text())["meta"]
     assert meta["gpu"] == "cpu" and meta["tokens"] == attention_speed.TOKENS
+
+
+def test_sweep_check_has_no_reference_when_the_first_variant_failed(monkeypatch):
+    """A failed first variant must not make the second the reference (its zeros would read as checked)."""
+    calls = []
+
+    def fake_make_triton(B, T, dev, grad):
+        calls.append(dict(attention_speed._launch_config()))
+        if len(calls) == 1:
+            raise RuntimeError("first variant broke")
+        raise AssertionError("no later variant may run as a reference")
+
+    monkeypatch.setattr(attention_speed, "make_triton", fake_make_triton)
+    ref: dict = {}
+    first = attention_speed._same_function({}, 1, 8, "cpu", ref)
+    assert "first variant broke" in first["error"]
+    second = attention_speed._same_function({}, 1, 8, "cpu", ref)
+    assert second == {"error": "no reference: the first variant failed"} and len(calls) == 1
+
+
+def test_cpu_smoke_run_skips_the_decode_timing(tmp_path):
+    """Decode timing needs CUDA (graphs, events): on the CPU it is skipped, not a crash."""
+    args = ["--device", "cpu", "--backends", "", "--extra-backends", "", "--seq-lens", "", "--out", str(tmp_path)]
+    attention_speed.main(args)
+    assert json.loads((tmp_path / "attention_speed.json").read_text())["decode"] == []
