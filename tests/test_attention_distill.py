@@ -339,3 +339,15 @@ def test_fidelity_uniform_entropy_counts_the_keys_each_query_sees():
     mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]], dtype=torch.bool)  # row 1: 2 queries see 2 keys
     padded = (4 * math.log(4) + 2 * math.log(2)) / 6
     torch.testing.assert_close(fid(causal=False, attention_mask=mask), torch.full((2,), padded, dtype=torch.float64))
+
+
+def test_global_batch_errors_name_the_cause():
+    from hedgehog_attention.convert.distill import global_batch
+
+    assert global_batch(8, 30, 2) == (8, 4) and global_batch(64, 30, 4) == (28, 7)  # clamped to the data
+    with pytest.raises(ValueError, match="batch_size=2 is smaller than the 4 processes"):
+        global_batch(2, 32, 4)
+    with pytest.raises(ValueError, match="3 training sequence"):
+        global_batch(8, 3, 4)
+    with pytest.raises(ValueError, match="not divisible"):
+        global_batch(6, 32, 4)

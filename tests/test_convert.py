@@ -528,3 +528,184 @@ def test_tokenize_passages_pads_right_whatever_the_tokenizers_default():
     (b,) = tokenize_passages(["abc a", "b"], tok, batch_size=2, max_length=8)
     assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
     assert b["input_ids"][1].tolist() == [vocab["b"], 0, 0, 0, 0]
+
+
+# ------------------------------------------------------------------------------------- the CLI job
+def _char_tokenizer():
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<s>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz .,\n")}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="<s>",
+                                                unk_token="<unk>", pad_token="<pad>")  # fmt: skip
+
+
+def _tiny_folder(d, paragraphs: int = 30):
+    """A tiny LlamaForCausalLM + character tokenizer saved as an HF folder, and a text file in it."""
+    import random
+    import string
+
+    tok = _char_tokenizer()
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=1, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    _peaky(LlamaForCausalLM(cfg), 8.0).save_pretrained(d)
+    tok.save_pretrained(d)
+    rng = random.Random(0)
+    words = ["".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(2, 7))) for _ in range(40)]
+    (d / "text.txt").write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(40)) for _ in range(paragraphs)))
+    return d
+
+
+def _cli_args(d, *extra: str) -> list[str]:
+    return ["--model", str(d), "--text", str(d / "text.txt"), "--seq-len", "16", "--train-blocks", "8",
+            "--eval-blocks", "2", "--test-blocks", "2", "--test-items", "2", "--batch-size", "4", "--eval-every", "2",
+            "--steps", "2", "--quiet", "--threads", "1", "--output-dir", str(d.parent / "out"), *extra]  # fmt: skip
+
+
+def test_cli_finetunes_once_on_a_copy_so_other_methods_keep_the_original(tmp_path, capsys):
+    """--finetune tunes the Hedgehog model only (not also the first method), and on a copy: the
+    methods converted after it are still compared with the original model, and the saved
+    Hedgehog model is the finetuned one."""
+    from safetensors.torch import load_file
+
+    from hedgehog_attention.convert.cli import main
+
+    d = _tiny_folder(tmp_path / "tiny")
+    threads = torch.get_num_threads()
+    try:
+        argv = _cli_args(d, "--methods", "elu,hedgehog,hedgehog-untrained", "--finetune", "--finetune-method", "full",
+                         "--finetune-steps", "1", "--finetune-lr", "1e-1")  # fmt: skip
+        assert main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert capsys.readouterr().out.count("finetuning (") == 1
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    ppl = {name: m["end_to_end"]["ppl_original"] for name, m in rep["methods"].items()}
+    assert ppl["elu"] == pytest.approx(ppl["hedgehog"], rel=1e-9) == pytest.approx(ppl["hedgehog-untrained"], rel=1e-9)
+    saved = load_file(str(tmp_path / "out" / "model" / "model.safetensors"))
+    orig = load_file(str(d / "model.safetensors"))
+    assert not torch.equal(saved["model.embed_tokens.weight"], orig["model.embed_tokens.weight"])  # finetuned
+
+
+def test_cli_decoder_finetune_uses_the_global_batch_size(tmp_path, monkeypatch):
+    """--batch-size is the global batch of the finetune stage too (a fixed 2 would fail on > 2 processes)."""
+    from hedgehog_attention.convert import finetune as ft_mod
+    from hedgehog_attention.convert.cli import main
+
+    seen = []
+
+    def fake_finetune(model, train_batches, eval_batches, cfg, **kw):
+        seen.append((cfg.batch_size, len(train_batches[0]["input_ids"])))
+        return model, ft_mod.FinetuneResult(eval_loss_before=1.0, eval_loss_after=1.0)
+
+    monkeypatch.setattr(ft_mod, "finetune", fake_finetune)
+    d = _tiny_folder(tmp_path / "tiny")
+    threads = torch.get_num_threads()
+    try:
+        assert main(_cli_args(d, "--methods", "elu", "--finetune", "--no-save")) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [(4, 4)]
+
+
+def test_cli_rejects_an_empty_method_list_before_loading(tmp_path):
+    from hedgehog_attention.convert.cli import build_parser, run
+
+    args = build_parser().parse_args(["--model", str(tmp_path / "not-loaded"), "--methods", " , "])
+    with pytest.raises(SystemExit, match="no method"):
+        run(args)
+
+
+def test_cli_model_folder_errors_and_names(tmp_path, monkeypatch):
+    from hedgehog_attention.convert.cli import _load
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no config.json"):
+        _load(str(tmp_path / "empty"), "cpu", torch.float32)
+    (tmp_path / "cfg_only").mkdir()
+    LlamaConfig(vocab_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=2).save_pretrained(
+        tmp_path / "cfg_only"
+    )
+    with pytest.raises(SystemExit, match="cannot load"):
+        _load(str(tmp_path / "cfg_only"), "cpu", torch.float32)
+    d = _tiny_folder(tmp_path / "tiny", paragraphs=1)
+    monkeypatch.chdir(d)
+    _, _, display = _load(".", "cpu", torch.float32)
+    assert display == "tiny"
+
+
+def test_report_layer_index_is_the_model_layer_when_some_are_kept_softmax():
+    from hedgehog_attention.convert.cli import _evaluate_method
+
+    m = tiny("llama")
+    conv = linearize(m, LinearizeConfig(keep_softmax_layers=[0]))
+    batches = _batches(1, 2, 8, seed=3)
+    entry = _evaluate_method(m, conv, "hedgehog", None, batches, None, batches, True, 0.0)
+    assert [(layer["layer"], layer["name"]) for layer in entry["layers"]] == [(1, "model.layers.1.self_attn")]
+
+
+def test_end_to_end_decoder_metrics_count_real_positions_only():
+    """A right-padded batch scores like its rows alone: padding positions are no predictions."""
+    from hedgehog_attention.convert.cli import end_to_end
+
+    m = tiny("gpt2")
+    linearize(m)
+    a, b = ids(1, 12, seed=5), ids(1, 7, seed=6)
+    batch = torch.cat([a, torch.cat([b, torch.zeros(1, 5, dtype=torch.long)], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, 7:] = 0
+    got = end_to_end(m, [{"input_ids": batch, "attention_mask": mask}], decoder=True)
+    want = end_to_end(m, [{"input_ids": x, "attention_mask": torch.ones_like(x)} for x in (a, b)], decoder=True)
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+
+def test_encoder_finetune_puts_the_converted_encoder_in_its_own_backbone_slot(monkeypatch):
+    """A RoBERTa encoder goes into ``cls.roberta`` (``base_model_prefix``), not into an unused
+    ``cls.bert`` next to a freshly initialized backbone."""
+    import argparse
+
+    from transformers import RobertaConfig, RobertaModel
+
+    from hedgehog_attention.convert import finetune as ft_mod
+    from hedgehog_attention.convert.cli import finetune_classification
+    from hedgehog_attention.tasks import corpora
+
+    seen = []
+
+    def fake_finetune(model, train_batches, eval_batches, cfg, **kw):
+        seen.append(model)
+        return model, ft_mod.FinetuneResult()
+
+    monkeypatch.setattr(ft_mod, "finetune", fake_finetune)
+    monkeypatch.setattr(corpora, "load_fine_food", lambda: ([("good food", 1), ("bad", 0)], [("fine", 1)]))
+    tok = _char_tokenizer()
+    cfg = RobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=40, pad_token_id=0)  # fmt: skip
+    enc = RobertaModel(cfg).eval()
+    linearize(enc)
+    args = argparse.Namespace(finetune_method="full", finetune_steps=1, seed=0, quiet=True, strategy="auto",
+                              checkpoint_dir=None, checkpoint_every=None, resume=False)  # fmt: skip
+    finetune_classification(enc, tok, args, 1e-3, 16)
+    hedgehog, softmax = seen
+    assert not hasattr(hedgehog, "bert") and not hasattr(softmax, "bert")
+    assert linearized_modules(hedgehog.roberta) and not linearized_modules(softmax.roberta)
+    sd = enc.state_dict()
+    assert torch.equal(hedgehog.roberta.embeddings.word_embeddings.weight, sd["embeddings.word_embeddings.weight"])
+
+
+def test_report_json_is_strict_json_with_null_for_non_numbers(tmp_path, monkeypatch):
+    """A decoder's finetune has no accuracy (NaN): report.json must still parse as strict JSON."""
+    import hedgehog_attention.convert.report as rep
+
+    monkeypatch.setattr(rep, "plot", lambda report, path: None)  # only the JSON matters here
+    monkeypatch.setattr(rep, "markdown", lambda report: "")
+    report = {"finetune": {"eval_accuracy_before": float("nan"), "eval_loss": 1.5, "curve": [float("inf"), 2.0]}}
+    rep.write_report(report, tmp_path)
+    text = (tmp_path / "report.json").read_text()
+    parsed = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert parsed == {"finetune": {"eval_accuracy_before": None, "eval_loss": 1.5, "curve": [None, 2.0]}}

@@ -167,6 +167,8 @@ def _load(model: str, device: str, dtype: torch.dtype) -> tuple[Any, Any, str]:
     path = Path(model)
     if not path.is_dir():
         raise SystemExit(f"--model {model!r}: expected minilm, smollm2 or a local HF model folder")
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"--model {model!r}: {path} has no config.json (not a saved HF model folder)")
     from transformers import AutoModel, AutoModelForCausalLM
 
     archs = json.loads((path / "config.json").read_text()).get("architectures") or []
@@ -175,10 +177,19 @@ def _load(model: str, device: str, dtype: torch.dtype) -> tuple[Any, Any, str]:
         if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs)
         else AutoModel
     )
-    m, tok = models_zoo.load_local_hf_model(path, model_class=cls, dtype=dtype, device=device)
+    try:
+        m, tok = models_zoo.load_local_hf_model(path, model_class=cls, dtype=dtype, device=device)
+    except OSError as exc:  # e.g. a config.json without weights
+        raise SystemExit(f"--model {model!r}: cannot load the model from {path}: {exc}") from exc
     if tok is None:
         raise SystemExit(f"{path} has no tokenizer files; the job needs one to read text")
-    return m.eval(), tok, path.name
+    return m.eval(), tok, _model_key(model)
+
+
+def _model_key(model: str) -> str:
+    """The model's name for the report and the default output folder (a folder's own name, also for ``.``)."""
+    path = Path(model)
+    return path.resolve().name if path.is_dir() else model
 
 
 def _documents(args) -> tuple[dict[str, list], str]:
@@ -238,6 +249,10 @@ def end_to_end(model, batches, decoder: bool) -> dict[str, float]:
             ref = model(**b, use_cache=False).logits[:, :-1].float().log_softmax(-1)
         got = model(**b, use_cache=False).logits[:, :-1].float().log_softmax(-1)
         tgt = b["input_ids"][:, 1:]
+        mask = b.get("attention_mask")
+        # predictions of a real token from a real token only (padding is neither input nor target)
+        real = torch.ones_like(tgt, dtype=torch.bool) if mask is None else mask[:, 1:].bool() & mask[:, :-1].bool()
+        ref, got, tgt = ref[real], got[real], tgt[real]
         agree += float((ref.argmax(-1) == got.argmax(-1)).float().sum())
         kl += float((ref.exp() * (ref - got)).sum(-1).sum())
         nll_ref += float(-ref.gather(-1, tgt[..., None]).sum())
@@ -296,8 +311,12 @@ def run(args) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise SystemExit(f"--methods {args.methods!r}: no method given (e.g. {','.join(DEFAULT_METHODS)})")
     specs = {m: _method(m) for m in methods}
-    model_key = Path(args.model).name if Path(args.model).is_dir() else args.model
+    # --finetune tunes one model: the Hedgehog one, else the first method's
+    finetuned_method = "hedgehog" if "hedgehog" in methods else methods[0]
+    model_key = _model_key(args.model)
     out_dir = Path(args.output_dir or f"runs/linearize-{model_key}")
     progress = not args.quiet
 
@@ -415,14 +434,15 @@ def run(args) -> dict[str, Any]:
             report["methods"][name] = _evaluate_method(
                 model, conv, fmap, res, test_b, records["test"], e2e_b, decoder, t0
             )
-        if name == methods[0] or name == "hedgehog":
-            if args.finetune:
-                model = _finetune(model, tok, args, report, decoder, split, train, test, seq)
-            if not args.no_save and name == "hedgehog":
-                if main_rank:
-                    path = save_linearized(model, out_dir / "model", tokenizer=tok)
-                    report["saved_model"] = str(path)
-                barrier()
+        tuned = model
+        if args.finetune and name == finetuned_method:
+            tuned = _finetune(model, tok, args, report, decoder, split, train, test, seq, bs)
+        if not args.no_save and name == "hedgehog":
+            if main_rank:
+                path = save_linearized(tuned, out_dir / "model", tokenizer=tok)
+                report["saved_model"] = str(path)
+            barrier()
+        del tuned
         unlinearize(model)
     report["runtime_seconds"] = time.perf_counter() - t_start
     if main_rank:
@@ -435,7 +455,9 @@ def run(args) -> dict[str, Any]:
 def _evaluate_method(model, conv, fmap, res, test_b, test_records, e2e_b, decoder, t0) -> dict[str, Any]:
     """Fidelity per layer (teacher vs linear attention on the test blocks) and end to end."""
     fid = evaluate_fidelity(model, test_b, records=test_records)
-    layers = [{"layer": i, "name": n, **fid[n]} for i, n in enumerate(conv.converted)]
+    # the layer's index in the model (kept softmax layers included), not its rank among the converted
+    index = {n: m.layer_idx for n, m in linearized_modules(model)}
+    layers = [{"layer": index[n], "name": n, **fid[n]} for n in conv.converted]
     e2e = end_to_end(model, e2e_b, decoder)
     entry = {
         "feature_map": fmap,
@@ -471,15 +493,24 @@ def _evaluate_method(model, conv, fmap, res, test_b, test_records, e2e_b, decode
     return entry
 
 
-def _finetune(model, tok, args, report, decoder, split, train, test, seq):
-    lr = args.finetune_lr or (1e-4 if args.finetune_method == "lora" else 2e-5)
+def _finetune(model, tok, args, report, decoder, split, train, test, seq, batch_size):
+    """The finetuning stage; returns the model to save. The given model is left as it is (the
+    methods converted after this one must still compare with the original)."""
+    import copy
+
+    lr = args.finetune_lr if args.finetune_lr is not None else (1e-4 if args.finetune_method == "lora" else 2e-5)
     rank0_print(f"[linearize] finetuning ({args.finetune_method}, {args.finetune_steps} steps) ...")
-    from .finetune import finetune
+    from . import finetune as ft
 
     if decoder:
-        cfg = _finetune_config(args, lr, "lm", 2, "finetune")
-        model, res = finetune(
-            model, make_batches(train, 2, labels=True), make_batches(test, 2, labels=True), cfg, progress=not args.quiet
+        cfg = _finetune_config(args, lr, "lm", batch_size, "finetune")
+        # on a copy: LoRA merges into (full tunes) the original projections, the teacher of later methods
+        model, res = ft.finetune(
+            copy.deepcopy(model),
+            make_batches(train, batch_size, labels=True),
+            make_batches(test, batch_size, labels=True),
+            cfg,
+            progress=not args.quiet,
         )
         report["finetune"] = {"task": "next-token on train blocks; eval on test blocks", **res.to_dict()}
         report["finetune"]["eval_ppl_before"] = math.exp(res.eval_loss_before)
@@ -496,10 +527,10 @@ def finetune_classification(encoder, tok, args, lr, seq) -> dict[str, Any]:
 
     from transformers import AutoModelForSequenceClassification
 
-    from ..tasks.corpora import load_fine_food
-    from .finetune import finetune
+    from ..tasks import corpora
+    from . import finetune as ft
 
-    train_rows, test_rows = load_fine_food()
+    train_rows, test_rows = corpora.load_fine_food()
 
     def batches(rows, n):
         out = []
@@ -529,11 +560,11 @@ def finetune_classification(encoder, tok, args, lr, seq) -> dict[str, Any]:
         base = copy.deepcopy(encoder)
         if which == "softmax":
             unlinearize(base)
-        cls.bert = base
+        setattr(cls, cls.base_model_prefix, base)  # cls.bert, cls.roberta, ...: the backbone the head reads
         cls.to(next(encoder.parameters()).device)
         cfg = _finetune_config(args, lr, "classification", 16, f"finetune-{which}")
         # no "before" score: the classification head is freshly initialized
-        _, res = finetune(cls, train_b, test_b, cfg, progress=not args.quiet, evaluate_before=False)
+        _, res = ft.finetune(cls, train_b, test_b, cfg, progress=not args.quiet, evaluate_before=False)
         results[which] = {
             "accuracy_after": res.eval_accuracy_after,
             "loss_after": res.eval_loss_after,

@@ -335,6 +335,8 @@ def global_batch(cfg_batch_size: int, n: int, world_size: int, what: str = "batc
     """``(global batch, per-process micro-batch)``: ``batch_size`` sequences per step over all
     processes (so 1 and N processes train on the same batches), clamped to the data set when it is
     smaller (to a multiple of the world size)."""
+    if cfg_batch_size < world_size:
+        raise ValueError(f"{what}={cfg_batch_size} is smaller than the {world_size} processes: each needs a sequence")
     g = min(cfg_batch_size, n - n % world_size)
     if g < world_size:
         raise ValueError(f"{n} training sequence(s) cannot be split over {world_size} processes")

@@ -143,12 +143,24 @@ def plot(report: dict[str, Any], path: Path) -> None:
             os.unlink(tmp)
 
 
+def _finite_or_null(x: Any) -> Any:
+    """``x`` with every non-finite float (also in nested dicts, lists, tuples) replaced by None."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite_or_null(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite_or_null(v) for v in x]
+    return x
+
+
 def write_report(report: dict[str, Any], output_dir: str | Path) -> dict[str, Path]:
     """Write report.json, report.md and report.png into ``output_dir``; returns their paths."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "report.json", "md": out / "report.md", "png": out / "report.png"}
-    write_atomic(paths["json"], json.dumps(report, indent=2, default=float))
+    # strict JSON: a value that is not a number (NaN: no accuracy for a decoder) is written as null
+    write_atomic(paths["json"], json.dumps(_finite_or_null(report), indent=2, default=float, allow_nan=False))
     write_atomic(paths["md"], markdown(report))
     plot(report, paths["png"])
     return paths
