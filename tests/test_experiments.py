@@ -201,9 +201,11 @@ def test_lm_cli_smoke_and_resume(tmp_path):
     assert r2["steps"] == 30 and [h["step"] for h in r2["history"]] == [15, 30]
     assert r2["losses"] == pytest.approx(res["softmax"]["losses"], rel=1e-6)
     assert r2["test_ppl"] == pytest.approx(res["softmax"]["test_ppl"], rel=1e-6)
-    # Without --resume a run starts over (the old checkpoints are removed first).
+    # Without --resume a run starts over (the old checkpoints are removed first). Only softmax: the
+    # finished 30-step runs of the others are not reused under a 5-step config.
     (out / "runs" / "softmax.json").unlink()
-    assert lm_main([*args, "--set", "train.steps=5"]) == 0
+    assert lm_main([*args, "--set", "train.steps=5"]) == 2
+    assert lm_main([*args, "--set", "train.steps=5", "--set", "variants=[{name: softmax, attention: softmax}]"]) == 0
     assert sorted(p.name for p in (out / "ckpt" / "softmax").glob("*.pt")) == ["ckpt-00000005.pt"]
 
 
@@ -241,3 +243,93 @@ def test_load_config_from_cli_applies_set_then_shortcut_flags():
     bad = argparse.Namespace(config="configs/recall_smoke.yaml", overrides=["no_such_key=1"], device=None)
     with pytest.raises(ConfigError):
         load_config_from_cli(RecallConfig, bad, {"device": "device"})
+
+
+def test_exponent_numbers_are_floats_in_overrides_and_files(tmp_path):
+    # YAML 1.2 reads 1e-3 as a number; PyYAML (YAML 1.1) reads it as the string '1e-3'.
+    assert apply_overrides({}, ["train.lr=1e-3", "b=[5E4, 2]", "c=-2e+1", "d=1e"]) == {
+        "train": {"lr": 1e-3}, "b": [5e4, 2], "c": -20.0, "d": "1e"
+    }  # fmt: skip
+    cfg = load_config(LMConfig, CONFIGS / "lm_smoke.yaml", ["train.lr=3e-4"])
+    assert cfg.train.lr == 3e-4
+    p = tmp_path / "c.yaml"
+    p.write_text("variants: [{name: a, attention: softmax}]\ntrain: {lr: 1e-2, weight_decay: 1E-1}\n")
+    cfg = load_config(LMConfig, p)
+    assert (cfg.train.lr, cfg.train.weight_decay) == (1e-2, 0.1)
+
+
+def test_shortcut_flags_are_taken_verbatim():
+    from hedgehog_attention.experiments.common import TRAINING_SHORTCUTS, load_config_from_cli
+    from hedgehog_attention.experiments.lm import build_parser
+
+    for out in ("2024", "on", "runs/a: b", "#x"):
+        args = build_parser().parse_args(["--config", str(CONFIGS / "lm_smoke.yaml"), "--out", out, "--workers", "3"])
+        cfg = load_config_from_cli(LMConfig, args, TRAINING_SHORTCUTS)
+        assert cfg.out_dir == out and cfg.workers == 3
+
+
+def test_lm_refuses_finished_runs_of_other_settings(tmp_path):
+    """A finished run is reused only under the settings it was trained with; otherwise the report
+    would print this config's seed / lr / model above another config's numbers."""
+    npz = _toy_npz(tmp_path)
+    out = tmp_path / "lm"
+    sets = [f"data.npz_path={npz}", "data.vocab_size=64", "variants=[{name: softmax, attention: softmax}]",
+            "train.steps=2", "train.log_every=2", "train.checkpoint_every=2"]  # fmt: skip
+    args = ["--config", str(CONFIGS / "lm_smoke.yaml"), "--out", str(out)] + [a for s in sets for a in ("--set", s)]
+    assert lm_main(args) == 0
+    run = json.loads((out / "runs" / "softmax.json").read_text())
+    table = [line for line in (out / "lm.md").read_text().splitlines() if line.startswith("| softmax")]
+    # Same settings (bookkeeping such as log_every, workers and the gap baseline may differ): reused.
+    assert lm_main([*args, "--set", "train.log_every=1", "--set", "gap_high=x", "--workers", "2"]) == 0
+    assert [line for line in (out / "lm.md").read_text().splitlines() if line.startswith("| softmax")] == table
+    for changed in ("seed=1", "train.lr=1.0e-3", "model.d_model=64", "dtype=bfloat16"):
+        assert lm_main([*args, "--set", changed]) == 2, changed
+        assert lm_main([*args, "--set", changed, "--report-only"]) == 2, changed
+    assert json.loads((out / "runs" / "softmax.json").read_text()) == run  # neither retrained nor reported
+    assert json.loads((out / "config.json").read_text())["config"]["seed"] == 0
+
+
+def test_seed_summary_of_one_seed_prints_no_nan():
+    from hedgehog_attention.experiments.seeds import seeds_markdown, summarize_seeds
+
+    runs = [{"seed": 0, "teacher": {"test_accuracy": 0.8}, "methods": [{"method": "h", "test_accuracy": 0.6}]}]
+    md = seeds_markdown(summarize_seeds(runs))
+    assert "nan" not in md
+    assert md.splitlines()[0].startswith("Seeds [0]; teacher test accuracy 80.0% (per seed: 80.0).")
+
+
+def test_monotonicity_plot_keeps_zero_weights(tmp_path, monkeypatch):
+    """Fig. 3 plots every attended query-key pair: a ReLU-like map's exactly-zero weights stay in."""
+    import matplotlib.axes
+
+    from hedgehog_attention.experiments.attention_maps import plot_monotonicity
+
+    counts = []
+    orig = matplotlib.axes.Axes.scatter
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "scatter", lambda self, x, y, **kw: counts.append(len(x)) or orig(self, x, y, **kw)
+    )
+    rng = np.random.default_rng(0)
+    dots = rng.normal(size=(1, 1, 4, 4))
+    full = np.exp(dots) / np.exp(dots).sum(-1, keepdims=True)  # non-causal teacher: 16 pairs
+    relu = np.maximum(dots, 0) / np.maximum(dots, 0).sum(-1, keepdims=True).clip(1e-9)
+    causal = np.tril(np.ones((4, 4)))
+    cw = full * causal / (full * causal).sum(-1, keepdims=True)  # causal teacher: 10 pairs
+    meta = {"layers": [0], "heads": [0]}
+    plot_monotonicity({"relu": {"softmax": full, "linear": relu, "dots": dots}}, meta, tmp_path / "a.png", "t")
+    assert (relu == 0).any() and counts == [16, 16]
+    counts.clear()
+    snaps = {"relu": {"softmax": cw, "linear": relu * causal, "dots": dots}}
+    plot_monotonicity(snaps, meta, tmp_path / "b.png", "t")
+    assert counts == [10, 10]
+
+
+def test_record_run_report_only_never_writes_the_run_record(tmp_path):
+    from hedgehog_attention.experiments.common import record_run
+
+    cfg = load_config(LMConfig, CONFIGS / "lm_smoke.yaml")
+    # A report rebuilt where no run was recorded names itself, and does not pose as the run that trained.
+    assert record_run(cfg, tmp_path, {"e": 1}, "report", report_only=True, is_main=True) == ({"e": 1}, "report")
+    assert not (tmp_path / "config.json").exists()
+    assert record_run(cfg, tmp_path, {"e": 2}, "train", report_only=False, is_main=True) == ({"e": 2}, "train")
+    assert record_run(cfg, tmp_path, {"e": 3}, "report", report_only=True, is_main=True) == ({"e": 2}, "train")

@@ -154,8 +154,11 @@ def plot_monotonicity(snaps: dict[str, dict[str, np.ndarray]], meta: dict, path:
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.3 * rows), squeeze=False)
     for ax in axes.flat[len(panels) :]:
         ax.axis("off")
+    # Every query-key pair the teacher attends over (all of them, or the causal lower triangle), in
+    # every panel: a linear map's exactly-zero weights (ReLU, T2R, cosFormer) are part of its trend.
+    teacher = first["softmax"][0, 0]
+    vis = np.tril(np.ones_like(teacher, dtype=bool)) | (teacher > 0)
     for ax, (name, dots, w) in zip(axes.flat, panels):
-        vis = w > 0 if name != "softmax" else np.tril(np.ones_like(w, dtype=bool)) | (w > 0)
         ax.scatter(dots[vis], w[vis], s=3, alpha=0.4)
         ax.set_title(name, fontsize=8)
         ax.set_xlabel("q.k / sqrt(d)", fontsize=7)

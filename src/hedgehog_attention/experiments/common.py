@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import platform
+import re
 import subprocess
 import types
 import typing
@@ -128,9 +129,7 @@ def config_to_dict(cfg: Any) -> dict:
 def _read_mapping(path: Path) -> dict:
     text = path.read_text()
     if path.suffix in (".yaml", ".yml"):
-        import yaml  # transformers depends on PyYAML, so it is always installed with this package
-
-        data = yaml.safe_load(text)
+        data = _yaml_load(text)
     elif path.suffix == ".json":
         data = json.loads(text)
     else:
@@ -140,10 +139,23 @@ def _read_mapping(path: Path) -> dict:
     return data
 
 
-def _parse_scalar(text: str) -> Any:
-    import yaml
+_EXPONENT_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
 
-    return yaml.safe_load(text)
+
+def _yaml_load(text: str) -> Any:
+    """``yaml.safe_load``, except that exponent numbers without a dot (``1e-3``, ``5E4``) are floats, as
+    in YAML 1.2 (PyYAML follows YAML 1.1 and would read them as strings)."""
+    import yaml  # transformers depends on PyYAML, so it is always installed with this package
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789"))
+    return yaml.load(text, Loader=Loader)  # a SafeLoader subclass: no arbitrary objects
+
+
+def _parse_scalar(text: str) -> Any:
+    return _yaml_load(text)
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -182,7 +194,8 @@ def load_config_from_cli(cls: type[T], args, shortcuts: dict[str, str]) -> T:
     for attr, key in shortcuts.items():
         value = getattr(args, attr)
         if value:
-            overrides.append(f"{key}={value}")
+            # JSON-quoted: a flag's value is taken as given (``--out 2024`` is the folder "2024", not a number).
+            overrides.append(f"{key}={json.dumps(value)}")
     return load_config(cls, args.config, overrides)
 
 
@@ -379,11 +392,14 @@ def record_run(
 ) -> tuple[dict, str]:
     """A training run writes its config, environment and command to ``out_dir/config.json`` (rank
     0); ``--report-only`` reads them back so the rebuilt report names the run that produced the
-    numbers, not the report command. Returns ``(environment, command)`` for the report."""
+    numbers, not the report command (which never writes it). Returns ``(environment, command)`` for the
+    report."""
     path = out_dir / "config.json"
-    if report_only and path.exists():
-        saved = json.loads(path.read_text())
-        return saved["environment"], saved.get("command", command)
+    if report_only:
+        if path.exists():
+            saved = json.loads(path.read_text())
+            return saved["environment"], saved.get("command", command)
+        return env, command
     if is_main:
         save_json({"config": config_to_dict(cfg), "environment": env, "command": command}, path)
     return env, command

@@ -23,7 +23,8 @@ NLL). Nothing is selected on the test split; the validation split is only logged
 (model, optimizer, schedule, RNG, data position) is written every ``checkpoint_every`` steps and
 at the end under ``<out>/ckpt/<variant>/``; ``--resume`` continues from it (same result as an
 uninterrupted run), a run without ``--resume`` starts from step 0. Finished variants
-(``<out>/runs/<variant>.json``) are skipped.
+(``<out>/runs/<variant>.json``) are skipped; one recorded with other settings (data, model, training
+recipe, seed, dtype: :func:`run_settings`) stops the command instead of entering the report.
 
 Usage::
 
@@ -123,7 +124,7 @@ class LMVariant:
 
 @dataclass
 class LMTrain:
-    """App. C.2: AdamW lr 6e-4, wd 0.01 (on every parameter: the Trainer's one AdamW group); warmup
+    """App. C.2: AdamW lr 6e-4, wd 0.01 (on weight matrices only: no decay on biases and norm gains); warmup
     then cosine to ``min_lr_ratio``. batch_size: the GLOBAL batch (windows per optimizer step), split
     over processes and ``grad_accum_steps``. log_every: validation every so many steps."""
 
@@ -359,9 +360,57 @@ def run_variant(
             if h["eval_loss"] is not None
         ],  # fmt: skip
         "losses": losses,
+        "settings": run_settings(cfg, vi),
     }
     save_json(result, out_dir / "runs" / f"{v.name}.json")
     return result
+
+
+# Config fields a run's numbers do not depend on (placement, bookkeeping, the report's gap baseline);
+# every other field is recorded with the run and must match for a finished run to be reused.
+_PLACEMENT_KEYS = ("out_dir", "workers", "device", "strategy", "gap_low", "gap_high", "variants")
+_BOOKKEEPING_KEYS = {"data": ("npz_path",), "train": ("log_every", "checkpoint_every", "keep_last", "max_seconds",
+                                                        "eval_batch_size")}  # fmt: skip
+
+
+def run_settings(cfg: LMConfig, vi: int) -> dict:
+    """The settings variant ``vi``'s result depends on (its own variant entry, data, model, training
+    recipe, seed, dtype), as saved in ``runs/<name>.json`` and compared before a finished run is reused."""
+    d = config_to_dict(cfg)
+    out = {k: v for k, v in d.items() if k not in _PLACEMENT_KEYS}
+    for section, keys in _BOOKKEEPING_KEYS.items():
+        out[section] = {k: v for k, v in d[section].items() if k not in keys}
+    out["variant"] = d["variants"][vi]
+    return json.loads(json.dumps(out))  # as it reads back from the run's JSON
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and value:
+            out |= _flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def stale_runs(cfg: LMConfig, out_dir: Path) -> list[str]:
+    """Finished runs under ``out_dir`` recorded with other settings than ``cfg`` gives them (one line
+    each, naming the differing keys). Runs saved without their settings (older files) are not checked."""
+    problems = []
+    for vi, v in enumerate(cfg.variants):
+        path = out_dir / "runs" / f"{v.name}.json"
+        if not path.exists():
+            continue
+        saved = json.loads(path.read_text()).get("settings")
+        if saved is None:
+            continue
+        old, new = _flatten(saved), _flatten(run_settings(cfg, vi))
+        diff = [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in sorted(set(old) | set(new))
+                if old.get(k, "<unset>") != new.get(k, "<unset>")]  # fmt: skip
+        if diff:
+            problems.append(f"{path} was trained with other settings ({'; '.join(diff)})")
+    return problems
 
 
 def _job(args: tuple[dict, int, str, str, bool]) -> str:
@@ -540,6 +589,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(cfg: LMConfig, args: argparse.Namespace, argv: list[str] | None, out_dir: Path, device: torch.device,
           is_main: bool) -> int:  # fmt: skip
+    stale = stale_runs(cfg, out_dir)
+    if stale:  # reusing them would report their numbers under this config's settings
+        for line in stale:
+            log.error("%s; use another --out, or delete the file to retrain it", line)
+        return 2
     env = environment_info(device) | {"processes": world_info().world_size}
     command = ("hedgehog lm " + " ".join(argv if argv is not None else [])).strip()
     env, command = record_run(cfg, out_dir, env, command, report_only=args.report_only, is_main=is_main)

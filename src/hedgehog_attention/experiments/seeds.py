@@ -89,8 +89,9 @@ def seeds_markdown(summary: dict[str, Any]) -> str:
     seeds = summary["seeds"]
     t_vals = summary["teacher"]["values"]
     t_mean, t_std = summary["teacher"]["mean_std"]
+    t_pm = "" if math.isnan(t_std) else f" ± {t_std * 100:.1f}"  # one seed: no sample std, as in the rows
     lines = [
-        f"Seeds {seeds}; teacher test accuracy {t_mean * 100:.1f} ± {t_std * 100:.1f}% "
+        f"Seeds {seeds}; teacher test accuracy {t_mean * 100:.1f}{t_pm}% "
         f"(per seed: {', '.join(f'{x * 100:.1f}' for x in t_vals)}). mean ± sample std over seeds.",
         "",
         "| method | " + " | ".join(title for _, title, _ in METRICS) + " | test acc % per seed |",
