@@ -114,7 +114,7 @@ def test_recall_cli_smoke_writes_report(tmp_path):
     smoke = ["--config", str(CONFIGS / "recall_smoke.yaml"), "--out", str(out)]
     assert recall_main([*smoke, "--set", "train.steps=8"]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()} == stamps
-    assert recall_main([*smoke, "--report-only"]) == 0
+    assert recall_main([*smoke, "--set", "train.steps=8", "--report-only"]) == 0
     assert [line for line in (out / "recall.md").read_text().splitlines() if line.startswith("|")] == table
 
 
@@ -333,3 +333,17 @@ def test_record_run_report_only_never_writes_the_run_record(tmp_path):
     assert not (tmp_path / "config.json").exists()
     assert record_run(cfg, tmp_path, {"e": 2}, "train", report_only=False, is_main=True) == ({"e": 2}, "train")
     assert record_run(cfg, tmp_path, {"e": 3}, "report", report_only=True, is_main=True) == ({"e": 2}, "train")
+
+
+def test_recall_refuses_finished_runs_of_other_settings(tmp_path):
+    """A finished (variant, seed) is reused only under the settings it was trained with: a rerun
+    with another lr or step count would report its numbers under the new header."""
+    out = tmp_path / "recall"
+    args = ["--config", str(CONFIGS / "recall_smoke.yaml"), "--out", str(out), "--set", "train.steps=2",
+            "--set", "variants=[{name: softmax, attention: softmax}]"]  # fmt: skip
+    assert recall_main(args) == 0
+    first = (out / "runs" / "softmax_s0.json").read_text()
+    assert recall_main([*args, "--set", "train.lr=0.05"]) == 2
+    assert recall_main([*args, "--set", "train.steps=3", "--report-only"]) == 2
+    assert (out / "runs" / "softmax_s0.json").read_text() == first  # nothing retrained or rewritten
+    assert recall_main([*args, "--set", "train.log_every=1", "--report-only"]) == 0  # bookkeeping only: reused

@@ -413,3 +413,21 @@ def save_figure(fig: Any, path: Path, dpi: int = 120) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and value:
+            out |= _flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def settings_diff(saved: dict, current: dict) -> list[str]:
+    """``"key: old -> new"`` for every (dotted) key whose value differs between a finished run's saved
+    settings and the current config's: a finished run is reused only when this is empty."""
+    old, new = _flatten(saved), _flatten(current)
+    return [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in sorted(set(old) | set(new))
+            if old.get(k, "<unset>") != new.get(k, "<unset>")]  # fmt: skip

@@ -78,6 +78,7 @@ from .common import (
     record_run,
     save_figure,
     save_json,
+    settings_diff,
     setup_logging,
     trainer_placement,
 )
@@ -384,16 +385,6 @@ def run_settings(cfg: LMConfig, vi: int) -> dict:
     return json.loads(json.dumps(out))  # as it reads back from the run's JSON
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict) and value:
-            out |= _flatten(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def stale_runs(cfg: LMConfig, out_dir: Path) -> list[str]:
     """Finished runs under ``out_dir`` recorded with other settings than ``cfg`` gives them (one line
     each, naming the differing keys). Runs saved without their settings (older files) are not checked."""
@@ -405,9 +396,7 @@ def stale_runs(cfg: LMConfig, out_dir: Path) -> list[str]:
         saved = json.loads(path.read_text()).get("settings")
         if saved is None:
             continue
-        old, new = _flatten(saved), _flatten(run_settings(cfg, vi))
-        diff = [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in sorted(set(old) | set(new))
-                if old.get(k, "<unset>") != new.get(k, "<unset>")]  # fmt: skip
+        diff = settings_diff(saved, run_settings(cfg, vi))
         if diff:
             problems.append(f"{path} was trained with other settings ({'; '.join(diff)})")
     return problems

@@ -69,6 +69,7 @@ from .common import (
     record_run,
     save_figure,
     save_json,
+    settings_diff,
     setup_logging,
     trainer_placement,
 )
@@ -647,6 +648,35 @@ def _state_tensors(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[t
     return out
 
 
+# how a run is placed and logged, not what it computes: left out of the settings a finished run is reused by
+_BOOKKEEPING = ("log_every", "checkpoint_every", "keep_last", "max_seconds", "engine")
+
+
+def run_settings(cfg: RecallConfig, vi: int, seed: int) -> dict:
+    """The settings job (variant ``vi``, ``seed``)'s result depends on (task, the variant and its
+    model and training recipe, seed, dtype), saved with the result and compared before a finished
+    run is reused."""
+    v = cfg.variants[vi]
+    train = {k: x for k, x in config_to_dict(cfg.train_for(v)).items() if k not in _BOOKKEEPING}
+    out = {"task": config_to_dict(cfg.task), "model": config_to_dict(cfg.model_for(v)), "train": train,
+           "variant": config_to_dict(v), "seed": seed, "dtype": cfg.dtype}  # fmt: skip
+    return json.loads(json.dumps(out))  # as it reads back from the run's JSON
+
+
+def stale_runs(cfg: RecallConfig, out_dir: Path) -> list[str]:
+    """Finished runs under ``out_dir`` recorded with other settings than ``cfg`` gives them (one line
+    each, naming the keys). Runs saved without their settings (older files) are not checked."""
+    problems = []
+    for vi, v in enumerate(cfg.variants):
+        for s in cfg.seeds:
+            path = out_dir / "runs" / f"{v.name}_s{s}.json"
+            saved = json.loads(path.read_text()).get("settings") if path.exists() else None
+            diff = [] if saved is None else settings_diff(saved, run_settings(cfg, vi, s))
+            if diff:
+                problems.append(f"{path} was trained with other settings ({'; '.join(diff)})")
+    return problems
+
+
 def _run_and_save(cfg: RecallConfig, vi: int, seed: int, device: torch.device, out: Path, resume: bool) -> str:
     """Run one job and (rank 0) write its result JSON and final weights; returns the result path."""
     variant = cfg.variants[vi]
@@ -658,7 +688,7 @@ def _run_and_save(cfg: RecallConfig, vi: int, seed: int, device: torch.device, o
         (out / "weights").mkdir(parents=True, exist_ok=True)
         torch.save({"config": config_to_dict(cfg), "variant": vi, "seed": seed, "model": state},
                    out / "weights" / f"{tag}.pt")  # fmt: skip
-        save_json(res, path)
+        save_json(res | {"settings": run_settings(cfg, vi, seed)}, path)
     barrier()
     return str(path)
 
@@ -915,6 +945,11 @@ def main(argv: list[str] | None = None) -> int:
             log.info("bench %s", json.dumps(rows[-1]))
         save_json({"bench": rows, "environment": environment_info(device)}, out_dir / "bench.json")
         return 0
+    stale = stale_runs(cfg, out_dir)
+    if stale:  # reusing them would report their numbers under this config's settings
+        for line in stale:
+            log.error("%s; use another --out, or delete the file to retrain it", line)
+        return 2
     info = init_distributed(device=device)  # no-op outside torchrun
     try:
         env = environment_info(device) | {"processes": info.world_size}
