@@ -408,6 +408,20 @@ def _check_state(s0: Tensor | None, z0: Tensor | None, cu: Tensor, HK: int, FT: 
         )
 
 
+def _check_map_weights(q_weight, q_bias, k_weight, k_bias, H: int, HK: int, D: int) -> int:
+    """``q_weight [H, D, F]``, ``k_weight [Hk, D, F]``, biases ``[H, F]`` / ``[Hk, F]`` or None; returns F."""
+    if q_weight.dim() != 3 or q_weight.shape[:2] != (H, D):
+        raise ValueError(f"q_weight must be [H, D, F] = [{H}, {D}, F]; got {tuple(q_weight.shape)}")
+    F = q_weight.shape[2]
+    if tuple(k_weight.shape) != (HK, D, F):
+        raise ValueError(f"k_weight must be [Hk, D, F] = {(HK, D, F)}; got {tuple(k_weight.shape)}")
+    if q_bias is not None and tuple(q_bias.shape) != (H, F):
+        raise ValueError(f"q_bias must be [H, F] = {(H, F)}; got {tuple(q_bias.shape)}")
+    if k_bias is not None and tuple(k_bias.shape) != (HK, F):
+        raise ValueError(f"k_bias must be [Hk, F] = {(HK, F)}; got {tuple(k_bias.shape)}")
+    return F
+
+
 def _needs_grad(*xs) -> bool:
     """Whether autograd will record this call (the forward layout may differ for inference)."""
     if not torch.is_grad_enabled():
@@ -513,15 +527,7 @@ def fused_hedgehog_attention(
         raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.shape[3] != D:
         raise ValueError(f"q and k must share the head dim D; got {D} and {k.shape[3]}")
-    if q_weight.dim() != 3 or q_weight.shape[:2] != (H, D):
-        raise ValueError(f"q_weight must be [H, D, F] = [{H}, {D}, F]; got {tuple(q_weight.shape)}")
-    F = q_weight.shape[2]
-    if tuple(k_weight.shape) != (HK, D, F):
-        raise ValueError(f"k_weight must be [Hk, D, F] = {(HK, D, F)}; got {tuple(k_weight.shape)}")
-    if q_bias is not None and tuple(q_bias.shape) != (H, F):
-        raise ValueError(f"q_bias must be [H, F] = {(H, F)}; got {tuple(q_bias.shape)}")
-    if k_bias is not None and tuple(k_bias.shape) != (HK, F):
-        raise ValueError(f"k_bias must be [Hk, F] = {(HK, F)}; got {tuple(k_bias.shape)}")
+    F = _check_map_weights(q_weight, q_bias, k_weight, k_bias, H, HK, D)
     _check_state(s0, z0, cu, HK, 2 * F if negation else F, v.shape[3])
     if _lm().needs_fallback(F, q.dtype, q.device):
         return _fused_fallback(
@@ -610,15 +616,7 @@ def fused_hedgehog_decode_step(
             f"q [B, H, D], k [B, Hk, D], v [B, Hk, Dv] with H % Hk == 0; got {tuple(q.shape)}, {tuple(k.shape)}, "
             f"{tuple(v.shape)}"
         )
-    if q_weight.dim() != 3 or q_weight.shape[:2] != (H, D):
-        raise ValueError(f"q_weight must be [H, D, F] = [{H}, {D}, F]; got {tuple(q_weight.shape)}")
-    F = q_weight.shape[2]
-    if tuple(k_weight.shape) != (HK, D, F):
-        raise ValueError(f"k_weight must be [Hk, D, F] = {(HK, D, F)}; got {tuple(k_weight.shape)}")
-    if q_bias is not None and tuple(q_bias.shape) != (H, F):
-        raise ValueError(f"q_bias must be [H, F] = {(H, F)}; got {tuple(q_bias.shape)}")
-    if k_bias is not None and tuple(k_bias.shape) != (HK, F):
-        raise ValueError(f"k_bias must be [Hk, F] = {(HK, F)}; got {tuple(k_bias.shape)}")
+    F = _check_map_weights(q_weight, q_bias, k_weight, k_bias, H, HK, D)
     FT = 2 * F if negation else F
     if S.dtype != torch.float32 or z.dtype != torch.float32 or not S.is_contiguous() or not z.is_contiguous():
         raise ValueError("state (S, z) must be contiguous float32 tensors (it is updated in place)")
