@@ -402,3 +402,38 @@ def test_linear_attention_learns_each_half_of_the_induction_circuit(attention, k
 
     assert _train_tiny(attention, kw, shift, 16, 300) > 0.9
     assert _train_tiny(attention, kw, match, 72, 400) > 0.9
+
+
+def test_graph_engine_matches_trainer_with_grad_accum():
+    """grad_accum_steps > 1: fit_graphed takes the Trainer's micro-batches (mean of micro-batch means)."""
+    cfgs = [_tiny_cfg(e, attention="elu", train={"steps": 2, "log_every": 1, "grad_accum_steps": 2})
+            for e in ("trainer", "graph")]  # fmt: skip
+    a, b = (run_one(c, c.variants[0], 0, torch.device("cpu")) for c in cfgs)
+    assert [p["loss"] for p in b["curve"]] == pytest.approx([p["loss"] for p in a["curve"]], rel=1e-6)
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_shards_stay_disjoint_when_another_shard_has_finished_runs(tmp_path, monkeypatch):
+    """A shard started after another one finished runs still gets its own share of the whole sweep."""
+    import hedgehog_attention.experiments.recall as rec
+
+    cfg = RecallConfig(
+        task=RecallTask(16, 32), model=RecallModel(d_model=16, n_layers=1, n_heads=2),
+        variants=[RecallVariant(f"v{i}", a) for i, a in enumerate(["softmax", "hedgehog", "taylor2", "elu", "relu"])],
+        seeds=[0, 1], device="cpu",
+    )  # fmt: skip
+    ran: list[tuple[int, int]] = []
+
+    def fake(c, vi, s, d, o, r):
+        ran.append((vi, s))
+        save_path = o / "runs" / f"{c.variants[vi].name}_s{s}.json"
+        save_path.parent.mkdir(parents=True, exist_ok=True)
+        save_path.write_text("{}")
+        return str(save_path)
+
+    monkeypatch.setattr(rec, "_run_and_save", fake)
+    monkeypatch.setattr(rec, "collect", lambda c, o: [])
+    for i in range(2):  # shard 0 finishes before shard 1 lists its jobs
+        rec.run_sweep(cfg, tmp_path, torch.device("cpu"), shard=(i, 2))
+    assert sorted(ran) == sorted((vi, s) for vi in range(5) for s in (0, 1))

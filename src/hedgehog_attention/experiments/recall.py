@@ -394,9 +394,17 @@ def fit_graphed(
         sx.copy_(block[1][off : off + bsz])
         sy.copy_(block[2][off : off + bsz])
 
+    accum, micro = tcfg.grad_accum_steps, tcfg.micro_batch_size
+
     def one_step() -> torch.Tensor:
-        loss = model(sx, sy).total_loss
-        loss.backward()
+        # the Trainer's micro-batches: the step loss is the mean of the micro-batch means
+        loss = None
+        for a in range(accum):
+            part = model(sx[a * micro : (a + 1) * micro], sy[a * micro : (a + 1) * micro]).total_loss
+            (part / accum).backward()
+            loss = part.detach() if loss is None else loss + part.detach()
+        assert loss is not None
+        loss = loss / accum
         if tc.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
         opt.step()
@@ -717,17 +725,21 @@ def run_sweep(
     if not 0 <= i_shard < n_shard:
         raise ValueError(f"shard must be I/N with 0 <= I < N, got {i_shard}/{n_shard}")
     cfg_dict = config_to_dict(cfg)
-    jobs = []
-    for vi, v in enumerate(cfg.variants):
-        for s in cfg.seeds:
-            if (out_dir / "runs" / f"{v.name}_s{s}.json").exists():
-                log.info("skip %s seed %d (already done)", v.name, s)
-                continue
-            jobs.append((cfg_dict, vi, s, str(device), str(out_dir), resume))
-    barrier()  # every rank has listed the jobs before rank 0 writes results
+    jobs = [(cfg_dict, vi, s, str(device), str(out_dir), resume) for vi in range(len(cfg.variants)) for s in cfg.seeds]
     # Slowest attentions first, so a parallel sweep does not end waiting on one long run.
     jobs.sort(key=lambda j: -_COST.get(cfg.variants[j[1]].attention, 1) - cfg.variants[j[1]].distill_weight)
-    jobs = jobs[i_shard::n_shard]  # round-robin over the cost-sorted list: shards of similar cost
+    # Round-robin over the cost-sorted list of ALL jobs (shards of similar cost), and only then skip
+    # the finished ones: the split must not depend on which runs another shard has finished so far.
+    jobs = jobs[i_shard::n_shard]
+    todo = []
+    for j in jobs:
+        name = cfg.variants[j[1]].name
+        if (out_dir / "runs" / f"{name}_s{j[2]}.json").exists():
+            log.info("skip %s seed %d (already done)", name, j[2])
+        else:
+            todo.append(j)
+    jobs = todo
+    barrier()  # every rank has listed the jobs before rank 0 writes results
     t0 = time.perf_counter()
     if cfg.workers > 1 and len(jobs) > 1:
         if world_info().distributed:
