@@ -273,3 +273,52 @@ def test_pretrained_conversion_tokens_halves_softmax_baseline(tmp_path):
     assert "| softmax-ft | no |" in (tmp_path / "m" / "pretrained_conversion.md").read_text()
     bad = [*base, "--set", "methods=[{name: s, feature_map: softmax, distill: true}]", "--out", str(tmp_path / "z")]
     assert pc_main(bad) == 2
+
+
+_FC_FAST = ["--config", str(CONFIGS / "finetuned_conversion_smoke.yaml"), "--set", "teacher.epochs=1",
+            "--set", "convert.distill_steps=2", "--set", "data.synthetic_size=64",
+            "--set", "convert.finetune_epochs=0"]  # fmt: skip
+
+
+def test_conversion_method_results_do_not_depend_on_the_methods_run_before(tmp_path):
+    """A method's random feature-map init is seeded per method: run alone (--only) or after another
+    method, it gives the same numbers (halves merged into one report equal one full run)."""
+    assert fc_main([*_FC_FAST, "--out", str(tmp_path / "a"), "--only", "t2r-hh"]) == 0
+    assert fc_main([*_FC_FAST, "--out", str(tmp_path / "b"), "--only", "t2r,t2r-hh"]) == 0
+    ra, rb = (json.loads((tmp_path / d / "results.json").read_text())["results"]["methods"][-1] for d in "ab")
+    assert ra["method"] == rb["method"] == "t2r-hh"
+    assert ra["kl"] == rb["kl"] and ra["distill_best_eval_loss"] == rb["distill_best_eval_loss"]
+    pc = ["--config", str(CONFIGS / "pretrained_conversion_smoke.yaml"), "--set", "stages.distill_steps=2",
+          "--set", "stages.finetune_steps=1"]  # fmt: skip
+    assert pc_main([*pc, "--out", str(tmp_path / "c"), "--only", "t2r"]) == 0
+    assert pc_main([*pc, "--out", str(tmp_path / "d"), "--only", "hedgehog,t2r"]) == 0
+    rc, rd = (json.loads((tmp_path / d / "results.json").read_text())["results"]["methods"][-1] for d in "cd")
+    assert rc["method"] == rd["method"] == "t2r"
+    assert rc["ppl_after_swap"] == rd["ppl_after_swap"] and rc["test_ppl"] == rd["test_ppl"]
+
+
+def test_finetuned_conversion_report_only_states_the_runs_settings(tmp_path):
+    """--report-only renders the settings the run used (saved in results.json), not those of the
+    config file it is given (the run had --set overrides)."""
+    out = tmp_path / "fc"
+    assert fc_main([*_FC_FAST, "--out", str(out), "--only", "1+elu"]) == 0
+    run_md = (out / "finetuned_conversion.md").read_text()
+    assert "finetuned 1 epochs" in run_md and "<= 2 steps" in run_md
+    cfg_arg = ["--config", str(CONFIGS / "finetuned_conversion_smoke.yaml"), "--out", str(out)]
+    assert fc_main([*cfg_arg, "--report-only"]) == 0
+    md = (out / "finetuned_conversion.md").read_text()
+    assert "finetuned 1 epochs" in md and "<= 2 steps" in md and "then 0 epochs" in md
+    assert md.split("\n", 4)[4] == run_md.split("\n", 4)[4]  # all but the command line
+
+
+def test_finetuned_conversion_refuses_a_teacher_of_other_settings(tmp_path):
+    """teacher_path saved by a run with another seed (another train/dev split) or recipe is not
+    loaded as this config's teacher; the same settings load it."""
+    base = [*_FC_FAST, "--set", f"teacher_path={tmp_path / 'teacher.pt'}", "--only", "1+elu"]
+    assert fc_main([*base, "--out", str(tmp_path / "a")]) == 0
+    assert fc_main([*base, "--out", str(tmp_path / "b"), "--set", "seed=1"]) == 2
+    assert fc_main([*base, "--out", str(tmp_path / "c"), "--set", "teacher.lr=0.01"]) == 2
+    assert not (tmp_path / "b" / "results.json").exists()
+    assert fc_main([*base, "--out", str(tmp_path / "d")]) == 0
+    ra, rd = (json.loads((tmp_path / d / "results.json").read_text())["results"] for d in "ad")
+    assert ra["teacher"]["test_accuracy"] == rd["teacher"]["test_accuracy"]

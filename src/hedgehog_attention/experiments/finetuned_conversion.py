@@ -22,9 +22,10 @@ the other rows zero, which changes nothing for that data (those rows are never r
 that every token id of the run is among the kept rows.
 
 Several processes can share one teacher (``teacher_path``: loaded when the file exists, else
-trained and saved there) and each run a subset of ``methods``; ``--merge DIR ...`` then renders one
-report from their outputs. ``max_seconds`` stops starting new methods once that much time has
-passed (results are saved after every method).
+trained and saved there; one saved with other data, model, teacher or seed settings is refused)
+and each run a subset of ``methods``; ``--merge DIR ...`` then renders one report from their
+outputs. ``max_seconds`` stops starting new methods once that much time has passed (results are
+saved after every method).
 
 Usage::
 
@@ -52,11 +53,13 @@ import torch
 from .attention_maps import snapshot
 from .common import (
     ConfigError,
+    config_from_dict,
     config_to_dict,
     environment_info,
     markdown_table,
     merge_method_runs,
     pick_device,
+    settings_diff,
     setup_logging,
 )
 from .method_sweep import load_sweep_config, run_methods, write_figures, write_report
@@ -391,12 +394,25 @@ def train_teacher(model, train_b, dev_b, cfg: FinetunedConversionConfig) -> tupl
     return model, {"history": hist, "best_dev_accuracy": best_acc}
 
 
+def teacher_settings(cfg: FinetunedConversionConfig) -> dict:
+    """What determines the teacher (data and its train/dev split, model, recipe, seed), saved with it
+    in ``teacher_path``; folder locations (``data.path``, ``model.path``) are not settings."""
+    d = config_to_dict(cfg)
+    out = {k: d[k] for k in ("data", "model", "teacher", "seed")}
+    out["data"] = {k: v for k, v in out["data"].items() if k != "path"}
+    out["model"] = {k: v for k, v in out["model"].items() if k != "path"}
+    return out
+
+
 def convert_one(teacher, method: FCMethod, train_b, dev_b, test_b, sample, cfg: FinetunedConversionConfig) -> dict:
     from ..convert import DistillConfig, FinetuneConfig, LinearizeConfig, linearize
     from ..convert.distill import distill, evaluate_fidelity
     from ..convert.finetune import evaluate_loss, finetune
 
     t0 = time.perf_counter()
+    # Seeded per method: a random feature map's init (T2R, Performer) must not depend on which methods
+    # ran before it in this process (--only subsets, a loaded vs trained teacher).
+    torch.manual_seed(cfg.seed)
     model = copy.deepcopy(teacher)
     linearize(
         model,
@@ -569,7 +585,9 @@ def main(argv: list[str] | None = None) -> int:
         return write_report(render(cfg, results, env, command), out / "finetuned_conversion.md")
     if args.report_only:
         saved = json.loads((out / "results.json").read_text())
-        md = render(cfg, saved["results"], saved["environment"], command)
+        # The settings the run used (its --set overrides included), not this invocation's config.
+        run_cfg = config_from_dict(FinetunedConversionConfig, saved["config"], str(out / "results.json"))
+        md = render(run_cfg, saved["results"], saved["environment"], command)
         return write_report(md, out / "finetuned_conversion.md")
     t_start = time.perf_counter()
     device = pick_device(cfg.device)
@@ -589,6 +607,10 @@ def main(argv: list[str] | None = None) -> int:
     tpath = Path(cfg.teacher_path) if cfg.teacher_path else None
     if tpath is not None and tpath.is_file():
         saved_t = torch.load(tpath, map_location=device, weights_only=True)
+        diff = settings_diff(saved_t["settings"], teacher_settings(cfg)) if "settings" in saved_t else []
+        if diff:  # its dev rows, data or recipe are not this run's: reusing it would report it as this config's
+            log.error("%s was trained with other settings (%s); use another teacher_path", tpath, "; ".join(diff))
+            return 2
         model.load_state_dict(saved_t["state_dict"])
         teacher, thist = model, saved_t["history"]
         log.info("teacher loaded from %s", tpath)
@@ -597,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
         if tpath is not None:
             tpath.parent.mkdir(parents=True, exist_ok=True)
             tmp = tpath.with_suffix(tpath.suffix + ".tmp")
-            torch.save({"state_dict": teacher.state_dict(), "history": thist}, tmp)
+            torch.save({"state_dict": teacher.state_dict(), "history": thist, "settings": teacher_settings(cfg)}, tmp)
             tmp.replace(tpath)  # atomic: a process waiting for the file never reads half of it
     _, t_acc = evaluate_loss(teacher, test_b, "classification")
     log.info("teacher test accuracy %.4f", t_acc)

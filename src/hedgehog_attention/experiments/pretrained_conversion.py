@@ -270,6 +270,9 @@ def convert_one(original, method: PCMethod, train_b, valid_b, test_b, sample, cf
     t0 = time.perf_counter()
     st = cfg.stages
     tokens_per_step = cfg.data.batch_size * cfg.data.block_size
+    # Seeded per method: a random feature map's init (T2R, Performer) must not depend on which methods
+    # ran before it in this process (--only subsets).
+    torch.manual_seed(cfg.seed)
     model = copy.deepcopy(original)
     res: dict[str, Any] = {"method": method.name, "feature_map": method.feature_map, "distill": method.distill}
     if method.feature_map == SOFTMAX:
