@@ -303,15 +303,20 @@ def test_variant_overrides_and_validation():
         _tiny_cfg("trainer", attention="hedgehog", train={"engine": "warp"})
 
 
-def test_shards_split_the_jobs(tmp_path, monkeypatch):
-    """--shard i/n: disjoint job sets that together are the whole sweep."""
-    import hedgehog_attention.experiments.recall as rec
-
-    cfg = RecallConfig(
+def _sweep_cfg() -> RecallConfig:
+    """5 attentions x 2 seeds: 10 jobs of different costs, for the --shard tests."""
+    return RecallConfig(
         task=RecallTask(16, 32), model=RecallModel(d_model=16, n_layers=1, n_heads=2),
         variants=[RecallVariant(f"v{i}", a) for i, a in enumerate(["softmax", "hedgehog", "taylor2", "elu", "relu"])],
         seeds=[0, 1], device="cpu",
     )  # fmt: skip
+
+
+def test_shards_split_the_jobs(tmp_path, monkeypatch):
+    """--shard i/n: disjoint job sets that together are the whole sweep."""
+    import hedgehog_attention.experiments.recall as rec
+
+    cfg = _sweep_cfg()
     ran: list[list[tuple[int, int]]] = []
     for i in range(3):
         got: list[tuple[int, int]] = []
@@ -418,11 +423,7 @@ def test_shards_stay_disjoint_when_another_shard_has_finished_runs(tmp_path, mon
     """A shard started after another one finished runs still gets its own share of the whole sweep."""
     import hedgehog_attention.experiments.recall as rec
 
-    cfg = RecallConfig(
-        task=RecallTask(16, 32), model=RecallModel(d_model=16, n_layers=1, n_heads=2),
-        variants=[RecallVariant(f"v{i}", a) for i, a in enumerate(["softmax", "hedgehog", "taylor2", "elu", "relu"])],
-        seeds=[0, 1], device="cpu",
-    )  # fmt: skip
+    cfg = _sweep_cfg()
     ran: list[tuple[int, int]] = []
 
     def fake(c, vi, s, d, o, r):
