@@ -630,8 +630,8 @@ def main(argv=None):
     REPS["warmup"], REPS["rep"] = (int(x) for x in args.reps.split(","))
     BACKEND_CONFIG["triton fused"] = check_config(json.loads(args.config), "--config")
     dev = torch.device(args.device)
-    if dev.type == "cuda":  # cuda:N: the memory statistics, synchronisations and do_bench use the current device
-        torch.cuda.set_device(dev)
+    if dev.type == "cuda" and dev.index is not None:  # cuda:N: the memory statistics, synchronisations and
+        torch.cuda.set_device(dev)  # do_bench use the current device (plain "cuda" is the current one already)
     import triton
 
     meta = {
