@@ -247,6 +247,39 @@ def test_fused_matches_reference(case, design):
         assert (kern[0][~mask] == 0).all()
 
 
+@pytest.mark.parametrize("dims", [(16, 8, 24), (16, 16, 16)], ids=["d16f8v24", "d16f16v16"])
+@pytest.mark.parametrize("kind", ["none", "mask", "cu"])
+@pytest.mark.parametrize("design", ["fused_chunk", "chunk"])
+def test_small_heads_in_wide_blocks_match_reference(design, kind, dims):
+    """Head dims under ``CONFIG["min_block"]`` (D, F, Dv of 8-24) in 64-wide masked blocks, the
+    GPU default since 16-wide blocks made the H200's backward read shared memory out of bounds:
+    outputs, state and every gradient against the float64 reference, GQA, initial state; on a GPU
+    also bf16 and fp16 (the dtypes that failed there)."""
+    _launch.CONFIG["design"] = design
+    _launch.CONFIG["min_block"] = 64
+    assert _launch._block(16, torch.device(DEV)) == 64 and _launch._block(128, torch.device(DEV)) == 128
+    (D, F, DV), H, HK = dims, 2, 1
+    B, T = (1 if kind == "cu" else 2), (300 if CUDA else 45)
+    for dtype in [torch.float32] + ([torch.bfloat16, torch.float16] if CUDA else []):
+        args = _inputs(B, T, H, HK, D, F, DV, dtype, True)
+        mask, cu = _mask_or_cu(kind, B, T)
+        N = B if cu is None else cu.numel() - 1
+        g = torch.Generator(device="cpu").manual_seed(3)
+        st0 = ((torch.rand(N, HK, 2 * F, DV, generator=g) * 0.5).to(DEV), torch.rand(N, HK, 2 * F, generator=g).to(DEV))
+        kern, ref, low = _run_fused(
+            args, activation="softmax", negation=True, causal=True, mask=mask, cu=cu, init=st0, dtype=dtype
+        )
+        _check(kern, ref, low, dtype, _NAMES + ["S0", "z0"])
+
+
+def test_min_block_knob_is_checked():
+    _launch.CONFIG["min_block"] = 24
+    with pytest.raises(ValueError, match="min_block"):
+        _launch._block(16, torch.device("cpu"))
+    _launch.CONFIG["min_block"] = "auto"
+    assert _launch._block(16, torch.device("cpu")) == 16 and _launch._block(16, torch.device("cuda")) == 64
+
+
 @pytest.mark.parametrize("kind", ["mask", "cu"])
 def test_pytorch_fallback_matches_reference(kind):
     """fp16/fp32 with > 64 features per half run the map in PyTorch + the chunked op on a GPU
@@ -945,7 +978,8 @@ def test_tma_falls_back_to_pointers_for_misaligned_inputs(monkeypatch):
     descriptor = _launch._descriptor
     monkeypatch.setattr(_launch, "_descriptor", lambda *a: made.append(1) or descriptor(*a))
     _launch.CONFIG.update(design="auto", fc_forward="always", fc_programs=1, fc_tma=True)
-    q, k, v, wq, bq, wk, bk = _inputs(2, 40, 2, 1, 16, 16, 16, torch.float32, True)
+    d = 64 if CUDA else 16  # (the GPU's blocks are at least CONFIG["min_block"] = 64 wide; TMA needs blocks = dims)
+    q, k, v, wq, bq, wk, bk = _inputs(2, 40, 2, 1, d, d, d, torch.float32, True)
     flat = torch.empty(q.numel() + 1, dtype=q.dtype, device=DEV)
     q_odd = flat[1:].view(q.shape)  # contiguous, 4 bytes past an aligned start
     q_odd.copy_(q)

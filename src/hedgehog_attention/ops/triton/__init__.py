@@ -104,7 +104,7 @@ def _(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, activation, negation, causal, e
     HK, DV = k.shape[2], v.shape[3]
     N = cu.shape[0] - 1
     FT = _ft(q, wq, negation, fused)
-    bv = min(L._pow2(DV), L._pow2(L.CONFIG["state_bv"]))
+    bv = L._block(DV, q.device, L.CONFIG["state_bv"])
     F = wq.shape[2] if fused else q.shape[3]
     f32, hdt = torch.float32, L.state_dtype(v.dtype)
     D = wq.shape[1] if fused else q.shape[3]

@@ -70,6 +70,13 @@ CONFIG = {
     "out_stages": 1,
     "bwd_stages": 1,
     "poison": False,
+    # smallest block for a head / feature / value dim in the kernels that run tl.dot ("auto": 64 on
+    # CUDA devices, 16 under the CPU interpreter). Blocks past the dim are masked. H200, triton 3.6
+    # (session 14): with 16-wide blocks (D = 16, F = 8) the backward's _bwd_kernel read shared memory
+    # out of bounds (compute-sanitizer) and failed with an illegal memory access in 5 of 10 (bf16)
+    # and 9 of 10 (fp16) fresh processes; with 64-wide blocks 0 of 40 (BENCHMARKS.md, run 73). Head
+    # dims of 64 and more are unaffected.
+    "min_block": "auto",
     "fallback": "auto",
     # causal, no initial state: do not keep the forward's chunk states ``h`` for the backward
     # at all (recomputed there by one more forward walk). Off: they are held (not saved) and
@@ -258,7 +265,7 @@ def tma_applies(device: torch.device, dtype: torch.dtype, D: int, F: int, DV: in
     mode = CONFIG["fc_tma"]
     if mode not in ("auto", True, False):
         raise ValueError(f'CONFIG["fc_tma"] must be "auto", True or False; got {mode!r}')
-    if mode is False or any(_pow2(n) != n for n in (D, F, DV)):
+    if mode is False or any(_block(n, device) != n for n in (D, F, DV)):
         return False
     size = dtype.itemsize
     if any((n * size) % 16 for n in (H * D, HK * D, H * DV, HK * DV)):
@@ -292,6 +299,19 @@ def _pow2(n: int) -> int:
     (H200, session 9: ~300 calls per fwd+bwd)."""
     n = int(n)
     return max(16, 1 << (n - 1).bit_length() if n > 1 else 1)
+
+
+def _block(n: int, device: torch.device, cap: int | None = None) -> int:
+    """Block for a head / feature / value dim ``n`` of a kernel with ``tl.dot`` tiles: ``_pow2(n)``
+    (at most ``_pow2(cap)`` when given: several blocks then cover ``n``), at least
+    ``CONFIG["min_block"]``."""
+    b = _pow2(n) if cap is None else min(_pow2(n), _pow2(cap))
+    floor = CONFIG["min_block"]
+    if floor == "auto":
+        floor = 64 if torch.device(device).type == "cuda" else 16
+    if int(floor) < 16 or int(floor) & (int(floor) - 1):
+        raise ValueError(f'CONFIG["min_block"] must be "auto" or a power of two >= 16; got {floor!r}')
+    return max(b, int(floor))
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -530,8 +550,8 @@ class _Plan:
         self.hdt = state_dtype(v.dtype)
         self.c = dict(
             BT=bt,
-            BD=_pow2(self.D),
-            BF=_pow2(self.F),
+            BD=_block(self.D, self.dev),
+            BF=_block(self.F, self.dev),
             FUSED=fused,
             HAS_MASK=mask is not None,
             ACT=activation,
@@ -545,7 +565,7 @@ class _Plan:
             PREC="tf32" if half else "ieee",
             DOT_DT=tl.bfloat16 if v.dtype == torch.bfloat16 else tl.float32,
             # every block dimension exactly the tensor's: only row masks are needed
-            EVEN=_pow2(self.D) == self.D and _pow2(self.F) == self.F,
+            EVEN=_block(self.D, self.dev) == self.D and _block(self.F, self.dev) == self.F,
             SUMS=sums_mode(v.dtype, "fused_chunk" if self.fc else "chunk"),
         )
         dummy = q
@@ -563,7 +583,7 @@ class _Plan:
 
     def fc_consts(self) -> dict:
         return dict(
-            self.consts(_pow2(self.DV)), HAS_MASK=self.mask is not None, VARLEN=self.varlen, NEG=self.neg,
+            self.consts(_block(self.DV, self.dev)), HAS_MASK=self.mask is not None, VARLEN=self.varlen, NEG=self.neg,
             STAGES=int(CONFIG["fc_stages"]), num_warps=int(CONFIG["fc_warps"]),
         )  # fmt: skip
 
@@ -574,7 +594,7 @@ class _Plan:
         are then complete and ``st`` includes it; so too with several segments and ``s0 [N, HK, NS,
         FT, DV]``, every segment's entering state. ``seg = (CPS, NS)`` imposes the segments (the
         fused-chunk walks' segment sums, or the segments ``s0`` belongs to)."""
-        bv = min(_pow2(self.DV), _pow2(CONFIG["state_bv"]))
+        bv = _block(self.DV, self.dev, CONFIG["state_bv"])
         nv = _cdiv(self.DV, bv)
         both = self.nhalf == 2 and int(CONFIG["walk_halves"]) == 2
         nj = 1 if both else self.nhalf  # programs per value block
@@ -650,7 +670,7 @@ def fwd(q, k, v, wq, bq, wk, bk, mask, cu, s0, z0, *, activation, negation, caus
     # one segment per sequence: the chunk states are complete (s_in is zero) and not read
     nsi = s_in.shape[2] if s_in.dim() == 5 else 1
     seg = (not causal) or nsi > 1
-    bv = min(_pow2(P.DV), _pow2(CONFIG["out_bv"]))
+    bv = _block(P.DV, dev, CONFIG["out_bv"])
     nv = _cdiv(P.DV, bv)
     o = _empty(P.B, P.T, P.H, P.DV, device=dev, dtype=v.dtype)
     den = _empty(P.B * P.T, P.H, device=dev, dtype=torch.float32)
@@ -680,7 +700,7 @@ def _bwd_plan(do, q, k, v, wq, bq, wk, bk, mask, cu, s_in, *, activation, negati
     do = do.contiguous()
     if mask is not None:
         do = do * mask.view(P.B, P.T, 1, 1).to(do.dtype)
-    c = P.consts(_pow2(P.DV))
+    c = P.consts(_block(P.DV, P.dev))
     cps = _fwd_cps(P)
     split = _split("bwd_split", P.bt)
 
@@ -697,7 +717,7 @@ def _bwd_plan(do, q, k, v, wq, bq, wk, bk, mask, cu, s_in, *, activation, negati
             dw if dw is not None else q, db if db is not None else q, P.T,
             P.H, P.HK, P.G, P.D, P.F, P.FT, P.DV, cps, si.shape[2] if seg else 1,
             KV_SIDE=kv_side, HAS_BQ=bq is not None, HAS_BK=bk is not None, CAUSAL=bool(causal), SEG=seg,
-            VARLEN=P.varlen, NEG=P.neg, **{n: c[n] for n in _COMMON}, BV=_pow2(P.DV), FUSE_CD=fuse_cd, SPLIT=split,
+            VARLEN=P.varlen, NEG=P.neg, **{n: c[n] for n in _COMMON}, BV=c["BV"], FUSE_CD=fuse_cd, SPLIT=split,
             DW_ATOMIC=dw is not None,
             num_warps=P.tiles["bwd_warps"], num_stages=CONFIG["bwd_stages"],
             **_register_cap("_bwd_kernel_kv" if kv_side else "_bwd_kernel_q", {}),
@@ -848,7 +868,8 @@ def _dw(x: torch.Tensor, dz: torch.Tensor, w: torch.Tensor, b: torch.Tensor | No
     NH, D, F = w.shape
     ntok = x.numel() // (NH * D)
     x2, dz2 = x.reshape(ntok, NH, D), dz.reshape(ntok, NH, F)
-    bt = 128 if _pow2(D) * _pow2(F) <= 64 * 64 else 64
+    bd, bf = _block(D, x.device), _block(F, x.device)
+    bt = 128 if bd * bf <= 64 * 64 else 64
     n_par = max(1, min(_cdiv(ntok, bt), _cdiv(int(CONFIG["dw_programs"]) * _n_sm(x.device), NH)))
     tpp = _cdiv(_cdiv(ntok, n_par), bt) * bt  # tokens per program, whole tiles
     n_par = _cdiv(ntok, tpp)
@@ -856,7 +877,7 @@ def _dw(x: torch.Tensor, dz: torch.Tensor, w: torch.Tensor, b: torch.Tensor | No
     db = _empty(n_par, NH, F, device=x.device, dtype=torch.float32) if b is not None else dw
     _run(WG._dw_kernel, (n_par, NH),
         x2, dz2, dw, db, ntok, NH, D, F, tpp,
-        BT=bt, BD=_pow2(D), BF=_pow2(F), HAS_B=b is not None,
+        BT=bt, BD=bd, BF=bf, HAS_B=b is not None,
         PREC="ieee" if dz.dtype == torch.float32 else "tf32", STAGES=3, num_warps=4,
     )  # fmt: skip
     return dw.sum(0).to(w.dtype), (db.sum(0).to(b.dtype) if b is not None else None)
@@ -947,7 +968,7 @@ def _entering_segments(P: _Plan, s_in: torch.Tensor, dtype: torch.dtype) -> tupl
 
 def _fwd_cps(P: _Plan) -> int:
     """Chunks per segment of the forward state walk (the backward reads its segment states)."""
-    bv = min(_pow2(P.DV), _pow2(CONFIG["state_bv"]))
+    bv = _block(P.DV, P.dev, CONFIG["state_bv"])
     nj = 1 if (P.nhalf == 2 and int(CONFIG["walk_halves"]) == 2) else P.nhalf
     return segments(P.N, P.HK, P.max_len, nj * _cdiv(P.DV, bv), P.bt, cap=P.tiles["min_programs"])[0]
 
