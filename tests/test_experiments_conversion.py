@@ -231,6 +231,28 @@ def test_finetuned_conversion_halves_merge(tmp_path):
     (tmp_path / "other" / "results.json").write_text(json.dumps(saved))
     with pytest.raises(ValueError, match="another teacher"):
         fc_main([*base, "--out", str(tmp_path / "y"), "--merge", str(tmp_path / "a"), str(tmp_path / "other")])
+    # Runs with other settings than the merge's config are refused, naming the key: a shared
+    # setting, or the settings of one of the run's methods (max_seconds, as run b's, is per run).
+    edits = [
+        (("convert", "distill_steps", 3), "convert.distill_steps: 3 -> 2"),
+        (("methods", "t2r-hh", "distill", False), "'t2r-hh' of .* distill: False -> True"),
+    ]
+    for edit, match in edits:
+        shutil.rmtree(tmp_path / "other")
+        shutil.copytree(tmp_path / "b", tmp_path / "other")
+        saved = json.loads((tmp_path / "other" / "results.json").read_text())
+        if edit[0] == "methods":
+            next(m for m in saved["config"]["methods"] if m["name"] == edit[1])[edit[2]] = edit[3]
+        else:
+            saved["config"][edit[0]][edit[1]] = edit[2]
+        (tmp_path / "other" / "results.json").write_text(json.dumps(saved))
+        with pytest.raises(ValueError, match=match):
+            fc_main([*base, "--out", str(tmp_path / "y"), "--merge", str(tmp_path / "a"), str(tmp_path / "other")])
+    # A method the merge's config does not have is refused too.
+    with pytest.raises(ValueError, match="not in this config"):
+        two = "methods=[{name: t2r, feature_map: t2r}, {name: hedgehog, feature_map: hedgehog, distill: true}]"
+        halves = [str(tmp_path / "a"), str(tmp_path / "b")]
+        fc_main([*base, "--set", two, "--out", str(tmp_path / "y"), "--merge", *halves])
     assert fc_main([*base, "--out", str(tmp_path / "c"), "--only", "nope"]) == 2
 
 

@@ -304,6 +304,28 @@ def trainer_placement(device: torch.device, dtype: str) -> dict[str, str]:
 # ---- Merging method subsets run separately (e.g. on two GPUs) ----------------------------------------
 
 
+def _check_merged_settings(
+    d: Path, saved: dict | None, config: dict, methods: list[str], per_run_keys: tuple[str, ...]
+) -> None:
+    """``ValueError`` unless the run in ``d`` (saved config ``saved``) ran ``methods`` with ``config``'s
+    settings (see :func:`merge_method_runs`)."""
+    if saved is None:
+        raise ValueError(f"merge: {d}/results.json has no saved config: cannot tell which settings it ran")
+    drop = set(per_run_keys) | {"methods"}
+    diff = settings_diff({k: v for k, v in saved.items() if k not in drop},
+                         {k: v for k, v in config.items() if k not in drop})  # fmt: skip
+    if diff:
+        raise ValueError(f"merge: {d} ran with other settings than this config: {'; '.join(diff)}")
+    ran = {m["name"]: m for m in saved.get("methods", [])}
+    wanted = {m["name"]: m for m in config.get("methods", [])}
+    for name in methods:
+        if name not in wanted:
+            raise ValueError(f"merge: method {name!r} of {d} is not in this config's methods {sorted(wanted)}")
+        mdiff = settings_diff(ran.get(name, {}), wanted[name])
+        if mdiff:
+            raise ValueError(f"merge: method {name!r} of {d} ran with other settings: {'; '.join(mdiff)}")
+
+
 def merge_method_runs(
     dirs: list[Path],
     out: Path,
@@ -314,14 +336,18 @@ def merge_method_runs(
     baseline_name: str,
     tolerance: float,
     relative: bool = False,
+    per_run_keys: tuple[str, ...] = ("out_dir", "device", "max_seconds"),
 ) -> tuple[dict, dict, dict, dict]:
     """Combine the ``results.json`` (+ ``attention_maps.npz``) of runs that each did a subset of
     the methods of one experiment, into ``out``; methods end up in ``method_order``.
 
     The runs must share one baseline: ``baseline(results)`` (e.g. the teacher's test accuracy) may
     differ from the first run's by at most ``tolerance`` (absolute, or relative with ``relative``),
-    else ``ValueError`` naming ``baseline_name``. A method present in two runs raises ``ValueError``;
-    folders without ``results.json`` are skipped with a warning.
+    else ``ValueError`` naming ``baseline_name``. Each run must also have been run with ``config``'s
+    settings (the merged report states them): its saved config may differ only in ``per_run_keys``
+    and in which methods it ran, and each of its methods must be in ``config`` with the same
+    settings, else ``ValueError`` naming the keys. A method present in two runs raises
+    ``ValueError``; folders without ``results.json`` are skipped with a warning.
     Returns ``(results, environment, snapshots, snapshot_meta)``."""
     import copy
 
@@ -339,6 +365,7 @@ def merge_method_runs(
             continue
         saved = json.loads(path.read_text())
         r = saved["results"]
+        _check_merged_settings(d, saved.get("config"), config, [m["method"] for m in r["methods"]], per_run_keys)
         if results is None:
             results, env = copy.deepcopy(r), saved["environment"]
             results["methods"] = []
