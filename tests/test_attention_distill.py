@@ -351,3 +351,49 @@ def test_global_batch_errors_name_the_cause():
         global_batch(8, 3, 4)
     with pytest.raises(ValueError, match="not divisible"):
         global_batch(6, 32, 4)
+
+
+def test_decode_step_rejects_a_mask_that_is_not_the_new_tokens():
+    """The one-token decode path read attention_mask[:, 0]: a [B, past + 1] mask (as HF passes) took
+    the first token's bit, and a left-padded row came back all zeros. It now checks as the full path."""
+    att = LinearAttention(2, 4, feature_map="hedgehog", causal=True).double()
+    q, k, v = torch.randn(3, 2, 6, 2, 4, dtype=torch.float64).unbind(0)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, :2] = False
+    full = att(q, k, v, attention_mask=mask).o
+    state = att(q[:, :5], k[:, :5], v[:, :5], attention_mask=mask[:, :5], use_cache=True).state
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \[B, T\] = \(2, 1\)"):
+        att(q[:, 5:], k[:, 5:], v[:, 5:], attention_mask=mask, state=state)
+    step = att(q[:, 5:], k[:, 5:], v[:, 5:], attention_mask=mask[:, 5:], state=state)
+    torch.testing.assert_close(step.o, full[:, 5:], rtol=1e-12, atol=1e-12)
+
+
+def test_cosformer_decode_after_a_state_needs_positions():
+    """cosFormer's re-weighting depends on the absolute position: without positions a decode step
+    after a state restarted at position 0 (silently off by ~5e-2 here); now it must be told, and
+    with positions it equals the full forward."""
+    att = LinearAttention(1, 4, feature_map="cosformer", feature_map_kwargs={"max_length": 8}, causal=True).double()
+    q, k, v = torch.randn(3, 2, 6, 1, 4, dtype=torch.float64).unbind(0)
+    full = att(q, k, v).o
+    state = att(q[:, :5], k[:, :5], v[:, :5], use_cache=True).state
+    with pytest.raises(ValueError, match="positions"):
+        att(q[:, 5:], k[:, 5:], v[:, 5:], state=state)
+    with pytest.raises(ValueError, match="positions"):  # several tokens after a state: same rule
+        att(q[:, 3:], k[:, 3:], v[:, 3:], state=att(q[:, :3], k[:, :3], v[:, :3], use_cache=True).state)
+    step = att(q[:, 5:], k[:, 5:], v[:, 5:], state=state, positions=torch.full((2, 1), 5))
+    torch.testing.assert_close(step.o, full[:, 5:], rtol=1e-12, atol=1e-12)
+
+
+def test_distillation_loss_counts_a_query_without_linear_weights_as_zero_weights():
+    """Query 0 (causal) sees only key 0 and phi(q_0).phi(k_0) = 0 (ReLU-type maps): its linear
+    weights are 0, CE -log(eps) as in attention_fidelity's ``ce``, not log(eps) - log(eps) = 0."""
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 1, 3, 1, 2, dtype=torch.float64).unbind(0)
+    fq = torch.tensor([[0.0, 0.0], [1.0, 2.0], [2.0, 1.0]], dtype=torch.float64).view(1, 3, 1, 2)
+    fk = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 1.0]], dtype=torch.float64).view(1, 3, 1, 2)
+    got = attention_distillation_loss(q, k, fq, fk, causal=True, eps=1e-12)
+    p = softmax_attention_weights(q, k, causal=True)[0, 0]  # [T, T]
+    w = torch.tensor([[0.0, 0.0, 0.0], [0.75, 0.25, 0.0], [0.5, 1 / 3, 1 / 6]], dtype=torch.float64)
+    want = (-math.log(1e-12) - (p[1, :2] * w[1, :2].log()).sum() - (p[2] * w[2].log()).sum()) / 3
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(got, attention_fidelity(q, k, fq, fk, causal=True)["ce"][0], rtol=1e-12, atol=0)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .feature_maps import FeatureMap, HedgehogFeatureMap, PerformerFeatureMap, build_feature_map
+from .feature_maps import CosFormerFeatureMap, FeatureMap, HedgehogFeatureMap, PerformerFeatureMap, build_feature_map
 from .ops import (
     DEFAULT_EPS,
     LinearAttentionState,
@@ -20,6 +20,7 @@ from .ops import (
     recurrent_step,
     resolve_backend,
 )
+from .ops._validate import check_linear_attention_inputs
 
 __all__ = ["LinearAttention", "LinearAttentionOutput"]
 
@@ -139,6 +140,16 @@ class LinearAttention(nn.Module):
         """
         if state is not None and not self.causal:
             raise ValueError("a decode state only makes sense for causal attention (causal=True)")
+        if (
+            state is not None
+            and positions is None
+            and any(isinstance(m, CosFormerFeatureMap) for m in (self.feature_map_q, self.feature_map_k))
+        ):
+            # the default positions 0..T-1 would restart the cosFormer re-weighting at the state
+            raise ValueError(
+                "cosFormer features depend on the token positions: after a state pass positions [B, T] "
+                "(the new tokens' absolute positions, continuing from the tokens the state has seen)"
+            )
         backend = resolve_backend(self.backend, q.device)
         if (
             backend == "triton"
@@ -150,6 +161,9 @@ class LinearAttention(nn.Module):
             return self._forward_fused(q, k, v, attention_mask, cu_seqlens, state, use_cache)
         fq, fk = self.features(q, k, positions)
         if q.shape[1] == 1 and state is not None and cu_seqlens is None:
+            # the checks of the full path: a mask of another shape ([B, past + 1]) must not be read
+            # at its first column
+            check_linear_attention_inputs(fq, fk, v, attention_mask, None, state, backend, self.eps)
             km = None if attention_mask is None else attention_mask[:, 0].to(torch.bool)
             o, new_state = recurrent_step(fq[:, 0], fk[:, 0], v[:, 0], state, eps=self.eps, key_mask=km)
             o = o.unsqueeze(1)

@@ -45,7 +45,11 @@ def _chunk_ce(q_c, k, fq_c, fk, hide_c, eps: float, group: int, padded: bool):
     fqg = fq_c.to(cd).view(b, c, hk, group, -1)
     a = torch.einsum("bikgf,bjkf->bkgij", fqg, fk).reshape(b, h, c, -1)
     a = a.masked_fill(hide, 0.0)
-    log_w = torch.log(a.clamp_min(eps)) - torch.log(a.sum(-1, keepdim=True).clamp_min(eps))
+    den = a.sum(-1, keepdim=True)
+    # a query whose visible scores are all 0 (ReLU-type maps) has no linear weights: count them as 0
+    # (log eps each, as metrics.cross_entropy does), not as log(eps) - log(eps) = 0, a perfect fit
+    log_den = torch.where(den > 0, torch.log(den.clamp_min(eps)), 0.0)
+    log_w = torch.log(a.clamp_min(eps)) - log_den
     return -(p * log_w).sum()
 
 

@@ -65,11 +65,17 @@ def _check_input(x: torch.Tensor, num_heads: int, head_dim: int, name: str) -> N
         raise TypeError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
 
 
+def _cdt(x: torch.Tensor) -> torch.dtype:
+    """The dtype maps compute in: float32, or float64 for float64 input (kept exact, not rounded)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 class FeatureMap(nn.Module):
     """Base class. Subclasses set ``feature_dim`` and implement :meth:`features`.
 
     ``forward`` validates ``x: [B, T, H, D]`` and returns ``[B, T, H, feature_dim]`` features that are
-    non-negative. Maps compute in float32 and return ``x.dtype`` unless documented otherwise.
+    non-negative. Maps compute in float32 (float64 for float64 input) and return ``x.dtype`` unless
+    documented otherwise.
     """
 
     name: str = "base"
@@ -107,7 +113,7 @@ class HedgehogFeatureMap(FeatureMap):
         activation: ``"softmax"`` (Eq. 4; softmax over the F features of each half, stable in
             fp16/bf16 for any input because the max is subtracted) or ``"exp"`` (Eq. 5, element-wise,
             computed in float32 with pre-activations clamped to +-30; returns float32 features so
-            half-precision inputs cannot overflow).
+            half-precision inputs cannot overflow; float64 input stays float64).
         negation: concatenate the map of ``-(xW + b)`` (App. A.1 "negation mapping").
         bias: learn ``b`` (initialized to 0).
         init: ``"identity"`` (``W = I`` (rectangular eye when F != D), the paper's and LoLCATs'
@@ -153,10 +159,11 @@ class HedgehogFeatureMap(FeatureMap):
                 self.bias.zero_()
 
     def preactivation(self, x: torch.Tensor) -> torch.Tensor:
-        """``z = x W_h + b_h`` in float32, ``[B, T, H, D] -> [B, T, H, F]``."""
-        z = torch.einsum("bthd,hdf->bthf", x.float(), self.weight.float())
+        """``z = x W_h + b_h`` in float32 (float64 for float64 x), ``[B, T, H, D] -> [B, T, H, F]``."""
+        cd = _cdt(x)
+        z = torch.einsum("bthd,hdf->bthf", x.to(cd), self.weight.to(cd))
         if self.bias is not None:
-            z = z + self.bias.float()
+            z = z + self.bias.to(cd)
         return z
 
     def features(self, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
@@ -166,7 +173,7 @@ class HedgehogFeatureMap(FeatureMap):
             out = torch.cat([torch.softmax(h, dim=-1) for h in halves], dim=-1)
             return out.to(x.dtype)
         out = torch.cat([torch.exp(h.clamp(-EXP_CLAMP, EXP_CLAMP)) for h in halves], dim=-1)
-        return out  # float32 on purpose: e^30 does not fit fp16
+        return out  # float32 (or float64) on purpose: e^30 does not fit fp16
 
     def extra_repr(self) -> str:
         return (
@@ -181,7 +188,7 @@ class EluFeatureMap(FeatureMap):
     name = "elu"
 
     def features(self, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
-        return (1.0 + F.elu(x.float())).to(x.dtype)
+        return (1.0 + F.elu(x.to(_cdt(x)))).to(x.dtype)
 
 
 class ReluFeatureMap(FeatureMap):
@@ -196,7 +203,7 @@ class ReluFeatureMap(FeatureMap):
 class ExpFeatureMap(FeatureMap):
     """``exp(t * x)`` element-wise (App. B.1's spiky-but-not-monotonic control; t=1, t=2).
 
-    Computed in float32 with ``t*x`` clamped to +-30 and returned as float32.
+    Computed in float32 with ``t*x`` clamped to +-30 and returned as float32 (float64 for float64 input).
     """
 
     name = "exp_t"
@@ -206,7 +213,7 @@ class ExpFeatureMap(FeatureMap):
         self.temperature = float(temperature)
 
     def features(self, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
-        return torch.exp((self.temperature * x.float()).clamp(-EXP_CLAMP, EXP_CLAMP))
+        return torch.exp((self.temperature * x.to(_cdt(x))).clamp(-EXP_CLAMP, EXP_CLAMP))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, temperature={self.temperature}"
@@ -229,7 +236,7 @@ class Taylor2FeatureMap(FeatureMap):
 
     def features(self, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         d = self.head_dim
-        xf = x.float()
+        xf = x.to(_cdt(x))
         ones = torch.ones(*xf.shape[:-1], 1, dtype=xf.dtype, device=xf.device)
         first = xf / d**0.25
         second = (xf.unsqueeze(-1) * xf.unsqueeze(-2)).flatten(-2) / (math.sqrt(2.0) * math.sqrt(d))
@@ -246,7 +253,7 @@ class PerformerFeatureMap(FeatureMap):
     training when set). ``head_groups``: consecutive heads that share one draw (the query heads of
     a grouped-query KV head). Keys must use the same features: :meth:`key_map` gives the map for
     them, which reads this map's projection and never redraws on its own. Computed and returned in
-    float32 (exponent clamped to +-30).
+    float32 (float64 for float64 input; exponent clamped to +-30).
     """
 
     name = "performer"
@@ -311,9 +318,10 @@ class PerformerFeatureMap(FeatureMap):
         return self.favor(x, self.projection)
 
     def favor(self, x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
-        """FAVOR+ features of ``x [B, T, H, D]`` under ``projection [H, D, m]``: ``[B, T, H, m]`` float32."""
-        xs = x.float() / self.head_dim**0.25
-        proj = torch.einsum("bthd,hdm->bthm", xs, projection.float())
+        """FAVOR+ features of ``x [B, T, H, D]`` under ``projection [H, D, m]``: ``[B, T, H, m]`` float32
+        (float64 for float64 x)."""
+        xs = x.to(_cdt(x)) / self.head_dim**0.25
+        proj = torch.einsum("bthd,hdm->bthm", xs, projection.to(xs.dtype))
         sq = 0.5 * (xs * xs).sum(-1, keepdim=True)
         return torch.exp((proj - sq).clamp(-EXP_CLAMP, EXP_CLAMP)) / math.sqrt(self.feature_dim)
 
@@ -374,8 +382,9 @@ class CosFormerFeatureMap(FeatureMap):
                 f"cosformer: position {int(positions.max())} >= max_length {self.max_length}; "
                 "build the map with a larger max_length"
             )
-        angle = (math.pi / (2 * self.max_length)) * positions.float()  # [B, T]
-        r = F.relu(x.float())
+        cd = _cdt(x)
+        angle = (math.pi / (2 * self.max_length)) * positions.to(cd)  # [B, T]
+        r = F.relu(x.to(cd))
         out = torch.cat([r * angle.cos()[..., None, None], r * angle.sin()[..., None, None]], dim=-1)
         return out.to(x.dtype)
 
@@ -419,9 +428,10 @@ class T2RFeatureMap(FeatureMap):
                 self.bias.zero_()
 
     def features(self, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
-        z = torch.einsum("bthd,hdf->bthf", x.float(), self.weight.float())
+        cd = _cdt(x)
+        z = torch.einsum("bthd,hdf->bthf", x.to(cd), self.weight.to(cd))
         if self.bias is not None:
-            z = z + self.bias.float()
+            z = z + self.bias.to(cd)
         return F.relu(z).to(x.dtype)
 
 
