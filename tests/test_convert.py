@@ -494,6 +494,44 @@ def test_load_keeps_attn_implementation_and_float32_maps(tmp_path):
     assert {p.dtype for _, mod in linearized_modules(half) for p in mod.attn.parameters()} == {torch.float32}
 
 
+def test_save_load_keeps_the_generation_config(tmp_path):
+    """eos ids and generation defaults live in generation_config.json, not config.json: a reloaded
+    model must stop (and sample) as the saved one did."""
+    m = tiny("llama")
+    linearize(m)
+    m.generation_config.eos_token_id = [5, 7]
+    m.generation_config.max_new_tokens = 3
+    m.generation_config.temperature = 0.7  # unused without do_sample: kept, and no reason to refuse the save
+    back = load_linearized(save_linearized(m, tmp_path / "ckpt"))
+    assert back.generation_config.eos_token_id == [5, 7]
+    assert back.generation_config.max_new_tokens == 3 and back.generation_config.temperature == 0.7
+    x = ids(1, 6)
+    with torch.no_grad():
+        want = m.generate(x, attention_mask=torch.ones_like(x), do_sample=False)
+        assert torch.equal(back.generate(x, attention_mask=torch.ones_like(x), do_sample=False), want)
+
+
+def test_save_refuses_unmerged_lora_and_load_takes_dtype_names(tmp_path):
+    """An unmerged PEFT model would be written under a class and tensor names that load_linearized
+    cannot rebuild: refuse at save time, saying what to do. ``dtype`` accepts "bfloat16" as
+    from_pretrained does, and an unknown name says so."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+
+    m = tiny("gpt2")
+    linearize(m)
+    peft_model = get_peft_model(m, LoraConfig(r=2, target_modules=["original.c_attn"]))
+    with pytest.raises(ValueError, match="unmerged PEFT adapters.*merge_and_unload"):
+        save_linearized(peft_model, tmp_path / "lora")
+    assert not any(tmp_path.iterdir())
+    path = save_linearized(peft_model.merge_and_unload(), tmp_path / "merged")
+    half = load_linearized(path, dtype="bfloat16")
+    assert half.transformer.wte.weight.dtype == torch.bfloat16
+    assert {p.dtype for _, mod in linearized_modules(half) for p in mod.attn.parameters()} == {torch.float32}
+    with pytest.raises(ValueError, match="unknown dtype 'bfloat17'"):
+        load_linearized(path, dtype="bfloat17")
+
+
 def test_unsupported_models_and_caches_say_why():
     from transformers import MistralConfig, MistralForCausalLM
 

@@ -4,6 +4,7 @@ Folder layout (written to a temporary sibling folder, then renamed into place, s
 leaves a half-written checkpoint)::
 
     config.json            the HF model config (quantization_config dropped: weights are dense)
+    generation_config.json the model's generation settings (eos ids, sampling defaults), if it generates
     hedgehog.json          format, model class, LinearizeConfig, converted module names, sha256
     model.safetensors      every tensor of the converted model (originals + feature maps)
     tokenizer files        when a tokenizer is passed
@@ -34,6 +35,7 @@ __all__ = ["CheckpointError", "load_linearized", "save_linearized"]
 FORMAT = "hedgehog-linearized/1"
 WEIGHTS = "model.safetensors"
 META = "hedgehog.json"
+GENERATION = "generation_config.json"
 
 
 class CheckpointError(ValueError):
@@ -58,6 +60,14 @@ def save_linearized(model: nn.Module, directory: str | Path, tokenizer: Any = No
         raise ValueError("save_linearized needs a model converted with linearize() (no converted layer found)")
     if not hasattr(model, "config") or not hasattr(model.config, "to_dict"):
         raise TypeError(f"expected a transformers PreTrainedModel, got {type(model).__name__}")
+    peft = sorted({type(m).__name__ for m in model.modules() if type(m).__module__.startswith("peft.")})
+    if peft:
+        # the adapter weights would be saved under names (and a model class) the rebuilt model lacks,
+        # and load_linearized would only fail then
+        raise ValueError(
+            f"the model carries unmerged PEFT adapters ({', '.join(peft)}); merge them first "
+            "(model = model.merge_and_unload(), as finetune() does) and save the merged model"
+        )
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
@@ -68,6 +78,11 @@ def save_linearized(model: nn.Module, directory: str | Path, tokenizer: Any = No
         cfg = model.config.to_dict()
         cfg.pop("quantization_config", None)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
+        # eos ids, pad id and sampling defaults live in the generation config, not in config.json;
+        # written as is (save_pretrained would refuse the inconsistent flags some hub models ship)
+        gen_cfg = getattr(model, "generation_config", None)
+        if gen_cfg is not None and getattr(model, "can_generate", lambda: False)():
+            gen_cfg.to_json_file(str(tmp / GENERATION))
         # save_model drops the duplicates of tied tensors (e.g. lm_head = embed_tokens) and
         # load_model re-ties them.
         save_model(model, str(tmp / WEIGHTS))
@@ -109,7 +124,7 @@ def load_linearized(
     directory: str | Path,
     *,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     verify: bool = True,
 ) -> nn.Module:
     """Rebuild a model saved by :func:`save_linearized` (in eval mode), under the attention
@@ -124,6 +139,11 @@ def load_linearized(
     from safetensors.torch import load_model
 
     directory = Path(directory)
+    if isinstance(dtype, str):  # "bfloat16" or "torch.bfloat16", as from_pretrained accepts
+        name = dtype.removeprefix("torch.")
+        if not isinstance(getattr(torch, name, None), torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}; pass a torch.dtype such as torch.bfloat16")
+        dtype = getattr(torch, name)
     for name in ("config.json", META, WEIGHTS):
         if not (directory / name).is_file():
             raise CheckpointError(f"{directory} is not a converted-model folder: {name} is missing")
@@ -156,6 +176,11 @@ def load_linearized(
     # cast before the swap: the feature maps stay float32 whatever the model dtype (the saved
     # tensors are cast into the parameters as they load)
     model.to(dtype=dtype if dtype is not None else getattr(torch, meta.get("dtype", "float32")))
+    if (directory / GENERATION).is_file():
+        try:
+            model.generation_config = transformers.GenerationConfig.from_pretrained(str(directory))
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"corrupted checkpoint {directory}: unreadable {GENERATION} ({err})") from err
     linearize(model, LinearizeConfig.from_dict(meta["linearize"]))
     try:
         missing, unexpected = load_model(model, str(directory / WEIGHTS), strict=True)
