@@ -272,6 +272,21 @@ def test_small_heads_in_wide_blocks_match_reference(design, kind, dims):
         _check(kern, ref, low, dtype, _NAMES + ["S0", "z0"])
 
 
+def test_float64_inputs_take_fp32_products():
+    """fp64 inputs run the kernels' products in IEEE fp32 (not tf32, which fp64 took before
+    2026-11-29: 10-bit products): outputs, state and gradients within fp32 accuracy of the float64
+    reference (tf32 products miss this by two orders of magnitude on a GPU)."""
+    B, T, H, HK, D = (2, 700, 2, 1, 64) if CUDA else (2, 45, 2, 1, 16)
+    args = _inputs(B, T, H, HK, D, D, D, torch.float64, True)
+    mask, cu = _mask_or_cu("mask", B, T)
+    (o, st, kg), (ro, rst, rg), _ = _run_fused(
+        args, activation="softmax", negation=True, causal=True, mask=mask, cu=cu, init=None, dtype=torch.float64
+    )
+    assert o.dtype == torch.float64  # (the kernels keep the state in fp32)
+    errs = {n: rel(a, b) for n, a, b in zip(["o", "S", "z", *_NAMES], [o, *st, *kg], [ro, *rst, *rg])}
+    assert max(errs.values()) <= 2e-5, errs
+
+
 def test_min_block_knob_is_checked():
     _launch.CONFIG["min_block"] = 24
     with pytest.raises(ValueError, match="min_block"):
