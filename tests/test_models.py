@@ -132,3 +132,31 @@ def test_config_validation():
         TransformerConfig(vocab_size=8, attention="softmax", distill_weight=1.0)
     with pytest.raises(ValueError, match="max_seq_len"):
         _model("softmax")(torch.zeros(1, 49, dtype=torch.long))
+
+
+@pytest.mark.parametrize("attention", ["softmax", "hedgehog"])
+def test_float64_model_computes_in_float64(attention):
+    """A float64 model stays float64: rotary (cos/sin and the rotation) and the loss did a float32 round
+    trip, so gradcheck failed and rotations did not preserve norms to float64 precision."""
+    cfg = TransformerConfig(vocab_size=11, d_model=8, n_layers=1, n_heads=2, max_seq_len=16, attention=attention)
+    model = RotaryTransformer(cfg).double()
+    x = torch.randint(0, 11, (1, 4))
+    pos = torch.arange(4).expand(1, 4) + 9
+    attn = model.blocks[0].attn
+    h = torch.randn(1, 4, 8, dtype=torch.float64)
+    q, k, _ = attn._qkv(h, pos)
+    q0, k0, _ = attn.qkv(h).view(1, 4, 3, 2, 4).unbind(2)
+    torch.testing.assert_close(q.norm(dim=-1), q0.norm(dim=-1), rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(k.norm(dim=-1), k0.norm(dim=-1), rtol=1e-13, atol=1e-13)
+    out = model(x, lm_labels(x))
+    assert out.logits.dtype == torch.float64 and out.loss.dtype == torch.float64
+
+    def logits_and_loss(e):
+        hs = e
+        for blk in model.blocks:
+            hs, _, _ = blk(hs, pos)
+        logits = model.head(model.norm(hs))
+        return logits, torch.nn.functional.cross_entropy(logits.flatten(0, 1), x.flatten())
+
+    e = model.embed(x).detach().requires_grad_()
+    assert torch.autograd.gradcheck(logits_and_loss, (e,))

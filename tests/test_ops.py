@@ -200,6 +200,50 @@ def test_padded_batch_equals_unpadded_rows():
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
 @pytest.mark.parametrize("backend", ("reference",) + FAST_BACKENDS)
+def test_nan_inf_in_padding_does_not_leak(backend, causal):
+    """Padded tokens leave the sums whatever they hold: NaN / inf there (e.g. a fully masked softmax
+    row upstream) changes no real output, no state and no gradient (they were multiplied by 0)."""
+    fq, fk, v = make_inputs(2, 7, 4, 2, 3, 2)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[0, :2] = False  # left padding
+    mask[1, 5:] = False  # right padding
+    s0 = (torch.rand(2, 2, 3, 2, dtype=torch.float64), torch.rand(2, 2, 3, dtype=torch.float64))
+    kw = dict(causal=causal, attention_mask=mask, initial_state=s0, output_final_state=True, backend=backend)
+    if backend == "chunked":
+        kw["chunk_size"] = 3  # the padding straddles chunk boundaries
+    o, st = linear_attention(fq, fk, v, **kw)
+    up = torch.randn_like(o)
+    g = grads(o, (fq, fk, v), up)
+    fq2, fk2, v2 = (x.detach().clone() for x in (fq, fk, v))
+    fq2[~mask], fk2[~mask], v2[~mask] = float("nan"), float("inf"), float("nan")
+    for x in (fq2, fk2, v2):
+        x.requires_grad_()
+    o2, st2 = linear_attention(fq2, fk2, v2, **kw)
+    torch.testing.assert_close(o2, o, rtol=1e-12, atol=1e-12)
+    assert torch.all(o2[~mask] == 0)
+    torch.testing.assert_close(st2.S, st.S, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(st2.z, st.z, rtol=1e-12, atol=1e-12)
+    for name, a, r in zip(("fq", "fk", "v"), grads(o2, (fq2, fk2, v2), up), g):
+        torch.testing.assert_close(a[mask], r[mask], rtol=1e-10, atol=1e-10, msg=f"grad {name}")
+        assert torch.all(a[~mask] == 0), f"grad {name} at padded positions"
+
+
+def test_recurrent_step_padded_token_keeps_state_with_nan():
+    """key_mask False: state unchanged and output 0 even if the padded token's q/k/v are NaN / inf."""
+    from hedgehog_attention.ops import recurrent_step
+
+    fq, fk, v = make_inputs(2, 1, 4, 2, 3, 2, requires_grad=False)
+    st = LinearAttentionState(torch.rand(2, 2, 3, 2, dtype=torch.float64), torch.rand(2, 2, 3, dtype=torch.float64))
+    km = torch.tensor([False, True])
+    fq, fk, v = fq[:, 0].clone(), fk[:, 0].clone(), v[:, 0].clone()
+    fq[0], fk[0], v[0] = float("nan"), float("inf"), float("nan")
+    o, new = recurrent_step(fq, fk, v, st, eps=1e-6, key_mask=km)
+    assert torch.all(o[0] == 0) and torch.isfinite(o).all()
+    assert torch.equal(new.S[0], st.S[0]) and torch.equal(new.z[0], st.z[0])
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+@pytest.mark.parametrize("backend", ("reference",) + FAST_BACKENDS)
 def test_padded_outputs_are_zero_with_eps_zero(backend, causal):
     """eps >= 0 is allowed; padded queries must give exactly 0 (not 0/0 = NaN) and finite gradients."""
     fq, fk, v = make_inputs(2, 6, 2, 1, 3, 2)
@@ -252,6 +296,41 @@ def test_softmax_reference_matches_torch_sdpa():
         torch.testing.assert_close(o[1], expect[1])
         w = softmax_attention_weights(q, k, causal=causal, attention_mask=mask)
         assert torch.all(w[0, :, 25:] == 0)
+
+
+def test_softmax_reference_propagates_nan_of_real_tokens():
+    """Only rows of padded queries are set to 0; a NaN in a real query must show (it was zeroed by
+    nan_to_num, so a broken teacher looked like a query attending to nothing)."""
+    q, k, v = (torch.randn(2, 6, 2, 4, dtype=torch.float64) for _ in range(3))
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, :2] = False
+    q[1, 3, 0] = float("nan")
+    for causal in (True, False):
+        w = softmax_attention_weights(q, k, causal=causal, attention_mask=mask)
+        assert torch.all(w[0, :, :2] == 0) and torch.isfinite(w[0]).all()
+        assert torch.isnan(w[1, 0, 3]).all() and torch.isfinite(w[1, 1]).all()
+        o = softmax_attention_reference(q, k, v, causal=causal, attention_mask=mask)
+        assert torch.isnan(o[1, 3, 0]).all() and torch.all(o[0, :2] == 0)
+
+
+def test_softmax_reference_ignores_nan_inf_in_padding():
+    """Garbage (NaN / inf) in padded q, k, v reaches neither real outputs nor their gradients."""
+    q, k, v = (torch.randn(2, 6, 2, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, :2] = False
+    mask[1, 4:] = False
+    q2, k2, v2 = (x.detach().clone() for x in (q, k, v))
+    q2[~mask], k2[~mask], v2[~mask] = float("nan"), float("inf"), float("nan")
+    for x in (q2, k2, v2):
+        x.requires_grad_()
+    for causal in (True, False):
+        o = softmax_attention_reference(q, k, v, causal=causal, attention_mask=mask)
+        o2 = softmax_attention_reference(q2, k2, v2, causal=causal, attention_mask=mask)
+        torch.testing.assert_close(o2, o, rtol=1e-12, atol=1e-12)
+        up = torch.randn_like(o)
+        for a, r in zip(grads(o2, (q2, k2, v2), up), grads(o, (q, k, v), up)):
+            torch.testing.assert_close(a[mask], r[mask], rtol=1e-10, atol=1e-10)
+            assert torch.isfinite(a).all()
 
 
 # --------------------------------------------------------------------------- bad input

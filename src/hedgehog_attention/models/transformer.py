@@ -141,16 +141,27 @@ class KVCache:
     v: torch.Tensor
 
 
-def rotary_cos_sin(positions: torch.Tensor, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cos, sin [B, T, 1, D/2]`` (float32) for integer ``positions [B, T]``."""
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    ang = positions.float()[..., None] * inv_freq  # (B, T, D/2)
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    # float32 for half/float32, float64 stays float64 (a float32 round trip fails gradcheck)
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def rotary_cos_sin(
+    positions: torch.Tensor, head_dim: int, base: float = 10000.0, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos, sin [B, T, 1, D/2]`` (float32, or ``dtype``) for integer ``positions [B, T]``."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=dtype) / head_dim)
+    ang = positions.to(dtype)[..., None] * inv_freq  # (B, T, D/2)
     return ang.cos()[:, :, None], ang.sin()[:, :, None]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [B, T, H, D]`` by position (GPT-NeoX half-split layout), in ``x.dtype``."""
-    x1, x2 = x.float().chunk(2, dim=-1)  # (B, T, H, D/2) each
+    """Rotate ``x [B, T, H, D]`` by position (GPT-NeoX half-split layout), in ``x.dtype``.
+
+    Computed in float32 (float64 for float64 ``x``)."""
+    cd = _compute_dtype(x)
+    x1, x2 = x.to(cd).chunk(2, dim=-1)  # (B, T, H, D/2) each
+    cos, sin = cos.to(cd), sin.to(cd)
     out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
     return out.to(x.dtype)
 
@@ -183,7 +194,7 @@ class Attention(nn.Module):
     def _qkv(self, x: torch.Tensor, positions: torch.Tensor):
         b, t, _ = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).unbind(2)  # (B, T, H, D) each
-        cos, sin = rotary_cos_sin(positions, self.head_dim, self.cfg.rope_base)
+        cos, sin = rotary_cos_sin(positions, self.head_dim, self.cfg.rope_base, dtype=_compute_dtype(q))
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def weights(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -318,7 +329,7 @@ class RotaryTransformer(nn.Module):
         logits = self.head(self.norm(x))
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+            loss = F.cross_entropy(logits.to(_compute_dtype(logits)).flatten(0, 1), labels.flatten(), ignore_index=-100)
         aux_loss = None
         if auxes:
             aux_loss = self.cfg.distill_weight * torch.stack(auxes).mean()

@@ -61,7 +61,11 @@ def linear_attention_chunked(
     den_pad = torch.zeros(b, t, 1, 1, dtype=cd, device=fq.device)
     if attention_mask is not None:
         keep = attention_mask.to(cd)[:, :, None, None]
-        fk_ = fk_ * keep  # padded keys leave numerator and normalizer alike
+        # padded tokens leave numerator and normalizer alike; selected away, not multiplied by 0, so
+        # that garbage there (NaN / inf) reaches neither real outputs, the state nor the gradients
+        m = attention_mask.to(torch.bool)[:, :, None, None]
+        zero = torch.zeros((), dtype=cd, device=fq.device)
+        fq_, fk_, v_ = (torch.where(m, x, zero) for x in (fq_, fk_, v_))
         den_pad = 1 - keep
     s0 = z0 = None
     if initial_state is not None:

@@ -69,12 +69,14 @@ def recurrent_step(
     sd = _state_dtype(fq, fk, v)
     if state is None:
         state = LinearAttentionState.zeros(b, hk, f, dv, device=fq.device, dtype=sd)
-    fk_ = fk.to(sd)
-    if key_mask is not None:
-        fk_ = fk_ * key_mask.to(sd)[:, None, None]
-    s = state.S.to(sd) + fk_.unsqueeze(-1) * v.to(sd).unsqueeze(-2)
+    fq_, fk_, v_ = fq.to(sd), fk.to(sd), v.to(sd)
+    if key_mask is not None:  # selected away, not multiplied by 0: NaN / inf in padding must not leak
+        m = key_mask.to(torch.bool)[:, None, None]
+        zero = torch.zeros((), dtype=sd, device=fq.device)
+        fq_, fk_, v_ = (torch.where(m, x, zero) for x in (fq_, fk_, v_))
+    s = state.S.to(sd) + fk_.unsqueeze(-1) * v_.unsqueeze(-2)
     z = state.z.to(sd) + fk_
-    fq_ = fq.to(sd).view(b, hk, h // hk, f)  # (B, Hk, G, F): query heads grouped by their KV head
+    fq_ = fq_.view(b, hk, h // hk, f)  # (B, Hk, G, F): query heads grouped by their KV head
     num = torch.einsum("bkgf,bkfd->bkgd", fq_, s)
     den = torch.einsum("bkgf,bkf->bkg", fq_, z) + eps
     if key_mask is not None:  # padded tokens divide by 1 (output zeroed below), not 0 / 0 when eps = 0
@@ -120,7 +122,11 @@ def linear_attention_recurrent(
                 b, fk.shape[2], fk.shape[3], v.shape[3], device=fq.device, dtype=_state_dtype(fq, fk, v)
             )
         sd = state.S.dtype
-        fq_ = fq.to(sd).view(b, t_len, fk.shape[2], h // fk.shape[2], -1)
+        fq_ = fq.to(sd)
+        if attention_mask is not None:  # padded queries: garbage (NaN / inf) must not reach o or grads
+            keep = attention_mask.to(torch.bool)[:, :, None, None]
+            fq_ = torch.where(keep, fq_, torch.zeros((), dtype=sd, device=fq.device))
+        fq_ = fq_.view(b, t_len, fk.shape[2], h // fk.shape[2], -1)
         num = torch.einsum("btkgf,bkfd->btkgd", fq_, state.S)
         den = torch.einsum("btkgf,bkf->btkg", fq_, state.z) + eps
         if attention_mask is not None:  # padded queries: num / 1 then zeroed, not 0 / 0 when eps = 0

@@ -44,6 +44,15 @@ def visibility_mask(
     return vis
 
 
+def _zero_padded(x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """``x [B, T, ...]`` with padded positions set to 0 by selection, not by ``* 0``: garbage there
+    (NaN / inf) must reach neither the outputs, the state nor the gradients of real tokens."""
+    if attention_mask is None:
+        return x
+    m = attention_mask.to(device=x.device, dtype=torch.bool).view(*attention_mask.shape, *([1] * (x.dim() - 2)))
+    return torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def _group(fq: torch.Tensor, hk: int) -> torch.Tensor:
     b, t, h, f = fq.shape
     return fq.view(b, t, hk, h // hk, f)  # (B, T, Hk, G, F)
@@ -61,7 +70,8 @@ def linear_attention_scores(
     b, t, h, _ = fq.shape
     hk = fk.shape[2]
     cd = _compute_dtype(fq, fk)
-    a = torch.einsum("bikgf,bjkf->bkgij", _group(fq.to(cd), hk), fk.to(cd)).reshape(b, h, t, t)
+    fq, fk = _zero_padded(fq.to(cd), attention_mask), _zero_padded(fk.to(cd), attention_mask)
+    a = torch.einsum("bikgf,bjkf->bkgij", _group(fq, hk), fk).reshape(b, h, t, t)
     vis = visibility_mask(b, t, causal=causal, attention_mask=attention_mask, cu_seqlens=cu_seqlens, device=fq.device)
     return a.masked_fill(~vis[:, None], 0.0)
 
@@ -107,7 +117,7 @@ def linear_attention_reference(
     cd = _compute_dtype(fq, fk, v)
     a = linear_attention_scores(fq, fk, causal=causal, attention_mask=attention_mask, cu_seqlens=cu_seqlens)
     a = a.view(b, hk, h // hk, t, t)
-    num = torch.einsum("bkgij,bjkd->bikgd", a, v.to(cd))  # (B, T, Hk, G, Dv)
+    num = torch.einsum("bkgij,bjkd->bikgd", a, _zero_padded(v.to(cd), attention_mask))  # (B, T, Hk, G, Dv)
     den = a.sum(-1).permute(0, 3, 1, 2)  # (B, T, Hk, G)
     if initial_state is not None:
         s0, z0 = (x.to(cd) for x in initial_state)
@@ -117,7 +127,7 @@ def linear_attention_reference(
             z0 = z0[seg].unsqueeze(0)
         else:
             s0, z0 = s0.unsqueeze(1), z0.unsqueeze(1)  # (B, 1, Hk, F, Dv)
-        fqg = _group(fq.to(cd), hk)
+        fqg = _group(_zero_padded(fq.to(cd), attention_mask), hk)
         num = num + torch.einsum("btkgf,btkfd->btkgd", fqg, s0.expand(b, t, -1, -1, -1))
         den = den + torch.einsum("btkgf,btkf->btkg", fqg, z0.expand(b, t, -1, -1))
     den = den + eps
@@ -134,9 +144,8 @@ def linear_attention_reference(
 
 
 def _final_state_reference(fk, v, attention_mask, cu_seqlens, initial_state, cd) -> LinearAttentionState:
-    fk_ = fk.to(cd)
-    if attention_mask is not None:
-        fk_ = fk_ * attention_mask.to(cd)[:, :, None, None]
+    fk_ = _zero_padded(fk.to(cd), attention_mask)
+    v = _zero_padded(v.to(cd), attention_mask)
     if cu_seqlens is not None:
         bounds = cu_seqlens.tolist()
         s = torch.stack(
@@ -169,13 +178,16 @@ def softmax_attention_weights(
     hk = k.shape[2]
     cd = _compute_dtype(q, k)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    s = torch.einsum("bikgd,bjkd->bkgij", _group(q.to(cd), hk), k.to(cd)).reshape(b, h, t, t) * scale
+    q, k = _zero_padded(q.to(cd), attention_mask), _zero_padded(k.to(cd), attention_mask)
+    s = torch.einsum("bikgd,bjkd->bkgij", _group(q, hk), k).reshape(b, h, t, t) * scale
     vis = visibility_mask(b, t, causal=causal, attention_mask=attention_mask, cu_seqlens=cu_seqlens, device=q.device)[
         :, None
     ]
-    s = s.masked_fill(~vis, float("-inf"))
-    w = torch.softmax(s, dim=-1)
-    return torch.nan_to_num(w, nan=0.0)  # fully masked rows (padded queries) -> 0
+    # Rows with no visible key (padded queries) -> 0, chosen by the mask: nan_to_num also zeroed rows
+    # made NaN by NaN / inf in real inputs, hiding them.
+    seen = vis.any(-1, keepdim=True)
+    s = s.masked_fill(~vis, float("-inf")).masked_fill(~seen, 0.0)
+    return torch.softmax(s, dim=-1).masked_fill(~seen, 0.0)
 
 
 def softmax_attention_reference(
@@ -194,5 +206,6 @@ def softmax_attention_reference(
     w = softmax_attention_weights(
         q, k, causal=causal, attention_mask=attention_mask, cu_seqlens=cu_seqlens, scale=scale
     )
-    o = torch.einsum("bkgij,bjkd->bikgd", w.view(b, hk, h // hk, t, t), v.to(w.dtype))
+    v_ = _zero_padded(v.to(w.dtype), attention_mask)  # padding's NaN / inf must not reach real outputs
+    o = torch.einsum("bkgij,bjkd->bikgd", w.view(b, hk, h // hk, t, t), v_)
     return o.reshape(b, t, h, v.shape[3]).to(v.dtype)
