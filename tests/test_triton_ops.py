@@ -287,6 +287,38 @@ def test_float64_inputs_take_fp32_products():
     assert max(errs.values()) <= 2e-5, errs
 
 
+@pytest.mark.parametrize("op", ["fused", "features"])
+def test_nan_and_inf_in_padding_do_not_leak(op):
+    """NaN / inf in padded tokens' q, k, v (features for the generic op) change nothing: outputs,
+    final state and the real tokens' gradients equal the clean inputs' (the kernels drop padded keys
+    by a product with the mask, which alone would make them NaN), padded outputs stay 0."""
+    B, T, H, HK, D = (2, 300, 2, 1, 64) if CUDA else (2, 40, 2, 1, 16)
+    q, k, v, wq, bq, wk, bk = _inputs(B, T, H, HK, D, D, D, torch.float32, True)
+    mask, _ = _mask_or_cu("mask", B, T)
+    if op == "features":
+        q, k = q.exp(), k.exp()
+
+    def run(q, k, v):
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        kw = dict(causal=True, attention_mask=mask, output_final_state=True)
+        if op == "fused":
+            o, st = fused_hedgehog_attention(*leaves, wq, bq, wk, bk, **kw)
+        else:
+            o, st = linear_attention_triton(*leaves, **kw)
+        grads = torch.autograd.grad((o * o).sum() + st.S.sum() + st.z.sum(), leaves)
+        return o, st, grads
+
+    clean = run(q, k, v)
+    bad = [x.clone() for x in (q, k, v)]
+    for i, x in enumerate(bad):
+        x[~mask] = float("nan") if i != 1 else float("inf")
+    o, st, grads = run(*bad)
+    assert (o[~mask] == 0).all()
+    assert rel(o, clean[0]) <= 1e-6 and rel(st.S, clean[1].S) <= 1e-6 and rel(st.z, clean[1].z) <= 1e-6
+    for g, g0 in zip(grads, clean[2]):
+        assert torch.isfinite(g).all() and rel(g[mask], g0[mask]) <= 1e-6
+
+
 def test_min_block_knob_is_checked():
     _launch.CONFIG["min_block"] = 24
     with pytest.raises(ValueError, match="min_block"):

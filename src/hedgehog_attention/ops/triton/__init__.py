@@ -436,6 +436,17 @@ def _n_chunks(lens: list[int] | None, B: int, T: int, F: int, dtype: torch.dtype
     return L.n_chunks(lens, B, T, L.chunk_size(F, dtype, max_len))
 
 
+def _zero_padding(attention_mask: Tensor | None, *xs: Tensor) -> tuple[Tensor, ...]:
+    """``xs [B, T, ...]`` with the padded tokens' rows set to 0: the kernels drop padded keys by a
+    product with the mask, which would turn NaN / inf there into NaN in real outputs, the state and
+    the gradients (the PyTorch backends select them away too). One more pass over each input, only
+    under a mask."""
+    if attention_mask is None:
+        return xs
+    keep = (attention_mask != 0).to(xs[0].device)[:, :, None, None]
+    return tuple(torch.where(keep, x, x.new_zeros(())) for x in xs)
+
+
 def linear_attention_triton(
     fq: Tensor,
     fk: Tensor,
@@ -471,6 +482,7 @@ def linear_attention_triton(
         raise ValueError(f"fq and fk must have the same feature dim F; got {fq.shape[3]} and {fk.shape[3]}")
     _check_state(s0, z0, cu, fk.shape[2], fq.shape[3], v.shape[3])
     nc = _n_chunks(lens, fq.shape[0], fq.shape[1], fq.shape[3], v.dtype, max_len)
+    fq, fk, v = _zero_padding(attention_mask, fq, fk, v)
     o, *_, s_fin, z_fin = _la_apply(
         fq.contiguous(), fk.contiguous(), v.contiguous(), None, None, None, None, mask, cu, s0, z0,
         "softmax", False, bool(causal), float(eps), False, max_len, nc, cu_seqlens is not None,
@@ -541,6 +553,7 @@ def fused_hedgehog_attention(
         wdt = torch.promote_types(q_weight.dtype, k_weight.dtype)
         q_weight, k_weight = q_weight.to(wdt), k_weight.to(wdt)
     nc = _n_chunks(lens, q.shape[0], q.shape[1], F, v.dtype, max_len)
+    q, k, v = _zero_padding(attention_mask, q, k, v)
     o, *_, s_fin, z_fin = _la_apply(
         q.contiguous(), k.contiguous(), v.contiguous(),
         q_weight.contiguous(), None if q_bias is None else q_bias.contiguous(),
