@@ -314,6 +314,25 @@ def test_load_text_files(tmp_path):
         corpora.load_text_files(tmp_path / "nope.txt")
 
 
+def test_load_text_files_split_does_not_depend_on_how_the_path_is_spelled(tmp_path, monkeypatch):
+    """Names (and so the split) are the same for a relative and an absolute spelling of one folder,
+    from any working directory: held-out files of one run must not be trained on by the next."""
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    for i in range(40):
+        (corpus / ("sub" if i % 2 else "") / f"f{i:02d}.txt").write_text(f"text {i}")
+    monkeypatch.chdir(tmp_path)
+    rel = corpora.load_text_files("corpus")
+    monkeypatch.chdir(corpus / "sub")
+    absolute, dot = corpora.load_text_files(corpus), corpora.load_text_files("..")
+    assert [d.name for d in rel] == [d.name for d in absolute] == [d.name for d in dot]
+    assert "corpus/sub/f01.txt" in {d.name for d in rel} and "corpus/f00.txt" in {d.name for d in rel}
+    assert corpora.load_text_files(corpus / "sub" / "f01.txt")[0].name == "sub/f01.txt"
+    parts = [split_documents(docs, 0.2, 0.2) for docs in (rel, absolute, dot)]
+    texts = [{s: {d.text for d in p[s]} for s in corpora.SPLITS} for p in parts]
+    assert texts[0] == texts[1] == texts[2] and texts[0]["test"]
+
+
 def test_hf_dataset_without_datasets_says_how(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import fails as if not installed
     with pytest.raises(ImportError, match="pip install datasets"):
@@ -345,6 +364,78 @@ def test_missing_model_names_the_setup_command(monkeypatch):
     monkeypatch.setattr(models_zoo.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(models_zoo.ModelNotInstalledError, match="setup_assets.sh"):
         models_zoo.smollm2_gguf_path()
+
+
+def _fake_gguf_transformers(monkeypatch, during_dequantize):
+    """transformers' Auto classes replaced by stand-ins that write a plausible HF folder."""
+    import transformers
+
+    class Model:
+        config = type("Config", (), {})()
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, sd):
+            pass
+
+        def tie_weights(self):
+            pass
+
+        def save_pretrained(self, d):
+            (d / "config.json").write_text("{}")
+            (d / "model.safetensors").write_bytes(b"this process")
+
+    class Auto:
+        @staticmethod
+        def from_pretrained(*a, **k):
+            during_dequantize()
+            return Model()
+
+        @staticmethod
+        def from_config(cfg, **k):
+            return Model()
+
+    class Tok:
+        @staticmethod
+        def from_pretrained(*a, **k):
+            return Tok()
+
+        def save_pretrained(self, d):
+            pass
+
+    monkeypatch.setattr(transformers, "AutoModelForCausalLM", Auto)
+    monkeypatch.setattr(transformers, "AutoTokenizer", Tok)
+
+
+@pytest.mark.parametrize("other_first", [True, False], ids=["other-process-finished-first", "stale-cache"])
+def test_smollm2_conversion_keeps_a_cache_another_process_finished(tmp_path, monkeypatch, other_first):
+    """Every rank of a multi-process run calls load_smollm2: a conversion that finishes second must
+    keep the valid cache the first one wrote (it may be loading it), not delete and replace it; a
+    stale cache is replaced. No temporary folders are left behind."""
+    import json
+
+    from hedgehog_attention import models_zoo
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"gguf")
+    cache, stamp = tmp_path / "cache" / "smollm2", models_zoo._gguf_stamp(gguf)
+
+    def other_process_writes_cache(valid):
+        cache.mkdir(parents=True)
+        (cache / "config.json").write_text("{}")
+        (cache / "model.safetensors").write_bytes(b"other process")
+        (cache / "hedgehog_source.json").write_text(json.dumps(stamp if valid else {**stamp, "size": -1}))
+
+    if not other_first:
+        other_process_writes_cache(valid=False)
+    _fake_gguf_transformers(monkeypatch, lambda: other_process_writes_cache(valid=True) if other_first else None)
+    assert not models_zoo._cache_valid(cache, stamp)
+    models_zoo._convert_gguf(gguf, cache, stamp)
+    assert models_zoo._cache_valid(cache, stamp)
+    want = b"other process" if other_first else b"this process"
+    assert (cache / "model.safetensors").read_bytes() == want
+    assert [p.name for p in cache.parent.iterdir()] == ["smollm2"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ distillation needs).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -159,9 +160,22 @@ def _convert_gguf(gguf: Path, cache: Path, stamp: dict[str, Any]) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "hedgehog_source.json").write_text(json.dumps(stamp))
-        if cache.exists():
-            shutil.rmtree(cache)
-        tmp.rename(cache)
+        # Several processes (one per rank) may convert at once: a valid cache another one finished
+        # meanwhile is kept (it may be loading it), never deleted and replaced.
+        if _cache_valid(cache, stamp):
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        if cache.exists():  # stale: move it aside in one step, then delete it
+            stale = Path(tempfile.mkdtemp(prefix=cache.name + ".stale-", dir=cache.parent))
+            with contextlib.suppress(FileNotFoundError):  # another process moved it first
+                cache.rename(stale / cache.name)
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            tmp.rename(cache)
+        except OSError:  # another process renamed its copy into place first
+            if not _cache_valid(cache, stamp):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -278,7 +278,12 @@ def load_fine_food() -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
 
 
 def load_text_files(paths: str | Path | Iterable[str | Path], pattern: str = "*.txt") -> list[Document]:
-    """A user's own text: each file is one :class:`Document` named by its path.
+    """A user's own text: each file is one :class:`Document`.
+
+    A document is named by its path from its folder *including that folder's own name*
+    (``"corpus/sub/a.txt"`` for ``corpus/sub/a.txt`` found under ``corpus``; a file given directly
+    is named ``"<its folder's name>/<file name>"``), never by the path as spelled: the split
+    (:func:`split_documents`) must not depend on the working directory or on where the files are.
 
     Args:
         paths: files and/or folders; a folder contributes its files matching ``pattern``
@@ -290,17 +295,19 @@ def load_text_files(paths: str | Path | Iterable[str | Path], pattern: str = "*.
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
-    files: list[Path] = []
+    files: list[tuple[str, Path]] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(f for f in p.rglob(pattern) if f.is_file())
+            base = p.resolve().name
+            found = sorted(f for f in p.rglob(pattern) if f.is_file())
+            files += [(f"{base}/{f.relative_to(p).as_posix()}", f) for f in found]
         elif p.is_file():
-            files.append(p)
+            files.append((f"{p.resolve().parent.name}/{p.name}", p))
         else:
             raise FileNotFoundError(f"text file or folder not found: {p}")
     if not files:
         raise FileNotFoundError(f"no files matching {pattern!r} under {list(map(str, paths))}")
-    return [Document(str(f), f.read_text(encoding="utf-8", errors="replace")) for f in files]
+    return [Document(name, f.read_text(encoding="utf-8", errors="replace")) for name, f in files]
 
 
 def load_hf_dataset(
