@@ -347,3 +347,16 @@ def test_recall_refuses_finished_runs_of_other_settings(tmp_path):
     assert recall_main([*args, "--set", "train.steps=3", "--report-only"]) == 2
     assert (out / "runs" / "softmax_s0.json").read_text() == first  # nothing retrained or rewritten
     assert recall_main([*args, "--set", "train.log_every=1", "--report-only"]) == 0  # bookkeeping only: reused
+
+
+def test_token_streams_are_compacted_without_wrapping():
+    """Token streams are stored as uint16 only when every id fits: a vocabulary past 65,535 keeps its ids."""
+    from hedgehog_attention.experiments.lm import compact_token_ids
+
+    small = compact_token_ids(np.array([0, 5, 50256]))
+    assert small.dtype == np.uint16 and small.tolist() == [0, 5, 50256]
+    big = compact_token_ids(np.array([3, 65535, 65536, 151_000]))
+    assert big.tolist() == [3, 65535, 65536, 151_000]
+    assert compact_token_ids(np.array([], dtype=np.int64)).size == 0
+    with pytest.raises(ValueError, match="token ids"):
+        compact_token_ids(np.array([-1, 2]))

@@ -202,7 +202,14 @@ def prepare_tokens(cfg: LMConfig) -> dict[str, np.ndarray]:
         }
     else:
         return load_npz(cfg.data.npz_path)
-    return {s: a.astype(np.uint16) for s, a in streams.items()}
+    return {s: compact_token_ids(a) for s, a in streams.items()}
+
+
+def compact_token_ids(ids: np.ndarray) -> np.ndarray:
+    """``ids`` as uint16 when every id fits (GPT-2's 50,257), else int32: never wrapped."""
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= 2**31):
+        raise ValueError(f"token ids must be in [0, 2**31); got {int(ids.min())}..{int(ids.max())}")
+    return ids.astype(np.uint16 if not ids.size or int(ids.max()) <= np.iinfo(np.uint16).max else np.int32)
 
 
 def load_npz(path: str | Path) -> dict[str, np.ndarray]:
