@@ -160,3 +160,25 @@ def test_float64_model_computes_in_float64(attention):
 
     e = model.embed(x).detach().requires_grad_()
     assert torch.autograd.gradcheck(logits_and_loss, (e,))
+
+
+def test_cached_decoding_positions_follow_the_cache():
+    """With a softmax cache the first new token's position defaults to the cache's length and a
+    wrong ``position_offset`` is refused; a cache of linear states (no recorded length) needs it."""
+    torch.manual_seed(0)
+    x = torch.randint(0, 64, (2, 12))
+    for attention in ("softmax", "hedgehog"):
+        model = RotaryTransformer(TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2,
+                                                    max_seq_len=32, attention=attention)).eval()  # fmt: skip
+        full = model(x).logits
+        cache = model(x[:, :9], use_cache=True).cache
+        if attention == "softmax":
+            step = model(x[:, 9:10], cache=cache, use_cache=True)  # offset from the cache: 9
+            torch.testing.assert_close(step.logits[:, 0], full[:, 9], rtol=1e-5, atol=1e-5)
+            with pytest.raises(ValueError, match="softmax cache holds"):
+                model(x[:, 9:10], cache=cache, position_offset=0)
+        else:
+            with pytest.raises(ValueError, match="position_offset is needed"):
+                model(x[:, 9:10], cache=cache)
+            step = model(x[:, 9:10], cache=cache, use_cache=True, position_offset=9)
+            torch.testing.assert_close(step.logits[:, 0], full[:, 9], rtol=1e-5, atol=1e-5)

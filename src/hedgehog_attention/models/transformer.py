@@ -295,7 +295,7 @@ class RotaryTransformer(nn.Module):
         *,
         cache: list | None = None,
         use_cache: bool = False,
-        position_offset: int = 0,
+        position_offset: int | None = None,
         return_aux: bool | None = None,
     ) -> TransformerOutput:
         """Logits for ``input_ids [B, T]``.
@@ -306,14 +306,18 @@ class RotaryTransformer(nn.Module):
                 for plain LM and shift them yourself: see :func:`lm_labels`.
             cache: per-layer state from an earlier call with ``use_cache=True`` (decoding).
             use_cache: return the per-layer state after these tokens.
-            position_offset: position of ``input_ids[:, 0]`` (tokens already in the cache).
+            position_offset: position of ``input_ids[:, 0]`` = the tokens the cache has seen (default:
+                0 without a cache, the softmax cache's length with one; a linear-attention state does
+                not record its length, so a cache of only linear layers needs it). A value that
+                disagrees with a softmax cache's length raises ``ValueError``.
             return_aux: compute the Eq. 3 term (default: when ``distill_weight > 0`` and training).
         """
         b, t = input_ids.shape
-        if position_offset + t > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {position_offset + t} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
         if cache is not None and len(cache) != self.cfg.n_layers:
             raise ValueError(f"cache must have one entry per layer ({self.cfg.n_layers}), got {len(cache)}")
+        position_offset = self._position_offset(cache, position_offset)
+        if position_offset + t > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {position_offset + t} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
         if return_aux is None:
             return_aux = self.cfg.distill_weight > 0 and self.training
         if return_aux and not self.cfg.is_linear:
@@ -334,6 +338,23 @@ class RotaryTransformer(nn.Module):
         if auxes:
             aux_loss = self.cfg.distill_weight * torch.stack(auxes).mean()
         return TransformerOutput(logits, loss, aux_loss, new_cache if use_cache else None)
+
+    @staticmethod
+    def _position_offset(cache: list | None, given: int | None) -> int:
+        """The position of the first new token: ``given``, checked against a softmax cache's length."""
+        if cache is None:
+            return 0 if given is None else int(given)
+        seen = {c.k.shape[1] for c in cache if isinstance(c, KVCache)}
+        if given is None:
+            if not seen:
+                raise ValueError(
+                    "position_offset is needed with a cache of linear-attention states (they do not record "
+                    "how many tokens they have seen): pass the number of tokens before input_ids"
+                )
+            return seen.pop()
+        if seen and seen != {int(given)}:
+            raise ValueError(f"position_offset={given} but the softmax cache holds {sorted(seen)} tokens")
+        return int(given)
 
     @torch.no_grad()
     def attention_weights(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
