@@ -747,3 +747,89 @@ def test_report_json_is_strict_json_with_null_for_non_numbers(tmp_path, monkeypa
     text = (tmp_path / "report.json").read_text()
     parsed = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
     assert parsed == {"finetune": {"eval_accuracy_before": None, "eval_loss": 1.5, "curve": [None, 2.0]}}
+
+
+@pytest.mark.parametrize(
+    ("cls", "kw", "match"),
+    [
+        (DistillConfig, {"query_chunk_size": 0}, "query_chunk_size"),
+        (DistillConfig, {"query_chunk_size": -1}, "query_chunk_size"),  # was: no query chunk, a loss of 0
+        (DistillConfig, {"output_mse_weight": -0.5}, "output_mse_weight"),  # was: silently ignored
+        (DistillConfig, {"min_delta": -1.0}, "min_delta"),
+        (DistillConfig, {"weight_decay": -0.1}, "weight_decay"),
+        (DistillConfig, {"lr": math.nan}, "lr"),
+        ("finetune", {"lr": 0.0}, "lr"),
+        ("finetune", {"lr": -1e-4}, "lr"),
+        ("finetune", {"weight_decay": -0.1}, "weight_decay"),
+        ("finetune", {"lora_alpha": 0}, "lora_alpha"),
+        ("finetune", {"lora_dropout": 1.5}, "lora_dropout"),
+    ],
+)
+def test_configs_refuse_values_that_were_accepted_and_misbehaved(cls, kw, match):
+    from hedgehog_attention.convert import FinetuneConfig
+
+    cls = FinetuneConfig if cls == "finetune" else cls
+    with pytest.raises(ValueError, match=match):
+        cls(**kw)
+    cls.from_dict({})  # the defaults stay valid
+
+
+def test_capture_qkv_records_the_deterministic_teacher_whatever_the_model_mode():
+    """Records shared with distill(train_records=...) must be the teacher distill itself would
+    capture (eval mode, dropout off), also when the model was left in train mode; the mode is restored."""
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                     max_position_embeddings=64, hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)  # fmt: skip
+    m = BertModel(cfg, add_pooling_layer=False)
+    linearize(m)
+    batches = _batches(1, 2, 10, seed=3)
+    want = capture_qkv(m.eval(), batches)
+    m.train()
+    m.embeddings.eval()  # a user's mixed modes come back as they were
+    got = capture_qkv(m, batches)
+    for name in want:
+        assert torch.equal(got[name][0].q, want[name][0].q) and torch.equal(got[name][0].k, want[name][0].k), name
+    assert m.training and not m.embeddings.training and m.encoder.layer[1].output.dropout.training
+    fid = evaluate_fidelity(m, batches)  # captures through capture_qkv too
+    assert fid == evaluate_fidelity(m, batches, records=want)
+
+
+def test_cli_checkpoint_dir_alone_writes_checkpoints_that_resume_continues(tmp_path):
+    """--checkpoint-dir without --checkpoint-every used to write nothing (a later --resume started over)."""
+    from hedgehog_attention.convert.cli import main
+
+    d = _tiny_folder(tmp_path / "tiny")
+    argv = _cli_args(d, "--methods", "hedgehog", "--no-save", "--checkpoint-dir", str(tmp_path / "ck"))
+    threads = torch.get_num_threads()
+    try:
+        assert main(argv) == 0
+        first = json.loads((tmp_path / "out" / "report.json").read_text())["methods"]["hedgehog"]["distill"]
+        assert sorted(p.name for p in (tmp_path / "ck" / "distill-hedgehog").glob("ckpt-*.pt")) == ["ckpt-00000002.pt"]
+        assert main([*argv, "--resume"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    again = json.loads((tmp_path / "out" / "report.json").read_text())["methods"]["hedgehog"]["distill"]
+    assert first["resumed_from"] is None and again["resumed_from"] == 2
+    assert again["best_eval_loss"] == pytest.approx(first["best_eval_loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("flags", "match"),
+    [
+        (["--batch-size", "0"], "--batch-size must be >= 1"),  # was: "range() arg 3 must not be zero" after loading
+        (["--steps", "-1"], "--steps must be >= 0"),
+        (["--eval-every", "0"], "--eval-every must be >= 1"),
+        (["--test-blocks", "0"], "--test-blocks must be >= 1"),
+        (["--lr", "0"], "--lr must be > 0"),
+        (["--output-mse", "-1"], "--output-mse must be >= 0"),
+        # the finetuning flags used to be checked only after a whole distillation
+        (["--finetune", "--finetune-steps", "-1"], "--finetune-steps must be >= 0"),
+        (["--finetune", "--finetune-lr", "0"], "--finetune-lr must be > 0"),
+    ],
+)
+def test_cli_refuses_bad_flag_values_before_loading(tmp_path, flags, match):
+    from hedgehog_attention.convert.cli import build_parser, run
+
+    args = build_parser().parse_args(["--model", str(tmp_path / "not-loaded"), *flags])
+    with pytest.raises(SystemExit, match=match):
+        run(args)

@@ -144,7 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint-dir", default=None, help="write stage checkpoints under this folder (one subfolder per stage)"
     )
     p.add_argument(
-        "--checkpoint-every", type=int, default=None, help="steps between checkpoints (needs --checkpoint-dir)"
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        help="steps between checkpoints (needs --checkpoint-dir; default there: --eval-every)",
     )
     p.add_argument(
         "--resume", action="store_true", help="continue each stage from its newest checkpoint in --checkpoint-dir"
@@ -287,10 +290,25 @@ def _finetune_config(args, lr: float, task: str, batch_size: int, stage: str) ->
 
 
 def _check_args(args) -> None:
+    """Refuse bad flag values before anything is loaded (not after the model, the text, the capture
+    and, for the finetuning flags, a whole distillation), each with the flag's name."""
     if (args.checkpoint_every is not None or args.resume) and not args.checkpoint_dir:
         raise SystemExit("--checkpoint-every and --resume need --checkpoint-dir")
-    if args.checkpoint_every is not None and args.checkpoint_every < 1:
-        raise SystemExit(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
+    at_least = (
+        ("checkpoint_every", 1), ("seq_len", 1), ("train_blocks", 1), ("eval_blocks", 0), ("test_blocks", 1),
+        ("test_items", 1), ("steps", 0), ("batch_size", 1), ("eval_every", 1), ("patience", 0),
+        ("finetune_steps", 0), ("threads", 1),
+    )  # fmt: skip
+    for key, low in at_least:
+        value = getattr(args, key, None)
+        if value is not None and value < low:
+            raise SystemExit(f"--{key.replace('_', '-')} must be >= {low}, got {value}")
+    for key in ("lr", "finetune_lr"):
+        value = getattr(args, key, None)
+        if value is not None and not value > 0:  # also NaN
+            raise SystemExit(f"--{key.replace('_', '-')} must be > 0, got {value}")
+    if not args.output_mse >= 0:
+        raise SystemExit(f"--output-mse must be >= 0 (0 = Eq. 3 only), got {args.output_mse}")
 
 
 def run(args) -> dict[str, Any]:
@@ -327,6 +345,10 @@ def run(args) -> dict[str, Any]:
     for k in preset:
         if getattr(args, k, None) is not None:
             preset[k] = getattr(args, k)
+    if args.checkpoint_dir and args.checkpoint_every is None:
+        # --checkpoint-dir alone wrote nothing (checkpoint_every=None), so a later --resume silently
+        # started over: checkpoint on the evaluation grid (and, as always, when a stage ends)
+        args.checkpoint_every = preset["eval_every"]
     if getattr(tok, "pad_token_id", None) is None:
         tok.pad_token = tok.eos_token
 

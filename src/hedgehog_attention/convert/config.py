@@ -149,8 +149,19 @@ class DistillConfig(EngineOptions):
                 f"steps={self.steps}, batch_size={self.batch_size}, eval_every={self.eval_every}, "
                 f"patience={self.patience}"
             )
-        if self.lr <= 0:
+        if not self.lr > 0:  # also refuses NaN
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        # each of these was accepted and then silently misbehaved: a negative weight was ignored
+        # (the MSE term only applies when > 0), a chunk size < 1 made the loss 0 (no query chunk) or
+        # failed deep inside the loss, a negative min_delta or weight decay failed only after capture
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not self.min_delta >= 0:
+            raise ValueError(f"min_delta must be >= 0, got {self.min_delta}")
+        if not self.output_mse_weight >= 0:
+            raise ValueError(f"output_mse_weight must be >= 0 (0 = Eq. 3 only), got {self.output_mse_weight}")
+        if self.query_chunk_size < 1:
+            raise ValueError(f"query_chunk_size must be >= 1, got {self.query_chunk_size}")
         if self.capture not in ("cached", "online"):
             raise ValueError(f"capture must be 'cached' or 'online', got {self.capture!r}")
 
@@ -199,6 +210,14 @@ class FinetuneConfig(EngineOptions):
             raise ValueError(
                 f"expected steps >= 0, batch_size >= 1, lora_r >= 1; got {self.steps}, {self.batch_size}, {self.lora_r}"
             )
+        if not self.lr > 0:  # also refuses NaN
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FinetuneConfig:

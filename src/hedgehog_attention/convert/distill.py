@@ -185,10 +185,19 @@ def _forward(model: nn.Module, batch: Batch):
 def capture_qkv(
     model: nn.Module, batches: Iterable[Batch], *, record_v: bool = False, device: torch.device | str | None = None
 ) -> dict[str, list[LayerRecord]]:
-    """Every converted layer's teacher ``q, k`` (and ``v``) on ``batches``: ``{name: [record per batch]}``."""
-    with TeacherCapture(model, record=True, record_v=record_v, record_device=device) as cap:
-        for batch in batches:
-            _forward(model, batch)
+    """Every converted layer's teacher ``q, k`` (and ``v``) on ``batches``: ``{name: [record per batch]}``.
+
+    The model runs in eval mode (dropout off, as in :func:`distill`; its mode is restored after):
+    the records are the deterministic teacher's, whatever mode the model was left in."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with TeacherCapture(model, record=True, record_v=record_v, record_device=device) as cap:
+            for batch in batches:
+                _forward(model, batch)
+    finally:
+        for m, training in modes:
+            m.training = training
     return cap.records
 
 
