@@ -397,3 +397,14 @@ def test_distillation_loss_counts_a_query_without_linear_weights_as_zero_weights
     want = (-math.log(1e-12) - (p[1, :2] * w[1, :2].log()).sum() - (p[2] * w[2].log()).sum()) / 3
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
     torch.testing.assert_close(got, attention_fidelity(q, k, fq, fk, causal=True)["ce"][0], rtol=1e-12, atol=0)
+
+
+def test_perplexity_of_a_huge_loss_is_inf_not_an_overflow_error():
+    """Reports take exp(mean NLL): a diverged model's loss past ~709.78 gives inf (math.exp raises)."""
+    import math
+
+    from hedgehog_attention.metrics import perplexity
+
+    assert perplexity(0.0) == 1.0 and perplexity(math.log(7.5)) == pytest.approx(7.5, rel=1e-15)
+    assert perplexity(709.0) == math.exp(709.0) and perplexity(710.0) == math.inf == perplexity(1e9)
+    assert math.isnan(perplexity(float("nan")))

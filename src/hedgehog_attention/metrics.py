@@ -6,6 +6,8 @@ All functions take normalized weights ``[B, H, Tq, Tk]`` whose rows sum to 1 ove
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .ops.reference import linear_attention_weights, softmax_attention_weights, visibility_mask
@@ -16,7 +18,15 @@ __all__ = [
     "kl_divergence",
     "monotonicity",
     "attention_fidelity",
+    "perplexity",
 ]
+
+
+def perplexity(mean_nll: float) -> float:
+    """``exp(mean_nll)``; ``inf`` past float range (``math.exp`` raises OverflowError above ~709.78,
+    which a diverged or untrained model's loss can reach), NaN stays NaN."""
+    mean_nll = float(mean_nll)
+    return math.inf if mean_nll > 709.0 else math.exp(mean_nll)
 
 
 def _valid_rows(weights: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import platform
 import sys
 import time
@@ -34,6 +33,7 @@ from typing import Any
 
 import torch
 
+from ..metrics import perplexity
 from ..train import barrier, cleanup_distributed, init_distributed, is_main_process, rank0_print
 from .base import linearize, linearized_modules, unlinearize
 from .config import DistillConfig, FinetuneConfig, LinearizeConfig
@@ -264,8 +264,8 @@ def end_to_end(model, batches, decoder: bool) -> dict[str, float]:
     return {
         "next_token_agreement": agree / n,
         "logits_kl": kl / n,
-        "ppl_original": math.exp(nll_ref / n),
-        "ppl_converted": math.exp(nll_got / n),
+        "ppl_original": perplexity(nll_ref / n),
+        "ppl_converted": perplexity(nll_got / n),
     }
 
 
@@ -535,8 +535,8 @@ def _finetune(model, tok, args, report, decoder, split, train, test, seq, batch_
             progress=not args.quiet,
         )
         report["finetune"] = {"task": "next-token on train blocks; eval on test blocks", **res.to_dict()}
-        report["finetune"]["eval_ppl_before"] = math.exp(res.eval_loss_before)
-        report["finetune"]["eval_ppl_after"] = math.exp(res.eval_loss_after)
+        report["finetune"]["eval_ppl_before"] = perplexity(res.eval_loss_before)
+        report["finetune"]["eval_ppl_after"] = perplexity(res.eval_loss_after)
         return model
     report["finetune"] = finetune_classification(model, tok, args, lr, seq)
     return model

@@ -54,6 +54,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..metrics import perplexity
 from ..models import RotaryTransformer, TransformerConfig
 from ..train import (
     TrainConfig,
@@ -349,8 +350,8 @@ def run_variant(
         "error": error,
         "tokens_seen": steps * tc.batch_size * block,
         "train_seconds": history[-1]["time"] if history else float("nan"),
-        "test_ppl": math.exp(test_loss) if error is None else float("nan"),
-        "valid_ppl": math.exp(valid_loss) if error is None else float("nan"),
+        "test_ppl": perplexity(test_loss) if error is None else float("nan"),
+        "valid_ppl": perplexity(valid_loss) if error is None else float("nan"),
         "test_tokens": len(test) * block,
         "parameters": model.num_parameters(),
         "non_embedding_parameters": model.num_parameters(non_embedding=True),
@@ -360,7 +361,7 @@ def run_variant(
             {
                 "step": h["step"],
                 "train_loss": h["train_loss"],
-                "valid_ppl": math.exp(h["eval_loss"]),
+                "valid_ppl": perplexity(h["eval_loss"]),
                 "seconds": h["time"],
                 "tokens_per_s": h["tokens_per_s"],
             }

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from ..metrics import perplexity as ppl_of_nll
 from .attention_maps import snapshot
 from .common import (
     ConfigError,
@@ -244,7 +244,7 @@ def perplexity(model, batches) -> float:
     from ..convert.finetune import evaluate_loss
 
     loss, _ = evaluate_loss(model, batches, "lm")
-    return math.exp(loss)
+    return ppl_of_nll(loss)
 
 
 def _finetune_config(cfg: PretrainedConversionConfig):
