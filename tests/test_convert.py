@@ -825,6 +825,8 @@ def test_cli_checkpoint_dir_alone_writes_checkpoints_that_resume_continues(tmp_p
         # the finetuning flags used to be checked only after a whole distillation
         (["--finetune", "--finetune-steps", "-1"], "--finetune-steps must be >= 0"),
         (["--finetune", "--finetune-lr", "0"], "--finetune-lr must be > 0"),
+        (["--keep-softmax", "0,a"], "--keep-softmax takes comma-separated layer indices"),
+        (["--keep-softmax", "-1"], "--keep-softmax layer indices must be >= 0"),
     ],
 )
 def test_cli_refuses_bad_flag_values_before_loading(tmp_path, flags, match):

@@ -309,6 +309,12 @@ def _check_args(args) -> None:
             raise SystemExit(f"--{key.replace('_', '-')} must be > 0, got {value}")
     if not args.output_mse >= 0:
         raise SystemExit(f"--output-mse must be >= 0 (0 = Eq. 3 only), got {args.output_mse}")
+    try:
+        keep = [int(x) for x in args.keep_softmax.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--keep-softmax takes comma-separated layer indices, got {args.keep_softmax!r}") from None
+    if any(i < 0 for i in keep):
+        raise SystemExit(f"--keep-softmax layer indices must be >= 0, got {args.keep_softmax!r}")
 
 
 def run(args) -> dict[str, Any]:
