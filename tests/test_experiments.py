@@ -360,3 +360,94 @@ def test_token_streams_are_compacted_without_wrapping():
     assert compact_token_ids(np.array([], dtype=np.int64)).size == 0
     with pytest.raises(ValueError, match="token ids"):
         compact_token_ids(np.array([-1, 2]))
+
+
+def _snaps(*names):
+    a = np.arange(8, dtype=np.float32).reshape(1, 2, 2, 2)
+    return {n: {"softmax": a + i, "linear": a * 2 + i, "dots": a - i} for i, n in enumerate(names)}
+
+
+def test_snapshots_round_trip_any_method_name(tmp_path):
+    """A method named with "/" (a table label) or a leading "__" comes back under its own name."""
+    from hedgehog_attention.experiments.attention_maps import load_snapshots, save_snapshots
+
+    snaps = _snaps("t2r/hh", "__x", "hedgehog")
+    meta = {"layers": [0], "heads": [0, 1], "tokens": ["a", "b"]}
+    save_snapshots(snaps, meta, tmp_path / "m.npz")
+    back, back_meta = load_snapshots(tmp_path / "m.npz")
+    assert list(back) == list(snaps) and back_meta == meta
+    for m, d in snaps.items():
+        assert list(back[m]) == list(d) and all(np.array_equal(back[m][k], v) for k, v in d.items())
+        assert all(back[m][k].dtype == np.float32 for k in d)
+
+
+def test_snapshots_saved_atomically(tmp_path):
+    """The sweeps rewrite attention_maps.npz after every method: a write that fails midway leaves the
+    previous file readable, and no temporary file behind."""
+    from hedgehog_attention.experiments.attention_maps import load_snapshots, save_snapshots
+
+    class Unsaveable:
+        def __reduce__(self):
+            raise RuntimeError("killed mid-write")
+
+    path = tmp_path / "attention_maps.npz"
+    meta = {"layers": [0], "heads": [0, 1]}
+    save_snapshots(_snaps("a"), meta, path)
+    bad = _snaps("a", "b")
+    bad["b"]["linear"] = np.array([Unsaveable()], dtype=object)  # fails after "a" is written
+    with pytest.raises(RuntimeError, match="mid-write"):
+        save_snapshots(bad, meta, path)
+    back, _ = load_snapshots(path)
+    assert list(back) == ["a"] and np.array_equal(back["a"]["linear"], _snaps("a")["a"]["linear"])
+    assert [p.name for p in tmp_path.iterdir()] == ["attention_maps.npz"]
+
+
+def test_write_report_keeps_the_previous_report_when_a_write_fails(tmp_path, capsys):
+    from hedgehog_attention.experiments.method_sweep import write_report
+
+    path = tmp_path / "report.md"
+    assert write_report("# first\n", path) == 0
+    with pytest.raises(UnicodeEncodeError):
+        write_report("# second \ud800\n", path)  # cannot be encoded: the write fails midway
+    assert path.read_text() == "# first\n" and [p.name for p in tmp_path.iterdir()] == ["report.md"]
+
+
+def test_snapshot_matches_the_model_and_rejects_bad_layer_and_head_indices():
+    """Snapshot weights are the model's own attention probabilities for the chosen layers and heads,
+    padding dropped; indices outside the model are refused by name (not IndexError, not layer -1)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from hedgehog_attention.convert import LinearizeConfig, linearize
+    from hedgehog_attention.experiments.attention_maps import snapshot
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        attn_implementation="eager",
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    model = BertModel(cfg, add_pooling_layer=False).eval()
+    ids = torch.randint(1, 50, (1, 10))
+    mask = torch.ones(1, 10, dtype=torch.long)
+    mask[0, 7:] = 0
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+    linearize(model, LinearizeConfig(feature_map="hedgehog"))
+    batch = {"input_ids": ids, "attention_mask": mask}
+    s = snapshot(model, batch, [2, 0], [3, 1])
+    assert s["softmax"].shape == s["linear"].shape == s["dots"].shape == (2, 2, 7, 7)
+    for i, li in enumerate([2, 0]):
+        for j, h in enumerate([3, 1]):
+            np.testing.assert_allclose(s["softmax"][i, j], ref[li][0, h, :7, :7].numpy(), atol=1e-6)
+    for layers in ([3], [-1]):
+        with pytest.raises(ValueError, match=r"map layers \[-?\d\] out of range: the model has 3 layers"):
+            snapshot(model, batch, layers, [0])
+    with pytest.raises(ValueError, match=r"map heads \[4\] out of range: layer 0 has 4 heads"):
+        snapshot(model, batch, [0], [0, 4])

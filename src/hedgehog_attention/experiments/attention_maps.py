@@ -14,6 +14,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import io
 import math
 from pathlib import Path
 
@@ -46,12 +47,20 @@ def snapshot(model: torch.nn.Module, batch: dict, layers: list[int], heads: list
     from ..convert.distill import capture_qkv
 
     mods = linearized_modules(model)
+    # Indices are checked here, not left to list/array indexing: a negative one would be shown as
+    # "layer -1", and an IndexError would name neither the option nor the model's size.
+    bad = [li for li in layers if not 0 <= li < len(mods)]
+    if bad:
+        raise ValueError(f"map layers {bad} out of range: the model has {len(mods)} layers 0..{len(mods) - 1}")
     recs = capture_qkv(model, [{k: v for k, v in batch.items() if k != "labels"}])
     out: dict[str, list] = {"softmax": [], "linear": [], "dots": []}
     for li in layers:
         name, layer = mods[li]
         r = recs[name][0]
         q, k, mask = r.q.float(), r.k.float(), r.mask
+        bad = [h for h in heads if not 0 <= h < q.shape[2]]
+        if bad:
+            raise ValueError(f"map heads {bad} out of range: layer {li} has {q.shape[2]} heads 0..{q.shape[2] - 1}")
         if mask is not None:
             keep = mask[0].bool()
             q, k, mask = q[:, keep], k[:, keep], None
@@ -70,21 +79,26 @@ def snapshot(model: torch.nn.Module, batch: dict, layers: list[int], heads: list
 
 def save_snapshots(snaps: dict[str, dict[str, np.ndarray]], meta: dict, path: Path) -> None:
     """``snaps[method] = snapshot(...)``; ``meta``: ``layers``, ``heads``, ``tokens`` (list of str)."""
+    from ..convert.report import write_atomic
+
     flat = {f"{m}/{k}": v for m, d in snaps.items() for k, v in d.items()}
     flat["__layers"] = np.array(meta["layers"])
     flat["__heads"] = np.array(meta["heads"])
     flat["__tokens"] = np.array(meta.get("tokens", []), dtype=object).astype(str)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, **flat)
+    # Atomic, as results.json: the sweeps rewrite this file after every method, and a run killed
+    # mid-write must keep the previous snapshots readable (for --merge / --report-only).
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **flat)
+    write_atomic(path, buf.getvalue())
 
 
 def load_snapshots(path: Path) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
     with np.load(path, allow_pickle=False) as z:
         snaps: dict[str, dict[str, np.ndarray]] = {}
         for key in z.files:
-            if key.startswith("__"):
+            if "/" not in key:  # the meta entries __layers, __heads, __tokens
                 continue
-            m, k = key.split("/", 1)
+            m, k = key.rsplit("/", 1)  # a method's name may hold "/" or start with "__"
             snaps.setdefault(m, {})[k] = z[key]
         meta = {"layers": z["__layers"].tolist(), "heads": z["__heads"].tolist(), "tokens": z["__tokens"].tolist()}
     return snaps, meta

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..convert.report import write_atomic
 from .attention_maps import plot_heatmaps, plot_monotonicity, save_snapshots
 from .common import load_config_from_cli, save_json
 
@@ -86,7 +87,8 @@ def write_figures(snaps: dict, meta: dict, out: Path, title: str) -> None:
 
 
 def write_report(markdown: str, path: Path) -> int:
-    """Write the markdown report, print it, and return the command's exit status (0)."""
-    path.write_text(markdown)
+    """Write the markdown report (atomically: a failed write keeps the previous report whole), print
+    it, and return the command's exit status (0)."""
+    write_atomic(path, markdown)
     print(markdown)
     return 0

@@ -55,13 +55,15 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 
 
 def summarize_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per method and metric: values per seed (in run order), mean and sample standard deviation.
+    """Per method and metric: values per seed (in run order), the seeds they come from, mean and
+    sample standard deviation.
 
-    A method missing from some seeds is summarised over the seeds that have it (``n`` says how many).
+    A method missing from some seeds is summarised over the seeds that have it (``n`` says how many,
+    ``seeds`` which).
     """
     teacher = [r["teacher"]["test_accuracy"] for r in runs]
     order: list[str] = []
-    values: dict[str, dict[str, list[float]]] = {}
+    values: dict[str, dict[str, list[tuple[Any, float]]]] = {}  # (seed, value) pairs
     for r, t_acc in zip(runs, teacher, strict=True):
         for m in r["methods"]:
             name = m["method"]
@@ -71,11 +73,12 @@ def summarize_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
             row = dict(m, pct_of_teacher=m["test_accuracy"] / t_acc)
             for k, _, _ in METRICS:
                 if row.get(k) is not None:
-                    values[name][k].append(float(row[k]))
+                    values[name][k].append((r["seed"], float(row[k])))
 
-    def stats(v: list[float]) -> dict[str, Any]:
+    def stats(sv: list[tuple[Any, float]]) -> dict[str, Any]:
+        v = [x for _, x in sv]
         mean, std = _mean_std(v)
-        return {"values": v, "mean": mean, "std": std, "n": len(v)}
+        return {"values": v, "seeds": [s for s, _ in sv], "mean": mean, "std": std, "n": len(v)}
 
     return {
         "seeds": [r["seed"] for r in runs],
@@ -108,7 +111,10 @@ def seeds_markdown(summary: dict[str, Any]) -> str:
             std = "" if math.isnan(c["std"]) else f" ± {c['std'] * scale:.{digits}f}"
             cells.append(f"{c['mean'] * scale:.{digits}f}{std} ({c['n']})")
         acc = cols.get("test_accuracy")
-        per_seed = ", ".join(f"{x * 100:.1f}" for x in acc["values"]) if acc else "-"
+        # one entry per seed of the header, "-" where this method did not run: a method missing from
+        # some seeds must not have its values read as those of the first seeds
+        by_seed = dict(zip(acc["seeds"], acc["values"], strict=True)) if acc else {}
+        per_seed = ", ".join(f"{by_seed[s] * 100:.1f}" if s in by_seed else "-" for s in seeds)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {per_seed} |")
     return "\n".join(lines) + "\n"
 
@@ -118,14 +124,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("results", nargs="+", help="results.json of each seed's run")
     ap.add_argument("--out", help="write the markdown table here (and a .json summary beside it)")
     args = ap.parse_args(argv)
+    if args.out and Path(args.out).suffix == ".json":
+        ap.error(f"--out {args.out}: the markdown table's path; the .json summary goes beside it")
     summary = summarize_seeds(load_seed_runs(args.results))
     md = seeds_markdown(summary)
     print(md)
     if args.out:
+        from ..convert.report import write_atomic
+
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(md)
-        out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
+        write_atomic(out, md)
+        write_atomic(out.with_suffix(".json"), json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":
