@@ -344,3 +344,55 @@ def test_finetuned_conversion_refuses_a_teacher_of_other_settings(tmp_path):
     assert fc_main([*base, "--out", str(tmp_path / "d")]) == 0
     ra, rd = (json.loads((tmp_path / d / "results.json").read_text())["results"] for d in "ad")
     assert ra["teacher"]["test_accuracy"] == rd["teacher"]["test_accuracy"]
+
+
+@pytest.mark.parametrize("overrides", [["map_heads=[0,7]"], ["map_layers=[2]"], ["map_layers=[-1]"], ["map_layers=[]"]])
+def test_conversion_map_indices_are_checked_before_any_training(tmp_path, monkeypatch, overrides):
+    """map_layers / map_heads outside the model (smoke: 2 layers, 2 BERT / 4 Llama heads) or empty stop
+    the command with exit 2 before the teacher or any method is trained, not at the first snapshot."""
+    from hedgehog_attention.experiments import finetuned_conversion as fc
+    from hedgehog_attention.experiments import pretrained_conversion as pc
+
+    def trained(*args, **kwargs):
+        raise AssertionError("trained before the map indices were checked")
+
+    monkeypatch.setattr(fc, "train_teacher", trained)
+    monkeypatch.setattr(fc, "convert_one", trained)
+    monkeypatch.setattr(pc, "convert_one", trained)
+    sets = [a for o in overrides for a in ("--set", o)]
+    assert fc_main([*_FC_FAST, "--out", str(tmp_path / "fc"), *sets]) == 2
+    pc_args = ["--config", str(CONFIGS / "pretrained_conversion_smoke.yaml"), "--out", str(tmp_path / "pc")]
+    assert pc_main([*pc_args, *[a.replace("[0,7]", "[0,4]") for a in sets]]) == 2
+    assert not (tmp_path / "fc" / "results.json").exists() and not (tmp_path / "pc" / "results.json").exists()
+    # valid indices pass the same check
+    from hedgehog_attention.experiments.common import check_map_indices, load_config
+
+    cfg = load_config(pc.PretrainedConversionConfig, CONFIGS / "pretrained_conversion_smoke.yaml")
+    check_map_indices(pc.load_model_and_blocks(cfg)[0], [0, 1], [0, 1, 2, 3])
+
+
+def test_merge_takes_only_the_snapshots_of_the_methods_a_run_reports(tmp_path):
+    """A run killed during its first method leaves an earlier run's attention_maps.npz beside its new
+    results.json (no methods yet): --merge must not show those maps (of other settings) as this
+    config's; snapshots of other map settings than the config's are refused."""
+    from hedgehog_attention.experiments.common import merge_method_runs
+
+    # an earlier run in folder a: hedgehog, with other map heads
+    assert fc_main([*_FC_FAST, "--out", str(tmp_path / "a"), "--only", "hedgehog", "--set", "map_heads=[1]"]) == 0
+    assert fc_main([*_FC_FAST, "--out", str(tmp_path / "b"), "--only", "hedgehog"]) == 0
+    saved = json.loads((tmp_path / "b" / "results.json").read_text())
+    config = json.loads(json.dumps(saved["config"]))
+    # folder a re-run for t2r and killed during it: results.json as run_methods writes it before a method
+    saved["config"]["methods"] = [m for m in saved["config"]["methods"] if m["name"] == "t2r"]
+    saved["results"]["methods"] = []
+    (tmp_path / "a" / "results.json").write_text(json.dumps(saved))
+    assert fc_main([*_FC_FAST, "--out", str(tmp_path / "m"), "--merge", str(tmp_path / "b"), str(tmp_path / "a")]) == 0
+    merged, meta = load_snapshots(tmp_path / "m" / "attention_maps.npz")
+    own, own_meta = load_snapshots(tmp_path / "b" / "attention_maps.npz")
+    assert meta == own_meta and meta["heads"] == [0, 1]
+    np.testing.assert_array_equal(merged["hedgehog"]["linear"], own["hedgehog"]["linear"])
+    # a snapshot file of other map settings than the config (and its results.json) state is refused
+    np.savez(tmp_path / "b" / "attention_maps.npz", **{**np.load(tmp_path / "a" / "attention_maps.npz")})
+    with pytest.raises(ValueError, match="attention maps"):
+        merge_method_runs([tmp_path / "b"], tmp_path / "m2", config=config, method_order=["hedgehog"],
+                          baseline=lambda r: 0.0, baseline_name="x", tolerance=0.0)  # fmt: skip

@@ -438,3 +438,24 @@ def test_shards_stay_disjoint_when_another_shard_has_finished_runs(tmp_path, mon
     for i in range(2):  # shard 0 finishes before shard 1 lists its jobs
         rec.run_sweep(cfg, tmp_path, torch.device("cpu"), shard=(i, 2))
     assert sorted(ran) == sorted((vi, s) for vi in range(5) for s in (0, 1))
+
+
+def test_report_names_the_variant_whose_parameters_it_states(tmp_path):
+    """The model line states the softmax variant's parameter count when it is listed after a variant
+    with feature-map parameters, and names the variant it took the count from when softmax has no runs."""
+    from hedgehog_attention.experiments.recall import render_report
+
+    cfg = RecallConfig(
+        task=RecallTask(16, 32), model=RecallModel(d_model=16, n_layers=1, n_heads=2),
+        variants=[RecallVariant("hh", "hedgehog"), RecallVariant("softmax", "softmax")], seeds=[0], device="cpu",
+    )  # fmt: skip
+
+    def run(variant, params):
+        return {"variant": variant, "seed": 0, "test_accuracy": 0.5, "valid_accuracy": 0.5, "entropy": 1.0,
+                "steps": 10, "train_seconds": 1.0, "parameters": params, "uniform_entropy": 2.5,
+                "curve": [{"step": 10, "loss": 1.0, "valid_acc": 0.5}]}  # fmt: skip
+
+    md = render_report(cfg, [run("hh", 2000), run("softmax", 1234)], tmp_path, {}, "hedgehog recall")
+    assert "1234 parameters (softmax variant)" in md and "2000 parameters" not in md
+    md = render_report(cfg, [run("hh", 2000)], tmp_path, {}, "hedgehog recall")
+    assert "2000 parameters (hh variant)" in md

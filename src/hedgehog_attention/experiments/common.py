@@ -264,6 +264,25 @@ def save_json(obj: Any, path: str | Path) -> None:
     tmp.replace(path)  # atomic: a killed run never leaves half a result behind
 
 
+def check_map_indices(model: Any, layers: list[int], heads: list[int]) -> None:
+    """``ValueError`` (naming ``map_layers`` / ``map_heads`` and the model's size) unless every index
+    is a layer / attention head of the HF ``model`` (``config.num_hidden_layers`` /
+    ``num_attention_heads``, the query heads). The conversion commands call it as soon as the model is
+    loaded: :func:`~hedgehog_attention.experiments.attention_maps.snapshot` would otherwise fail only
+    after the teacher and the first method's distillation have run."""
+    if not layers or not heads:
+        raise ValueError(f"map_layers and map_heads must not be empty, got {layers} and {heads}")
+    config = getattr(model, "config", None)
+    n_layers = getattr(config, "num_hidden_layers", None)
+    n_heads = getattr(config, "num_attention_heads", None)
+    bad = [li for li in layers if n_layers is not None and not 0 <= li < n_layers]
+    if bad:
+        raise ValueError(f"map_layers {bad} out of range: the model has {n_layers} layers 0..{n_layers - 1}")
+    bad = [h for h in heads if n_heads is not None and not 0 <= h < n_heads]
+    if bad:
+        raise ValueError(f"map_heads {bad} out of range: the model has {n_heads} attention heads 0..{n_heads - 1}")
+
+
 def setup_logging(verbose: bool = True) -> None:
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
@@ -347,7 +366,10 @@ def merge_method_runs(
     settings (the merged report states them): its saved config may differ only in ``per_run_keys``
     and in which methods it ran, and each of its methods must be in ``config`` with the same
     settings, else ``ValueError`` naming the keys. A method present in two runs raises
-    ``ValueError``; folders without ``results.json`` are skipped with a warning.
+    ``ValueError``; folders without ``results.json`` are skipped with a warning. Of a run's
+    ``attention_maps.npz`` only the snapshots of the methods its ``results.json`` reports are taken,
+    and they must be of ``config``'s ``map_layers`` / ``map_heads`` and agree with the other runs'
+    (layers, heads, tokens), else ``ValueError``.
     Returns ``(results, environment, snapshots, snapshot_meta)``."""
     import copy
 
@@ -378,9 +400,22 @@ def merge_method_runs(
             if any(x["method"] == m["method"] for x in results["methods"]):
                 raise ValueError(f"merge: method {m['method']!r} appears in more than one run")
             results["methods"].append(m)
-        if (d / "attention_maps.npz").is_file():
-            s, meta = load_snapshots(d / "attention_maps.npz")
-            snaps.update(s)
+        ran = {m["method"] for m in r["methods"]}
+        if ran and (d / "attention_maps.npz").is_file():
+            s, m_meta = load_snapshots(d / "attention_maps.npz")
+            # Only the snapshots of the methods this results.json reports: a run killed during its first
+            # method leaves the attention_maps.npz of an earlier run in its folder (other methods or settings).
+            s = {m: v for m, v in s.items() if m in ran}
+            if s:
+                want = {k: config[f"map_{k}"] for k in ("layers", "heads") if f"map_{k}" in config}
+                got = {k: m_meta[k] for k in want}
+                if got != want:
+                    raise ValueError(f"merge: the attention maps of {d} are of {got}, not this config's {want}")
+                if meta and meta != m_meta:
+                    raise ValueError(f"merge: the attention maps of {d} were taken with other settings ({m_meta}) "
+                                     f"than those of the runs before it ({meta})")  # fmt: skip
+                snaps.update(s)
+                meta = m_meta
     if results is None:
         raise FileNotFoundError(f"merge: none of {[str(d) for d in dirs]} has a results.json")
     rank = {name: i for i, name in enumerate(method_order)}

@@ -53,6 +53,7 @@ import torch
 from .attention_maps import snapshot
 from .common import (
     ConfigError,
+    check_map_indices,
     config_from_dict,
     config_to_dict,
     environment_info,
@@ -593,6 +594,11 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(cfg.device)
     env = environment_info(device)
     model, tok, train_rows, test_rows = load_model_and_data(cfg)
+    try:  # before the teacher and the distillations, not at the first snapshot
+        check_map_indices(model, cfg.map_layers, cfg.map_heads)
+    except ValueError as err:
+        log.error("%s", err)
+        return 2
     gen = torch.Generator().manual_seed(cfg.seed)
     perm = torch.randperm(len(train_rows), generator=gen).tolist()
     n_dev = max(1, int(round(cfg.data.dev_fraction * len(train_rows))))

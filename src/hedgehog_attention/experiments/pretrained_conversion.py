@@ -42,6 +42,7 @@ from ..metrics import perplexity as ppl_of_nll
 from .attention_maps import snapshot
 from .common import (
     ConfigError,
+    check_map_indices,
     config_to_dict,
     environment_info,
     markdown_table,
@@ -427,6 +428,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = cfg.matmul_precision == "high"
     env = environment_info(device) | {"matmul_precision": cfg.matmul_precision}
     model, tok, blocks = load_model_and_blocks(cfg)
+    try:  # before the distillations, not at the first snapshot
+        check_map_indices(model, cfg.map_layers, cfg.map_heads)
+    except ValueError as err:
+        log.error("%s", err)
+        return 2
     model.to(device)
     bsz = cfg.data.batch_size
     train_b, valid_b, test_b = (lm_batches(blocks[s], bsz) for s in ("train", "validation", "test"))

@@ -829,6 +829,9 @@ def render_report(cfg: RecallConfig, results: list[dict], out_dir: Path, env: di
     )
     uniform = results[0]["uniform_entropy"] if results else float("nan")
     n_seeds = sorted({r["seeds"] for r in rows})
+    # the parameter count of the softmax variant when it has runs, else of the first one, named either way
+    ref = next((r for r in rows if r["attention"] == "softmax"), rows[0] if rows else None)
+    params = f"{ref['parameters']} parameters ({ref['variant']} variant)" if ref else "? parameters"
     plot_scatter(cfg, results, rows, out_dir / "recall_scatter.png")
     plot_curves(cfg, results, out_dir / "recall_curves.png")
     md = [
@@ -842,7 +845,7 @@ def render_report(cfg: RecallConfig, results: list[dict], out_dir: Path, env: di
         f"{task.seq_len} ({task.num_pairs} pairs), per-sequence random key->value map; every repeated key is a "
         f"query (expected recurrence {task.expected_recurrence:.2f}); chance = {100 * task.chance_accuracy:.0f}%.",
         f"Model: {cfg.model.n_layers} layers, {cfg.model.n_heads} heads, d_model {cfg.model.d_model}, rotary, "
-        f"{rows[0]['parameters'] if rows else '?'} parameters (softmax variant); only the attention differs.",
+        f"{params}; only the attention differs.",
         f"Training: {cfg.train.steps} steps x {cfg.train.batch_size} fresh sequences, AdamW lr {cfg.train.lr}, "
         f"wd {cfg.train.weight_decay}, warmup {cfg.train.warmup_steps} + cosine; {cfg.dtype}; seeds "
         f"{cfg.seeds} ({'/'.join(map(str, n_seeds))} per attention). Accuracy over all query positions of "
