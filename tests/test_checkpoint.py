@@ -43,6 +43,16 @@ def test_save_list_load_roundtrip_and_pruning(tmp_path: Path):
     assert ckpt.list_checkpoints(tmp_path / "missing") == [] and ckpt.find_latest_valid(tmp_path / "missing") is None
 
 
+@pytest.mark.parametrize("keep_last", [3, 4, 5])
+def test_keep_last_keeps_that_many_while_fewer_exist(tmp_path: Path, keep_last: int):
+    """Pruning sliced ``older[: len(older) - (keep_last - 1)]``: with fewer older files than
+    keep_last - 1 the bound went negative and deleted from the front (keep_last=4 kept only 2)."""
+    for step in range(1, 8):
+        _save(tmp_path, step, keep_last=keep_last)
+        want = list(range(max(1, step - keep_last + 1), step + 1))
+        assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [f"ckpt-0000000{s}.pt" for s in want]
+
+
 def test_keep_last_1_with_a_corrupted_newest_file_keeps_the_new_saves(tmp_path: Path):
     """keep_last=1 ranked by step only: with a corrupted ckpt-6 every new save deleted itself, so a
     resumed run (which found nothing valid and restarted) never had a checkpoint to resume from."""

@@ -681,3 +681,93 @@ def test_nonfinite_eval_loss_raises_with_step():
     trainer = Trainer(NanOnEval(), lambda m, b: m(b), Points(40), Points(10, seed=2), make_config(max_steps=6))
     with pytest.raises(FloatingPointError, match="eval loss is nan at step 5"):
         trainer.fit()
+
+
+class _AtEvalOptimum(nn.Module):
+    """Regresses a vector onto the samples; starts at the eval data's mean, the train data's is 1 away:
+    every step makes the eval loss worse."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(Points(10, seed=2).x.mean(0))
+        self.drop = nn.Dropout(0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ((self.drop(x) - self.w) ** 2).mean()
+
+
+class _Shifted(Points):
+    def __init__(self, n: int) -> None:
+        super().__init__(n)
+        self.x += 1.0
+
+
+def test_restore_best_keeps_the_initial_state_when_training_only_hurts(tmp_path: Path):
+    """best started at inf, so the first eval (step eval_every) was always "best": a run that only made
+    the eval loss worse restored that state, worse than the initial one. The state before the first step
+    is evaluated too (history row of step 0), and is the baseline of early stopping."""
+    kw = dict(max_steps=8, lr=0.05, eval_every=2, restore_best=True, checkpoint_every=3)
+    model = _AtEvalOptimum()
+    start = model.w.detach().clone()
+    initial = Trainer(_AtEvalOptimum(), loss_fn, _Shifted(40), Points(10, seed=2), make_config()).evaluate()
+    res = Trainer(model, loss_fn, _Shifted(40), Points(10, seed=2), make_config(checkpoint_dir=str(tmp_path / "a"),
+                                                                               **kw)).fit()  # fmt: skip
+    evals = [(r["step"], r["eval_loss"]) for r in res.history if r["eval_loss"] is not None]
+    assert [s for s, _ in evals] == [0, 2, 4, 6, 8] and evals[0][1] == pytest.approx(initial, rel=1e-12)
+    assert all(b[1] > a[1] for a, b in zip(evals, evals[1:])), evals  # only worse
+    assert res.history[0] == res.history[0] | {"step": 0, "train_loss": None, "lr": None, "tokens": 0}
+    assert res.best_step == 0 and res.best_eval_loss == evals[0][1]
+    torch.testing.assert_close(model.w.detach(), start, rtol=0, atol=0)
+    # the extra eval leaves the RNG alone: the steps (dropout masks included) are those of a run without it
+    plain_cfg = make_config(max_steps=8, lr=0.05, eval_every=2)
+    plain = Trainer(_AtEvalOptimum(), loss_fn, _Shifted(40), Points(10, seed=2), plain_cfg).fit()
+    assert res.losses == plain.losses
+    # a resume (from the checkpoint of step 6, the baseline inside it) ends at the initial state too
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(_AtEvalOptimum(), loss_fn, _Shifted(40), Points(10, seed=2),
+                make_config(checkpoint_dir=str(tmp_path / "b"), **kw), callbacks=[StopAt(7)]).fit()  # fmt: skip
+    resumed_model = _AtEvalOptimum()
+    resumed = Trainer(resumed_model, loss_fn, _Shifted(40), Points(10, seed=2),
+                      make_config(checkpoint_dir=str(tmp_path / "b"), resume=True, **kw)).fit()  # fmt: skip
+
+    def rows(r):  # everything but the wall-clock fields
+        return [{k: v for k, v in row.items() if k not in ("time", "tokens_per_s")} for row in r.history]
+
+    assert resumed.resumed_from == 6 and resumed.best_step == 0 and rows(resumed) == rows(res)
+    torch.testing.assert_close(resumed_model.w.detach(), start, rtol=0, atol=0)
+    # and early stopping counts from it: patience 2 stops at the 2nd eval after the baseline
+    stopped = Trainer(_AtEvalOptimum(), loss_fn, _Shifted(40), Points(10, seed=2),
+                      make_config(max_steps=8, lr=0.05, eval_every=2, restore_best=True,
+                                  early_stopping_patience=2)).fit()  # fmt: skip
+    assert stopped.stopped_early and stopped.steps_done == 4 and stopped.best_step == 0
+
+
+class _Scalars(nn.Module):
+    """Every parameter 0-dim and no buffers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(0.5, dtype=torch.float64))
+        self.b = nn.Parameter(torch.tensor(-0.3, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ((self.a * x[:, 0] + self.b - x[:, 1]) ** 2).mean()
+
+
+def test_a_model_of_only_scalar_parameters_resumes_and_restores_best(tmp_path: Path):
+    """Loading went through torch's full_state_dict path, which finds the device from the model's
+    non-scalar tensors and, with none, asks for a process group: resume and restore_best raised
+    "Default process group has not been initialized" in a single process."""
+    kw = dict(max_steps=6, lr=0.3, eval_every=2, restore_best=True, checkpoint_every=2)
+    full_model = _Scalars()
+    full = Trainer(full_model, loss_fn, Points(40), Points(10, seed=2),
+                   make_config(checkpoint_dir=str(tmp_path / "a"), **kw)).fit()  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        killed_cfg = make_config(checkpoint_dir=str(tmp_path / "b"), **kw)
+        Trainer(_Scalars(), loss_fn, Points(40), Points(10, seed=2), killed_cfg, callbacks=[StopAt(3)]).fit()
+    model = _Scalars()
+    res = Trainer(model, loss_fn, Points(40), Points(10, seed=2),
+                  make_config(checkpoint_dir=str(tmp_path / "b"), resume=True, **kw)).fit()  # fmt: skip
+    assert res.resumed_from == 2 and res.losses == full.losses and res.best_step == full.best_step
+    for name, p in trainable(full_model).items():
+        torch.testing.assert_close(trainable(model)[name], p, rtol=0, atol=0)

@@ -105,7 +105,8 @@ def save_checkpoint(directory: str | os.PathLike, step: int, state: dict[str, An
         atomic_write_bytes(sidecar, lambda f: f.write(text))
     if keep_last is not None:
         older = [p for s, p in _steps_and_paths(directory) if s < step]
-        for old in older[: len(older) - (keep_last - 1)]:
+        # max(0, ...): with fewer older files than keep_last - 1 a negative bound would slice from the end
+        for old in older[: max(0, len(older) - (keep_last - 1))]:
             old.with_suffix(".json").unlink(missing_ok=True)  # sidecar first: a crash leaves no orphan .json
             old.unlink(missing_ok=True)
     return path

@@ -239,7 +239,8 @@ class TrainConfig:
     """linear warmup from lr/warmup_steps, for every scheduler"""
     eval_every: int = 50
     early_stopping_patience: int | None = None
-    """stop after this many evals without eval-loss improvement (None: never)"""
+    """stop after this many evals without eval-loss improvement (None: never; with restore_best the
+    eval before the first step is the first best)"""
     checkpoint_every: int | None = None
     checkpoint_dir: str | None = None
     resume: bool = False
@@ -274,7 +275,9 @@ class TrainConfig:
     """DataLoader pin_memory; None: on CUDA devices (set False for data that already lives on the GPU)"""
     restore_best: bool = False
     """at the end, load the trainable state of the best eval (needs eval_data; the copy is kept on CPU
-    on every rank and goes into checkpoints, so resume restores the same one)"""
+    on every rank and goes into checkpoints, so resume restores the same one). A fresh run also
+    evaluates the state before the first step (history row of step 0, best_step 0 if nothing beats
+    it), so training that only makes the eval loss worse ends where it started"""
     early_stopping_min_delta: float = 0.0
     """an eval improves (new best, patience reset) only when it beats the best by more than this"""
     train_mode: bool = True
@@ -343,7 +346,8 @@ class TrainConfig:
 class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     """rows at log/eval steps: step, train_loss (mean since the previous row), eval_loss (or None),
-    lr, tokens (cumulative, all processes), time (s since start, resumed runs included), tokens_per_s"""
+    lr, tokens (cumulative, all processes), time (s since start, resumed runs included), tokens_per_s;
+    with restore_best a fresh run starts with the eval before training: step 0, train_loss and lr None"""
     best_eval_loss: float | None = None
     steps_done: int = 0
     stopped_early: bool = False
@@ -770,7 +774,7 @@ class Trainer:
         return {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}
 
     def _load_model_state(self, sd: Mapping[str, torch.Tensor]) -> None:
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         missing = sorted(set(self.trainable_names) - set(sd))
         if missing:
@@ -782,7 +786,11 @@ class Trainer:
         unexpected = sorted(set(sd) - names)
         if unexpected:
             raise KeyError(f"checkpoint has keys the model lacks: {unexpected[:5]}")
-        set_model_state_dict(self.model, dict(sd), options=self._sd_options(strict=False))
+        # Only FSDP needs full_state_dict=True (full tensors -> shards). For a plain or DDP model it is a
+        # plain load_state_dict either way, except that torch then probes the device of the model's
+        # non-scalar tensors and, with none (every parameter and buffer 0-dim), asks for a process group.
+        opts = self._sd_options(strict=False) if self.strategy == "fsdp" else StateDictOptions(strict=False)
+        set_model_state_dict(self.model, dict(sd), options=opts)
 
     def _optim_state(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -790,9 +798,11 @@ class Trainer:
         return get_optimizer_state_dict(self.model, self.optimizer, options=self._sd_options())
 
     def _load_optim_state(self, sd: dict[str, Any]) -> None:
-        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(self.model, self.optimizer, sd, options=self._sd_options())
+        # as in _load_model_state: full_state_dict=True only for FSDP (its device probe fails on 0-dim state)
+        opts = self._sd_options() if self.strategy == "fsdp" else StateDictOptions()
+        set_optimizer_state_dict(self.model, self.optimizer, sd, options=opts)
 
     def _all_rng_states(self) -> list[dict[str, Any]]:
         mine = _rng_state()
@@ -931,6 +941,31 @@ class Trainer:
         self.wrapped.train(was_training)
         return (total[0] / total[1]).item()
 
+    def _baseline_eval(self, result: TrainResult, start: float) -> float:
+        """restore_best, fresh run: evaluate the state before the first step and make it the best so far.
+
+        Without it a run that only makes the eval loss worse would restore step ``eval_every``'s state,
+        worse than not training. Recorded as a history row of step 0 (``train_loss`` and ``lr`` None);
+        it is the baseline of early stopping too, but no callback sees it and the plateau schedule does
+        not observe it. The RNG is put back, so the steps train exactly as without this eval.
+        """
+        rng = _rng_state()
+        eval_loss = self.evaluate()
+        _set_rng_state(rng)
+        assert eval_loss is not None
+        if not math.isfinite(eval_loss):
+            raise FloatingPointError(
+                f"eval loss is {eval_loss} at step 0, before training: the eval data makes the loss undefined"
+            )
+        result.best_eval_loss, result.best_step = eval_loss, 0
+        self._best_state = self._model_state(every_rank=True)
+        now = time.perf_counter()
+        result.history.append({"step": 0, "train_loss": None, "eval_loss": eval_loss, "lr": None, "tokens": 0,
+                               "time": now - start, "tokens_per_s": 0.0})  # fmt: skip
+        if self.world.is_main:
+            logger.info("step 0 (before training) eval_loss %.5g", eval_loss)
+        return eval_loss
+
     def _agree_on_stop(self) -> None:
         """A callback may stop one rank: stop them all (or they would hang). Collective under torchrun."""
         if self.world.distributed:
@@ -1013,6 +1048,8 @@ class Trainer:
         window_tokens, window_start = 0, start
         data = self._micro_batches(epoch, step_in_epoch)
         stop_now = step >= c.max_steps or self.should_stop
+        if c.restore_best and result.resumed_from is None and not stop_now:
+            best = self._baseline_eval(result, start)
         while not stop_now:
             lr = self.schedule.lr(step)
             for group in self.optimizer.param_groups:
