@@ -566,17 +566,23 @@ def _same_function(cfg, B, T, dev, ref):
         _launch_config().update(saved)
 
 
-def kernel_resources():
-    """Registers and spills of every compiled variant of our kernels (triton's CompiledKernel)."""
+def _kernels() -> dict:
+    """Every Triton kernel of the launcher by name (``_kernels``, ``_fused_chunk``, ``_weight_grad``:
+    the correction pass ``_fc_fix_kernel``, the fold, the scan and ``_dw_kernel`` included)."""
     from hedgehog_attention.ops.triton import _fused_chunk as FC
     from hedgehog_attention.ops.triton import _kernels as K
+    from hedgehog_attention.ops.triton import _weight_grad as WG
 
+    return {
+        n: f for mod in (K, FC, WG) for n, f in sorted(vars(mod).items()) if n.endswith("_kernel") and hasattr(f, "fn")
+    }
+
+
+def kernel_resources():
+    """Registers and spills of every compiled variant of our kernels (triton's CompiledKernel)."""
     out = []
-    names = ("_state_kernel", "_out_kernel", "_bwd_kernel", "_delta_kernel", "_decode_kernel", "_fc_fwd_kernel",
-             "_fc_bwd_q_kernel", "_fc_bwd_kv_kernel")  # fmt: skip
-    for name in names:
+    for name, fn in _kernels().items():
         try:
-            fn = getattr(K, name, None) or getattr(FC, name)
             for cache in getattr(fn, "device_caches", {}).values():
                 kc = cache[0] if isinstance(cache, tuple) else cache
                 for key, ck in kc.items():
@@ -629,6 +635,20 @@ def main(argv=None):
     t_start = time.time()
     REPS["warmup"], REPS["rep"] = (int(x) for x in args.reps.split(","))
     BACKEND_CONFIG["triton fused"] = check_config(json.loads(args.config), "--config")
+    # the sweep and --pick checked before anything runs (--warm-fla alone takes 130-150 s on a fresh
+    # machine): a misspelt sweep name or knob must not cost that first
+    sweep = {}
+    if args.sweep:
+        try:
+            sweep = SWEEPS[args.sweep] if args.sweep in SWEEPS else json.loads(args.sweep)
+        except json.JSONDecodeError:
+            raise ValueError(f"--sweep {args.sweep!r}: neither a SWEEPS name {sorted(SWEEPS)} nor JSON") from None
+        if not isinstance(sweep, dict) or not sweep:
+            raise ValueError(f"--sweep: a JSON object {{name: launch knobs}} with a variant, got {args.sweep!r}")
+        for cname, cfg in sweep.items():
+            check_config(cfg, f"--sweep variant {cname!r}")
+    if args.pick and not (sweep and any(x for x in args.sweep_seq_lens.split(","))):
+        raise ValueError("--pick needs a --sweep and its --sweep-seq-lens (it picks at the first of them)")
     dev = torch.device(args.device)
     if dev.type == "cuda" and dev.index is not None:  # cuda:N: the memory statistics, synchronisations and
         torch.cuda.set_device(dev)  # do_bench use the current device (plain "cuda" is the current one already)
@@ -674,10 +694,7 @@ def main(argv=None):
     # the time limits count from here: fla's first compile takes 130-150 s on a fresh machine and
     # once took a whole limit (H200 run 40); the caller's outer timeout still bounds the total
     t_limits = time.time()
-    if args.sweep:  # configuration sweep of the fused kernel first: it picks the config
-        sweep = SWEEPS[args.sweep] if args.sweep in SWEEPS else json.loads(args.sweep)
-        for cname, cfg in sweep.items():
-            check_config(cfg, f"--sweep variant {cname!r}")
+    if sweep:  # configuration sweep of the fused kernel first: it picks the config
         result["sweep_profile"], result["sweep_kernels"] = {}, {}
         ref = {}  # the first variant's o and dq on fixed inputs: every variant must compute the same
         for i, T in enumerate(int(x) for x in args.sweep_seq_lens.split(",") if x):
@@ -721,10 +738,15 @@ def main(argv=None):
 
             last = result["sweep"][0]  # the T at which the variants were checked
             best = min(sweep, key=lambda c: score(last.get(f"triton fused @{c}", {})))
-            BACKEND_CONFIG["triton fused"] = dict(sweep[best], **BACKEND_CONFIG["triton fused"])
-            meta["picked"] = best
-            meta["config"] = BACKEND_CONFIG["triton fused"]
-            print("picked config", best, meta["config"], file=sys.stderr, flush=True)
+            if score(last.get(f"triton fused @{best}", {})) >= 1e9:  # none timed and checked (time
+                # limit, errors): the table keeps --config rather than an unmeasured variant
+                meta["picked"] = None
+                print("picked no config: no variant was timed and checked", file=sys.stderr, flush=True)
+            else:
+                BACKEND_CONFIG["triton fused"] = dict(sweep[best], **BACKEND_CONFIG["triton fused"])
+                meta["picked"] = best
+                meta["config"] = BACKEND_CONFIG["triton fused"]
+                print("picked config", best, meta["config"], file=sys.stderr, flush=True)
     for T in (int(x) for x in args.profile_seq_lens.split(",") if x):
         saved = dict(_launch_config())
         _launch_config().update(BACKEND_CONFIG["triton fused"])
@@ -776,12 +798,62 @@ def _launch_config():
 
 
 def check_config(cfg: dict, where: str) -> dict:
-    """``cfg`` if every key is a ``_launch.CONFIG`` knob: a misspelt one would otherwise time the
-    defaults under the variant's name."""
+    """``cfg`` if every key is a ``_launch.CONFIG`` knob with a value the launcher takes: a misspelt
+    knob, ``maxnreg`` kernel name or mode (``"fallback": "alway"``, ``"seg_fold": "False"``) would
+    otherwise time the defaults under the variant's name, or fail only on the GPU."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{where}: a JSON object of launch knobs, got {cfg!r}"[:200])
     unknown = sorted(set(cfg) - set(_launch_config()))
     if unknown:
         raise ValueError(f"{where}: not launch knobs (_launch.CONFIG): {unknown}")
+    bad = [f"{k}={v!r}" for k, v in cfg.items() if not _knob_ok(k, v)]
+    if bad:
+        raise ValueError(f"{where}: invalid launch knob values: {bad}")
     return cfg
+
+
+def _knob_ok(key: str, val) -> bool:
+    """Whether ``val`` is a value ``_launch`` accepts for knob ``key`` (its checks, made up front)."""
+    from hedgehog_attention.ops.triton import _launch
+
+    def is_int(x, lo=0, hi=1 << 30):
+        return isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi
+
+    def pow2(x, lo=1, hi=1 << 20):
+        return is_int(x, lo, hi) and not x & (x - 1)
+
+    modes = {
+        "design": ("auto", "chunk", "fused_chunk"),
+        "fc_forward": _launch._FC_FORWARD,
+        "fc_segments": ("fix", "sums"),
+        "fc_tma": ("auto", True, False),
+        "fallback": ("auto", "always", "never"),
+    }
+    if key in modes:
+        return any(val is m if isinstance(m, bool) else val == m for m in modes[key])
+    if key == "sums":
+        return val in ("auto", "mma", "fma") or is_int(val, 0, 7)
+    if key == "maxnreg":  # kernel names (both sides of the backward on their own too) -> registers
+        names = set(_kernels()) | {"_bwd_kernel_q", "_bwd_kernel_kv"}
+        return isinstance(val, dict) and all(n in names and is_int(r, 24, 255) for n, r in val.items())
+    if key == "fix_tma_maxnreg":
+        return is_int(val, 24, 255)
+    if key == "min_block":
+        return val == "auto" or pow2(val, 16)
+    if key == "fc_train_max_len":
+        return val == "tiles" or is_int(val, 1)
+    if key.endswith("_warps"):
+        return (val == "auto" and key in _launch._TILES) or pow2(val, 1, 32)
+    if key in ("chunk", "fc_chunk"):
+        return (val == "auto" and key in _launch._TILES) or pow2(val, 16, 256)
+    if key in ("out_split", "bwd_split", "walk_halves"):
+        return pow2(val, 1, 16)
+    default = _launch.CONFIG[key]
+    if isinstance(default, bool):
+        return isinstance(val, bool)
+    if isinstance(default, int) or key in _launch._TILES:  # counts: stages, programs, blocks, lengths
+        return is_int(val) or (val == "auto" and key in _launch._TILES)
+    return True
 
 
 def _f(x, key):

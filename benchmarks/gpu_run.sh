@@ -12,7 +12,8 @@
 # Writes back exactly two files: $OUT/${PREFIX}log.txt (everything printed) and
 # $OUT/${PREFIX}results.tgz (JSON, pytest log, bench stderr, nvidia-smi, versions).
 set -o pipefail
-TEST_S=${1:-95}; BENCH_S=${2:-330}; shift 2 || true
+# (with one argument or none, "shift 2" would shift nothing: TEST_S would reach attention_speed.py)
+TEST_S=${1:-95}; BENCH_S=${2:-330}; shift $(( $# < 2 ? $# : 2 ))
 OUT=${OUT:-/tmp/out}; PREFIX=${PREFIX:-k_}; NPROC=${NPROC:-8}
 W=/tmp/${PREFIX}work; rm -rf "$W"; mkdir -p "$W" "$OUT"
 LOG="$OUT/${PREFIX}log.txt"
